@@ -1,0 +1,121 @@
+"""Command-line conventions every job shares, and the ``lxn`` command.
+
+Each job takes ``--storage URI`` (default ``$LXN_STORAGE``, else ``./lxn-store``) and ``--report PATH``,
+writes its JSON report there and under ``reports/<job>/`` in storage, prints a short summary on stdout,
+and exits 0 - or prints one ``error:`` line on stderr and exits 1. ``jobs/*.py`` are thin wrappers
+around the ``*_main`` functions here, so ``python jobs/ingest.py ...`` and ``lxn ingest ...`` are one.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from collections.abc import Callable, Sequence
+from datetime import datetime, timezone
+from pathlib import Path
+from typing import Any
+
+from lxn_ray.storage import Storage, default_storage_uri
+
+
+def job_parser(description: str) -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(description=description)
+    parser.add_argument(
+        "--storage",
+        default=default_storage_uri(),
+        help="where everything persistent lives: a folder, file:// or s3:// URI "
+        "(default: $LXN_STORAGE, else ./lxn-store)",
+    )
+    parser.add_argument("--report", type=Path, help="also write the job's JSON report to this file")
+    return parser
+
+
+def run_job(
+    name: str,
+    args: argparse.Namespace,
+    work: Callable[[Storage], dict[str, Any]],
+    summary: Callable[[dict[str, Any]], str],
+) -> int:
+    """Run ``work`` against the job's storage, then report; any failure becomes one line and exit 1."""
+    try:
+        storage = Storage.open(args.storage)
+        report = work(storage)
+        stamp = f"{datetime.now(timezone.utc):%Y%m%dT%H%M%S%fZ}"
+        storage.write_json(f"reports/{name}/{stamp}.json", report)
+        if args.report:
+            args.report.parent.mkdir(parents=True, exist_ok=True)
+            args.report.write_text(json.dumps(report, indent=2, default=str) + "\n")
+    except KeyboardInterrupt:
+        print(f"error: {name} interrupted", file=sys.stderr)
+        return 130
+    except Exception as error:  # the contract: one readable line, not a traceback
+        cause = getattr(error, "cause", None) or error  # a Ray task's error carries the original
+        message = " ".join(str(cause).split())[:500] or "no message"
+        print(f"error: {name} failed: {type(cause).__name__}: {message}", file=sys.stderr)
+        return 1
+    print(summary(report))
+    return 0
+
+
+# -- ingest -------------------------------------------------------------------------------------------
+def ingest_main(argv: Sequence[str] | None = None) -> int:
+    from lxn_ray.sources import UPSTREAM
+
+    parser = job_parser(
+        "Ingest the ieee8023 dataset into a new immutable, deduplicated, split dataset version."
+    )
+    parser.add_argument(
+        "--source",
+        default=UPSTREAM,
+        help=f"a folder with metadata.csv + images/, or a git URL, path or bundle (default: {UPSTREAM})",
+    )
+    parser.add_argument(
+        "--ref", help="git branch, tag or commit (git sources only; default: the remote's HEAD)"
+    )
+    parser.add_argument(
+        "--frontal-views",
+        help="comma-separated views counted as frontal (default: PA,AP,AP Supine,AP erect,AP semi erect)",
+    )
+    args = parser.parse_args(argv)
+
+    def work(storage: Storage) -> dict[str, Any]:
+        from lxn_ray.ingest import IngestConfig, ingest
+        from lxn_ray.sources import open_source
+
+        config = IngestConfig()
+        if args.frontal_views:
+            views = tuple(v.strip() for v in args.frontal_views.split(",") if v.strip())
+            config = IngestConfig(frontal_views=views)
+        return ingest(open_source(args.source, args.ref), storage, config)
+
+    return run_job("ingest", args, work, ingest_summary)
+
+
+def ingest_summary(report: dict[str, Any]) -> str:
+    state = "new version" if report["changed"] else "unchanged"
+    excluded = ", ".join(f"{reason} {count}" for reason, count in report["excluded"].items()) or "none"
+    splits = ", ".join(
+        f"{name} {s['images']} images/{s['patients']} patients" for name, s in report["splits"].items()
+    )
+    return (
+        f"dataset {report['dataset_version']} ({state}) from {report['source_version']}\n"
+        f"  {report['rows']} metadata rows -> {report['usable']} usable images "
+        f"({report['positives']} COVID-19, {report['negatives']} other findings)\n"
+        f"  excluded: {excluded}\n"
+        f"  {len(report['duplicates'])} duplicates dropped; "
+        f"{report['images_hashed']} images decoded and hashed in {report.get('seconds', '?')} s\n"
+        f"  splits: {splits}"
+    )
+
+
+COMMANDS: dict[str, Callable[[Sequence[str] | None], int]] = {"ingest": ingest_main}
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    """``lxn COMMAND [flags]``: the same jobs as ``python jobs/COMMAND.py``."""
+    argv = list(sys.argv[1:] if argv is None else argv)
+    if not argv or argv[0] not in COMMANDS:
+        print(f"usage: lxn {{{','.join(COMMANDS)}}} [--help]", file=sys.stderr)
+        return 2
+    return COMMANDS[argv[0]](argv[1:])

@@ -1,0 +1,106 @@
+"""Safe decoding of untrusted radiograph files into plain 8-bit images.
+
+Every image lxn_ray touches (ingest, training, serving) is decoded here, so the guards live in one place:
+size caps checked from the header *before* pixels are decoded (decompression bombs), truncated and
+empty files, non-images with image names, and formats outside PNG/JPEG. Decoding also normalises the
+many shapes of the upstream data: PNG in L/LA/RGB/RGBA/P and 16-bit, JPEG in L/RGB/CMYK, and EXIF
+orientation.
+"""
+
+from __future__ import annotations
+
+import io
+import warnings
+from dataclasses import dataclass
+
+import numpy as np
+from PIL import Image, ImageOps
+
+ALLOWED_FORMATS = frozenset({"PNG", "JPEG"})
+
+
+@dataclass(frozen=True)
+class ImageLimits:
+    """Caps applied to every untrusted image."""
+
+    max_file_bytes: int = 64 * 1024 * 1024
+    max_pixels: int = 50_000_000  # 50 megapixels; upstream's largest radiographs are ~20 MP
+
+
+class ImageRejected(ValueError):
+    """The bytes are not an image lxn_ray accepts; the message says why in a few words."""
+
+
+@dataclass(frozen=True)
+class DecodedImage:
+    """A decoded radiograph and what it was before decoding."""
+
+    image: Image.Image  # mode "L" or "RGB", 8 bits per channel, orientation applied
+    source_format: str  # "PNG" or "JPEG"
+    source_mode: str  # PIL mode of the file, e.g. "I;16", "CMYK", "RGBA"
+    width: int
+    height: int
+
+
+def decode_image(data: bytes, limits: ImageLimits = ImageLimits()) -> DecodedImage:
+    """Decode ``data`` or raise :class:`ImageRejected` - never anything else for bad input."""
+    if not data:
+        raise ImageRejected("empty file")
+    if len(data) > limits.max_file_bytes:
+        raise ImageRejected(f"file is {len(data)} bytes, over the {limits.max_file_bytes}-byte cap")
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("error", Image.DecompressionBombWarning)
+            image = Image.open(io.BytesIO(data), formats=sorted(ALLOWED_FORMATS))
+            width, height = image.size
+            if width * height > limits.max_pixels:
+                raise ImageRejected(
+                    f"image is {width}x{height} pixels, over the {limits.max_pixels}-pixel cap"
+                )
+            source_format, source_mode = image.format or "?", image.mode
+            image.load()  # truncated files fail here, not later in a training job
+            image = ImageOps.exif_transpose(image)
+    except ImageRejected:
+        raise
+    except Image.UnidentifiedImageError:
+        raise ImageRejected("not a PNG or JPEG image") from None
+    except (Image.DecompressionBombError, Image.DecompressionBombWarning) as error:
+        raise ImageRejected(f"decompression bomb: {error}") from None
+    except (OSError, ValueError, SyntaxError) as error:  # PIL reports truncation and corruption so
+        raise ImageRejected(f"corrupt image: {error}") from None
+    return DecodedImage(
+        image=_to_8bit(image),
+        source_format=source_format,
+        source_mode=source_mode,
+        width=image.size[0],
+        height=image.size[1],
+    )
+
+
+def _to_8bit(image: Image.Image) -> Image.Image:
+    """Bring any decoded mode to "L" or "RGB" with 8 bits per channel.
+
+    16-bit grayscale is scaled by its own range: radiographs stored as 16-bit often use 10-12 bits,
+    and a fixed ``>> 8`` would leave them nearly black. Transparency is flattened onto black, the
+    background of a radiograph.
+    """
+    if image.mode in ("I;16", "I;16B", "I;16L", "I", "F"):
+        pixels = np.asarray(image, dtype=np.float64)
+        low, high = float(pixels.min()), float(pixels.max())
+        scale = 255.0 / (high - low) if high > low else 0.0
+        return Image.fromarray(((pixels - low) * scale).round().astype(np.uint8), mode="L")
+    if image.mode in ("L", "RGB"):
+        return image
+    if image.mode == "1":
+        return image.convert("L")
+    has_alpha = image.mode in ("LA", "RGBA", "PA") or "transparency" in image.info
+    if has_alpha:
+        rgba = image.convert("RGBA")
+        background = Image.new("RGBA", rgba.size, (0, 0, 0, 255))
+        return Image.alpha_composite(background, rgba).convert("RGB")
+    return image.convert("RGB")  # P, CMYK, YCbCr, LAB, ...
+
+
+def to_grayscale(image: Image.Image) -> Image.Image:
+    """The single-channel view used for hashing and duplicate checks."""
+    return image if image.mode == "L" else image.convert("L")

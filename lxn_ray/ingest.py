@@ -1,0 +1,613 @@
+"""Ingest: source snapshot -> labelled, deduplicated, patient-split dataset version.
+
+The steps, in order:
+
+1. Parse metadata.csv (any schema) and exclude rows metadata alone rules out.
+2. Read the remaining rows' files safely and hash their bytes (sha256). Together with the metadata this
+   gives the source version; when it and the config match the latest version, stop: nothing changed.
+3. Decode and fingerprint, as Ray Data tasks spread over the cluster, only contents never seen before
+   (fingerprints are cached in storage by sha256). Unreadable files are excluded with the reason.
+4. Drop duplicates: rows naming identical bytes, then the same radiograph published twice, found by
+   :mod:`lxn_ray.dedupe` comparing new images with each other and with the whole previous version.
+   Images of the previous version are always kept; otherwise the larger image, then the smaller file
+   name, is kept.
+5. Split by patient, patients joined by a duplicate radiograph sharing a split, earlier splits frozen.
+6. Store new image bytes by content and publish the version atomically (:mod:`lxn_ray.dataset`).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import dataclasses
+import hashlib
+import json
+import sys
+import time
+from collections import Counter, defaultdict
+from collections.abc import Iterable, Iterator, Mapping
+from dataclasses import dataclass, field
+from datetime import datetime, timezone
+from typing import Any
+
+import numpy as np
+import pyarrow as pa
+from tqdm.auto import tqdm
+
+from lxn_ray import cluster, dataset
+from lxn_ray.dedupe import FINGERPRINT_COLUMNS, DedupeConfig, DuplicatePair, find_duplicates, fingerprint
+from lxn_ray.imaging import ImageLimits, ImageRejected, decode_image, to_grayscale
+from lxn_ray.metadata import (
+    DEFAULT_FRONTAL_VIEWS,
+    DUPLICATE,
+    MISSING_FILE,
+    UNREADABLE,
+    UNSAFE_PATH,
+    MetadataRow,
+    parse_metadata,
+)
+from lxn_ray.sources import Snapshot, Source, UnsafePath
+from lxn_ray.storage import Storage
+
+FINGERPRINT_CACHE = "cache/fingerprints"
+IMAGE_COLUMNS = ("width", "height", "source_format", "source_mode")
+# One record per content: decode outcome, image facts, then the dedupe fingerprint (names may overlap).
+RECORD_COLUMNS = tuple(dict.fromkeys(("sha256", "error", *IMAGE_COLUMNS, *FINGERPRINT_COLUMNS)))
+
+
+@dataclass(frozen=True)
+class IngestConfig:
+    """Everything that shapes a dataset version; a change to it makes the next run publish anew."""
+
+    frontal_views: tuple[str, ...] = DEFAULT_FRONTAL_VIEWS
+    limits: ImageLimits = field(default_factory=ImageLimits)
+    splits: dataset.SplitConfig = field(default_factory=dataset.SplitConfig)
+    dedupe: DedupeConfig = field(default_factory=DedupeConfig)
+    decode_batch_size: int = 16  # images per Ray Data task batch
+    decode_chunk_bytes: int = 256 * 1024 * 1024  # image bytes held in the object store at once
+
+    def digest(self) -> str:
+        """A short hash of the settings that change the result (not the batching knobs)."""
+        settings = dataclasses.asdict(self)
+        settings.pop("decode_batch_size")
+        settings.pop("decode_chunk_bytes")
+        return hashlib.sha256(json.dumps(settings, sort_keys=True, default=str).encode()).hexdigest()[:16]
+
+
+@dataclass
+class _File:
+    """A metadata row whose file was read: what ingest knows about it before decoding."""
+
+    row: MetadataRow
+    sha256: str
+    size: int
+
+
+@dataclass
+class _Exclusion:
+    row: MetadataRow
+    reason: str
+    detail: str
+
+    def as_dict(self) -> dict[str, Any]:
+        return {
+            "filename": self.row.filename,
+            "reason": self.reason,
+            "detail": self.detail,
+            "line": self.row.line,
+        }
+
+
+class _Stopwatch:
+    """Seconds spent per stage, for the report and the benchmark."""
+
+    def __init__(self) -> None:
+        self.seconds: dict[str, float] = {}
+        self._current: tuple[str, float] | None = None
+
+    def start(self, name: str) -> None:
+        self.stop()
+        self._current = (name, time.monotonic())
+
+    def stop(self) -> None:
+        if self._current:
+            name, began = self._current
+            self.seconds[name] = round(self.seconds.get(name, 0.0) + time.monotonic() - began, 3)
+            self._current = None
+
+    @contextlib.contextmanager
+    def __call__(self, name: str) -> Iterator[None]:
+        self.start(name)
+        try:
+            yield
+        finally:
+            self.stop()
+
+
+def log(message: str) -> None:
+    """Progress for the person watching; stdout is kept for the job's summary."""
+    print(f"[ingest {datetime.now():%H:%M:%S}] {message}", file=sys.stderr, flush=True)
+
+
+def ingest(source: Source, storage: Storage, config: IngestConfig = IngestConfig()) -> dict[str, Any]:
+    """Bring the dataset in ``storage`` up to date with ``source``; returns the ingest report."""
+    started = time.monotonic()
+    stages = _Stopwatch()
+    with stages("read"):
+        snapshot = source.open()
+        log(f"source {snapshot.description}")
+        metadata_bytes = snapshot.read_metadata()
+        rows = parse_metadata(metadata_bytes, config.frontal_views)
+        exclusions = [_Exclusion(row, row.exclusion, row.detail) for row in rows if row.exclusion]
+        files, unreadable = _read_files(snapshot, [row for row in rows if not row.exclusion], config.limits)
+        exclusions += unreadable
+
+    source_version = snapshot.version(_content_digest(metadata_bytes, files))
+    config_hash = config.digest()
+    dataset.remove_unpublished(storage)
+    parent = dataset.latest_version(storage)
+    if parent is not None:
+        manifest = dataset.read_manifest(storage, parent)
+        if (manifest["source_version"], manifest["config_hash"]) == (source_version, config_hash):
+            log(f"unchanged since {parent}")
+            report = storage.read_json(dataset.version_key(parent, "report.json"))
+            return {
+                **report,
+                "changed": False,
+                "images_hashed": 0,
+                "stage_seconds": stages.seconds,
+                "seconds": round(time.monotonic() - started, 2),
+            }
+
+    previous = _Previous.load(storage, parent)
+    primaries, exact_duplicates = _drop_identical(files)
+    with stages("fingerprint"):
+        fingerprints, hashed = _fingerprints(snapshot, storage, primaries, config)
+    readable = []
+    for item in primaries:
+        record = fingerprints[item.sha256]
+        if record.get("error"):
+            exclusions.append(_Exclusion(item.row, UNREADABLE, record["error"]))
+        else:
+            readable.append(item)
+    # Rows repeating an unreadable file are unreadable too, not duplicates of something excluded.
+    for dup, _ in exact_duplicates:
+        if error := fingerprints[dup.sha256].get("error"):
+            exclusions.append(_Exclusion(dup.row, UNREADABLE, error))
+    exact_duplicates = [
+        (dup, kept) for dup, kept in exact_duplicates if not fingerprints[kept.sha256].get("error")
+    ]
+    log(f"comparing {len(readable)} images for duplicates ({len(previous.usable_shas)} already published)")
+    with stages("dedupe"):
+        kept, perceptual = _drop_near_duplicates(readable, fingerprints, previous.usable_shas, config.dedupe)
+    duplicates = [
+        {
+            "dropped": d.row.filename,
+            "kept": k.row.filename,
+            "distance": 0,
+            "score": 1.0,
+            "dropped_line": d.row.line,
+            "kept_line": k.row.line,
+        }
+        for d, k in exact_duplicates
+    ]
+    duplicates += perceptual
+    by_filename_line = {(item.row.filename, item.row.line): item for item in files}
+    for entry in duplicates:
+        dropped = by_filename_line[(entry["dropped"], entry["dropped_line"])]
+        exclusions.append(_Exclusion(dropped.row, DUPLICATE, f"duplicate of {entry['kept']}"))
+
+    splits = _split_patients(kept, duplicates, by_filename_line, previous.splits, config.splits)
+    version = dataset.new_version_id(source_version, config_hash)
+    log(f"storing images and publishing {version}")
+    stages.start("publish")
+    _store_blobs(snapshot, storage, kept, previous.usable_shas)
+    tables = {
+        "images": _images_table(kept, fingerprints, splits),
+        "exclusions": pa.Table.from_pylist(
+            [e.as_dict() for e in exclusions],
+            schema=pa.schema(
+                [
+                    ("filename", pa.string()),
+                    ("reason", pa.string()),
+                    ("detail", pa.string()),
+                    ("line", pa.int64()),
+                ]
+            ),
+        ),
+        "duplicates": pa.Table.from_pylist(
+            duplicates,
+            schema=pa.schema(
+                [
+                    ("dropped", pa.string()),
+                    ("kept", pa.string()),
+                    ("distance", pa.int64()),
+                    ("score", pa.float64()),
+                    ("dropped_line", pa.int64()),
+                    ("kept_line", pa.int64()),
+                ]
+            ),
+        ),
+        "patients": pa.Table.from_pylist(
+            [{"patient_id": p, "split": s} for p, s in sorted(splits.items())],
+            schema=pa.schema([("patient_id", pa.string()), ("split", pa.string())]),
+        ),
+        "fingerprints": _fingerprint_table([item.sha256 for item in kept], fingerprints),
+    }
+    report = _report(version, source_version, rows, kept, exclusions, duplicates, splits, hashed, parent)
+    manifest = {
+        "dataset_version": version,
+        "parent_version": parent,
+        "created_at": datetime.now(timezone.utc).isoformat(timespec="seconds"),
+        "source": snapshot.description,
+        "source_version": source_version,
+        "config_hash": config_hash,
+        "config": dataclasses.asdict(config),
+        "counts": {
+            key: report[key] for key in ("rows", "usable", "positives", "negatives", "excluded", "splits")
+        },
+        "tables": sorted(tables),
+    }
+    dataset.publish(storage, version, tables, report, manifest)
+    stages.stop()
+    report["stage_seconds"] = stages.seconds
+    report["seconds"] = round(time.monotonic() - started, 2)
+    return report
+
+
+# -- step 2: read and hash bytes ----------------------------------------------------------------------
+def _read_files(
+    snapshot: Snapshot, rows: list[MetadataRow], limits: ImageLimits
+) -> tuple[list[_File], list[_Exclusion]]:
+    files, exclusions = [], []
+    for row in tqdm(rows, desc="reading files", unit="file", file=sys.stderr, disable=None):
+        try:
+            data = snapshot.read_file(row.image_path, limits.max_file_bytes)
+        except UnsafePath as error:
+            exclusions.append(_Exclusion(row, UNSAFE_PATH, str(error)))
+            continue
+        except (FileNotFoundError, IsADirectoryError, NotADirectoryError):
+            exclusions.append(_Exclusion(row, MISSING_FILE, f"{row.image_path} not in source"))
+            continue
+        except (ValueError, OSError) as error:
+            exclusions.append(_Exclusion(row, UNREADABLE, str(error)))
+            continue
+        files.append(_File(row, hashlib.sha256(data).hexdigest(), len(data)))
+    return files, exclusions
+
+
+def _content_digest(metadata_bytes: bytes, files: Iterable[_File]) -> str:
+    digest = hashlib.sha256(metadata_bytes)
+    for item in files:
+        digest.update(f"\n{item.row.image_path}\t{item.sha256}".encode())
+    return digest.hexdigest()
+
+
+# -- step 3: decode and fingerprint on Ray Data -------------------------------------------------------
+def fingerprint_batch(batch: dict[str, np.ndarray], limits: ImageLimits) -> dict[str, list]:
+    """Ray Data task: decode each image and fingerprint it, or record why it cannot be decoded."""
+    out: dict[str, list] = defaultdict(list)
+    for sha256, data in zip(batch["sha256"], batch["data"], strict=True):
+        try:
+            decoded = decode_image(bytes(data), limits)
+            record: dict[str, Any] = {
+                "error": None,
+                "width": decoded.width,
+                "height": decoded.height,
+                "source_format": decoded.source_format,
+                "source_mode": decoded.source_mode,
+                **fingerprint(to_grayscale(decoded.image)),
+            }
+        except ImageRejected as error:
+            record = {"error": str(error)}
+        except Exception as error:  # a hostile file must cost one row, never the run
+            record = {"error": f"undecodable ({type(error).__name__}: {error})"}
+        record["sha256"] = sha256
+        for column in RECORD_COLUMNS:
+            out[column].append(record.get(column))
+    return dict(out)
+
+
+def _fingerprints(
+    snapshot: Snapshot, storage: Storage, items: list[_File], config: IngestConfig
+) -> tuple[dict[str, dict[str, Any]], int]:
+    """Fingerprints of every item's content, computing only what the cache lacks; (records, hashed)."""
+    cache = _load_cache(storage)
+    todo = [item for item in items if item.sha256 not in cache]
+    log(f"{len(items) - len(todo)} images already fingerprinted, {len(todo)} to decode on Ray Data")
+    computed: list[dict[str, Any]] = []
+    for chunk in _chunks(todo, config.decode_chunk_bytes):
+        computed += _fingerprint_on_ray(snapshot, chunk, config)
+    fresh = [record for record in computed if not record["error"]]
+    if fresh:  # only successes are cached: a rejected file is retried when limits change
+        stamp = f"{datetime.now(timezone.utc):%Y%m%dT%H%M%S%fZ}"
+        storage.write_table(f"{FINGERPRINT_CACHE}/{stamp}.parquet", _records_table(fresh))
+    records = dict(cache)
+    records.update({record["sha256"]: record for record in computed})
+    return records, len(fresh)
+
+
+def _fingerprint_on_ray(snapshot: Snapshot, chunk: list[_File], config: IngestConfig) -> list[dict[str, Any]]:
+    cluster.connect()
+    import ray
+
+    items = []
+    for item in chunk:
+        data = snapshot.read_file(item.row.image_path, config.limits.max_file_bytes)
+        if hashlib.sha256(data).hexdigest() != item.sha256:
+            raise RuntimeError(f"{item.row.image_path} changed while ingest was reading the source")
+        items.append({"sha256": item.sha256, "data": data})
+    blocks = max(1, min(len(items) // config.decode_batch_size, 64))
+    images = ray.data.from_items(items, override_num_blocks=blocks)
+    results = images.map_batches(
+        fingerprint_batch, fn_kwargs={"limits": config.limits}, batch_size=config.decode_batch_size
+    )
+    return [dict(row) for row in results.take_all()]
+
+
+def _chunks(items: list[_File], max_bytes: int) -> Iterable[list[_File]]:
+    chunk, size = [], 0
+    for item in items:
+        if chunk and size + item.size > max_bytes:
+            yield chunk
+            chunk, size = [], 0
+        chunk.append(item)
+        size += item.size
+    if chunk:
+        yield chunk
+
+
+def _load_cache(storage: Storage) -> dict[str, dict[str, Any]]:
+    cache: dict[str, dict[str, Any]] = {}
+    for key in storage.list(FINGERPRINT_CACHE):
+        if key.endswith(".parquet"):
+            for record in storage.read_table(key).to_pylist():
+                cache[record["sha256"]] = record
+    return cache
+
+
+def _records_table(records: list[dict[str, Any]]) -> pa.Table:
+    return pa.Table.from_pylist(
+        [{column: record.get(column) for column in RECORD_COLUMNS} for record in records]
+    )
+
+
+def _fingerprint_table(shas: list[str], fingerprints: Mapping[str, dict[str, Any]]) -> pa.Table:
+    return pa.Table.from_pylist(
+        [
+            {"sha256": sha, **{column: fingerprints[sha][column] for column in FINGERPRINT_COLUMNS}}
+            for sha in shas
+        ]
+    )
+
+
+# -- step 4: duplicates -------------------------------------------------------------------------------
+def _drop_identical(files: list[_File]) -> tuple[list[_File], list[tuple[_File, _File]]]:
+    """Keep the first row naming each content; later rows with the same bytes are exact duplicates."""
+    first: dict[str, _File] = {}
+    duplicates = []
+    for item in sorted(files, key=lambda f: f.row.line):
+        if item.sha256 in first:
+            duplicates.append((item, first[item.sha256]))
+        else:
+            first[item.sha256] = item
+    return list(first.values()), duplicates
+
+
+def _drop_near_duplicates(
+    items: list[_File],
+    fingerprints: Mapping[str, dict[str, Any]],
+    previous_shas: frozenset[str],
+    config: DedupeConfig,
+) -> tuple[list[_File], list[dict[str, Any]]]:
+    """Split ``items`` into the kept ones and drop records ``{dropped, kept, distance, ...}``.
+
+    Confirmed pairs form components. In each, images of the previous version are kept (they were judged
+    distinct then); if there are none, the image with the most pixels, then the smallest file name.
+    Every other member is dropped against the kept image it was paired with (or the component's first).
+    """
+    by_sha = {item.sha256: item for item in items}
+    known = {sha: fingerprints[sha] for sha in by_sha if sha in previous_shas}
+    new = {sha: fingerprints[sha] for sha in by_sha if sha not in previous_shas}
+    pairs = find_duplicates(known, new, config)
+    edges: dict[str, dict[str, DuplicatePair]] = defaultdict(dict)
+    for pair in pairs:
+        edges[pair.a][pair.b] = pair
+        edges[pair.b][pair.a] = pair
+
+    def rank(sha: str) -> tuple:
+        record = fingerprints[sha]
+        return (sha not in previous_shas, -(record["width"] * record["height"]), by_sha[sha].row.filename)
+
+    dropped: list[dict[str, Any]] = []
+    dropped_shas: set[str] = set()
+    for component in _components(edges):
+        ordered = sorted(component, key=rank)
+        keepers = [sha for sha in ordered if sha in previous_shas] or ordered[:1]
+        for sha in ordered:
+            if sha in keepers:
+                continue
+            partners = [edges[sha][k] for k in keepers if k in edges[sha]]
+            pair = min(partners, key=lambda p: (p.score, p.distance)) if partners else None
+            kept_sha = (pair.b if pair.a == sha else pair.a) if pair else keepers[0]
+            distance = (
+                pair.distance
+                if pair
+                else _hamming(fingerprints[sha]["phash"], fingerprints[kept_sha]["phash"])
+            )
+            dropped_shas.add(sha)
+            dropped.append(
+                {
+                    "dropped": by_sha[sha].row.filename,
+                    "kept": by_sha[kept_sha].row.filename,
+                    "distance": int(distance),
+                    "score": float(pair.score) if pair else None,
+                    "dropped_line": by_sha[sha].row.line,
+                    "kept_line": by_sha[kept_sha].row.line,
+                }
+            )
+    kept = [item for item in items if item.sha256 not in dropped_shas]
+    return kept, sorted(dropped, key=lambda d: (d["kept"], d["dropped"]))
+
+
+def _components(edges: Mapping[str, Mapping[str, Any]]) -> list[set[str]]:
+    seen: set[str] = set()
+    components = []
+    for start in sorted(edges):
+        if start in seen:
+            continue
+        stack, component = [start], set()
+        while stack:
+            node = stack.pop()
+            if node not in component:
+                component.add(node)
+                stack.extend(edges[node])
+        seen |= component
+        components.append(component)
+    return components
+
+
+def _hamming(a: str, b: str) -> int:
+    return (int(a, 16) ^ int(b, 16)).bit_count()
+
+
+# -- step 5: splits -----------------------------------------------------------------------------------
+def _patient_of(item: _File) -> str:
+    """The patient id, or a stand-in unique to the image when metadata has none."""
+    return item.row.patient_id or f"unknown-{item.sha256[:12]}"
+
+
+def _split_patients(
+    kept: list[_File],
+    duplicates: list[dict[str, Any]],
+    by_filename_line: Mapping[tuple[str, int], _File],
+    previous: Mapping[str, str],
+    config: dataset.SplitConfig,
+) -> dict[str, str]:
+    """Split of every patient with a usable or a dropped image; duplicates join their patients' groups."""
+    parent: dict[str, str] = {}
+
+    def find(patient: str) -> str:
+        parent.setdefault(patient, patient)
+        while parent[patient] != patient:
+            parent[patient] = parent[parent[patient]]
+            patient = parent[patient]
+        return patient
+
+    for item in kept:
+        find(_patient_of(item))
+    for entry in duplicates:
+        a = _patient_of(by_filename_line[(entry["dropped"], entry["dropped_line"])])
+        b = _patient_of(by_filename_line[(entry["kept"], entry["kept_line"])])
+        parent[find(a)] = find(b)
+    groups: dict[str, set[str]] = defaultdict(set)
+    for patient in list(parent):
+        groups[find(patient)].add(patient)
+    # Patients of earlier versions stay in the map even when none of their images is usable now.
+    return {**previous, **dataset.assign_splits(groups.values(), previous, config)}
+
+
+# -- step 6: store and describe -----------------------------------------------------------------------
+@dataclass(frozen=True)
+class _Previous:
+    """What the parent version fixes for this run: its images (always kept) and its patients' splits."""
+
+    usable_shas: frozenset[str] = frozenset()
+    splits: Mapping[str, str] = field(default_factory=dict)
+
+    @classmethod
+    def load(cls, storage: Storage, version: str | None) -> _Previous:
+        if version is None:
+            return cls()
+        images = dataset.read_table(storage, version, "images")
+        patients = dataset.read_table(storage, version, "patients").to_pylist()
+        return cls(
+            usable_shas=frozenset(images.column("sha256").to_pylist()),
+            splits={row["patient_id"]: row["split"] for row in patients},
+        )
+
+
+def _store_blobs(snapshot: Snapshot, storage: Storage, kept: list[_File], stored: frozenset[str]) -> None:
+    todo = [
+        item
+        for item in kept
+        if item.sha256 not in stored and not storage.exists(dataset.blob_key(item.sha256))
+    ]
+    for item in tqdm(todo, desc="storing images", unit="image", file=sys.stderr, disable=None):
+        data = snapshot.read_file(item.row.image_path, item.size)
+        if hashlib.sha256(data).hexdigest() != item.sha256:
+            raise RuntimeError(f"{item.row.image_path} changed while ingest was reading the source")
+        storage.write_bytes(dataset.blob_key(item.sha256), data)
+
+
+def _images_table(
+    kept: list[_File], fingerprints: Mapping[str, dict[str, Any]], splits: Mapping[str, str]
+) -> pa.Table:
+    rows = []
+    for item in sorted(kept, key=lambda f: f.row.line):
+        record, row = fingerprints[item.sha256], item.row
+        patient = _patient_of(item)
+        rows.append(
+            {
+                "filename": row.filename,
+                "image_path": row.image_path,
+                "patient_id": patient,
+                "label": row.label,
+                "finding": row.finding,
+                "view": row.view,
+                "modality": row.modality,
+                "sex": row.extra.get("sex", ""),
+                "age": row.extra.get("age", ""),
+                "location": row.extra.get("location", ""),
+                "split": splits[patient],
+                "sha256": item.sha256,
+                "image_key": dataset.blob_key(item.sha256),
+                "bytes": item.size,
+                **{
+                    column: record[column]
+                    for column in RECORD_COLUMNS[2:]
+                    if not isinstance(record[column], bytes)
+                },
+                "line": row.line,
+                "metadata": json.dumps(row.extra, ensure_ascii=False, sort_keys=True),
+            }
+        )
+    return pa.Table.from_pylist(rows)
+
+
+def _report(
+    version: str,
+    source_version: str,
+    rows: list[MetadataRow],
+    kept: list[_File],
+    exclusions: list[_Exclusion],
+    duplicates: list[dict[str, Any]],
+    splits: Mapping[str, str],
+    hashed: int,
+    parent: str | None,
+) -> dict[str, Any]:
+    positives = sum(item.row.label == 1 for item in kept)
+    per_split: dict[str, dict[str, int]] = {}
+    for name in dataset.SPLITS:
+        members = [item for item in kept if splits[_patient_of(item)] == name]
+        per_split[name] = {
+            "images": len(members),
+            "positives": sum(item.row.label == 1 for item in members),
+            "patients": len({_patient_of(item) for item in members}),
+        }
+    ordered = sorted(exclusions, key=lambda e: e.row.line)
+    return {
+        "dataset_version": version,
+        "changed": True,
+        "source_version": source_version,
+        "parent_version": parent,
+        "rows": len(rows),
+        "usable": len(kept),
+        "positives": positives,
+        "negatives": len(kept) - positives,
+        "excluded": dict(sorted(Counter(e.reason for e in exclusions).items())),
+        "exclusions": [e.as_dict() for e in ordered],
+        "images_hashed": hashed,
+        "duplicates": [{k: d[k] for k in ("dropped", "kept", "distance", "score")} for d in duplicates],
+        "splits": per_split,
+        "split_of_patient": dict(sorted(splits.items())),
+    }

@@ -1,0 +1,254 @@
+"""Tests for lxn_ray.dedupe on synthetic chest-X-ray-like images made here (no data needed).
+
+Each "radiograph" is a parametric image (body outline, lungs, mediastinum, rib stripes, smooth texture)
+drawn from its own seeded RNG, so a different seed is a different patient and the same seed with a
+rotated/shifted anatomy plus a new opacity is a serial film of the same patient (a hard negative).
+"""
+
+from __future__ import annotations
+
+import io
+import math
+import random
+import shutil
+import subprocess
+from pathlib import Path
+
+import numpy as np
+import pytest
+from PIL import Image, ImageDraw, ImageEnhance, ImageFont, ImageOps
+
+from lxn_ray.dedupe import (
+    FINGERPRINT_COLUMNS,
+    BKTree,
+    DedupeConfig,
+    DuplicatePair,
+    find_duplicates,
+    fingerprint,
+    hamming,
+)
+
+SIZE = (240, 280)  # width, height
+
+
+def radiograph(seed: int, angle_deg: float = 0.0, shift: tuple[float, float] = (0.0, 0.0),
+               opacity: tuple[float, float, float] | None = None) -> Image.Image:
+    """A chest-X-ray-like 8-bit image; anatomy parameters come from ``seed``.
+
+    ``angle_deg``/``shift`` move the anatomy (patient positioning); ``opacity`` = (x, y, radius) adds a
+    consolidation in normalized coordinates.
+    """
+    rng = np.random.default_rng(seed)
+    w, h = SIZE
+    ys, xs = np.mgrid[0:h, 0:w].astype(np.float64)
+    x = (xs / w) * 2 - 1
+    y = (ys / h) * 2 - 1
+    t = math.radians(angle_deg)
+    x, y = (math.cos(t) * x - math.sin(t) * y - shift[0], math.sin(t) * x + math.cos(t) * y - shift[1])
+
+    body_w, body_h = rng.uniform(0.75, 0.95), rng.uniform(0.95, 1.3)
+    img = np.where((x / body_w) ** 2 + ((y - 0.2) / body_h) ** 2 < 1, 0.55, 0.08)
+    lungs = np.zeros_like(img)
+    for side in (-1, 1):
+        cx, cy = side * rng.uniform(0.33, 0.45), rng.uniform(-0.2, 0.0)
+        rx, ry = rng.uniform(0.22, 0.3), rng.uniform(0.45, 0.6)
+        lungs = np.maximum(lungs, ((x - cx) / rx) ** 2 + ((y - cy) / ry) ** 2 < 1)
+    img -= 0.3 * lungs
+    ribs = 0.5 + 0.5 * np.cos(rng.uniform(14, 20) * (y - rng.uniform(0.1, 0.3) * x**2) + rng.uniform(0, 6.28))
+    img += 0.12 * ribs * lungs
+    img += np.where(np.abs(x - rng.uniform(-0.05, 0.05)) < rng.uniform(0.1, 0.16), 0.25, 0.0) * (y > -0.7)
+    heart = ((x - rng.uniform(0.05, 0.15)) / rng.uniform(0.25, 0.32)) ** 2 + ((y - 0.3) / 0.25) ** 2 < 1
+    img += 0.15 * heart
+    texture = np.zeros_like(img)
+    for _ in range(40):  # smooth random field, a function of the anatomy coordinates
+        f = rng.normal(0, 9, size=2)
+        texture += rng.normal(0, 1) * np.cos(f[0] * x + f[1] * y + rng.uniform(0, 6.28))
+    img += 0.03 * texture / np.sqrt(40)
+    if opacity is not None:
+        ox, oy, r = opacity
+        img += 0.25 * np.exp(-((x - ox) ** 2 + (y - oy) ** 2) / (2 * r**2))
+    img = np.clip(img, 0, 1) ** 0.8
+    return Image.fromarray((img * 255).round().astype(np.uint8), mode="L")
+
+
+def _reencode(img: Image.Image, fmt: str = "JPEG", quality: int = 75) -> Image.Image:
+    buf = io.BytesIO()
+    img.save(buf, format=fmt, **({"quality": quality} if fmt == "JPEG" else {}))
+    buf.seek(0)
+    return Image.open(buf).convert("L")
+
+
+def _annotate(img: Image.Image) -> Image.Image:
+    img = img.copy()
+    draw = ImageDraw.Draw(img)
+    draw.text((10, 8), "R", fill=255, font=ImageFont.load_default(size=22))
+    draw.text((img.width - 40, img.height - 30), "AP", fill=255, font=ImageFont.load_default(size=16))
+    draw.line([(140, 150), (175, 120)], fill=255, width=2)
+    draw.line([(140, 150), (150, 136)], fill=255, width=2)
+    return img
+
+
+def _gamma(img: Image.Image, g: float) -> Image.Image:
+    return img.point([min(255, round(255 * (i / 255) ** g)) for i in range(256)])
+
+
+TRANSFORMS = {
+    "jpeg_q30": lambda im: _reencode(im, "JPEG", 30),
+    "png": lambda im: _reencode(im, "PNG"),
+    "resize_0.4": lambda im: _reencode(im.resize((96, 112), Image.Resampling.LANCZOS), "JPEG", 85),
+    "upscale_1.7": lambda im: im.resize((408, 476), Image.Resampling.BICUBIC),
+    "crop_asym": lambda im: im.crop((12, 3, im.width - 2, im.height - 14)),
+    "pad_black": lambda im: ImageOps.expand(im, (20, 10, 5, 25), fill=0),
+    "pad_white": lambda im: _reencode(ImageOps.expand(im, 18, fill=255), "JPEG", 60),
+    "brighter": lambda im: ImageEnhance.Brightness(im).enhance(1.3),
+    "darker_contrast": lambda im: ImageEnhance.Contrast(ImageEnhance.Brightness(im).enhance(0.75)).enhance(1.3),
+    "gamma": lambda im: _gamma(im, 0.65),
+    "annotated": _annotate,
+    "combo": lambda im: _reencode(
+        _annotate(_gamma(ImageOps.expand(im.crop((6, 8, im.width - 9, im.height - 4)), 12, fill=0), 1.3)
+                  ).resize((150, 178), Image.Resampling.LANCZOS), "JPEG", 45),
+}
+
+
+@pytest.fixture(scope="module")
+def originals() -> dict[str, Image.Image]:
+    return {f"patient{s}": radiograph(s) for s in range(6)}
+
+
+@pytest.fixture(scope="module")
+def fps(originals: dict[str, Image.Image]) -> dict[str, dict[str, object]]:
+    return {k: fingerprint(v) for k, v in originals.items()}
+
+
+def test_fingerprint_shape_types_and_determinism(originals: dict[str, Image.Image]) -> None:
+    fp = fingerprint(originals["patient0"])
+    assert tuple(fp) == FINGERPRINT_COLUMNS
+    assert all(isinstance(v, (str, int, float, bytes)) for v in fp.values())
+    assert len(fp["phash"]) == 16 and int(fp["phash"], 16) >= 0
+    assert len(fp["thumb"]) == fp["thumb_size"] ** 2 <= 16384
+    assert fingerprint(originals["patient0"]) == fp
+    # non-"L" input is converted, not rejected
+    assert fingerprint(originals["patient0"].convert("RGB"))["thumb"] == fp["thumb"]
+
+
+def test_border_is_trimmed_before_thumbnail(originals: dict[str, Image.Image]) -> None:
+    img = originals["patient1"]
+    padded = ImageOps.expand(img, (30, 0, 10, 20), fill=255)
+    assert fingerprint(padded)["trim_box"] == f"30,0,{30 + img.width},{img.height}"
+
+
+@pytest.mark.parametrize("name", sorted(TRANSFORMS))
+def test_transformed_copy_is_found(name: str, originals: dict[str, Image.Image], fps) -> None:
+    copy = fingerprint(TRANSFORMS[name](originals["patient2"]))
+    pairs = find_duplicates({}, {**fps, "copy": copy})
+    assert [(p.a, p.b) for p in pairs] == [("copy", "patient2")]
+    assert 0.0 <= pairs[0].score <= DedupeConfig().max_residual
+    assert pairs[0].distance == hamming(int(copy["phash"], 16), int(fps["patient2"]["phash"], 16))
+
+
+def test_distinct_radiographs_are_not_paired(fps) -> None:
+    assert find_duplicates({}, fps) == []
+
+
+@pytest.mark.parametrize(
+    "angle, shift, opacity",
+    [
+        (2.0, (0.02, 0.01), None),  # repositioned only
+        (0.0, (0.0, 0.0), (0.35, -0.1, 0.12)),  # same positioning, new consolidation
+        (-1.5, (0.0, 0.03), (-0.4, 0.1, 0.1)),  # both
+    ],
+)
+def test_serial_film_is_not_a_duplicate(angle, shift, opacity, fps) -> None:
+    serial = fingerprint(radiograph(3, angle_deg=angle, shift=shift, opacity=opacity))
+    # sanity: it is a hash candidate (the hard case), yet verification must reject it
+    assert hamming(int(serial["phash_trim"], 16), int(fps["patient3"]["phash_trim"], 16)) <= 16
+    assert find_duplicates({}, {"patient3": fps["patient3"], "serial": serial}) == []
+
+
+def test_known_vs_new(originals: dict[str, Image.Image], fps) -> None:
+    known = {
+        "k0": fps["patient0"],
+        "k0_dup": fingerprint(TRANSFORMS["jpeg_q30"](originals["patient0"])),  # known-vs-known: not reported
+        "k1": fps["patient1"],
+    }
+    new = {
+        "n0": fingerprint(TRANSFORMS["crop_asym"](originals["patient0"])),
+        "n1": fingerprint(TRANSFORMS["pad_black"](originals["patient1"])),
+        "n1_again": fingerprint(TRANSFORMS["brighter"](originals["patient1"])),
+        "n4": fps["patient4"],
+    }
+    got = {(p.a, p.b) for p in find_duplicates(known, new)}
+    assert got == {("k0", "n0"), ("k0_dup", "n0"), ("k1", "n1"), ("k1", "n1_again"), ("n1", "n1_again")}
+    assert find_duplicates(known, {}) == []
+
+
+def test_parquet_round_trip_gives_same_pairs(originals: dict[str, Image.Image], fps) -> None:
+    pa = pytest.importorskip("pyarrow")
+    pq = pytest.importorskip("pyarrow.parquet")
+    items = {**fps, "copy": fingerprint(TRANSFORMS["combo"](originals["patient5"]))}
+    table = pa.Table.from_pylist([{"key": k, **v} for k, v in items.items()])
+    buf = io.BytesIO()
+    pq.write_table(table, buf)
+    buf.seek(0)
+    back = {row.pop("key"): row for row in pq.read_table(buf).to_pylist()}
+    assert find_duplicates({}, back) == find_duplicates({}, items)
+    assert [(p.a, p.b) for p in find_duplicates({}, back)] == [("copy", "patient5")]
+
+
+def test_output_is_sorted_and_deterministic(originals: dict[str, Image.Image], fps) -> None:
+    items = dict(fps)
+    for name in ("png", "gamma", "pad_white"):
+        items[f"{name}_copy"] = fingerprint(TRANSFORMS[name](originals["patient1"]))
+    first = find_duplicates({}, items)
+    shuffled = list(items.items())
+    random.Random(1).shuffle(shuffled)
+    assert find_duplicates({}, dict(shuffled)) == first
+    assert first == sorted(first, key=lambda p: (p.a, p.b))
+    assert all(isinstance(p, DuplicatePair) and p.a < p.b for p in first)
+    assert len(first) == 6  # 4 images of patient1, all pairs
+
+
+def test_bktree_query_equals_brute_force() -> None:
+    rng = random.Random(0)
+    base = [rng.getrandbits(64) for _ in range(40)]
+    # clustered hashes (like real images) plus exact repeats
+    values = [b ^ sum(1 << rng.randrange(64) for _ in range(rng.randrange(12))) for b in base for _ in range(10)]
+    values += values[:15]
+    tree = BKTree()
+    for i, v in enumerate(values):
+        tree.add(v, f"k{i:04d}")
+    assert len(tree) == len(values)
+    for radius in (0, 3, 8, 16, 24):
+        for q in values[:: 37] + [rng.getrandbits(64) for _ in range(5)]:
+            brute = sorted((hamming(q, v), f"k{i:04d}") for i, v in enumerate(values) if hamming(q, v) <= radius)
+            assert tree.query(q, radius) == brute
+    assert BKTree().query(123, 64) == []
+
+
+REPO_ROOT = Path(__file__).resolve().parents[2]
+BUNDLE = REPO_ROOT.parent / "shared" / "data" / "ieee8023.bundle"
+
+
+@pytest.mark.skipif(not BUNDLE.exists(), reason=f"real dataset bundle not present at {BUNDLE}")
+def test_real_snapshot_duplicates(tmp_path: Path) -> None:
+    """The 2020-06-22 snapshot contains known re-published images; they must be found, and not much else."""
+    pd = pytest.importorskip("pandas")
+    git = shutil.which("git")
+    if git is None:
+        pytest.skip("git not available to clone the bundle")
+    src = tmp_path / "ieee8023"
+    subprocess.run([git, "clone", "-q", str(BUNDLE), str(src)], check=True)
+    subprocess.run([git, "-C", str(src), "checkout", "-q", "snapshot-2020-06-22"], check=True)
+    meta = pd.read_csv(src / "metadata.csv")
+    names = sorted(set(meta.loc[meta["modality"] == "X-ray", "filename"]))
+    fps = {}
+    for name in names:
+        path = src / "images" / name
+        if path.exists():
+            with Image.open(path) as im:
+                fps[name] = fingerprint(ImageOps.exif_transpose(im).convert("L"))
+    pairs = {(p.a, p.b) for p in find_duplicates({}, fps)}
+    assert ("353889E0-A1E8-4F9E-A0B8-F24F36BCFBFB.jpeg", "case_72_RX-TORACE1.jpg") in pairs
+    assert ("16660_2_1.jpg",
+            "covid-19-rapidly-progressive-acute-respiratory-distress-syndrome-ards-admission.jpg") in pairs
+    assert len(pairs) <= 40
