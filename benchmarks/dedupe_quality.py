@@ -45,6 +45,18 @@ from lxn_ray.dedupe import DedupeConfig, find_duplicates, fingerprint, hamming  
 KNOWN_REAL_DUPLICATES: tuple[tuple[str, str], ...] = (
     ("353889E0-A1E8-4F9E-A0B8-F24F36BCFBFB.jpeg", "case_72_RX-TORACE1.jpg"),
     ("16660_2_1.jpg", "covid-19-rapidly-progressive-acute-respiratory-distress-syndrome-ards-admission.jpg"),
+    ("16660_3_1.jpg", "covid-19-rapidly-progressive-acute-respiratory-distress-syndrome-ards-day-1.jpg"),
+    ("16660_4_1.jpg", "covid-19-rapidly-progressive-acute-respiratory-distress-syndrome-ards-day-2.jpg"),
+    ("16660_5_1.jpg", "covid-19-rapidly-progressive-acute-respiratory-distress-syndrome-ards-day-3.jpg"),
+    # same film (same arrows, same markers) under the ids of two different case reports
+    ("2-chest-filmc.jpg", "7-fatal-covid19.jpg"),
+    # same patient id, same film saved twice (one with a "day 1" caption / different window)
+    ("35AF5C3B-D04D-4B4B-92B7-CB1F67D83085.jpeg", "D5ACAA93-C779-4E22-ADFA-6A220489F840.jpeg"),
+    ("E63574A7-4188-4C8D-8D17-9D67A18A1AFA.jpeg", "F4341CE7-73C9-45C6-99C8-8567A5484B63.jpeg"),
+    ("3d4364c0e44859e86017ee1660112e_jumbo-1.jpeg", "81ba2932af55c7663e9d87016776a6_jumbo-1.jpeg"),
+    ("A7E260CE-8A00-4C5F-A7F5-27336527A981.jpeg", "case_76_1-3.png"),
+    ("AR-1.jpg", "AR-2.jpg"),
+    ("AR-1.jpg", "extubation-1.jpg"),
 )
 
 TRANSFORMS = ("resize", "crop", "border", "brightness", "contrast", "gamma", "annotate", "bitdepth")
@@ -140,9 +152,13 @@ def _apply(img: Image.Image, op: str, rng: random.Random) -> Image.Image:
     if op == "border":
         fr = [rng.uniform(0.0, 0.10) for _ in range(4)]
         fill = rng.choice((0, 255))
-        return ImageOps.expand(img, (round(fr[0] * w), round(fr[1] * h), round(fr[2] * w), round(fr[3] * h)), fill)
+        return ImageOps.expand(
+            img, (round(fr[0] * w), round(fr[1] * h), round(fr[2] * w), round(fr[3] * h)), fill
+        )
     if op == "brightness":
-        return ImageEnhance.Brightness(img).enhance(rng.choice((rng.uniform(0.65, 0.9), rng.uniform(1.1, 1.4))))
+        return ImageEnhance.Brightness(img).enhance(
+            rng.choice((rng.uniform(0.65, 0.9), rng.uniform(1.1, 1.4)))
+        )
     if op == "contrast":
         return ImageEnhance.Contrast(img).enhance(rng.choice((rng.uniform(0.6, 0.9), rng.uniform(1.1, 1.5))))
     if op == "gamma":
@@ -155,7 +171,9 @@ def _apply(img: Image.Image, op: str, rng: random.Random) -> Image.Image:
         a16 = np.asarray(img).astype(np.float64) * 257.0
         lo = np.percentile(a16, rng.uniform(0, 3))
         hi = np.percentile(a16, rng.uniform(97, 100))
-        return Image.fromarray(np.clip((a16 - lo) / max(hi - lo, 1.0) * 255.0, 0, 255).round().astype(np.uint8))
+        return Image.fromarray(
+            np.clip((a16 - lo) / max(hi - lo, 1.0) * 255.0, 0, 255).round().astype(np.uint8)
+        )
     raise ValueError(op)
 
 
@@ -163,8 +181,12 @@ def make_copy(img: Image.Image, rng: random.Random) -> tuple[Image.Image, list[s
     """One transformed copy: 1-4 random transformations, then a random JPEG quality or PNG."""
     ops = rng.sample(TRANSFORMS, rng.randint(1, 4))
     # geometric first, as publishing does (crop/border of the original, then resize), then intensity
-    order = {op: i for i, op in enumerate(("crop", "border", "resize", "bitdepth", "gamma", "brightness",
-                                           "contrast", "annotate"))}
+    order = {
+        op: i
+        for i, op in enumerate(
+            ("crop", "border", "resize", "bitdepth", "gamma", "brightness", "contrast", "annotate")
+        )
+    }
     ops.sort(key=order.__getitem__)
     for op in ops:
         img = _apply(img, op, rng)
@@ -197,14 +219,18 @@ def positives(groups: dict[str, str]) -> set[tuple[str, str]]:
     return {pair(a, b) for ks in members.values() for a, b in itertools.combinations(sorted(ks), 2)}
 
 
-def report(name: str, found: set[tuple[str, str]], truth: set[tuple[str, str]], patient: dict[str, str]) -> None:
+def report(
+    name: str, found: set[tuple[str, str]], truth: set[tuple[str, str]], patient: dict[str, str]
+) -> None:
     tp = len(found & truth)
     fp = found - truth
     hard = sum(1 for a, b in fp if patient[a] == patient[b])
     rec = tp / max(len(truth), 1)
     prec = tp / max(len(found), 1)
-    print(f"  {name:<34} recall {rec:.4f} ({tp}/{len(truth)})  precision {prec:.4f}  "
-          f"FP {len(fp)} (same-patient {hard})")
+    print(
+        f"  {name:<34} recall {rec:.4f} ({tp}/{len(truth)})  precision {prec:.4f}  "
+        f"FP {len(fp)} (same-patient {hard})"
+    )
 
 
 def dump_pairs(pairs: list[tuple[str, str]], images: dict[str, Image.Image], out: Path, tag: str) -> None:
@@ -253,9 +279,13 @@ def main(argv: list[str] | None = None) -> int:
                 if g == gy:
                     group[k] = gx
     truth = positives(group)
-    n_hard = sum(1 for a, b in itertools.combinations(sorted(o for o, _ in originals), 2) if patient[a] == patient[b])
-    print(f"pool: {len(originals)} originals, {len(copy_ops)} copies, {len(truth)} positive pairs, "
-          f"{n_hard} same-patient distinct pairs  (build {time.perf_counter() - t0:.1f}s)")
+    n_hard = sum(
+        1 for a, b in itertools.combinations(sorted(o for o, _ in originals), 2) if patient[a] == patient[b]
+    )
+    print(
+        f"pool: {len(originals)} originals, {len(copy_ops)} copies, {len(truth)} positive pairs, "
+        f"{n_hard} same-patient distinct pairs  (build {time.perf_counter() - t0:.1f}s)"
+    )
 
     t0 = time.perf_counter()
     fps = {k: fingerprint(img) for k, img in images.items()}
@@ -269,7 +299,9 @@ def main(argv: list[str] | None = None) -> int:
     scored = find_duplicates({}, fps, loose)
     t_batch = time.perf_counter() - t0
     found = {pair(p.a, p.b) for p in scored if p.score <= config.max_residual}
-    print(f"find_duplicates batch: {t_batch:.1f}s for {len(fps)} images, {len(scored)} candidates verified")
+    print(
+        f"find_duplicates batch: {t_batch:.1f}s for {len(fps)} images, {len(scored)} pairs scored"
+    )
     print("results:")
     report("batch (known={}, new=pool)", found, truth, patient)
 
@@ -296,9 +328,11 @@ def main(argv: list[str] | None = None) -> int:
     pos_scores = sorted(p.score for p in scored if pair(p.a, p.b) in truth)
     neg = sorted((p.score, p.a, p.b) for p in scored if pair(p.a, p.b) not in truth)
     cand_recall = len({pair(p.a, p.b) for p in scored} & truth) / max(len(truth), 1)
-    print(f"candidate recall {cand_recall:.4f}; positive scores: median {np.median(pos_scores):.4f}, "
-          f"p99 {np.percentile(pos_scores, 99):.4f}, max {pos_scores[-1]:.4f}; "
-          f"lowest negative scores: {[round(s, 4) for s, _, _ in neg[:5]]}")
+    print(
+        f"candidate recall {cand_recall:.4f}; positive scores: median {np.median(pos_scores):.4f}, "
+        f"p99 {np.percentile(pos_scores, 99):.4f}, max {pos_scores[-1]:.4f}; "
+        f"lowest negative scores: {[round(s, 4) for s, _, _ in neg[:5]]}"
+    )
 
     # baseline: plain whole-image phash threshold, all pairs
     keys = sorted(fps)
@@ -306,7 +340,7 @@ def main(argv: list[str] | None = None) -> int:
     print("baseline phash threshold (whole image, all pairs):")
     dist = {}
     for i in range(len(keys)):
-        x = np.bitwise_xor(ph[i], ph[i + 1:])
+        x = np.bitwise_xor(ph[i], ph[i + 1 :])
         d = np.unpackbits(x.view(np.uint8).reshape(-1, 8), axis=1).sum(axis=1)
         for j in np.nonzero(d <= 12)[0]:
             dist[(keys[i], keys[i + 1 + j])] = int(d[j])
@@ -321,8 +355,10 @@ def main(argv: list[str] | None = None) -> int:
         dump_pairs([(a, b) for _, a, b in neg[:10]], images, args.dump, "nearneg")
         for a, b in misses[:30]:
             s = next((p.score for p in scored if (p.a, p.b) == (a, b)), None)
-            print(f"  miss {a} | {b}  ops={copy_ops.get(b, copy_ops.get(a))} score={s} "
-                  f"d={hamming(int(str(fps[a]['phash']), 16), int(str(fps[b]['phash']), 16))}")
+            print(
+                f"  miss {a} | {b}  ops={copy_ops.get(b, copy_ops.get(a))} score={s} "
+                f"d={hamming(int(str(fps[a]['phash']), 16), int(str(fps[b]['phash']), 16))}"
+            )
         for s, a, b in neg[:10]:
             print(f"  near-negative {s:.4f} {a} | {b} same-patient={patient[a] == patient[b]}")
 

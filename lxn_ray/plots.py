@@ -1,0 +1,83 @@
+"""PNG pictures users look at: training curves, ROC curves and confusion matrices (matplotlib, no display)."""
+
+from __future__ import annotations
+
+import io
+from collections.abc import Mapping, Sequence
+
+import numpy as np
+
+from lxn_ray.metrics import roc_auc, roc_curve
+
+
+def _figure():
+    import matplotlib
+
+    matplotlib.use("Agg")  # headless: workers and CI have no display
+    import matplotlib.pyplot as plt
+
+    return plt
+
+
+def _png(figure) -> bytes:
+    buffer = io.BytesIO()
+    figure.savefig(buffer, format="png", dpi=120, bbox_inches="tight")
+    _figure().close(figure)
+    return buffer.getvalue()
+
+
+def training_curves(history: Sequence[Mapping[str, float]]) -> bytes:
+    """Loss, accuracy and AUC per epoch, train against validation."""
+    plt = _figure()
+    epochs = [entry["epoch"] for entry in history]
+    figure, axes = plt.subplots(1, 3, figsize=(13, 3.6))
+    for axis, metric in zip(axes, ("loss", "accuracy", "auc"), strict=True):
+        for split, style in (("train", "-o"), ("val", "--s")):
+            values = [entry.get(f"{split}_{metric}") for entry in history]
+            values = [np.nan if v is None else v for v in values]
+            axis.plot(epochs, values, style, label=split)
+        axis.set_title(metric)
+        axis.set_xlabel("epoch")
+        axis.grid(alpha=0.3)
+        axis.legend()
+    return _png(figure)
+
+
+def roc(curves: Mapping[str, tuple[Sequence[int], Sequence[float]]], threshold: float | None = None) -> bytes:
+    """ROC curves of several label/score sets (e.g. val and test), with the AUC in the legend."""
+    plt = _figure()
+    figure, axis = plt.subplots(figsize=(4.8, 4.6))
+    for name, (labels, scores) in curves.items():
+        auc = roc_auc(labels, scores)
+        if auc is None:
+            continue
+        fpr, tpr, thresholds = roc_curve(labels, scores)
+        axis.plot(fpr, tpr, label=f"{name} (AUC {auc:.3f}, n={len(labels)})")
+        if threshold is not None:
+            at = int(np.argmin(np.abs(np.where(np.isfinite(thresholds), thresholds, np.inf) - threshold)))
+            axis.plot(fpr[at], tpr[at], "o", color=axis.lines[-1].get_color())
+    axis.plot([0, 1], [0, 1], ":", color="grey", label="chance")
+    axis.set_xlabel("1 - specificity")
+    axis.set_ylabel("sensitivity")
+    axis.set_title("ROC" + (f" (dot: threshold {threshold:.3f})" if threshold is not None else ""))
+    axis.legend(loc="lower right", fontsize=8)
+    axis.grid(alpha=0.3)
+    return _png(figure)
+
+
+def confusion_matrix(confusion: Sequence[Sequence[int]], title: str = "test") -> bytes:
+    """A 2x2 confusion matrix, rows truth, columns prediction."""
+    plt = _figure()
+    matrix = np.asarray(confusion)
+    figure, axis = plt.subplots(figsize=(3.8, 3.4))
+    axis.imshow(matrix, cmap="Blues")
+    names = ["other", "COVID-19"]
+    axis.set_xticks([0, 1], names)
+    axis.set_yticks([0, 1], names)
+    axis.set_xlabel("predicted")
+    axis.set_ylabel("truth")
+    for (row, column), count in np.ndenumerate(matrix):
+        colour = "white" if count > matrix.max() / 2 else "black"
+        axis.text(column, row, str(count), ha="center", va="center", color=colour, fontsize=13)
+    axis.set_title(f"confusion matrix ({title})")
+    return _png(figure)

@@ -1,0 +1,363 @@
+"""Data-parallel LxN training with Ray Train, and the honest evaluation that turns it into a model version.
+
+Why a custom training step: Keras 3 ``model.fit`` fails under ``MultiWorkerMirroredStrategy`` with two
+workers (keras-team/keras#20585), so each step is ``strategy.run`` over a ``GradientTape``; the loss is
+the per-example weighted BCE of equation (1) divided by the global batch. The same
+:func:`train_loop_per_worker` serves ``jobs/train.py`` and every Ray Tune trial.
+
+Data comes from a dataset version through Ray Data: images are read from storage and preprocessed by
+Ray Data tasks with the one :func:`lxn_ray.preprocess.preprocess_bytes`, materialised once, and the
+training split is sharded equally over the workers (no worker holds the whole set). Every worker
+validates on the full (small) validation split so all ranks agree on the metrics.
+
+Each epoch reports train/val loss, accuracy, AUC, sensitivity and specificity with a checkpoint from
+rank 0; a worker that dies is replaced and resumes from the latest checkpoint, and a rerun of the same
+job (same dataset version and config) resumes its run. Afterwards the best checkpoint by val AUC picks
+its threshold on val (Youden's J) and is scored once on test.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import hashlib
+import json
+import sys
+import tempfile
+import time
+from dataclasses import dataclass, field
+from datetime import datetime, timezone
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from lxn_ray import cluster, dataset, metrics, plots
+from lxn_ray.model import ModelConfig
+from lxn_ray.preprocess import LIGHT_AUGMENT, AugmentConfig
+from lxn_ray.storage import Storage
+
+MODELS = "models"
+RUNS = "runs"
+
+
+@dataclass(frozen=True)
+class TrainConfig:
+    """A training run. Defaults are the paper's: 200 px, batch 20, 10 epochs, RMSprop at 1e-4."""
+
+    image_size: int = 200
+    width: float = 1.0
+    epochs: int = 10
+    batch_size: int = 20  # global: split over the workers
+    learning_rate: float = 1e-4
+    augment: AugmentConfig = field(default_factory=lambda: LIGHT_AUGMENT)
+    workers: int = 1
+    use_gpu: bool = False
+    seed: int = 0
+
+    @property
+    def model(self) -> ModelConfig:
+        return ModelConfig(image_size=self.image_size, width=self.width)
+
+    def digest(self) -> str:
+        settings = dataclasses.asdict(self)
+        return hashlib.sha256(json.dumps(settings, sort_keys=True).encode()).hexdigest()[:10]
+
+
+def log(message: str) -> None:
+    print(f"[train {datetime.now():%H:%M:%S}] {message}", file=sys.stderr, flush=True)
+
+
+# -- data -------------------------------------------------------------------------------------------
+def _load_batch(batch: dict[str, np.ndarray], storage_uri: str, image_size: int) -> dict[str, np.ndarray]:
+    """Ray Data task: image bytes from storage -> the shared preprocessing -> float32 arrays."""
+    from lxn_ray.preprocess import preprocess_bytes
+
+    storage = Storage.open(storage_uri)
+    images = [preprocess_bytes(storage.read_bytes(str(key)), image_size) for key in batch["image_key"]]
+    return {"image": np.stack(images), "label": batch["label"].astype(np.float32)}
+
+
+def split_dataset(storage: Storage, version: str, split: str, image_size: int):
+    """One split of a dataset version as a materialised Ray Dataset of ``image`` and ``label``."""
+    import ray
+
+    table = dataset.read_split(storage, version, split).select(["image_key", "label"])
+    if table.num_rows == 0:
+        raise ValueError(f"split {split!r} of dataset {version} is empty")
+    blocks = max(1, min(table.num_rows // 32, 32))
+    return (
+        ray.data.from_arrow(table)
+        .repartition(blocks)
+        .map_batches(_load_batch, fn_kwargs={"storage_uri": storage.uri, "image_size": image_size},
+                     batch_size=32)
+        .materialize()
+    )
+
+
+# -- the training loop (runs on every Ray Train worker) -----------------------------------------------
+def train_loop_per_worker(loop_config: dict[str, Any]) -> None:
+    """One worker of a data-parallel run. ``loop_config``: TrainConfig fields plus class weights."""
+    import tensorflow as tf
+
+    # Thread pools, then collective ops, must be configured before any TF op runs in this process.
+    cpus = int(loop_config.get("cpus_per_worker", 1))
+    tf.config.threading.set_intra_op_parallelism_threads(cpus)
+    tf.config.threading.set_inter_op_parallelism_threads(max(1, min(2, cpus)))
+    strategy = tf.distribute.MultiWorkerMirroredStrategy()
+    import keras
+    import ray.train
+
+    from lxn_ray.model import build_lxn, make_optimizer, weighted_bce
+    from lxn_ray.preprocess import build_augmenter
+
+    config = _config_from_dict(loop_config["train"])
+    context = ray.train.get_context()
+    rank, world = context.get_world_rank(), context.get_world_size()
+    keras.utils.set_random_seed(config.seed)  # same initial weights on every rank
+
+    with strategy.scope():
+        model = build_lxn(config.model)
+        optimizer = make_optimizer(config.learning_rate)
+    augmenter = build_augmenter(config.augment, seed=config.seed + rank)
+    w_pos, w_neg = float(loop_config["w_pos"]), float(loop_config["w_neg"])
+    local_batch = max(1, config.batch_size // world)
+
+    history: list[dict[str, Any]] = []
+    start_epoch = 1
+    checkpoint = ray.train.get_checkpoint()
+    if checkpoint:
+        with checkpoint.as_directory() as folder:
+            model.load_weights(Path(folder) / "model.weights.h5")
+            state = json.loads((Path(folder) / "state.json").read_text())
+        history, start_epoch = state["history"], state["epoch"] + 1
+        if rank == 0:
+            print(f"[train] resuming after epoch {state['epoch']}", flush=True)
+
+    def replica_step(images, labels):
+        if augmenter is not None:
+            images = augmenter(images, training=True)
+        with tf.GradientTape() as tape:
+            probabilities = model(images, training=True)
+            per_example = weighted_bce(labels, probabilities, w_pos, w_neg)
+            loss = tf.nn.compute_average_loss(per_example, global_batch_size=tf.shape(images)[0] * world)
+        gradients = tape.gradient(loss, model.trainable_variables)
+        optimizer.apply_gradients(zip(gradients, model.trainable_variables, strict=True))
+        return per_example, tf.reshape(probabilities, [-1])
+
+    @tf.function(reduce_retracing=True)
+    def train_step(images, labels):
+        return strategy.run(replica_step, args=(images, labels))
+
+    @tf.function(reduce_retracing=True)
+    def predict(images):
+        return tf.reshape(model(images, training=False), [-1])
+
+    train_shard = ray.train.get_dataset_shard("train")
+    val_data = ray.train.get_dataset_shard("val")
+    for epoch in range(start_epoch, config.epochs + 1):
+        started = time.monotonic()
+        losses, scores, labels = [], [], []
+        for batch in train_shard.iter_batches(batch_size=local_batch, batch_format="numpy", drop_last=False):
+            per_example, probabilities = train_step(tf.constant(batch["image"]), tf.constant(batch["label"]))
+            losses.append(per_example.numpy())
+            scores.append(probabilities.numpy())
+            labels.append(batch["label"])
+        train = _epoch_metrics(np.concatenate(labels), np.concatenate(scores), np.concatenate(losses))
+        val_labels, val_scores = [], []
+        for batch in val_data.iter_batches(batch_size=64, batch_format="numpy"):
+            val_scores.append(predict(tf.constant(batch["image"])).numpy())
+            val_labels.append(batch["label"])
+        y, p = np.concatenate(val_labels), np.concatenate(val_scores)
+        val_loss = weighted_bce(y, p, w_pos, w_neg).numpy()
+        val = _epoch_metrics(y, p, val_loss)
+        entry = {"epoch": epoch, **{f"train_{k}": v for k, v in train.items()},
+                 **{f"val_{k}": v for k, v in val.items()}, "epoch_seconds": time.monotonic() - started}
+        history.append(entry)
+        if rank == 0:
+            print(f"[train] epoch {epoch}/{config.epochs}: loss {train['loss']:.4f} val_loss {val['loss']:.4f} "
+                  f"val_auc {_fmt(val['auc'])} val_acc {val['accuracy']:.3f} ({entry['epoch_seconds']:.1f} s)",
+                  flush=True)
+        report = {**entry, "val_auc": val["auc"] if val["auc"] is not None else 0.5}
+        with tempfile.TemporaryDirectory() as folder:
+            checkpoint = None
+            if rank == 0:
+                model.save_weights(Path(folder) / "model.weights.h5")
+                (Path(folder) / "state.json").write_text(json.dumps({"epoch": epoch, "history": history}))
+                checkpoint = ray.train.Checkpoint.from_directory(folder)
+            ray.train.report(report, checkpoint=checkpoint)
+
+
+def _epoch_metrics(labels: np.ndarray, scores: np.ndarray, losses: np.ndarray) -> dict[str, float | None]:
+    # 0.5 during training: the operating threshold is chosen once, on val, after training.
+    result = metrics.binary_metrics(labels, scores, 0.5)
+    return {"loss": float(np.mean(losses)), "accuracy": result.accuracy, "auc": result.auc,
+            "sensitivity": result.sensitivity, "specificity": result.specificity}
+
+
+def _fmt(value: float | None) -> str:
+    return "n/a" if value is None else f"{value:.3f}"
+
+
+def _config_from_dict(settings: dict[str, Any]) -> TrainConfig:
+    settings = dict(settings)
+    settings["augment"] = AugmentConfig(**settings["augment"])
+    return TrainConfig(**settings)
+
+
+# -- the driver ---------------------------------------------------------------------------------------
+def run_trainer(
+    storage: Storage,
+    version: str,
+    config: TrainConfig,
+    run_name: str,
+    callbacks: list | None = None,
+):
+    """Fit LxN with Ray Train on ``version``; returns the ``ray.train.Result``.
+
+    Shared by ``jobs/train.py`` and the Tune trials (which pass a reporting callback).
+    """
+    import ray
+    from ray.train import CheckpointConfig, DataConfig, FailureConfig, RunConfig, ScalingConfig
+    from ray.train.tensorflow import TensorflowTrainer
+
+    images = dataset.read_split(storage, version, "train")
+    positives = int(sum(images.column("label").to_pylist()))
+    negatives = images.num_rows - positives
+    from lxn_ray.model import class_weights
+
+    w_pos, w_neg = class_weights(positives, negatives)
+    train = split_dataset(storage, version, "train", config.image_size)
+    val = split_dataset(storage, version, "val", config.image_size)
+    available = ray.cluster_resources()
+    use_gpu = config.use_gpu or available.get("GPU", 0) > 0
+    cpus = max(1, int(available.get("CPU", 1) // max(config.workers, 1))) if not use_gpu else 1
+    trainer = TensorflowTrainer(
+        train_loop_per_worker,
+        train_loop_config={"train": dataclasses.asdict(config), "w_pos": w_pos, "w_neg": w_neg,
+                           "cpus_per_worker": cpus},
+        scaling_config=ScalingConfig(num_workers=config.workers, use_gpu=use_gpu,
+                                     resources_per_worker={"CPU": cpus} if not use_gpu else None),
+        datasets={"train": train, "val": val},
+        dataset_config=DataConfig(datasets_to_split=["train"]),
+        run_config=RunConfig(
+            name=run_name,
+            storage_path=storage.path(RUNS),
+            storage_filesystem=storage.filesystem,
+            checkpoint_config=CheckpointConfig(
+                num_to_keep=2, checkpoint_score_attribute="val_auc", checkpoint_score_order="max"
+            ),
+            failure_config=FailureConfig(max_failures=2),
+            callbacks=callbacks or None,
+        ),
+    )
+    log(f"training {config.workers} worker(s){' on GPU' if use_gpu else ''}: {train.count()} train / "
+        f"{val.count()} val images, class weights w+={w_pos:.3f} w-={w_neg:.3f}")
+    return trainer.fit()
+
+
+def train(storage: Storage, dataset_version: str | None, config: TrainConfig) -> dict[str, Any]:
+    """The training job: fit, pick the best epoch, choose the threshold on val, score test, publish."""
+    cluster.connect()
+    started = time.monotonic()
+    version = dataset.resolve_version(storage, dataset_version)
+    run_name = f"train-{version}-{config.digest()}"
+    result = run_trainer(storage, version, config, run_name)
+    best = result.get_best_checkpoint(metric="val_auc", mode="max") or result.checkpoint
+    if best is None:
+        raise RuntimeError(f"training run {run_name} produced no checkpoint")
+    return publish_model_version(storage, version, config, best, time.monotonic() - started, run_name)
+
+
+def publish_model_version(
+    storage: Storage, version: str, config: TrainConfig, checkpoint, seconds: float, run_name: str
+) -> dict[str, Any]:
+    """Evaluate ``checkpoint`` (threshold on val, metrics on test) and write a model version."""
+    from lxn_ray.model import build_lxn, save_model
+
+    model = build_lxn(config.model)
+    with checkpoint.as_directory() as folder:
+        model.load_weights(Path(folder) / "model.weights.h5")
+        state = json.loads((Path(folder) / "state.json").read_text())
+    history = state["history"]
+    val_labels, val_scores = _score_split(model, storage, version, "val", config.image_size)
+    test_labels, test_scores = _score_split(model, storage, version, "test", config.image_size)
+    threshold = metrics.youden_threshold(val_labels, val_scores)
+    val = metrics.binary_metrics(val_labels, val_scores, threshold)
+    test = metrics.binary_metrics(test_labels, test_scores, threshold)
+    auc_ci = metrics.bootstrap_auc_ci(test_labels, test_scores, seed=config.seed)
+
+    model_version = f"lxn-{datetime.now(timezone.utc):%Y%m%d-%H%M%S}-{config.digest()[:6]}"
+    prefix = f"{MODELS}/{model_version}"
+    with tempfile.TemporaryDirectory() as folder:
+        path = save_model(model, Path(folder) / "model.keras")
+        storage.write_bytes(f"{prefix}/model.keras", path.read_bytes())
+    storage.write_bytes(f"{prefix}/plots/training_curves.png", plots.training_curves(history))
+    storage.write_bytes(f"{prefix}/plots/roc.png", plots.roc(
+        {"val": (val_labels, val_scores), "test": (test_labels, test_scores)}, threshold))
+    storage.write_bytes(f"{prefix}/plots/confusion_test.png", plots.confusion_matrix(test.confusion))
+    val_summary = {k: val.as_dict()[k] for k in ("auc", "accuracy", "sensitivity", "specificity")}
+    test_summary = {**{k: test.as_dict()[k] for k in ("auc", "accuracy", "sensitivity", "specificity")},
+                    "auc_ci": list(auc_ci) if auc_ci else None, "confusion": test.confusion,
+                    "n": int(len(test_labels)), "positives": int(np.sum(test_labels))}
+    card = _model_card(model_version, version, config, state, threshold, val_summary, test_summary,
+                       seconds, run_name)
+    storage.write_json(f"{prefix}/card.json", card)  # written last: the version's commit marker
+    log(f"published model {model_version}: val AUC {_fmt(val.auc)}, test AUC {_fmt(test.auc)} "
+        f"95% CI {auc_ci}, threshold {threshold:.3f}")
+    return {
+        "model_version": model_version,
+        "dataset_version": version,
+        "checkpoint": storage.uri_of(f"{prefix}/model.keras"),
+        "threshold": threshold,
+        "best_epoch": state["epoch"],
+        "val": val_summary,
+        "test": test_summary,
+        "plots": [storage.uri_of(f"{prefix}/plots/{name}") for name in
+                  ("training_curves.png", "roc.png", "confusion_test.png")],
+        "card": storage.uri_of(f"{prefix}/card.json"),
+        "seconds": round(seconds, 1),
+    }
+
+
+def _score_split(model, storage: Storage, version: str, split: str, image_size: int):
+    from lxn_ray.preprocess import preprocess_bytes
+
+    table = dataset.read_split(storage, version, split)
+    labels = np.asarray(table.column("label").to_pylist(), dtype=np.int64)
+    scores = []
+    keys = table.column("image_key").to_pylist()
+    for start in range(0, len(keys), 32):
+        batch = np.stack([preprocess_bytes(storage.read_bytes(k), image_size) for k in keys[start:start + 32]])
+        scores.append(model.predict_on_batch(batch).reshape(-1))
+    return labels, np.concatenate(scores) if scores else np.zeros(0)
+
+
+def _model_card(model_version, dataset_version, config, state, threshold, val, test, seconds, run_name):
+    import keras
+    import ray
+    import tensorflow as tf
+
+    from lxn_ray import __version__
+    from lxn_ray.model import build_lxn
+
+    return {
+        "model_version": model_version,
+        "model": "LxN (Umer et al., 2020)",
+        "intended_use": "Research only. Not a diagnostic device; not validated for clinical use.",
+        "dataset_version": dataset_version,
+        "config": dataclasses.asdict(config),
+        "conv_padding": config.model.conv_padding,
+        "parameters": int(build_lxn(config.model).count_params()),
+        "best_epoch": state["epoch"],
+        "history": state["history"],
+        "threshold": threshold,
+        "threshold_rule": "Youden's J (max sensitivity + specificity - 1) on the validation split",
+        "val": val,
+        "test": test,
+        "evaluation": "patient-disjoint test split; patients joined by duplicate radiographs share a split",
+        "training_seconds": round(seconds, 1),
+        "train_run": run_name,
+        "created_at": datetime.now(timezone.utc).isoformat(timespec="seconds"),
+        "versions": {"lxn_ray": __version__, "ray": ray.__version__, "tensorflow": tf.__version__,
+                     "keras": keras.__version__, "python": sys.version.split()[0]},
+    }
