@@ -111,7 +111,9 @@ def ingest_summary(report: dict[str, Any]) -> str:
 
 # -- train --------------------------------------------------------------------------------------------
 def train_main(argv: Sequence[str] | None = None) -> int:
-    parser = job_parser("Train LxN data-parallel with Ray Train on a dataset version; publish a model version.")
+    parser = job_parser(
+        "Train LxN data-parallel with Ray Train on a dataset version; publish a model version."
+    )
     parser.add_argument("--dataset-version", default="latest", help="dataset version id, or latest")
     parser.add_argument("--image-size", type=int, default=200, help="input side in pixels (paper: 200)")
     parser.add_argument("--width", type=float, default=1.0, help="width multiplier (1.0 = the paper's LxN)")
@@ -120,7 +122,9 @@ def train_main(argv: Sequence[str] | None = None) -> int:
     parser.add_argument("--lr", type=float, default=1e-4, help="RMSprop learning rate")
     parser.add_argument("--no-augment", action="store_true", help="train without augmentation")
     parser.add_argument("--workers", type=int, default=1, help="Ray Train workers (data-parallel)")
-    parser.add_argument("--gpu", action="store_true", help="one GPU per worker (automatic when the cluster has GPUs)")
+    parser.add_argument(
+        "--gpu", action="store_true", help="one GPU per worker (automatic when the cluster has GPUs)"
+    )
     parser.add_argument("--seed", type=int, default=0)
     args = parser.parse_args(argv)
 
@@ -129,8 +133,14 @@ def train_main(argv: Sequence[str] | None = None) -> int:
         from lxn_ray.train import TrainConfig, train
 
         config = TrainConfig(
-            image_size=args.image_size, width=args.width, epochs=args.epochs, batch_size=args.batch_size,
-            learning_rate=args.lr, workers=args.workers, use_gpu=args.gpu, seed=args.seed,
+            image_size=args.image_size,
+            width=args.width,
+            epochs=args.epochs,
+            batch_size=args.batch_size,
+            learning_rate=args.lr,
+            workers=args.workers,
+            use_gpu=args.gpu,
+            seed=args.seed,
             **({"augment": AugmentConfig()} if args.no_augment else {}),
         )
         return train(storage, args.dataset_version, config)
@@ -159,7 +169,43 @@ def train_summary(report: dict[str, Any]) -> str:
     )
 
 
-COMMANDS: dict[str, Callable[[Sequence[str] | None], int]] = {"ingest": ingest_main, "train": train_main}
+# -- evaluate -----------------------------------------------------------------------------------------
+def evaluate_main(argv: Sequence[str] | None = None) -> int:
+    parser = job_parser("Score a folder in the upstream layout (e.g. another hospital's data) with a model.")
+    parser.add_argument("--model", default="champion", help="a model version id, champion, or a .keras path")
+    parser.add_argument("--source", required=True, help="folder with metadata.csv + images/")
+    args = parser.parse_args(argv)
+
+    def work(storage: Storage) -> dict[str, Any]:
+        from lxn_ray.evaluate import evaluate
+
+        return evaluate(storage, args.model, args.source)
+
+    return run_job("evaluate", args, work, evaluate_summary)
+
+
+def evaluate_summary(report: dict[str, Any]) -> str:
+    ci = report.get("auc_ci")
+    interval = f" (95% CI {ci[0]:.3f}-{ci[1]:.3f})" if ci else ""
+    lines = [
+        f"model {report['model_version']} on {report['source']}: n={report['n']} "
+        f"({report['positives']} COVID-19), threshold {report['threshold']:.3f} from the model's validation",
+        f"  AUC {_metric(report['auc'])}{interval}, accuracy {_metric(report['accuracy'])}, "
+        f"sensitivity {_metric(report['sensitivity'])}, specificity {_metric(report['specificity'])}",
+        f"  {report['overlap_with_training']} images duplicate the model's training images (scored, counted)",
+        f"  predictions: {report['predictions']}",
+    ]
+    for column, values in report["subgroups"].items():
+        parts = [f"{value} n={m['n']} AUC {_metric(m['auc'])}" for value, m in values.items()]
+        lines.append(f"  by {column}: " + "; ".join(parts))
+    return "\n".join(lines)
+
+
+COMMANDS: dict[str, Callable[[Sequence[str] | None], int]] = {
+    "ingest": ingest_main,
+    "train": train_main,
+    "evaluate": evaluate_main,
+}
 
 
 def main(argv: Sequence[str] | None = None) -> int:

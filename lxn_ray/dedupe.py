@@ -39,8 +39,9 @@ spot: a film that differs ONLY by a local change covering less than ``ignore_fra
 from __future__ import annotations
 
 import math
-from collections.abc import Iterable, Iterator, Mapping
+from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
 from dataclasses import dataclass
+from typing import TypeVar
 
 import imagehash
 import numpy as np
@@ -55,8 +56,18 @@ __all__ = [
     "find_duplicates",
     "fingerprint",
     "hamming",
+    "ChunkMapper",
+    "VerifyTask",
+    "verify_chunk",
     "verify_pair",
 ]
+
+T = TypeVar("T")
+R = TypeVar("R")
+
+#: ``map_chunks(worker, chunks) -> results``: applies a picklable module-level ``worker`` to every chunk
+#: (a list) and returns the per-chunk result lists in the order of ``chunks`` (e.g. as Ray tasks).
+ChunkMapper = Callable[[Callable[[list[T]], list[R]], list[list[T]]], list[list[R]]]
 
 #: Bump when the meaning of any fingerprint field changes, so cached fingerprints can be invalidated.
 FINGERPRINT_VERSION = 1
@@ -98,6 +109,12 @@ class DedupeConfig:
     #: BK-tree radius on the whole-image ``phash`` (catches copies whose border trimming went differently,
     #: e.g. a brightened copy with a clipped-white margin); unioned with the ``phash_trim`` candidates.
     whole_phash_radius: int = 10
+    #: Each new image's this many nearest neighbours by low-resolution appearance (cosine similarity of the
+    #: rank-equalized 8x8 thumbnail, see ``_lowres_vectors``) are also candidates.  A nearest-neighbour list
+    #: has no threshold to fit: it catches copies whose hashes moved too far (heavy clipping from a
+    #: brightness change, crop + border + recompression together), because the true copy is still the most
+    #: alike image.  0 disables the channel.
+    lowres_top_k: int = 4
 
     # --- verification: alignment search ---
     #: Largest relative scale change per axis between the two content boxes (crop/pad not trimmed).
@@ -114,7 +131,7 @@ class DedupeConfig:
     #: Minimum fraction of each thumbnail that must lie in the overlap.
     min_overlap: float = 0.55
 
-    #: Stage 1 (64 px): pairs whose trimmed rank residual exceeds this are rejected without stage 2.
+    #: Stage 1 (64 px): pairs whose trimmed rank-interval gap exceeds this are rejected without stage 2.
     prefilter_residual: float = 0.07
     #: Fraction of the worst pixels ignored by the stage-1 residual.
     prefilter_ignore: float = 0.12
@@ -419,15 +436,18 @@ def _overlap_ok(mask: np.ndarray, y_hyp, x_hyp, config: DedupeConfig) -> bool:
 
 
 def _rank_residual(a: np.ndarray, b: np.ndarray, y_hyp, x_hyp, config: DedupeConfig) -> float:
-    """Coarse score: trimmed mean |rank(A) - rank(B)| over the overlap, ranks taken within the overlap."""
-    ay, _ = _warp_axis(a, 0, b.shape[0], y_hyp)
-    axy, _ = _warp_axis(ay, 1, b.shape[1], x_hyp)
+    """Coarse score at 64 px: the trimmed rank-interval gap (as in stage 2) of the aligned pair.
+
+    ``a``/``b`` are the raw (not equalized) 64 px images.  Using the same clipping-invariant gap as the
+    final score matters: a brightened copy with large saturated areas has mid-ranks far from the
+    original's, but its rank intervals still contain them.
+    """
     mask = _overlap_mask(y_hyp, x_hyp, b.shape[0])
     if not _overlap_ok(mask, y_hyp, x_hyp, config):
         return math.inf
-    diff = np.sort(np.abs(_equalize(axy[mask] * 255.0) - _equalize(b[mask] * 255.0)))
-    keep = max(1, int(round(len(diff) * (1.0 - config.prefilter_ignore))))
-    return float(diff[:keep].mean())
+    ay, _ = _warp_axis(a, 0, b.shape[0], y_hyp)
+    axy, _ = _warp_axis(ay, 1, b.shape[1], x_hyp)
+    return _trimmed_gap(axy[mask], b[mask], config.prefilter_ignore)
 
 
 def _blur_matrix(n: int, sigma: float) -> np.ndarray:
@@ -500,20 +520,24 @@ def _gap_residual(a_raw: np.ndarray, b_raw: np.ndarray, y_hyp, x_hyp, config: De
     mask = _overlap_mask(y_hyp, x_hyp, n)
     if not _overlap_ok(mask, y_hyp, x_hyp, config):
         return math.inf
-    av = _warp2(a_raw, y_hyp, x_hyp)[mask]
-    bv = b_raw[mask]
+    return _trimmed_gap(_warp2(a_raw, y_hyp, x_hyp)[mask], b_raw[mask], config.ignore_fraction)
 
-    def rank_interval(v: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-        levels = np.clip(np.rint(v), 0, 255).astype(np.intp)
-        counts = np.bincount(levels, minlength=256).astype(np.float64)
-        hi = np.cumsum(counts) / len(v)
-        lo = hi - counts / len(v)
-        return lo[levels], hi[levels]
 
-    lo_a, hi_a = rank_interval(av)
-    lo_b, hi_b = rank_interval(bv)
+def _rank_interval(v: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """Per value, the interval [F(v-), F(v)] of ranks its gray level occupies within ``v`` (in [0, 1])."""
+    levels = np.clip(np.rint(v), 0, 255).astype(np.intp)
+    counts = np.bincount(levels, minlength=256).astype(np.float64)
+    hi = np.cumsum(counts) / len(v)
+    lo = hi - counts / len(v)
+    return lo[levels], hi[levels]
+
+
+def _trimmed_gap(av: np.ndarray, bv: np.ndarray, ignore_fraction: float) -> float:
+    """Mean gap between the rank intervals of paired values, after dropping the worst ``ignore_fraction``."""
+    lo_a, hi_a = _rank_interval(av)
+    lo_b, hi_b = _rank_interval(bv)
     gap = np.sort(np.maximum(0.0, np.maximum(lo_a - hi_b, lo_b - hi_a)))
-    keep = max(1, int(round(len(gap) * (1.0 - config.ignore_fraction))))
+    keep = max(1, int(round(len(gap) * (1.0 - ignore_fraction))))
     return float(gap[:keep].mean())
 
 
@@ -531,8 +555,9 @@ def verify_pair(
         raise ValueError("fingerprints with different thumb_size cannot be compared")
     n = a_raw.shape[0]
     half = n // 2
-    a = _equalize(a_raw.reshape(half, 2, half, 2).mean(axis=(1, 3)))
-    b = _equalize(b_raw.reshape(half, 2, half, 2).mean(axis=(1, 3)))
+    a_half = a_raw.reshape(half, 2, half, 2).mean(axis=(1, 3))
+    b_half = b_raw.reshape(half, 2, half, 2).mean(axis=(1, 3))
+    a, b = _equalize(a_half), _equalize(b_half)
     # Stage 0: the best 1-D profile correlation per axis; cheap, and rejects most hash candidates.
     x_starts = _coarse_axis(a.mean(axis=0), b.mean(axis=0), config)
     y_starts = _coarse_axis(a.mean(axis=1), b.mean(axis=1), config)
@@ -545,7 +570,7 @@ def verify_pair(
     for x_start in x_starts:
         aligned = _align(a, b, x_start, config)
         if aligned is not None:
-            r = _rank_residual(a, b, aligned[0], aligned[1], config)
+            r = _rank_residual(a_half, b_half, aligned[0], aligned[1], config)
             if r < coarse:
                 coarse, best = r, aligned
     if best is None:
@@ -563,17 +588,36 @@ def verify_pair(
 # ----------------------------------------------------------------------------------------------------------
 
 
+def _lowres_vectors(fps: Sequence[Mapping[str, object]]) -> np.ndarray:
+    """Unit-norm, zero-mean 64-vectors: each rank-equalized thumbnail averaged down to 8x8 (one row each).
+
+    16 px blocks of the (border-trimmed, square-stretched) thumbnail barely move under a crop of a few
+    percent, and equalization removes brightness/contrast/gamma, so a copy's vector stays close to the
+    original's; the cosine similarity is one matrix product for all pairs.
+    """
+    out = np.empty((len(fps), 64), dtype=np.float64)
+    for i, fp in enumerate(fps):
+        t = _equalize(_thumb_array(fp))
+        k = t.shape[0] // 8
+        v = t[: 8 * k, : 8 * k].reshape(8, k, 8, k).mean(axis=(1, 3)).ravel()
+        v = v - v.mean()
+        out[i] = v / (np.linalg.norm(v) + 1e-9)
+    return out
+
+
 def _candidates(
     known: Mapping[str, Mapping[str, object]],
     new: Mapping[str, Mapping[str, object]],
     config: DedupeConfig,
 ) -> Iterator[tuple[str, str]]:
-    """Candidate pairs (a < b) with at least one side in ``new``, from BK-tree queries on two hashes."""
+    """Candidate pairs (a < b) with at least one side in ``new``: BK-tree queries on two hashes, plus each
+    new key's ``lowres_top_k`` nearest neighbours by low-resolution appearance."""
     keys = sorted(set(known) | set(new))
     new_keys = sorted(new)
+    fps = {**known, **new}
     seen: set[tuple[str, str]] = set()
     for column, radius in (("phash_trim", config.phash_radius), ("phash", config.whole_phash_radius)):
-        values = {k: int(str((new[k] if k in new else known[k])[column]), 16) for k in keys}
+        values = {k: int(str(fps[k][column]), 16) for k in keys}
         tree = BKTree((values[k], k) for k in keys)
         for k in new_keys:
             for _, other in tree.query(values[k], radius):
@@ -584,22 +628,85 @@ def _candidates(
                 if pair not in seen:
                     seen.add(pair)
                     yield pair
+    top_k = min(config.lowres_top_k, len(keys) - 1)
+    if top_k <= 0 or not new_keys:
+        return
+    vecs = _lowres_vectors([fps[k] for k in keys])
+    row = {k: i for i, k in enumerate(keys)}
+    for start in range(0, len(new_keys), 256):  # bounded memory for a large known set
+        block = new_keys[start : start + 256]
+        sims = vecs[[row[k] for k in block]] @ vecs.T
+        sims[np.arange(len(block)), [row[k] for k in block]] = -np.inf  # not itself
+        # stable sort on (-similarity, key index): ties resolve the same way every run
+        nearest = np.argsort(-sims, axis=1, kind="stable")[:, :top_k]
+        for k, idx in zip(block, nearest, strict=True):
+            for j in idx:
+                other = keys[int(j)]
+                pair = (k, other) if k < other else (other, k)
+                if pair not in seen:
+                    seen.add(pair)
+                    yield pair
+
+
+#: One verification task: the two thumbnails (bytes), their side, and the config.
+VerifyTask = tuple[bytes, bytes, int, DedupeConfig]
+
+
+def verify_chunk(tasks: list[VerifyTask]) -> list[float]:
+    """Chunk worker for ``find_duplicates(map_chunks=...)``: :func:`verify_pair` score of every task.
+
+    Module-level and free of state, so it pickles by reference (Ray tasks, process pools).  A task is
+    ``(thumb_a, thumb_b, thumb_size, config)``: only the thumbnails travel, about 32 KiB per pair.
+    """
+    return [
+        verify_pair({"thumb": ta, "thumb_size": n}, {"thumb": tb, "thumb_size": n}, config)
+        for ta, tb, n, config in tasks
+    ]
+
+
+def _serial_map(worker: Callable[[list[T]], list[R]], chunks: list[list[T]]) -> list[list[R]]:
+    return [worker(chunk) for chunk in chunks]
+
+
+def _thumb_bytes(fp: Mapping[str, object]) -> bytes:
+    data = fp["thumb"]
+    return data if isinstance(data, bytes) else bytes(data)  # type: ignore[arg-type]
 
 
 def find_duplicates(
     known: Mapping[str, Mapping[str, object]],
     new: Mapping[str, Mapping[str, object]],
     config: DedupeConfig = DedupeConfig(),
+    map_chunks: ChunkMapper | None = None,
+    chunk_size: int = 48,
 ) -> list[DuplicatePair]:
     """Confirmed duplicate pairs among ``new`` and between ``new`` and ``known``, sorted by (a, b).
 
     Known-vs-known pairs are never compared.  A key present in both mappings is treated as new.
+
+    Candidate search runs here; the verification of the candidate pairs is split into chunks of
+    ``chunk_size`` :data:`VerifyTask` items and run as ``map_chunks(verify_chunk, chunks)``, which must
+    return one list of scores per chunk, in order (``None``: sequentially in this process).  The result is
+    identical whichever mapper runs the chunks.
     """
     fps = {**known, **new}
+    candidates = sorted(_candidates(known, new, config))
+    if not candidates:
+        return []
+    thumbs = {k: _thumb_bytes(fps[k]) for pair in candidates for k in pair}
+    sizes = {int(fps[k]["thumb_size"]) for k in thumbs}  # type: ignore[arg-type]
+    if len(sizes) != 1:
+        raise ValueError("fingerprints with different thumb_size cannot be compared")
+    size = sizes.pop()
+    tasks: list[VerifyTask] = [(thumbs[a], thumbs[b], size, config) for a, b in candidates]
+    chunks = [tasks[i : i + chunk_size] for i in range(0, len(tasks), chunk_size)]
+    results = (map_chunks or _serial_map)(verify_chunk, chunks)
+    scores = [score for chunk_scores in results for score in chunk_scores]
+    if len(scores) != len(candidates):
+        raise RuntimeError(f"map_chunks returned {len(scores)} scores for {len(candidates)} pairs")
     pairs: list[DuplicatePair] = []
-    for a, b in sorted(_candidates(known, new, config)):
-        score = verify_pair(fps[a], fps[b], config)
+    for (a, b), score in zip(candidates, scores, strict=True):
         if score <= config.max_residual:
             distance = hamming(int(str(fps[a]["phash"]), 16), int(str(fps[b]["phash"]), 16))
-            pairs.append(DuplicatePair(a=a, b=b, distance=distance, score=round(score, 6)))
+            pairs.append(DuplicatePair(a=a, b=b, distance=distance, score=round(float(score), 6)))
     return pairs

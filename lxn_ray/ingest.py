@@ -34,7 +34,14 @@ import pyarrow as pa
 from tqdm.auto import tqdm
 
 from lxn_ray import cluster, dataset
-from lxn_ray.dedupe import FINGERPRINT_COLUMNS, DedupeConfig, DuplicatePair, find_duplicates, fingerprint
+from lxn_ray.dedupe import (
+    FINGERPRINT_COLUMNS,
+    FINGERPRINT_VERSION,
+    DedupeConfig,
+    DuplicatePair,
+    find_duplicates,
+    fingerprint,
+)
 from lxn_ray.imaging import ImageLimits, ImageRejected, decode_image, to_grayscale
 from lxn_ray.metadata import (
     DEFAULT_FRONTAL_VIEWS,
@@ -85,20 +92,22 @@ class IngestConfig:
         settings = dataclasses.asdict(self)
         settings.pop("decode_batch_size")
         settings.pop("decode_chunk_bytes")
+        settings["fingerprint_version"] = FINGERPRINT_VERSION  # a new dedupe algorithm is a new dataset
         return hashlib.sha256(json.dumps(settings, sort_keys=True, default=str).encode()).hexdigest()[:16]
 
 
 @dataclass
-class _File:
+class SourceFile:
     """A metadata row whose file was read: what ingest knows about it before decoding."""
 
     row: MetadataRow
     sha256: str
     size: int
+    data: bytes | None = None  # kept only when the caller asked (evaluation); ingest re-reads on demand
 
 
 @dataclass
-class _Exclusion:
+class Exclusion:
     row: MetadataRow
     reason: str
     detail: str
@@ -152,8 +161,8 @@ def ingest(source: Source, storage: Storage, config: IngestConfig = IngestConfig
         log(f"source {snapshot.description}")
         metadata_bytes = snapshot.read_metadata()
         rows = parse_metadata(metadata_bytes, config.frontal_views)
-        exclusions = [_Exclusion(row, row.exclusion, row.detail) for row in rows if row.exclusion]
-        files, unreadable = _read_files(snapshot, [row for row in rows if not row.exclusion], config.limits)
+        exclusions = [Exclusion(row, row.exclusion, row.detail) for row in rows if row.exclusion]
+        files, unreadable = read_files(snapshot, [row for row in rows if not row.exclusion], config.limits)
         exclusions += unreadable
     source_version = snapshot.version(_content_digest(metadata_bytes, files))
     config_hash = config.digest()
@@ -181,7 +190,7 @@ def ingest(source: Source, storage: Storage, config: IngestConfig = IngestConfig
     readable = [item for item in primaries if not fingerprints[item.sha256].get("error")]
     for item in files:  # rows repeating an unreadable file are unreadable too
         if error := fingerprints[item.sha256].get("error"):
-            exclusions.append(_Exclusion(item.row, UNREADABLE, error))
+            exclusions.append(Exclusion(item.row, UNREADABLE, error))
     duplicates = [entry for entry in duplicates if not fingerprints[entry["sha256"]].get("error")]
 
     log(f"comparing {len(readable)} images for duplicates ({len(previous.usable_shas)} already published)")
@@ -190,7 +199,7 @@ def ingest(source: Source, storage: Storage, config: IngestConfig = IngestConfig
     duplicates += near
     by_line = {item.row.line: item for item in files}
     exclusions += [
-        _Exclusion(by_line[entry["dropped_line"]].row, DUPLICATE, f"duplicate of {entry['kept']}")
+        Exclusion(by_line[entry["dropped_line"]].row, DUPLICATE, f"duplicate of {entry['kept']}")
         for entry in duplicates
     ]
     splits = _split_patients(kept, duplicates, by_line, previous.splits, config.splits)
@@ -229,27 +238,29 @@ def ingest(source: Source, storage: Storage, config: IngestConfig = IngestConfig
 
 
 # -- step 2: read and hash bytes ----------------------------------------------------------------------
-def _read_files(
-    snapshot: Snapshot, rows: list[MetadataRow], limits: ImageLimits
-) -> tuple[list[_File], list[_Exclusion]]:
+def read_files(
+    snapshot: Snapshot, rows: list[MetadataRow], limits: ImageLimits, keep_bytes: bool = False
+) -> tuple[list[SourceFile], list[Exclusion]]:
+    """Read each row's file safely; rows whose file cannot be read become exclusions with the reason."""
     files, exclusions = [], []
     for row in tqdm(rows, desc="reading files", unit="file", file=sys.stderr, disable=None):
         try:
             data = snapshot.read_file(row.image_path, limits.max_file_bytes)
         except UnsafePath as error:
-            exclusions.append(_Exclusion(row, UNSAFE_PATH, str(error)))
+            exclusions.append(Exclusion(row, UNSAFE_PATH, str(error)))
             continue
         except (FileNotFoundError, IsADirectoryError, NotADirectoryError):
-            exclusions.append(_Exclusion(row, MISSING_FILE, f"{row.image_path} not in source"))
+            exclusions.append(Exclusion(row, MISSING_FILE, f"{row.image_path} not in source"))
             continue
         except (ValueError, OSError) as error:
-            exclusions.append(_Exclusion(row, UNREADABLE, str(error)))
+            exclusions.append(Exclusion(row, UNREADABLE, str(error)))
             continue
-        files.append(_File(row, hashlib.sha256(data).hexdigest(), len(data)))
+        digest = hashlib.sha256(data).hexdigest()
+        files.append(SourceFile(row, digest, len(data), data if keep_bytes else None))
     return files, exclusions
 
 
-def _content_digest(metadata_bytes: bytes, files: Iterable[_File]) -> str:
+def _content_digest(metadata_bytes: bytes, files: Iterable[SourceFile]) -> str:
     digest = hashlib.sha256(metadata_bytes)
     for item in files:
         digest.update(f"\n{item.row.image_path}\t{item.sha256}".encode())
@@ -282,7 +293,7 @@ def fingerprint_batch(batch: dict[str, np.ndarray], limits: ImageLimits) -> dict
 
 
 def _fingerprints(
-    snapshot: Snapshot, storage: Storage, items: list[_File], config: IngestConfig
+    snapshot: Snapshot, storage: Storage, items: list[SourceFile], config: IngestConfig
 ) -> tuple[dict[str, dict[str, Any]], int]:
     """Fingerprints of every item's content, computing only what the cache lacks; (records, hashed)."""
     cache = _load_cache(storage)
@@ -300,7 +311,9 @@ def _fingerprints(
     return records, len(fresh)
 
 
-def _fingerprint_on_ray(snapshot: Snapshot, chunk: list[_File], config: IngestConfig) -> list[dict[str, Any]]:
+def _fingerprint_on_ray(
+    snapshot: Snapshot, chunk: list[SourceFile], config: IngestConfig
+) -> list[dict[str, Any]]:
     cluster.connect()
     import ray
 
@@ -318,7 +331,7 @@ def _fingerprint_on_ray(snapshot: Snapshot, chunk: list[_File], config: IngestCo
     return [dict(row) for row in results.take_all()]
 
 
-def _chunks(items: list[_File], max_bytes: int) -> Iterable[list[_File]]:
+def _chunks(items: list[SourceFile], max_bytes: int) -> Iterable[list[SourceFile]]:
     chunk, size = [], 0
     for item in items:
         if chunk and size + item.size > max_bytes:
@@ -335,7 +348,8 @@ def _load_cache(storage: Storage) -> dict[str, dict[str, Any]]:
     for key in storage.list(FINGERPRINT_CACHE):
         if key.endswith(".parquet"):
             for record in storage.read_table(key).to_pylist():
-                cache[record["sha256"]] = record
+                if record.get("dedupe_version") == FINGERPRINT_VERSION:  # older fingerprints are recomputed
+                    cache[record["sha256"]] = record
     return cache
 
 
@@ -355,9 +369,9 @@ def _fingerprint_table(shas: list[str], fingerprints: Mapping[str, dict[str, Any
 
 
 # -- step 4: duplicates -------------------------------------------------------------------------------
-def _drop_identical(files: list[_File]) -> tuple[list[_File], list[dict[str, Any]]]:
+def _drop_identical(files: list[SourceFile]) -> tuple[list[SourceFile], list[dict[str, Any]]]:
     """Keep the first row naming each content; later rows with the same bytes are exact duplicates."""
-    first: dict[str, _File] = {}
+    first: dict[str, SourceFile] = {}
     duplicates = []
     for item in sorted(files, key=lambda f: f.row.line):
         if item.sha256 in first:
@@ -367,7 +381,9 @@ def _drop_identical(files: list[_File]) -> tuple[list[_File], list[dict[str, Any
     return list(first.values()), duplicates
 
 
-def _duplicate_entry(dropped: _File, kept: _File, distance: int, score: float | None) -> dict[str, Any]:
+def _duplicate_entry(
+    dropped: SourceFile, kept: SourceFile, distance: int, score: float | None
+) -> dict[str, Any]:
     return {
         "dropped": dropped.row.filename,
         "kept": kept.row.filename,
@@ -380,11 +396,11 @@ def _duplicate_entry(dropped: _File, kept: _File, distance: int, score: float | 
 
 
 def _drop_near_duplicates(
-    items: list[_File],
+    items: list[SourceFile],
     fingerprints: Mapping[str, dict[str, Any]],
     previous_shas: frozenset[str],
     config: DedupeConfig,
-) -> tuple[list[_File], list[dict[str, Any]]]:
+) -> tuple[list[SourceFile], list[dict[str, Any]]]:
     """Split ``items`` into the kept ones and drop records ``{dropped, kept, distance, ...}``.
 
     Confirmed pairs form components. In each, images of the previous version are kept (they were judged
@@ -449,15 +465,15 @@ def _hamming(a: str, b: str) -> int:
 
 
 # -- step 5: splits -----------------------------------------------------------------------------------
-def _patient_of(item: _File) -> str:
+def _patient_of(item: SourceFile) -> str:
     """The patient id, or a stand-in unique to the image when metadata has none."""
     return item.row.patient_id or f"unknown-{item.sha256[:12]}"
 
 
 def _split_patients(
-    kept: list[_File],
+    kept: list[SourceFile],
     duplicates: list[dict[str, Any]],
-    by_line: Mapping[int, _File],
+    by_line: Mapping[int, SourceFile],
     previous: Mapping[str, str],
     config: dataset.SplitConfig,
 ) -> dict[str, str]:
@@ -504,7 +520,9 @@ class _Previous:
         )
 
 
-def _store_blobs(snapshot: Snapshot, storage: Storage, kept: list[_File], stored: frozenset[str]) -> None:
+def _store_blobs(
+    snapshot: Snapshot, storage: Storage, kept: list[SourceFile], stored: frozenset[str]
+) -> None:
     todo = [
         item
         for item in kept
@@ -518,7 +536,7 @@ def _store_blobs(snapshot: Snapshot, storage: Storage, kept: list[_File], stored
 
 
 def _images_table(
-    kept: list[_File], fingerprints: Mapping[str, dict[str, Any]], splits: Mapping[str, str]
+    kept: list[SourceFile], fingerprints: Mapping[str, dict[str, Any]], splits: Mapping[str, str]
 ) -> pa.Table:
     rows = []
     for item in sorted(kept, key=lambda f: f.row.line):
@@ -556,8 +574,8 @@ def _report(
     version: str,
     source_version: str,
     rows: list[MetadataRow],
-    kept: list[_File],
-    exclusions: list[_Exclusion],
+    kept: list[SourceFile],
+    exclusions: list[Exclusion],
     duplicates: list[dict[str, Any]],
     splits: Mapping[str, str],
     hashed: int,

@@ -21,6 +21,7 @@ from __future__ import annotations
 import dataclasses
 import hashlib
 import json
+import os
 import sys
 import tempfile
 import time
@@ -31,12 +32,11 @@ from typing import Any
 
 import numpy as np
 
-from lxn_ray import cluster, dataset, metrics, plots
+from lxn_ray import cluster, dataset, metrics, plots, registry
 from lxn_ray.model import ModelConfig
 from lxn_ray.preprocess import LIGHT_AUGMENT, AugmentConfig
 from lxn_ray.storage import Storage
 
-MODELS = "models"
 RUNS = "runs"
 
 
@@ -88,8 +88,9 @@ def split_dataset(storage: Storage, version: str, split: str, image_size: int):
     return (
         ray.data.from_arrow(table)
         .repartition(blocks)
-        .map_batches(_load_batch, fn_kwargs={"storage_uri": storage.uri, "image_size": image_size},
-                     batch_size=32)
+        .map_batches(
+            _load_batch, fn_kwargs={"storage_uri": storage.uri, "image_size": image_size}, batch_size=32
+        )
         .materialize()
     )
 
@@ -123,15 +124,16 @@ def train_loop_per_worker(loop_config: dict[str, Any]) -> None:
     local_batch = max(1, config.batch_size // world)
 
     history: list[dict[str, Any]] = []
-    start_epoch = 1
+    start_epoch, resumes = 1, 0
     checkpoint = ray.train.get_checkpoint()
-    if checkpoint:
+    if checkpoint:  # a replaced worker group, or a rerun of an interrupted job
         with checkpoint.as_directory() as folder:
             model.load_weights(Path(folder) / "model.weights.h5")
             state = json.loads((Path(folder) / "state.json").read_text())
-        history, start_epoch = state["history"], state["epoch"] + 1
+        history, start_epoch, resumes = state["history"], state["epoch"] + 1, state.get("resumes", 0) + 1
         if rank == 0:
             print(f"[train] resuming after epoch {state['epoch']}", flush=True)
+    crash = loop_config.get("crash_once")  # fault injection for tests: {"epoch", "rank", "marker"}
 
     def replica_step(images, labels):
         if augmenter is not None:
@@ -155,6 +157,9 @@ def train_loop_per_worker(loop_config: dict[str, Any]) -> None:
     train_shard = ray.train.get_dataset_shard("train")
     val_data = ray.train.get_dataset_shard("val")
     for epoch in range(start_epoch, config.epochs + 1):
+        if crash and (epoch, rank) == (crash["epoch"], crash["rank"]) and not Path(crash["marker"]).exists():
+            Path(crash["marker"]).touch()
+            os._exit(1)  # the process dies as a lost node would: no exception, no cleanup
         started = time.monotonic()
         losses, scores, labels = [], [], []
         for batch in train_shard.iter_batches(batch_size=local_batch, batch_format="numpy", drop_last=False):
@@ -170,19 +175,27 @@ def train_loop_per_worker(loop_config: dict[str, Any]) -> None:
         y, p = np.concatenate(val_labels), np.concatenate(val_scores)
         val_loss = weighted_bce(y, p, w_pos, w_neg).numpy()
         val = _epoch_metrics(y, p, val_loss)
-        entry = {"epoch": epoch, **{f"train_{k}": v for k, v in train.items()},
-                 **{f"val_{k}": v for k, v in val.items()}, "epoch_seconds": time.monotonic() - started}
+        entry = {
+            "epoch": epoch,
+            **{f"train_{k}": v for k, v in train.items()},
+            **{f"val_{k}": v for k, v in val.items()},
+            "epoch_seconds": time.monotonic() - started,
+        }
         history.append(entry)
         if rank == 0:
-            print(f"[train] epoch {epoch}/{config.epochs}: loss {train['loss']:.4f} val_loss {val['loss']:.4f} "
-                  f"val_auc {_fmt(val['auc'])} val_acc {val['accuracy']:.3f} ({entry['epoch_seconds']:.1f} s)",
-                  flush=True)
+            print(
+                f"[train] epoch {epoch}/{config.epochs}: loss {train['loss']:.4f} val_loss {val['loss']:.4f} "
+                f"val_auc {_fmt(val['auc'])} val_acc {val['accuracy']:.3f} ({entry['epoch_seconds']:.1f} s)",
+                flush=True,
+            )
         report = {**entry, "val_auc": val["auc"] if val["auc"] is not None else 0.5}
         with tempfile.TemporaryDirectory() as folder:
             checkpoint = None
             if rank == 0:
                 model.save_weights(Path(folder) / "model.weights.h5")
-                (Path(folder) / "state.json").write_text(json.dumps({"epoch": epoch, "history": history}))
+                (Path(folder) / "state.json").write_text(
+                    json.dumps({"epoch": epoch, "history": history, "resumes": resumes})
+                )
                 checkpoint = ray.train.Checkpoint.from_directory(folder)
             ray.train.report(report, checkpoint=checkpoint)
 
@@ -190,8 +203,13 @@ def train_loop_per_worker(loop_config: dict[str, Any]) -> None:
 def _epoch_metrics(labels: np.ndarray, scores: np.ndarray, losses: np.ndarray) -> dict[str, float | None]:
     # 0.5 during training: the operating threshold is chosen once, on val, after training.
     result = metrics.binary_metrics(labels, scores, 0.5)
-    return {"loss": float(np.mean(losses)), "accuracy": result.accuracy, "auc": result.auc,
-            "sensitivity": result.sensitivity, "specificity": result.specificity}
+    return {
+        "loss": float(np.mean(losses)),
+        "accuracy": result.accuracy,
+        "auc": result.auc,
+        "sensitivity": result.sensitivity,
+        "specificity": result.specificity,
+    }
 
 
 def _fmt(value: float | None) -> str:
@@ -211,6 +229,8 @@ def run_trainer(
     config: TrainConfig,
     run_name: str,
     callbacks: list | None = None,
+    max_failures: int = 2,
+    crash_once: dict | None = None,
 ):
     """Fit LxN with Ray Train on ``version``; returns the ``ray.train.Result``.
 
@@ -233,10 +253,18 @@ def run_trainer(
     cpus = max(1, int(available.get("CPU", 1) // max(config.workers, 1))) if not use_gpu else 1
     trainer = TensorflowTrainer(
         train_loop_per_worker,
-        train_loop_config={"train": dataclasses.asdict(config), "w_pos": w_pos, "w_neg": w_neg,
-                           "cpus_per_worker": cpus},
-        scaling_config=ScalingConfig(num_workers=config.workers, use_gpu=use_gpu,
-                                     resources_per_worker={"CPU": cpus} if not use_gpu else None),
+        train_loop_config={
+            "train": dataclasses.asdict(config),
+            "w_pos": w_pos,
+            "w_neg": w_neg,
+            "cpus_per_worker": cpus,
+            "crash_once": crash_once,
+        },
+        scaling_config=ScalingConfig(
+            num_workers=config.workers,
+            use_gpu=use_gpu,
+            resources_per_worker={"CPU": cpus} if not use_gpu else None,
+        ),
         datasets={"train": train, "val": val},
         dataset_config=DataConfig(datasets_to_split=["train"]),
         run_config=RunConfig(
@@ -246,22 +274,29 @@ def run_trainer(
             checkpoint_config=CheckpointConfig(
                 num_to_keep=2, checkpoint_score_attribute="val_auc", checkpoint_score_order="max"
             ),
-            failure_config=FailureConfig(max_failures=2),
+            failure_config=FailureConfig(max_failures=max_failures),
             callbacks=callbacks or None,
         ),
     )
-    log(f"training {config.workers} worker(s){' on GPU' if use_gpu else ''}: {train.count()} train / "
-        f"{val.count()} val images, class weights w+={w_pos:.3f} w-={w_neg:.3f}")
+    log(
+        f"training {config.workers} worker(s){' on GPU' if use_gpu else ''}: {train.count()} train / "
+        f"{val.count()} val images, class weights w+={w_pos:.3f} w-={w_neg:.3f}"
+    )
     return trainer.fit()
 
 
-def train(storage: Storage, dataset_version: str | None, config: TrainConfig) -> dict[str, Any]:
-    """The training job: fit, pick the best epoch, choose the threshold on val, score test, publish."""
+def train(
+    storage: Storage, dataset_version: str | None, config: TrainConfig, **trainer_options
+) -> dict[str, Any]:
+    """The training job: fit, pick the best epoch, choose the threshold on val, score test, publish.
+
+    The run is named after the dataset version and config, so rerunning an interrupted job resumes it.
+    """
     cluster.connect()
     started = time.monotonic()
     version = dataset.resolve_version(storage, dataset_version)
     run_name = f"train-{version}-{config.digest()}"
-    result = run_trainer(storage, version, config, run_name)
+    result = run_trainer(storage, version, config, run_name, **trainer_options)
     best = result.get_best_checkpoint(metric="val_auc", mode="max") or result.checkpoint
     if best is None:
         raise RuntimeError(f"training run {run_name} produced no checkpoint")
@@ -287,23 +322,32 @@ def publish_model_version(
     auc_ci = metrics.bootstrap_auc_ci(test_labels, test_scores, seed=config.seed)
 
     model_version = f"lxn-{datetime.now(timezone.utc):%Y%m%d-%H%M%S}-{config.digest()[:6]}"
-    prefix = f"{MODELS}/{model_version}"
+    prefix = registry.model_key(model_version, "").rstrip("/")
     with tempfile.TemporaryDirectory() as folder:
         path = save_model(model, Path(folder) / "model.keras")
         storage.write_bytes(f"{prefix}/model.keras", path.read_bytes())
     storage.write_bytes(f"{prefix}/plots/training_curves.png", plots.training_curves(history))
-    storage.write_bytes(f"{prefix}/plots/roc.png", plots.roc(
-        {"val": (val_labels, val_scores), "test": (test_labels, test_scores)}, threshold))
+    storage.write_bytes(
+        f"{prefix}/plots/roc.png",
+        plots.roc({"val": (val_labels, val_scores), "test": (test_labels, test_scores)}, threshold),
+    )
     storage.write_bytes(f"{prefix}/plots/confusion_test.png", plots.confusion_matrix(test.confusion))
     val_summary = {k: val.as_dict()[k] for k in ("auc", "accuracy", "sensitivity", "specificity")}
-    test_summary = {**{k: test.as_dict()[k] for k in ("auc", "accuracy", "sensitivity", "specificity")},
-                    "auc_ci": list(auc_ci) if auc_ci else None, "confusion": test.confusion,
-                    "n": int(len(test_labels)), "positives": int(np.sum(test_labels))}
-    card = _model_card(model_version, version, config, state, threshold, val_summary, test_summary,
-                       seconds, run_name)
+    test_summary = {
+        **{k: test.as_dict()[k] for k in ("auc", "accuracy", "sensitivity", "specificity")},
+        "auc_ci": list(auc_ci) if auc_ci else None,
+        "confusion": test.confusion,
+        "n": int(len(test_labels)),
+        "positives": int(np.sum(test_labels)),
+    }
+    card = _model_card(
+        model_version, version, config, state, threshold, val_summary, test_summary, seconds, run_name
+    )
     storage.write_json(f"{prefix}/card.json", card)  # written last: the version's commit marker
-    log(f"published model {model_version}: val AUC {_fmt(val.auc)}, test AUC {_fmt(test.auc)} "
-        f"95% CI {auc_ci}, threshold {threshold:.3f}")
+    log(
+        f"published model {model_version}: val AUC {_fmt(val.auc)}, test AUC {_fmt(test.auc)} "
+        f"95% CI {auc_ci}, threshold {threshold:.3f}"
+    )
     return {
         "model_version": model_version,
         "dataset_version": version,
@@ -312,8 +356,10 @@ def publish_model_version(
         "best_epoch": state["epoch"],
         "val": val_summary,
         "test": test_summary,
-        "plots": [storage.uri_of(f"{prefix}/plots/{name}") for name in
-                  ("training_curves.png", "roc.png", "confusion_test.png")],
+        "plots": [
+            storage.uri_of(f"{prefix}/plots/{name}")
+            for name in ("training_curves.png", "roc.png", "confusion_test.png")
+        ],
         "card": storage.uri_of(f"{prefix}/card.json"),
         "seconds": round(seconds, 1),
     }
@@ -327,7 +373,9 @@ def _score_split(model, storage: Storage, version: str, split: str, image_size: 
     scores = []
     keys = table.column("image_key").to_pylist()
     for start in range(0, len(keys), 32):
-        batch = np.stack([preprocess_bytes(storage.read_bytes(k), image_size) for k in keys[start:start + 32]])
+        batch = np.stack(
+            [preprocess_bytes(storage.read_bytes(k), image_size) for k in keys[start : start + 32]]
+        )
         scores.append(model.predict_on_batch(batch).reshape(-1))
     return labels, np.concatenate(scores) if scores else np.zeros(0)
 
@@ -349,6 +397,7 @@ def _model_card(model_version, dataset_version, config, state, threshold, val, t
         "conv_padding": config.model.conv_padding,
         "parameters": int(build_lxn(config.model).count_params()),
         "best_epoch": state["epoch"],
+        "resumes": state.get("resumes", 0),
         "history": state["history"],
         "threshold": threshold,
         "threshold_rule": "Youden's J (max sensitivity + specificity - 1) on the validation split",
@@ -358,6 +407,11 @@ def _model_card(model_version, dataset_version, config, state, threshold, val, t
         "training_seconds": round(seconds, 1),
         "train_run": run_name,
         "created_at": datetime.now(timezone.utc).isoformat(timespec="seconds"),
-        "versions": {"lxn_ray": __version__, "ray": ray.__version__, "tensorflow": tf.__version__,
-                     "keras": keras.__version__, "python": sys.version.split()[0]},
+        "versions": {
+            "lxn_ray": __version__,
+            "ray": ray.__version__,
+            "tensorflow": tf.__version__,
+            "keras": keras.__version__,
+            "python": sys.version.split()[0],
+        },
     }

@@ -1,0 +1,199 @@
+"""Scoring any folder in the upstream layout with a model version: how other hospitals' data is judged.
+
+The folder is labelled by exactly the ingest rules, preprocessed by the same function as training, and
+scored at the threshold the model chose on its own validation split (never re-tuned on the data being
+judged). Images that duplicate the model's training images - found by the same duplicate detection as
+ingest - are scored but counted, since they flatter the result. Metrics are also broken down per view,
+sex and site (``location`` or ``source`` column): a model that only separates hospitals shows up there.
+"""
+
+from __future__ import annotations
+
+import csv
+import io
+import sys
+from datetime import datetime, timezone
+from pathlib import Path
+
+import numpy as np
+
+from lxn_ray import dataset, metrics, plots
+from lxn_ray.dedupe import FINGERPRINT_VERSION, find_duplicates, fingerprint
+from lxn_ray.imaging import ImageLimits, ImageRejected, decode_image, to_grayscale
+from lxn_ray.ingest import Exclusion, read_files
+from lxn_ray.metadata import UNREADABLE, parse_metadata
+from lxn_ray.registry import ModelRef, resolve
+from lxn_ray.sources import FolderSource
+from lxn_ray.storage import Storage
+
+EVALUATIONS = "evaluations"
+SUBGROUP_COLUMNS = ("view", "sex", "location", "source")
+
+
+def log(message: str) -> None:
+    print(f"[evaluate {datetime.now():%H:%M:%S}] {message}", file=sys.stderr, flush=True)
+
+
+def evaluate(
+    storage: Storage, model_reference: str, source_dir: str, limits: ImageLimits = ImageLimits()
+) -> dict:
+    """Score ``source_dir`` with the model named by ``model_reference``; returns the report."""
+    from lxn_ray.preprocess import preprocess_bytes
+
+    model_ref = resolve(storage, model_reference)
+    image_size = int(model_ref.card.get("config", {}).get("image_size", 0)) or None
+    model = model_ref.load()
+    image_size = image_size or int(model.input_shape[1])
+    snapshot = FolderSource(Path(source_dir)).open()
+    rows = parse_metadata(snapshot.read_metadata())
+    exclusions = [Exclusion(row, row.exclusion, row.detail) for row in rows if row.exclusion]
+    files, unreadable = read_files(
+        snapshot, [row for row in rows if not row.exclusion], limits, keep_bytes=True
+    )
+    exclusions += unreadable
+
+    scored, inputs, fingerprints = [], [], {}
+    for item in files:
+        try:
+            inputs.append(preprocess_bytes(item.data, image_size, limits))
+            fingerprints[item.row.filename] = fingerprint(to_grayscale(decode_image(item.data, limits).image))
+            scored.append(item)
+        except ImageRejected as error:
+            exclusions.append(Exclusion(item.row, UNREADABLE, str(error)))
+    if not scored:
+        raise ValueError(f"{source_dir}: no usable image to score ({len(exclusions)} rows excluded)")
+    log(f"scoring {len(scored)} images with model {model_ref.version or model_reference} at {image_size} px")
+    probabilities = np.concatenate(
+        [model.predict_on_batch(np.stack(inputs[i : i + 32])).reshape(-1) for i in range(0, len(inputs), 32)]
+    )
+    labels = np.array([item.row.label for item in scored], dtype=np.int64)
+    threshold = model_ref.threshold
+    overall = metrics.binary_metrics(labels, probabilities, threshold)
+    overlap = _overlap_with_training(storage, model_ref, fingerprints)
+
+    stamp = f"{datetime.now(timezone.utc):%Y%m%d-%H%M%S}"
+    prefix = f"{EVALUATIONS}/{stamp}-{model_ref.version or 'file'}"
+    predictions_key = f"{prefix}/predictions.csv"
+    storage.write_text(predictions_key, _predictions_csv(scored, probabilities, threshold, overlap))
+    storage.write_bytes(f"{prefix}/roc.png", plots.roc({"folder": (labels, probabilities)}, threshold))
+    storage.write_bytes(f"{prefix}/confusion.png", plots.confusion_matrix(overall.confusion, "folder"))
+    report = {
+        "model_version": model_ref.version,
+        "source": snapshot.description,
+        "n": int(len(scored)),
+        "positives": int(labels.sum()),
+        "auc": overall.auc,
+        "auc_ci": _ci(labels, probabilities),
+        "accuracy": overall.accuracy,
+        "sensitivity": overall.sensitivity,
+        "specificity": overall.specificity,
+        "threshold": threshold,
+        "confusion": overall.confusion,
+        "overlap_with_training": len(overlap),
+        "overlapping_images": sorted(overlap),
+        "predictions": _local_or_uri(storage, predictions_key),
+        "subgroups": _subgroups(scored, labels, probabilities, threshold),
+        "excluded": {
+            reason: sum(e.reason == reason for e in exclusions)
+            for reason in sorted({e.reason for e in exclusions})
+        },
+        "exclusions": [e.as_dict() for e in exclusions],
+        "plots": [_local_or_uri(storage, f"{prefix}/{name}") for name in ("roc.png", "confusion.png")],
+        "note": "research use only - not a diagnostic device",
+    }
+    storage.write_json(f"{prefix}/report.json", report)
+    return report
+
+
+def _ci(labels: np.ndarray, probabilities: np.ndarray) -> list[float] | None:
+    interval = metrics.bootstrap_auc_ci(labels, probabilities)
+    return list(interval) if interval else None
+
+
+def _overlap_with_training(
+    storage: Storage, model_ref: ModelRef, fingerprints: dict[str, dict]
+) -> dict[str, str]:
+    """Folder images that duplicate an image the model was trained on: {folder file: training sha256}."""
+    version = model_ref.card.get("dataset_version")
+    if not version or not storage.exists(dataset.version_key(version, "manifest.json")):
+        log("model's training dataset not in this storage: overlap with training not checked")
+        return {}
+    train = dataset.read_split(storage, version, "train")
+    train_shas = set(train.column("sha256").to_pylist())
+    known = {
+        row["sha256"]: row
+        for row in dataset.read_table(storage, version, "fingerprints").to_pylist()
+        if row["sha256"] in train_shas and row.get("dedupe_version") == FINGERPRINT_VERSION
+    }
+    for sha in train_shas - set(known):  # made by an older dedupe: fingerprint the stored bytes again
+        image = decode_image(storage.read_bytes(dataset.blob_key(sha))).image
+        known[sha] = fingerprint(to_grayscale(image))
+    new = {f"folder:{name}": fp for name, fp in fingerprints.items()}
+    overlap: dict[str, str] = {}
+    for pair in find_duplicates(known, new):
+        a_new, b_new = pair.a.startswith("folder:"), pair.b.startswith("folder:")
+        if a_new != b_new:  # one folder image, one training image
+            folder_key, train_key = (pair.a, pair.b) if a_new else (pair.b, pair.a)
+            overlap.setdefault(folder_key.removeprefix("folder:"), train_key)
+    return overlap
+
+
+def _predictions_csv(scored, probabilities, threshold: float, overlap: dict[str, str]) -> str:
+    extra_columns = sorted({name for item in scored for name in item.row.extra})
+    buffer = io.StringIO()
+    writer = csv.writer(buffer)
+    writer.writerow(
+        [
+            "filename",
+            "patient_id",
+            "label",
+            "finding",
+            "view",
+            "probability",
+            "predicted_label",
+            "duplicates_training",
+            *extra_columns,
+        ]
+    )
+    for item, probability in zip(scored, probabilities, strict=True):
+        row = item.row
+        writer.writerow(
+            [
+                row.filename,
+                row.patient_id,
+                row.label,
+                row.finding,
+                row.view,
+                f"{probability:.6f}",
+                int(probability >= threshold),
+                int(row.filename in overlap),
+                *(row.extra.get(name, "") for name in extra_columns),
+            ]
+        )
+    return buffer.getvalue()
+
+
+def _subgroups(scored, labels, probabilities, threshold: float) -> dict[str, dict[str, dict]]:
+    """Metrics per value of view, sex and site columns (only columns the folder has)."""
+    groups: dict[str, dict[str, dict]] = {}
+    for column in SUBGROUP_COLUMNS:
+        values = [item.row.view if column == "view" else item.row.extra.get(column) for item in scored]
+        if all(value is None for value in values):
+            continue
+        groups[column] = {}
+        for value in sorted({v or "" for v in values}):
+            mask = np.array([(v or "") == value for v in values])
+            result = metrics.binary_metrics(labels[mask], probabilities[mask], threshold)
+            groups[column][value or "(empty)"] = {
+                "n": int(mask.sum()),
+                "positives": int(labels[mask].sum()),
+                "auc": result.auc,
+                "accuracy": result.accuracy,
+                "sensitivity": result.sensitivity,
+                "specificity": result.specificity,
+            }
+    return groups
+
+
+def _local_or_uri(storage: Storage, key: str) -> str:
+    return storage.path(key) if storage.is_local else storage.uri_of(key)

@@ -1,0 +1,79 @@
+"""Model versions under storage and the champion pointer.
+
+A model version is ``models/<version>/`` with ``model.keras``, ``card.json`` (written last: the version
+exists once its card does) and ``plots/``. ``models/CHAMPION`` names the version being served; it is
+replaced atomically and only by this module.
+"""
+
+from __future__ import annotations
+
+import json
+import tempfile
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from lxn_ray.storage import Storage
+
+MODELS = "models"
+CHAMPION = f"{MODELS}/CHAMPION"
+
+
+@dataclass(frozen=True)
+class ModelRef:
+    """A model resolved from a version id, ``champion`` or a local ``.keras`` path."""
+
+    version: str | None  # None for a file outside the registry
+    card: dict[str, Any]
+    model_bytes: bytes
+
+    def load(self):
+        """The Keras model (safe mode), from a temporary copy of the stored file."""
+        from lxn_ray.model import load_model
+
+        with tempfile.TemporaryDirectory() as folder:
+            path = Path(folder) / "model.keras"
+            path.write_bytes(self.model_bytes)
+            return load_model(path)
+
+    @property
+    def threshold(self) -> float:
+        return float(self.card.get("threshold", 0.5))
+
+
+def model_key(version: str, name: str) -> str:
+    return f"{MODELS}/{version}/{name}"
+
+
+def list_versions(storage: Storage) -> list[str]:
+    """Published model versions (those with a card), oldest first."""
+    names = [key.rsplit("/", 1)[-1] for key in storage.list(MODELS)]
+    return sorted(name for name in names if storage.exists(model_key(name, "card.json")))
+
+
+def champion(storage: Storage) -> str | None:
+    return storage.read_text(CHAMPION).strip() if storage.exists(CHAMPION) else None
+
+
+def read_card(storage: Storage, version: str) -> dict[str, Any]:
+    if not storage.exists(model_key(version, "card.json")):
+        raise FileNotFoundError(f"model version {version} is not published in {storage.uri}")
+    return storage.read_json(model_key(version, "card.json"))
+
+
+def resolve(storage: Storage, reference: str) -> ModelRef:
+    """``champion``, a model version id, or a path to a ``.keras`` file (its ``card.json`` beside it)."""
+    if reference == "champion":
+        version = champion(storage)
+        if version is None:
+            raise FileNotFoundError(f"no champion model in {storage.uri}: train or promote one first")
+        reference = version
+    path = Path(reference).expanduser()
+    if path.suffix == ".keras" and path.is_file():
+        card_path = path.with_name("card.json")
+        card = json.loads(card_path.read_text()) if card_path.is_file() else {}
+        return ModelRef(version=card.get("model_version"), card=card, model_bytes=path.read_bytes())
+    card = read_card(storage, reference)
+    return ModelRef(
+        version=reference, card=card, model_bytes=storage.read_bytes(model_key(reference, "model.keras"))
+    )
