@@ -16,7 +16,11 @@ A perceptual hash alone cannot separate "the same radiograph, re-encoded" from "
 same patient a day later": serial films share anatomy and positioning, so their hashes are as close as
 those of a cropped or padded copy (at phash distance 10 about one reported pair in three is wrong).
 So the hashes only propose *candidates*, searched with BK-trees and a deliberately loose radius (crops
-and borders move a 64-bit hash by 10-20 bits; two hashes are indexed and their candidates unioned).  Each
+and borders move a 64-bit hash by 10-20 bits; two hashes are indexed and their candidates unioned).  A
+third channel needs no threshold: each new image's ``lowres_top_k`` nearest neighbours by low-resolution
+appearance (cosine similarity of the rank-equalized thumbnail averaged to 8x8, one matrix product).  It
+catches copies whose hashes moved too far - heavy white clipping from a brightness change, or crop +
+border + strong JPEG together - because the true copy is still among the most alike images.  Each
 candidate pair is then *verified* on the stored 128 px thumbnails:
 
 0. borders (uniform rows/columns, e.g. black or white padding) were trimmed before the thumbnail was
@@ -34,6 +38,13 @@ A re-encoded copy leaves only compression/resampling noise; a serial film leaves
 (breathing, rotation, tubes, changed opacities), which translation + scale cannot explain.  Known blind
 spot: a film that differs ONLY by a local change covering less than ``ignore_fraction`` of the image
 (same positioning to the pixel) is indistinguishable from an annotated copy.
+
+Parallel verification
+---------------------
+Candidate search is cheap and runs in the calling process; verification (milliseconds per pair) is split
+into chunks of self-contained tasks - ``(thumb_a, thumb_b, thumb_size, config)`` - and handed to an
+optional ``map_chunks(verify_chunk, chunks)`` (e.g. Ray tasks).  ``verify_chunk`` is a module-level pure
+function, so the result does not depend on where or in which order the chunks run.
 """
 
 from __future__ import annotations
@@ -131,7 +142,7 @@ class DedupeConfig:
     #: Minimum fraction of each thumbnail that must lie in the overlap.
     min_overlap: float = 0.55
 
-    #: Stage 1 (64 px): pairs whose trimmed rank-interval gap exceeds this are rejected without stage 2.
+    #: Stage 1 (64 px): pairs whose trimmed rank residual exceeds this are rejected without stage 2.
     prefilter_residual: float = 0.07
     #: Fraction of the worst pixels ignored by the stage-1 residual.
     prefilter_ignore: float = 0.12
@@ -436,18 +447,15 @@ def _overlap_ok(mask: np.ndarray, y_hyp, x_hyp, config: DedupeConfig) -> bool:
 
 
 def _rank_residual(a: np.ndarray, b: np.ndarray, y_hyp, x_hyp, config: DedupeConfig) -> float:
-    """Coarse score at 64 px: the trimmed rank-interval gap (as in stage 2) of the aligned pair.
-
-    ``a``/``b`` are the raw (not equalized) 64 px images.  Using the same clipping-invariant gap as the
-    final score matters: a brightened copy with large saturated areas has mid-ranks far from the
-    original's, but its rank intervals still contain them.
-    """
+    """Coarse score: trimmed mean |rank(A) - rank(B)| over the overlap, ranks taken within the overlap."""
+    ay, _ = _warp_axis(a, 0, b.shape[0], y_hyp)
+    axy, _ = _warp_axis(ay, 1, b.shape[1], x_hyp)
     mask = _overlap_mask(y_hyp, x_hyp, b.shape[0])
     if not _overlap_ok(mask, y_hyp, x_hyp, config):
         return math.inf
-    ay, _ = _warp_axis(a, 0, b.shape[0], y_hyp)
-    axy, _ = _warp_axis(ay, 1, b.shape[1], x_hyp)
-    return _trimmed_gap(axy[mask], b[mask], config.prefilter_ignore)
+    diff = np.sort(np.abs(_equalize(axy[mask] * 255.0) - _equalize(b[mask] * 255.0)))
+    keep = max(1, int(round(len(diff) * (1.0 - config.prefilter_ignore))))
+    return float(diff[:keep].mean())
 
 
 def _blur_matrix(n: int, sigma: float) -> np.ndarray:
@@ -555,9 +563,8 @@ def verify_pair(
         raise ValueError("fingerprints with different thumb_size cannot be compared")
     n = a_raw.shape[0]
     half = n // 2
-    a_half = a_raw.reshape(half, 2, half, 2).mean(axis=(1, 3))
-    b_half = b_raw.reshape(half, 2, half, 2).mean(axis=(1, 3))
-    a, b = _equalize(a_half), _equalize(b_half)
+    a = _equalize(a_raw.reshape(half, 2, half, 2).mean(axis=(1, 3)))
+    b = _equalize(b_raw.reshape(half, 2, half, 2).mean(axis=(1, 3)))
     # Stage 0: the best 1-D profile correlation per axis; cheap, and rejects most hash candidates.
     x_starts = _coarse_axis(a.mean(axis=0), b.mean(axis=0), config)
     y_starts = _coarse_axis(a.mean(axis=1), b.mean(axis=1), config)
@@ -570,7 +577,7 @@ def verify_pair(
     for x_start in x_starts:
         aligned = _align(a, b, x_start, config)
         if aligned is not None:
-            r = _rank_residual(a_half, b_half, aligned[0], aligned[1], config)
+            r = _rank_residual(a, b, aligned[0], aligned[1], config)
             if r < coarse:
                 coarse, best = r, aligned
     if best is None:

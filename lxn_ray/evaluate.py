@@ -35,9 +35,10 @@ def log(message: str) -> None:
 
 
 def evaluate(
-    storage: Storage, model_reference: str, source_dir: str, limits: ImageLimits = ImageLimits()
+    storage: Storage, model_reference: str, source_dir: str, limits: ImageLimits | None = None
 ) -> dict:
     """Score ``source_dir`` with the model named by ``model_reference``; returns the report."""
+    limits = limits or ImageLimits()
     from lxn_ray.preprocess import preprocess_bytes
 
     model_ref = resolve(storage, model_reference)

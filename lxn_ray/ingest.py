@@ -24,7 +24,7 @@ import json
 import sys
 import time
 from collections import Counter, defaultdict
-from collections.abc import Iterable, Iterator, Mapping
+from collections.abc import Callable, Iterable, Iterator, Mapping
 from dataclasses import dataclass, field
 from datetime import datetime, timezone
 from typing import Any
@@ -410,7 +410,7 @@ def _drop_near_duplicates(
     by_sha = {item.sha256: item for item in items}
     known = {sha: fingerprints[sha] for sha in by_sha if sha in previous_shas}
     new = {sha: fingerprints[sha] for sha in by_sha if sha not in previous_shas}
-    pairs = find_duplicates(known, new, config)
+    pairs = find_duplicates(known, new, config, map_chunks=_map_on_ray if new else None)
     edges: dict[str, dict[str, DuplicatePair]] = defaultdict(dict)
     for pair in pairs:
         edges[pair.a][pair.b] = pair
@@ -441,6 +441,15 @@ def _drop_near_duplicates(
             dropped.append(_duplicate_entry(by_sha[sha], by_sha[kept_sha], distance, score))
     kept = [item for item in items if item.sha256 not in dropped_shas]
     return kept, sorted(dropped, key=lambda d: (d["kept"], d["dropped"]))
+
+
+def _map_on_ray(worker: Callable[[list], list], chunks: list[list]) -> list[list]:
+    """Run the duplicate verification of candidate-pair chunks as Ray tasks across the cluster."""
+    cluster.connect()
+    import ray
+
+    remote_worker = ray.remote(num_cpus=1)(worker)
+    return ray.get([remote_worker.remote(chunk) for chunk in chunks])
 
 
 def _components(edges: Mapping[str, Mapping[str, Any]]) -> list[set[str]]:

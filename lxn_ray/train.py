@@ -158,6 +158,7 @@ def train_loop_per_worker(loop_config: dict[str, Any]) -> None:
     val_data = ray.train.get_dataset_shard("val")
     for epoch in range(start_epoch, config.epochs + 1):
         if crash and (epoch, rank) == (crash["epoch"], crash["rank"]) and not Path(crash["marker"]).exists():
+            _wait_until_registered(crash["snapshot"], epoch - 1)
             Path(crash["marker"]).touch()
             os._exit(1)  # the process dies as a lost node would: no exception, no cleanup
         started = time.monotonic()
@@ -198,6 +199,24 @@ def train_loop_per_worker(loop_config: dict[str, Any]) -> None:
                 )
                 checkpoint = ray.train.Checkpoint.from_directory(folder)
             ray.train.report(report, checkpoint=checkpoint)
+
+
+def _wait_until_registered(snapshot: str, epoch: int, timeout_s: float = 120.0) -> None:
+    """Fault injection only: block until Ray Train's controller has recorded ``epoch``'s checkpoint.
+
+    The controller polls workers every few seconds; a worker lost before that poll loses the report it
+    just made. Tests inject the failure after the registration so they test resumption, not that race.
+    """
+    deadline = time.monotonic() + timeout_s
+    while time.monotonic() < deadline:
+        try:
+            latest = json.loads(Path(snapshot).read_text()).get("latest_checkpoint_result") or {}
+            if latest.get("metrics", {}).get("epoch") == epoch:
+                return
+        except (FileNotFoundError, json.JSONDecodeError):
+            pass
+        time.sleep(0.2)
+    raise TimeoutError(f"checkpoint of epoch {epoch} never registered in {snapshot}")
 
 
 def _epoch_metrics(labels: np.ndarray, scores: np.ndarray, losses: np.ndarray) -> dict[str, float | None]:
@@ -258,7 +277,11 @@ def run_trainer(
             "w_pos": w_pos,
             "w_neg": w_neg,
             "cpus_per_worker": cpus,
-            "crash_once": crash_once,
+            "crash_once": crash_once
+            and {
+                **crash_once,
+                "snapshot": f"{storage.path(RUNS)}/{run_name}/checkpoint_manager_snapshot.json",
+            },
         },
         scaling_config=ScalingConfig(
             num_workers=config.workers,
@@ -298,22 +321,38 @@ def train(
     run_name = f"train-{version}-{config.digest()}"
     result = run_trainer(storage, version, config, run_name, **trainer_options)
     best = result.get_best_checkpoint(metric="val_auc", mode="max") or result.checkpoint
-    if best is None:
+    if best is None or result.checkpoint is None:
         raise RuntimeError(f"training run {run_name} produced no checkpoint")
-    return publish_model_version(storage, version, config, best, time.monotonic() - started, run_name)
+    latest = _read_state(result.checkpoint)  # holds every epoch's metrics and the resume count
+    seconds = time.monotonic() - started
+    return publish_model_version(storage, version, config, best, latest, seconds, run_name)
+
+
+def _read_state(checkpoint) -> dict[str, Any]:
+    with checkpoint.as_directory() as folder:
+        return json.loads((Path(folder) / "state.json").read_text())
 
 
 def publish_model_version(
-    storage: Storage, version: str, config: TrainConfig, checkpoint, seconds: float, run_name: str
+    storage: Storage,
+    version: str,
+    config: TrainConfig,
+    checkpoint,
+    latest: dict[str, Any],
+    seconds: float,
+    run_name: str,
 ) -> dict[str, Any]:
-    """Evaluate ``checkpoint`` (threshold on val, metrics on test) and write a model version."""
+    """Evaluate ``checkpoint`` (threshold on val, metrics on test) and write a model version.
+
+    ``latest`` is the run's last saved state: the full history, which the best checkpoint may predate.
+    """
+    history = latest["history"]
     from lxn_ray.model import build_lxn, save_model
 
     model = build_lxn(config.model)
     with checkpoint.as_directory() as folder:
         model.load_weights(Path(folder) / "model.weights.h5")
         state = json.loads((Path(folder) / "state.json").read_text())
-    history = state["history"]
     val_labels, val_scores = _score_split(model, storage, version, "val", config.image_size)
     test_labels, test_scores = _score_split(model, storage, version, "test", config.image_size)
     threshold = metrics.youden_threshold(val_labels, val_scores)
@@ -341,7 +380,7 @@ def publish_model_version(
         "positives": int(np.sum(test_labels)),
     }
     card = _model_card(
-        model_version, version, config, state, threshold, val_summary, test_summary, seconds, run_name
+        model_version, version, config, state, latest, threshold, val_summary, test_summary, seconds, run_name
     )
     storage.write_json(f"{prefix}/card.json", card)  # written last: the version's commit marker
     log(
@@ -380,7 +419,9 @@ def _score_split(model, storage: Storage, version: str, split: str, image_size: 
     return labels, np.concatenate(scores) if scores else np.zeros(0)
 
 
-def _model_card(model_version, dataset_version, config, state, threshold, val, test, seconds, run_name):
+def _model_card(
+    model_version, dataset_version, config, state, latest, threshold, val, test, seconds, run_name
+):
     import keras
     import ray
     import tensorflow as tf
@@ -397,8 +438,8 @@ def _model_card(model_version, dataset_version, config, state, threshold, val, t
         "conv_padding": config.model.conv_padding,
         "parameters": int(build_lxn(config.model).count_params()),
         "best_epoch": state["epoch"],
-        "resumes": state.get("resumes", 0),
-        "history": state["history"],
+        "resumes": latest.get("resumes", 0),
+        "history": latest["history"],
         "threshold": threshold,
         "threshold_rule": "Youden's J (max sensitivity + specificity - 1) on the validation split",
         "val": val,

@@ -9,9 +9,11 @@ from __future__ import annotations
 
 import io
 import math
+import pickle
 import random
 import shutil
 import subprocess
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 import numpy as np
@@ -26,6 +28,8 @@ from lxn_ray.dedupe import (
     find_duplicates,
     fingerprint,
     hamming,
+    verify_chunk,
+    verify_pair,
 )
 
 SIZE = (240, 280)  # width, height
@@ -218,6 +222,37 @@ def test_output_is_sorted_and_deterministic(originals: dict[str, Image.Image], f
     assert first == sorted(first, key=lambda p: (p.a, p.b))
     assert all(isinstance(p, DuplicatePair) and p.a < p.b for p in first)
     assert len(first) == 6  # 4 images of patient1, all pairs
+
+
+def test_map_chunks_gives_identical_output(originals: dict[str, Image.Image], fps) -> None:
+    items = dict(fps)
+    for name in ("crop_asym", "gamma", "combo"):
+        items[f"{name}_copy"] = fingerprint(TRANSFORMS[name](originals["patient4"]))
+    expected = find_duplicates({}, items)
+    assert len(expected) == 6  # 4 images of patient4
+    seen_chunks: list[int] = []
+
+    def reversed_mapper(fn, chunks):
+        seen_chunks.extend(len(c) for c in chunks)
+        return [fn(c) for c in reversed(chunks)][::-1]
+
+    def thread_mapper(fn, chunks):
+        with ThreadPoolExecutor(2) as pool:
+            return list(pool.map(fn, chunks))
+
+    assert find_duplicates({}, items, map_chunks=reversed_mapper, chunk_size=5) == expected
+    assert len(seen_chunks) > 1 and max(seen_chunks) <= 5
+    assert find_duplicates({}, items, map_chunks=thread_mapper, chunk_size=3) == expected
+    known = {k: v for k, v in items.items() if not k.endswith("_copy")}
+    new = {k: v for k, v in items.items() if k.endswith("_copy")}
+    assert find_duplicates(known, new, map_chunks=thread_mapper) == find_duplicates(known, new)
+
+
+def test_verify_chunk_is_picklable_and_matches_verify_pair(fps) -> None:
+    worker = pickle.loads(pickle.dumps(verify_chunk))  # by reference: what Ray/process pools need
+    a, b = fps["patient0"], fps["patient1"]
+    task = (a["thumb"], b["thumb"], a["thumb_size"], DedupeConfig())
+    assert worker(pickle.loads(pickle.dumps([task, task]))) == [verify_pair(a, b)] * 2
 
 
 def test_bktree_query_equals_brute_force() -> None:

@@ -1,0 +1,122 @@
+"""Training and evaluation end to end on a tiny synthetic dataset: a real local Ray cluster, two
+data-parallel workers, a worker killed mid-run, an interrupted job rerun, and the evaluation job."""
+
+from __future__ import annotations
+
+import csv
+import json
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from lxn_ray import dataset, registry
+from lxn_ray.cli import evaluate_main, train_main
+from lxn_ray.ingest import ingest
+from lxn_ray.preprocess import AugmentConfig
+from lxn_ray.sources import FolderSource
+from lxn_ray.storage import Storage
+from lxn_ray.train import TrainConfig, train
+from tests.helpers import radiograph
+
+pytestmark = pytest.mark.usefixtures("ray_local")
+
+TINY = dict(image_size=32, width=0.125, batch_size=8, learning_rate=1e-3)
+
+
+def labelled_source(builder, patients: int = 60, offset: int = 0) -> Path:
+    """One radiograph per patient; COVID-19 images carry a bright patch so there is something to learn."""
+    for i in range(offset, offset + patients):
+        image = np.asarray(radiograph(1000 + i, size=(96, 96)), dtype=np.float64)
+        positive = i % 2 == 0
+        if positive:
+            image[30:60, 20:50] = np.minimum(255, image[30:60, 20:50] + 90)
+        from PIL import Image
+
+        builder.add(f"x{i}.png", f"pt{i}", finding="COVID-19" if positive else "Pneumonia",
+                    view="PA" if i % 3 else "AP", image=Image.fromarray(image.astype(np.uint8)))
+    return builder.write()
+
+
+@pytest.fixture(scope="module")
+def store(tmp_path_factory) -> Storage:
+    from tests.helpers import SourceBuilder
+
+    root = tmp_path_factory.mktemp("train")
+    storage = Storage.open(str(root / "store"))
+    ingest(FolderSource(labelled_source(SourceBuilder(root / "source"))), storage)
+    return storage
+
+
+def test_train_job_two_workers_publishes_a_model_version(store, tmp_path):
+    report_path = tmp_path / "t.json"
+    code = train_main(["--storage", store.uri, "--image-size", "32", "--width", "0.125", "--epochs", "2",
+                       "--workers", "2", "--batch-size", "8", "--lr", "1e-3", "--report", str(report_path)])
+    assert code == 0
+    report = json.loads(report_path.read_text())
+    assert report["dataset_version"] == dataset.latest_version(store)
+    for split in ("val", "test"):
+        assert set(report[split]) >= {"auc", "accuracy", "sensitivity", "specificity"}
+    assert len(report["test"]["auc_ci"]) == 2 and report["test"]["auc_ci"][0] <= report["test"]["auc_ci"][1]
+    assert 0.0 <= report["threshold"] <= 1.0
+    version = report["model_version"]
+    assert report["checkpoint"].endswith(f"models/{version}/model.keras")
+    for name in ("model.keras", "card.json", "plots/training_curves.png", "plots/roc.png",
+                 "plots/confusion_test.png"):
+        assert store.exists(registry.model_key(version, name)), name
+    card = registry.read_card(store, version)
+    assert card["dataset_version"] == report["dataset_version"] and card["threshold"] == report["threshold"]
+    assert [entry["epoch"] for entry in card["history"]] == [1, 2]
+    assert {"train_loss", "val_loss", "val_auc", "val_sensitivity", "val_specificity"} <= set(card["history"][0])
+    assert "not a diagnostic device" in card["intended_use"].lower() or "not a diagnostic" in card["intended_use"]
+    model = registry.resolve(store, version).load()  # safe mode
+    assert model.predict(np.zeros((1, 32, 32, 3), np.float32), verbose=0).shape == (1, 1)
+    run_checkpoints = [key for key in store.list("runs") if "train-" in key]
+    assert run_checkpoints  # per-epoch checkpoints live under storage
+
+
+def test_worker_death_and_interrupted_job_resume(store, tmp_path):
+    config = TrainConfig(**TINY, epochs=3, workers=2, augment=AugmentConfig(rotation=5))
+    # A worker process dies at the start of epoch 2: Ray Train replaces it and resumes from epoch 1.
+    survived = train(store, None, config, crash_once={"epoch": 2, "rank": 1, "marker": str(tmp_path / "a")})
+    card = registry.read_card(store, survived["model_version"])
+    assert [entry["epoch"] for entry in card["history"]] == [1, 2, 3]
+    assert card["resumes"] == 1
+
+    # The whole job is interrupted (no retries left); rerunning the same job continues its run.
+    other = TrainConfig(**TINY, epochs=3, workers=1, seed=1)
+    with pytest.raises(Exception):  # noqa: B017 - Ray wraps the worker's death in its own error types
+        train(store, None, other, max_failures=0, crash_once={"epoch": 3, "rank": 0, "marker": str(tmp_path / "b")})
+    rerun = train(store, None, other)
+    card = registry.read_card(store, rerun["model_version"])
+    assert [entry["epoch"] for entry in card["history"]] == [1, 2, 3]
+    assert card["resumes"] == 1  # epochs 1-2 came from the interrupted run
+
+
+def test_evaluate_job_scores_a_folder_with_subgroups_and_overlap(store, tmp_path, source_builder):
+    trained = train(store, None, TrainConfig(**TINY, epochs=1, workers=1))
+    builder = source_builder("hospital")
+    root = labelled_source(builder, patients=20, offset=500)
+    # re-publish two training images in the external folder: they must be counted as overlap
+    train_rows = dataset.read_split(store, trained["dataset_version"], "train").to_pylist()[:2]
+    for row in train_rows:
+        (root / "images" / f"copy-{row['filename']}").write_bytes(store.read_bytes(row["image_key"]))
+        builder.add(f"copy-{row['filename']}", "ext-copy", finding="COVID-19" if row["label"] else "SARS")
+    builder.add("broken.png", "ext-9", image=b"not an image")
+    builder.write()
+    report_path = tmp_path / "e.json"
+    code = evaluate_main(["--storage", store.uri, "--model", trained["model_version"], "--source", str(root),
+                          "--report", str(report_path)])
+    assert code == 0
+    report = json.loads(report_path.read_text())
+    assert report["n"] == 22 and report["positives"] == 10 + sum(r["label"] for r in train_rows)
+    assert report["overlap_with_training"] == 2
+    assert report["threshold"] == trained["threshold"]
+    assert {e["filename"]: e["reason"] for e in report["exclusions"]} == {"broken.png": "unreadable_image"}
+    assert set(report["subgroups"]) >= {"view", "sex", "location"}
+    assert set(report["subgroups"]["view"]) == {"PA", "AP"}
+    with open(report["predictions"], newline="") as stream:
+        rows = list(csv.DictReader(stream))
+    assert len(rows) == 22
+    assert {"filename", "patient_id", "label", "probability", "predicted_label", "location"} <= set(rows[0])
+    assert all(0.0 <= float(row["probability"]) <= 1.0 for row in rows)
