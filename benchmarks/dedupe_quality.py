@@ -299,9 +299,7 @@ def main(argv: list[str] | None = None) -> int:
     scored = find_duplicates({}, fps, loose)
     t_batch = time.perf_counter() - t0
     found = {pair(p.a, p.b) for p in scored if p.score <= config.max_residual}
-    print(
-        f"find_duplicates batch: {t_batch:.1f}s for {len(fps)} images, {len(scored)} pairs scored"
-    )
+    print(f"find_duplicates batch: {t_batch:.1f}s for {len(fps)} images, {len(scored)} pairs scored")
     print("results:")
     report("batch (known={}, new=pool)", found, truth, patient)
 

@@ -168,6 +168,7 @@ def train_loop_per_worker(loop_config: dict[str, Any]) -> None:
             losses.append(per_example.numpy())
             scores.append(probabilities.numpy())
             labels.append(batch["label"])
+        train_seconds = time.monotonic() - started
         train = _epoch_metrics(np.concatenate(labels), np.concatenate(scores), np.concatenate(losses))
         val_labels, val_scores = [], []
         for batch in val_data.iter_batches(batch_size=64, batch_format="numpy"):
@@ -180,6 +181,7 @@ def train_loop_per_worker(loop_config: dict[str, Any]) -> None:
             "epoch": epoch,
             **{f"train_{k}": v for k, v in train.items()},
             **{f"val_{k}": v for k, v in val.items()},
+            "train_seconds": train_seconds,
             "epoch_seconds": time.monotonic() - started,
         }
         history.append(entry)

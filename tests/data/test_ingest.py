@@ -117,9 +117,10 @@ def test_growth_then_no_change(source_builder, tmp_path):
     assert second["changed"] and second["dataset_version"] != first["dataset_version"]
     assert second["parent_version"] == first["dataset_version"]
     assert second["images_hashed"] == 11  # only contents never seen before
-    assert {
-        k: second["duplicates"][0][k] for k in ("dropped", "kept")
-    } == {"dropped": "img3-again.jpg", "kept": "img3.png"}
+    assert {k: second["duplicates"][0][k] for k in ("dropped", "kept")} == {
+        "dropped": "img3-again.jpg",
+        "kept": "img3.png",
+    }
     assert len(second["duplicates"]) == 1
     for patient, split in first["split_of_patient"].items():
         assert second["split_of_patient"][patient] == split

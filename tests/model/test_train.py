@@ -33,8 +33,13 @@ def labelled_source(builder, patients: int = 60, offset: int = 0) -> Path:
             image[30:60, 20:50] = np.minimum(255, image[30:60, 20:50] + 90)
         from PIL import Image
 
-        builder.add(f"x{i}.png", f"pt{i}", finding="COVID-19" if positive else "Pneumonia",
-                    view="PA" if i % 3 else "AP", image=Image.fromarray(image.astype(np.uint8)))
+        builder.add(
+            f"x{i}.png",
+            f"pt{i}",
+            finding="COVID-19" if positive else "Pneumonia",
+            view="PA" if i % 3 else "AP",
+            image=Image.fromarray(image.astype(np.uint8)),
+        )
     return builder.write()
 
 
@@ -50,8 +55,26 @@ def store(tmp_path_factory) -> Storage:
 
 def test_train_job_two_workers_publishes_a_model_version(store, tmp_path):
     report_path = tmp_path / "t.json"
-    code = train_main(["--storage", store.uri, "--image-size", "32", "--width", "0.125", "--epochs", "2",
-                       "--workers", "2", "--batch-size", "8", "--lr", "1e-3", "--report", str(report_path)])
+    code = train_main(
+        [
+            "--storage",
+            store.uri,
+            "--image-size",
+            "32",
+            "--width",
+            "0.125",
+            "--epochs",
+            "2",
+            "--workers",
+            "2",
+            "--batch-size",
+            "8",
+            "--lr",
+            "1e-3",
+            "--report",
+            str(report_path),
+        ]
+    )
     assert code == 0
     report = json.loads(report_path.read_text())
     assert report["dataset_version"] == dataset.latest_version(store)
@@ -61,14 +84,24 @@ def test_train_job_two_workers_publishes_a_model_version(store, tmp_path):
     assert 0.0 <= report["threshold"] <= 1.0
     version = report["model_version"]
     assert report["checkpoint"].endswith(f"models/{version}/model.keras")
-    for name in ("model.keras", "card.json", "plots/training_curves.png", "plots/roc.png",
-                 "plots/confusion_test.png"):
+    for name in (
+        "model.keras",
+        "card.json",
+        "plots/training_curves.png",
+        "plots/roc.png",
+        "plots/confusion_test.png",
+    ):
         assert store.exists(registry.model_key(version, name)), name
     card = registry.read_card(store, version)
     assert card["dataset_version"] == report["dataset_version"] and card["threshold"] == report["threshold"]
     assert [entry["epoch"] for entry in card["history"]] == [1, 2]
-    assert {"train_loss", "val_loss", "val_auc", "val_sensitivity", "val_specificity"} <= set(card["history"][0])
-    assert "not a diagnostic device" in card["intended_use"].lower() or "not a diagnostic" in card["intended_use"]
+    assert {"train_loss", "val_loss", "val_auc", "val_sensitivity", "val_specificity"} <= set(
+        card["history"][0]
+    )
+    assert (
+        "not a diagnostic device" in card["intended_use"].lower()
+        or "not a diagnostic" in card["intended_use"]
+    )
     model = registry.resolve(store, version).load()  # safe mode
     assert model.predict(np.zeros((1, 32, 32, 3), np.float32), verbose=0).shape == (1, 1)
     run_checkpoints = [key for key in store.list("runs") if "train-" in key]
@@ -86,7 +119,13 @@ def test_worker_death_and_interrupted_job_resume(store, tmp_path):
     # The whole job is interrupted (no retries left); rerunning the same job continues its run.
     other = TrainConfig(**TINY, epochs=3, workers=1, seed=1)
     with pytest.raises(Exception):  # noqa: B017 - Ray wraps the worker's death in its own error types
-        train(store, None, other, max_failures=0, crash_once={"epoch": 3, "rank": 0, "marker": str(tmp_path / "b")})
+        train(
+            store,
+            None,
+            other,
+            max_failures=0,
+            crash_once={"epoch": 3, "rank": 0, "marker": str(tmp_path / "b")},
+        )
     rerun = train(store, None, other)
     card = registry.read_card(store, rerun["model_version"])
     assert [entry["epoch"] for entry in card["history"]] == [1, 2, 3]
@@ -105,8 +144,18 @@ def test_evaluate_job_scores_a_folder_with_subgroups_and_overlap(store, tmp_path
     builder.add("broken.png", "ext-9", image=b"not an image")
     builder.write()
     report_path = tmp_path / "e.json"
-    code = evaluate_main(["--storage", store.uri, "--model", trained["model_version"], "--source", str(root),
-                          "--report", str(report_path)])
+    code = evaluate_main(
+        [
+            "--storage",
+            store.uri,
+            "--model",
+            trained["model_version"],
+            "--source",
+            str(root),
+            "--report",
+            str(report_path),
+        ]
+    )
     assert code == 0
     report = json.loads(report_path.read_text())
     assert report["n"] == 22 and report["positives"] == 10 + sum(r["label"] for r in train_rows)
