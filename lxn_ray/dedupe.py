@@ -32,7 +32,11 @@ candidate pair is then *verified* on the stored 128 px thumbnails:
 2. at 128 px, blurred and rank-equalized, a coordinate descent polishes the alignment, and the score is
    the mean gap between the two images' rank intervals over the overlap after dropping the worst
    ``ignore_fraction`` of pixels (stage 2).  Ranks make brightness/contrast/gamma (clipping included)
-   free; dropping the worst pixels makes drawn arrows, letters and markers free.
+   free; dropping the worst pixels makes drawn arrows, letters and markers free.  Pixels that lie in a
+   uniform mass on BOTH sides (a gray level holding more than ``flat_mass`` of the overlap in each image:
+   flat black/white background, saturation) are left out of the score: they match for any two films on
+   the same background, so counting them would dilute the residual of two different films (e.g. two
+   lateral views of one patient on a large black background) down to a duplicate's.
 
 A re-encoded copy leaves only compression/resampling noise; a serial film leaves residual everywhere
 (breathing, rotation, tubes, changed opacities), which translation + scale cannot explain.  Known blind
@@ -49,6 +53,7 @@ function, so the result does not depend on where or in which order the chunks ru
 
 from __future__ import annotations
 
+import functools
 import math
 from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
 from dataclasses import dataclass
@@ -69,6 +74,7 @@ __all__ = [
     "hamming",
     "ChunkMapper",
     "VerifyTask",
+    "candidate_pairs",
     "verify_chunk",
     "verify_pair",
 ]
@@ -150,8 +156,14 @@ class DedupeConfig:
     # --- verification: decision (stage 2, full thumbnail) ---
     #: Gaussian blur (thumbnail pixels) before the final comparison: absorbs resampling/JPEG differences.
     blur_sigma: float = 1.0
-    #: Fraction of the worst-matching overlap pixels ignored (annotations, text, arrows, clipping).
+    #: Fraction of the worst-matching informative overlap pixels ignored (annotations, text, arrows).
     ignore_fraction: float = 0.25
+    #: A pixel whose gray level is shared by more than this fraction of the overlap in BOTH images lies in a
+    #: uniform mass (flat background, saturation) on both sides: its rank-interval gap is 0 for any two
+    #: images with such a background, so it is evidence of nothing and is left out of the score.  Without
+    #: this, a large black background dilutes the score of two different films (lateral views, serial films)
+    #: towards a duplicate's.  1.0 disables it.
+    flat_mass: float = 0.04
     #: A pair is a duplicate when its score (trimmed mean rank-interval gap) is at most this.
     max_residual: float = 0.012
 
@@ -163,7 +175,8 @@ class DuplicatePair:
     ``distance`` is the Hamming distance between the two whole-image phashes (for reporting and for
     comparison with plain hash thresholds).  ``score`` is the verification score in [0, 1]: after
     aligning the two thumbnails (scale + shift per axis), the mean rank-interval gap between their blurred
-    intensities over the overlap, ignoring the worst ``ignore_fraction`` of pixels (see ``_gap_residual``).
+    intensities over the overlap, leaving out pixels in a uniform mass on both sides (``flat_mass``) and
+    ignoring the worst ``ignore_fraction`` of the rest (see ``_gap_residual``).
     0 means identical up to crop/pad/resize/brightness/contrast/gamma; pairs are reported when
     ``score <= config.max_residual``.
     """
@@ -336,6 +349,36 @@ def _axis_positions(
     return pos, (pos >= -0.5) & (pos <= n_src - 0.5)
 
 
+def _profile_grid(n_src: int, n_dst: int, scales: np.ndarray, offsets: np.ndarray, min_overlap: float):
+    """Everything about a grid of (scale, offset) hypotheses that does not depend on the profiles.
+
+    Returns (i0, i1, frac, w, cnt_safe, ok): linear-interpolation indices/weights of A's profile at B's
+    sample positions, the inside mask as weights, the per-hypothesis sample count and the overlap test.
+    """
+    pos, inside = _axis_positions(n_src, n_dst, scales, offsets)
+    pos = np.clip(pos, 0.0, n_src - 1.0)
+    i0 = np.floor(pos).astype(np.intp)
+    i1 = np.minimum(i0 + 1, n_src - 1)
+    frac = (pos - i0).astype(np.float32)
+    w = inside.astype(np.float32)
+    cnt = w.sum(axis=-1)
+    # overlap as a fraction of B (samples inside A) and of A (covered length = scale * fraction of B)
+    ok = (cnt >= min_overlap * n_dst) & (scales * cnt / n_dst >= min_overlap)
+    return i0, i1, frac, w, np.maximum(cnt, 1.0), ok
+
+
+def _profile_corr_grid(pa: np.ndarray, pb: np.ndarray, grid) -> np.ndarray:
+    """Pearson correlation of B's profile with A's profile resampled on a :func:`_profile_grid`."""
+    i0, i1, frac, w, cnt_safe, ok = grid
+    sampled = pa[i0] + (pa[i1] - pa[i0]) * frac
+    ma = (sampled * w).sum(axis=-1) / cnt_safe
+    mb = (w @ pb) / cnt_safe
+    da = (sampled - ma[..., None]) * w
+    db = (pb - mb[..., None]) * w
+    corr = (da * db).sum(axis=-1) / np.sqrt((da * da).sum(axis=-1) * (db * db).sum(axis=-1) + 1e-12)
+    return np.where(ok, corr, -2.0)
+
+
 def _profile_corr(
     pa: np.ndarray, pb: np.ndarray, scales: np.ndarray, offsets: np.ndarray, min_overlap: float
 ):
@@ -344,28 +387,28 @@ def _profile_corr(
     Returns an array of shape ``scales.shape`` (scales and offsets are broadcast); hypotheses whose overlap
     covers less than ``min_overlap`` of either profile get -2.
     """
-    n = len(pb)
-    pos, inside = _axis_positions(len(pa), n, scales, offsets)
-    sampled = np.interp(pos, np.arange(len(pa), dtype=np.float32), pa)
-    w = inside.astype(np.float32)
-    cnt = w.sum(axis=-1)
-    cnt_safe = np.maximum(cnt, 1.0)
-    ma = (sampled * w).sum(axis=-1) / cnt_safe
-    mb = (pb * w).sum(axis=-1) / cnt_safe
-    da = (sampled - ma[..., None]) * w
-    db = (pb - mb[..., None]) * w
-    corr = (da * db).sum(axis=-1) / np.sqrt((da * da).sum(axis=-1) * (db * db).sum(axis=-1) + 1e-12)
-    # overlap as a fraction of B (samples inside A) and of A (covered length = scale * fraction of B)
-    ok = (cnt >= min_overlap * n) & (scales * cnt / n >= min_overlap)
-    return np.where(ok, corr, -2.0)
+    scales, offsets = np.broadcast_arrays(scales, offsets)
+    return _profile_corr_grid(pa, pb, _profile_grid(len(pa), len(pb), scales, offsets, min_overlap))
+
+
+@functools.lru_cache(maxsize=8)
+def _coarse_grid(n_src: int, n_dst: int, max_scale: float, max_offset: float, scale_steps: int,
+                 offset_steps: int, min_overlap: float):
+    """The coarse (scale, offset) grid and its :func:`_profile_grid`; the same for every pair, so cached."""
+    log_s = math.log(max_scale)
+    scales = np.exp(np.linspace(-log_s, log_s, scale_steps, dtype=np.float32))
+    offsets = np.linspace(-max_offset, max_offset, offset_steps, dtype=np.float32)
+    grid_s, grid_o = np.broadcast_arrays(scales[:, None], offsets[None, :])
+    return scales, offsets, _profile_grid(n_src, n_dst, grid_s, grid_o, min_overlap)
 
 
 def _coarse_axis(pa: np.ndarray, pb: np.ndarray, config: DedupeConfig) -> list[tuple[float, float, float]]:
     """The ``top_k`` best, mutually distinct (scale, offset, correlation) hypotheses on a coarse grid."""
-    log_s = math.log(config.max_scale)
-    scales = np.exp(np.linspace(-log_s, log_s, config.scale_steps, dtype=np.float32))
-    offsets = np.linspace(-config.max_offset, config.max_offset, config.offset_steps, dtype=np.float32)
-    corr = _profile_corr(pa, pb, scales[:, None], offsets[None, :], config.min_overlap)
+    scales, offsets, grid = _coarse_grid(
+        len(pa), len(pb), config.max_scale, config.max_offset, config.scale_steps, config.offset_steps,
+        config.min_overlap,
+    )
+    corr = _profile_corr_grid(pa, pb, grid)
     picks: list[tuple[float, float, float]] = []
     for idx in np.argsort(-corr.ravel(), kind="stable"):
         si, oi = divmod(int(idx), len(offsets))
@@ -522,13 +565,16 @@ def _gap_residual(a_raw: np.ndarray, b_raw: np.ndarray, y_hyp, x_hyp, config: De
     Each pixel's gray level occupies an interval of ranks [F(v-), F(v)] within the overlap.  The gap
     between A's and B's intervals is 0 when the ranks agree, and also when one image is clipped (a
     saturated block is one wide interval), so brightness/contrast/gamma changes, clipping included, cost
-    nothing.  The worst ``ignore_fraction`` of pixels is dropped (annotations, text, arrows).
+    nothing.  Pixels in a uniform mass on both sides (``flat_mass``: shared background) carry no evidence
+    and are left out; of the rest, the worst ``ignore_fraction`` is dropped (annotations, text, arrows).
     """
     n = b_raw.shape[0]
     mask = _overlap_mask(y_hyp, x_hyp, n)
     if not _overlap_ok(mask, y_hyp, x_hyp, config):
         return math.inf
-    return _trimmed_gap(_warp2(a_raw, y_hyp, x_hyp)[mask], b_raw[mask], config.ignore_fraction)
+    return _trimmed_gap(
+        _warp2(a_raw, y_hyp, x_hyp)[mask], b_raw[mask], config.ignore_fraction, config.flat_mass
+    )
 
 
 def _rank_interval(v: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
@@ -540,11 +586,19 @@ def _rank_interval(v: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
     return lo[levels], hi[levels]
 
 
-def _trimmed_gap(av: np.ndarray, bv: np.ndarray, ignore_fraction: float) -> float:
-    """Mean gap between the rank intervals of paired values, after dropping the worst ``ignore_fraction``."""
+def _trimmed_gap(av: np.ndarray, bv: np.ndarray, ignore_fraction: float, flat_mass: float = 1.0) -> float:
+    """Mean gap between the rank intervals of paired values, after dropping the worst ``ignore_fraction``.
+
+    Pairs where both values belong to a gray level holding more than ``flat_mass`` of the values (a uniform
+    background or a saturated block on both sides) are left out first, unless nothing else is left.
+    """
     lo_a, hi_a = _rank_interval(av)
     lo_b, hi_b = _rank_interval(bv)
-    gap = np.sort(np.maximum(0.0, np.maximum(lo_a - hi_b, lo_b - hi_a)))
+    gap = np.maximum(0.0, np.maximum(lo_a - hi_b, lo_b - hi_a))
+    informative = (hi_a - lo_a <= flat_mass) | (hi_b - lo_b <= flat_mass)
+    if informative.any():
+        gap = gap[informative]
+    gap = np.sort(gap)
     keep = max(1, int(round(len(gap) * (1.0 - ignore_fraction))))
     return float(gap[:keep].mean())
 
@@ -567,8 +621,12 @@ def verify_pair(
     b = _equalize(b_raw.reshape(half, 2, half, 2).mean(axis=(1, 3)))
     # Stage 0: the best 1-D profile correlation per axis; cheap, and rejects most hash candidates.
     x_starts = _coarse_axis(a.mean(axis=0), b.mean(axis=0), config)
+    if not x_starts:
+        return math.inf
+    if x_starts[0][2] < config.min_profile_corr:  # rejected on x alone; y cannot raise the minimum
+        return 2.0 - x_starts[0][2]
     y_starts = _coarse_axis(a.mean(axis=1), b.mean(axis=1), config)
-    if not x_starts or not y_starts:
+    if not y_starts:
         return math.inf
     corr = min(x_starts[0][2], y_starts[0][2])
     if corr < config.min_profile_corr:
@@ -655,6 +713,15 @@ def _candidates(
                     yield pair
 
 
+def candidate_pairs(
+    known: Mapping[str, Mapping[str, object]],
+    new: Mapping[str, Mapping[str, object]],
+    config: DedupeConfig = DedupeConfig(),
+) -> list[tuple[str, str]]:
+    """The sorted candidate pairs ``(a, b)``, ``a < b``, that :func:`find_duplicates` verifies."""
+    return sorted(_candidates(known, new, config))
+
+
 #: One verification task: the two thumbnails (bytes), their side, and the config.
 VerifyTask = tuple[bytes, bytes, int, DedupeConfig]
 
@@ -697,7 +764,7 @@ def find_duplicates(
     identical whichever mapper runs the chunks.
     """
     fps = {**known, **new}
-    candidates = sorted(_candidates(known, new, config))
+    candidates = candidate_pairs(known, new, config)
     if not candidates:
         return []
     thumbs = {k: _thumb_bytes(fps[k]) for pair in candidates for k in pair}

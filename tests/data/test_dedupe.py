@@ -14,6 +14,7 @@ import random
 import shutil
 import subprocess
 from concurrent.futures import ThreadPoolExecutor
+from dataclasses import replace
 from pathlib import Path
 
 import numpy as np
@@ -181,6 +182,31 @@ def test_serial_film_is_not_a_duplicate(angle, shift, opacity, fps) -> None:
     assert find_duplicates({}, {"patient3": fps["patient3"], "serial": serial}) == []
 
 
+def _on_black(img: Image.Image) -> Image.Image:
+    """The film on a wider black canvas with two markers (so the black is not trimmed as a border), like a
+    lateral view whose right third is empty background."""
+    canvas = Image.new("L", (int(img.width * 1.35), img.height), 0)
+    canvas.paste(img, (0, 0))
+    draw = ImageDraw.Draw(canvas)
+    draw.text((canvas.width - 60, 5), "LAT", fill=220, font=ImageFont.load_default(size=18))
+    draw.text((canvas.width - 60, canvas.height - 25), "1", fill=220, font=ImageFont.load_default(size=18))
+    return canvas
+
+
+@pytest.mark.parametrize(
+    "angle, shift, opacity", [(3.0, (0.02, 0.01), None), (-2.5, (0.0, 0.03), (-0.4, 0.1, 0.1))]
+)
+def test_serial_film_on_flat_background_is_not_a_duplicate(angle, shift, opacity) -> None:
+    first = fingerprint(_on_black(radiograph(3)))
+    serial = fingerprint(_on_black(radiograph(3, angle_deg=angle, shift=shift, opacity=opacity)))
+    config = DedupeConfig()
+    # the shared black background matches trivially; counted, it would pull the score down
+    assert verify_pair(first, serial, replace(config, flat_mass=1.0)) < verify_pair(first, serial, config)
+    assert find_duplicates({}, {"first": first, "serial": serial}, config) == []
+    copy = fingerprint(_reencode(_on_black(radiograph(3)), "JPEG", 40))
+    assert [(p.a, p.b) for p in find_duplicates({}, {"first": first, "copy": copy})] == [("copy", "first")]
+
+
 def test_known_vs_new(originals: dict[str, Image.Image], fps) -> None:
     known = {
         "k0": fps["patient0"],
@@ -304,4 +330,7 @@ def test_real_snapshot_duplicates(tmp_path: Path) -> None:
         "16660_2_1.jpg",
         "covid-19-rapidly-progressive-acute-respiratory-distress-syndrome-ards-admission.jpg",
     ) in pairs
+    # two lateral films of the same patient 10 days apart, differently positioned, on a large black
+    # background: the background matches trivially and must not make them look like a duplicate
+    assert ("covid-19-caso-95-2-16.png", "covid-19-caso-95-4-12.png") not in pairs
     assert len(pairs) <= 40
