@@ -201,7 +201,51 @@ def evaluate_summary(report: dict[str, Any]) -> str:
     return "\n".join(lines)
 
 
+# -- registry -----------------------------------------------------------------------------------------
+def registry_main(argv: Sequence[str] | None = None) -> int:
+    parser = job_parser("Model versions and the champion: list, show, promote, rollback.")
+    commands = parser.add_subparsers(dest="command", required=True)
+    commands.add_parser("list", help="every model version with its test AUC; * marks the champion")
+    commands.add_parser("show", help="a version's model card").add_argument("version")
+    commands.add_parser("promote", help="make a version the champion").add_argument("version")
+    commands.add_parser("rollback", help="return to the previous champion")
+    args = parser.parse_args(argv)
+
+    def work(storage: Storage) -> dict[str, Any]:
+        from lxn_ray import registry
+
+        if args.command == "list":
+            return {
+                "command": "list",
+                "champion": registry.champion(storage),
+                "models": registry.describe(storage),
+            }
+        if args.command == "show":
+            return {"command": "show", "card": registry.read_card(storage, args.version)}
+        if args.command == "promote":
+            return {"command": "promote", **registry.promote(storage, args.version)}
+        return {"command": "rollback", **registry.rollback(storage)}
+
+    return run_job("registry", args, work, registry_summary)
+
+
+def registry_summary(report: dict[str, Any]) -> str:
+    if report["command"] == "list":
+        lines = [f"{len(report['models'])} model versions; champion: {report['champion'] or 'none'}"]
+        for row in report["models"]:
+            mark = "*" if row["champion"] else " "
+            lines.append(
+                f" {mark} {row['model_version']}  test AUC {_metric(row['test_auc'])}  "
+                f"dataset {row['dataset_version']}"
+            )
+        return "\n".join(lines)
+    if report["command"] == "show":
+        return json.dumps(report["card"], indent=2)
+    return f"champion is now {report['version']} (was {report['previous'] or 'none'}): {report['reason']}"
+
+
 COMMANDS: dict[str, Callable[[Sequence[str] | None], int]] = {
+    "registry": registry_main,
     "ingest": ingest_main,
     "train": train_main,
     "evaluate": evaluate_main,

@@ -10,6 +10,7 @@ from __future__ import annotations
 import json
 import tempfile
 from dataclasses import dataclass
+from datetime import datetime, timezone
 from pathlib import Path
 from typing import Any
 
@@ -77,3 +78,65 @@ def resolve(storage: Storage, reference: str) -> ModelRef:
     return ModelRef(
         version=reference, card=card, model_bytes=storage.read_bytes(model_key(reference, "model.keras"))
     )
+
+
+# -- champion -----------------------------------------------------------------------------------------
+HISTORY = f"{MODELS}/CHAMPION_HISTORY.json"
+
+
+def promote(
+    storage: Storage, version: str, reason: str = "promoted by hand", rollback: bool = False
+) -> dict[str, Any]:
+    """Make ``version`` the champion. The pointer is one object written atomically; the history of
+    champions (for rollback and audit) is appended first, so a crash never leaves an unrecorded champion.
+    """
+    read_card(storage, version)  # refuses versions that are not published
+    history = _history(storage)
+    entry = {
+        "version": version,
+        "previous": champion(storage),
+        "rollback": rollback,
+        "reason": reason,
+        "at": datetime.now(timezone.utc).isoformat(timespec="seconds"),
+    }
+    storage.write_json(HISTORY, [*history, entry])
+    storage.write_text(CHAMPION, version + "\n")
+    return entry
+
+
+def rollback(storage: Storage) -> dict[str, Any]:
+    """Return to the champion that preceded the current one's promotion (repeatable, like a stack)."""
+    current = champion(storage)
+    if current is None:
+        raise FileNotFoundError(f"no champion in {storage.uri} to roll back from")
+    promotions = [e for e in _history(storage) if e["version"] == current and not e.get("rollback")]
+    previous = promotions[-1]["previous"] if promotions else None
+    if previous is None:
+        raise ValueError(f"{current} has no earlier champion to roll back to")
+    return promote(storage, previous, reason=f"rollback from {current}", rollback=True)
+
+
+def _history(storage: Storage) -> list[dict[str, Any]]:
+    return storage.read_json(HISTORY) if storage.exists(HISTORY) else []
+
+
+def describe(storage: Storage) -> list[dict[str, Any]]:
+    """One line per model version: the numbers a person compares, and which one is champion."""
+    current = champion(storage)
+    rows = []
+    for version in list_versions(storage):
+        card = read_card(storage, version)
+        test = card.get("test", {})
+        rows.append(
+            {
+                "model_version": version,
+                "champion": version == current,
+                "dataset_version": card.get("dataset_version"),
+                "test_auc": test.get("auc"),
+                "test_auc_ci": test.get("auc_ci"),
+                "val_auc": card.get("val", {}).get("auc"),
+                "threshold": card.get("threshold"),
+                "created_at": card.get("created_at"),
+            }
+        )
+    return rows

@@ -1,0 +1,71 @@
+"""The registry: published versions only, an atomic champion pointer, promote and rollback."""
+
+import json
+
+import pytest
+
+from lxn_ray import registry
+from lxn_ray.cli import registry_main
+from lxn_ray.storage import Storage
+
+
+def publish(storage: Storage, version: str, auc: float) -> None:
+    storage.write_bytes(registry.model_key(version, "model.keras"), b"not needed here")
+    storage.write_json(
+        registry.model_key(version, "card.json"),
+        {
+            "model_version": version,
+            "dataset_version": "ds-1",
+            "threshold": 0.4,
+            "test": {"auc": auc, "auc_ci": [auc - 0.1, auc + 0.1]},
+            "val": {"auc": auc},
+        },
+    )
+
+
+def test_promote_rollback_and_list(tmp_path):
+    storage = Storage.open(str(tmp_path / "store"))
+    publish(storage, "lxn-a", 0.6)
+    publish(storage, "lxn-b", 0.7)
+    storage.write_bytes(registry.model_key("lxn-unfinished", "model.keras"), b"")  # no card: not published
+    assert registry.list_versions(storage) == ["lxn-a", "lxn-b"]
+    assert registry.champion(storage) is None
+    with pytest.raises(FileNotFoundError):
+        registry.resolve(storage, "champion")
+    with pytest.raises(FileNotFoundError):
+        registry.promote(storage, "lxn-unfinished")
+
+    registry.promote(storage, "lxn-a")
+    registry.promote(storage, "lxn-b")
+    assert registry.champion(storage) == "lxn-b"
+    assert registry.resolve(storage, "champion").version == "lxn-b"
+    assert registry.rollback(storage)["version"] == "lxn-a"
+    assert registry.champion(storage) == "lxn-a"
+    with pytest.raises(ValueError):
+        registry.rollback(storage)  # lxn-a was the first champion
+    assert [row["champion"] for row in registry.describe(storage)] == [True, False]
+
+
+def test_registry_job_commands(tmp_path, capsys):
+    store = str(tmp_path / "store")
+    publish(Storage.open(store), "lxn-a", 0.6)
+    publish(Storage.open(store), "lxn-b", 0.7)
+    report = tmp_path / "r.json"
+    assert registry_main(["--storage", store, "--report", str(report), "promote", "lxn-b"]) == 0
+    assert registry_main(["--storage", store, "--report", str(report), "list"]) == 0
+    listed = json.loads(report.read_text())
+    assert listed["champion"] == "lxn-b" and len(listed["models"]) == 2
+    assert "* lxn-b" in capsys.readouterr().out
+    assert registry_main(["--storage", store, "promote", "lxn-missing"]) == 1
+    assert registry_main(["--storage", store, "rollback"]) == 1  # no earlier champion
+    assert registry_main(["--storage", store, "show", "lxn-a"]) == 0
+
+
+def test_rollback_walks_back_through_promotions(tmp_path):
+    storage = Storage.open(str(tmp_path / "store"))
+    for version in ("lxn-a", "lxn-b", "lxn-c"):
+        publish(storage, version, 0.5)
+        registry.promote(storage, version)
+    assert registry.rollback(storage)["version"] == "lxn-b"
+    assert registry.rollback(storage)["version"] == "lxn-a"
+    assert registry.champion(storage) == "lxn-a"
