@@ -392,8 +392,15 @@ def _profile_corr(
 
 
 @functools.lru_cache(maxsize=8)
-def _coarse_grid(n_src: int, n_dst: int, max_scale: float, max_offset: float, scale_steps: int,
-                 offset_steps: int, min_overlap: float):
+def _coarse_grid(
+    n_src: int,
+    n_dst: int,
+    max_scale: float,
+    max_offset: float,
+    scale_steps: int,
+    offset_steps: int,
+    min_overlap: float,
+):
     """The coarse (scale, offset) grid and its :func:`_profile_grid`; the same for every pair, so cached."""
     log_s = math.log(max_scale)
     scales = np.exp(np.linspace(-log_s, log_s, scale_steps, dtype=np.float32))
@@ -405,7 +412,12 @@ def _coarse_grid(n_src: int, n_dst: int, max_scale: float, max_offset: float, sc
 def _coarse_axis(pa: np.ndarray, pb: np.ndarray, config: DedupeConfig) -> list[tuple[float, float, float]]:
     """The ``top_k`` best, mutually distinct (scale, offset, correlation) hypotheses on a coarse grid."""
     scales, offsets, grid = _coarse_grid(
-        len(pa), len(pb), config.max_scale, config.max_offset, config.scale_steps, config.offset_steps,
+        len(pa),
+        len(pb),
+        config.max_scale,
+        config.max_offset,
+        config.scale_steps,
+        config.offset_steps,
         config.min_overlap,
     )
     corr = _profile_corr_grid(pa, pb, grid)
