@@ -126,6 +126,11 @@ def train_main(argv: Sequence[str] | None = None) -> int:
         "--gpu", action="store_true", help="one GPU per worker (automatic when the cluster has GPUs)"
     )
     parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument(
+        "--fresh",
+        action="store_true",
+        help="start a new run; by default a rerun with the same data and settings resumes",
+    )
     args = parser.parse_args(argv)
 
     def work(storage: Storage) -> dict[str, Any]:
@@ -143,7 +148,7 @@ def train_main(argv: Sequence[str] | None = None) -> int:
             seed=args.seed,
             **({"augment": AugmentConfig()} if args.no_augment else {}),
         )
-        return train(storage, args.dataset_version, config)
+        return train(storage, args.dataset_version, config, fresh=args.fresh)
 
     return run_job("train", args, work, train_summary)
 

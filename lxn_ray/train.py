@@ -311,16 +311,19 @@ def run_trainer(
 
 
 def train(
-    storage: Storage, dataset_version: str | None, config: TrainConfig, **trainer_options
+    storage: Storage, dataset_version: str | None, config: TrainConfig, fresh: bool = False, **trainer_options
 ) -> dict[str, Any]:
     """The training job: fit, pick the best epoch, choose the threshold on val, score test, publish.
 
-    The run is named after the dataset version and config, so rerunning an interrupted job resumes it.
+    The run is named after the dataset version and config, so rerunning an interrupted job resumes it
+    (and rerunning a finished one re-publishes its result); ``fresh`` starts a new run instead.
     """
     cluster.connect()
     started = time.monotonic()
     version = dataset.resolve_version(storage, dataset_version)
     run_name = f"train-{version}-{config.digest()}"
+    if fresh:
+        run_name += f"-{datetime.now(timezone.utc):%Y%m%d-%H%M%S}"
     result = run_trainer(storage, version, config, run_name, **trainer_options)
     best = result.get_best_checkpoint(metric="val_auc", mode="max") or result.checkpoint
     if best is None or result.checkpoint is None:
