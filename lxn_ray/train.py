@@ -252,6 +252,7 @@ def run_trainer(
     callbacks: list | None = None,
     max_failures: int = 2,
     crash_once: dict | None = None,
+    cpus_per_worker: int | None = None,
 ):
     """Fit LxN with Ray Train on ``version``; returns the ``ray.train.Result``.
 
@@ -271,7 +272,12 @@ def run_trainer(
     val = split_dataset(storage, version, "val", config.image_size)
     available = ray.cluster_resources()
     use_gpu = config.use_gpu or available.get("GPU", 0) > 0
-    cpus = max(1, int(available.get("CPU", 1) // max(config.workers, 1))) if not use_gpu else 1
+    if use_gpu:
+        cpus = 1
+    elif cpus_per_worker:  # Tune sizes trials so several fit side by side
+        cpus = cpus_per_worker
+    else:
+        cpus = max(1, int(available.get("CPU", 1) // max(config.workers, 1)))
     trainer = TensorflowTrainer(
         train_loop_per_worker,
         train_loop_config={
