@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import logging
-import os
 
 
 def connect() -> None:
@@ -17,7 +16,6 @@ def connect() -> None:
 
     if ray.is_initialized():
         return
-    os.environ.setdefault("RAY_DATA_DISABLE_PROGRESS_BARS", "0")
     ray.init(logging_level=logging.WARNING, configure_logging=True, log_to_driver=True)
 
 

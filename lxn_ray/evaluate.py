@@ -12,6 +12,7 @@ from __future__ import annotations
 import csv
 import io
 import sys
+from collections import Counter
 from datetime import datetime, timezone
 from pathlib import Path
 
@@ -22,6 +23,7 @@ from lxn_ray.dedupe import FINGERPRINT_VERSION, find_duplicates, fingerprint
 from lxn_ray.imaging import ImageLimits, ImageRejected, decode_image, to_grayscale
 from lxn_ray.ingest import Exclusion, read_files
 from lxn_ray.metadata import UNREADABLE, parse_metadata
+from lxn_ray.model import predict_probabilities
 from lxn_ray.registry import ModelRef, resolve
 from lxn_ray.sources import FolderSource
 from lxn_ray.storage import Storage
@@ -42,9 +44,8 @@ def evaluate(
     from lxn_ray.preprocess import preprocess_bytes
 
     model_ref = resolve(storage, model_reference)
-    image_size = int(model_ref.card.get("config", {}).get("image_size", 0)) or None
     model = model_ref.load()
-    image_size = image_size or int(model.input_shape[1])
+    image_size = int(model.input_shape[1])  # the model says what it was trained on
     snapshot = FolderSource(Path(source_dir)).open()
     rows = parse_metadata(snapshot.read_metadata())
     exclusions = [Exclusion(row, row.exclusion, row.detail) for row in rows if row.exclusion]
@@ -64,9 +65,7 @@ def evaluate(
     if not scored:
         raise ValueError(f"{source_dir}: no usable image to score ({len(exclusions)} rows excluded)")
     log(f"scoring {len(scored)} images with model {model_ref.version or model_reference} at {image_size} px")
-    probabilities = np.concatenate(
-        [model.predict_on_batch(np.stack(inputs[i : i + 32])).reshape(-1) for i in range(0, len(inputs), 32)]
-    )
+    probabilities = predict_probabilities(model, inputs)
     labels = np.array([item.row.label for item in scored], dtype=np.int64)
     threshold = model_ref.threshold
     overall = metrics.binary_metrics(labels, probabilities, threshold)
@@ -94,10 +93,7 @@ def evaluate(
         "overlapping_images": sorted(overlap),
         "predictions": _local_or_uri(storage, predictions_key),
         "subgroups": _subgroups(scored, labels, probabilities, threshold),
-        "excluded": {
-            reason: sum(e.reason == reason for e in exclusions)
-            for reason in sorted({e.reason for e in exclusions})
-        },
+        "excluded": dict(sorted(Counter(e.reason for e in exclusions).items())),
         "exclusions": [e.as_dict() for e in exclusions],
         "plots": [_local_or_uri(storage, f"{prefix}/{name}") for name in ("roc.png", "confusion.png")],
         "note": "research use only - not a diagnostic device",

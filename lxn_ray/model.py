@@ -18,6 +18,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import keras
+import numpy as np
 import tensorflow as tf
 
 # Figure (ii): four blocks of two 3x3 valid ReLU convolutions and a 2x2 max-pool, then Dense 512, Dense 1.
@@ -200,3 +201,12 @@ def flops_per_image(config: ModelConfig = ModelConfig()) -> float:
     dense = config.units(DENSE_UNITS)
     macs += size * size * channels * dense + dense * 1
     return 2.0 * macs
+
+
+def predict_probabilities(model: keras.Model, images, batch_size: int = 32) -> np.ndarray:
+    """P(COVID-19) for a sequence of preprocessed ``(s, s, 3)`` arrays, in batches; shape ``(n,)``."""
+    scores = [
+        np.asarray(model.predict_on_batch(np.stack(images[start : start + batch_size]))).reshape(-1)
+        for start in range(0, len(images), batch_size)
+    ]
+    return np.concatenate(scores) if scores else np.zeros(0, dtype=np.float32)

@@ -416,18 +416,15 @@ def publish_model_version(
 
 
 def _score_split(model, storage: Storage, version: str, split: str, image_size: int):
+    from lxn_ray.model import predict_probabilities
     from lxn_ray.preprocess import preprocess_bytes
 
     table = dataset.read_split(storage, version, split)
     labels = np.asarray(table.column("label").to_pylist(), dtype=np.int64)
-    scores = []
-    keys = table.column("image_key").to_pylist()
-    for start in range(0, len(keys), 32):
-        batch = np.stack(
-            [preprocess_bytes(storage.read_bytes(k), image_size) for k in keys[start : start + 32]]
-        )
-        scores.append(model.predict_on_batch(batch).reshape(-1))
-    return labels, np.concatenate(scores) if scores else np.zeros(0)
+    images = [
+        preprocess_bytes(storage.read_bytes(key), image_size) for key in table.column("image_key").to_pylist()
+    ]
+    return labels, predict_probabilities(model, images)
 
 
 def _model_card(
