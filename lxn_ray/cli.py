@@ -16,6 +16,7 @@ from datetime import datetime, timezone
 from pathlib import Path
 from typing import Any
 
+from lxn_ray.metrics import fmt
 from lxn_ray.storage import Storage, default_storage_uri
 
 
@@ -110,15 +111,20 @@ def ingest_summary(report: dict[str, Any]) -> str:
 
 
 # -- train --------------------------------------------------------------------------------------------
+def add_model_flags(parser: argparse.ArgumentParser) -> None:
+    """The flags every job that trains LxN shares (train, tune, retrain); defaults are the paper's."""
+    parser.add_argument("--image-size", type=int, default=200, help="input side in pixels (paper: 200)")
+    parser.add_argument("--width", type=float, default=1.0, help="width multiplier (1.0 = the paper's LxN)")
+    parser.add_argument("--epochs", type=int, default=10, help="epochs per training run (per trial)")
+    parser.add_argument("--batch-size", type=int, default=20, help="global batch, split over the workers")
+
+
 def train_main(argv: Sequence[str] | None = None) -> int:
     parser = job_parser(
         "Train LxN data-parallel with Ray Train on a dataset version; publish a model version."
     )
     parser.add_argument("--dataset-version", default="latest", help="dataset version id, or latest")
-    parser.add_argument("--image-size", type=int, default=200, help="input side in pixels (paper: 200)")
-    parser.add_argument("--width", type=float, default=1.0, help="width multiplier (1.0 = the paper's LxN)")
-    parser.add_argument("--epochs", type=int, default=10)
-    parser.add_argument("--batch-size", type=int, default=20, help="global batch, split over the workers")
+    add_model_flags(parser)
     parser.add_argument("--lr", type=float, default=1e-4, help="RMSprop learning rate")
     parser.add_argument("--no-augment", action="store_true", help="train without augmentation")
     parser.add_argument("--workers", type=int, default=1, help="Ray Train workers (data-parallel)")
@@ -153,10 +159,6 @@ def train_main(argv: Sequence[str] | None = None) -> int:
     return run_job("train", args, work, train_summary)
 
 
-def _metric(value: Any) -> str:
-    return "n/a" if value is None else f"{value:.3f}"
-
-
 def train_summary(report: dict[str, Any]) -> str:
     val, test = report["val"], report["test"]
     ci = test.get("auc_ci")
@@ -165,10 +167,10 @@ def train_summary(report: dict[str, Any]) -> str:
         f"model {report['model_version']} on dataset {report['dataset_version']} "
         f"(best epoch {report['best_epoch']}, {report['seconds']} s)\n"
         f"  threshold {report['threshold']:.3f} (Youden's J on val)\n"
-        f"  val:  AUC {_metric(val['auc'])}, sensitivity {_metric(val['sensitivity'])}, "
-        f"specificity {_metric(val['specificity'])}\n"
-        f"  test: AUC {_metric(test['auc'])}{interval}, sensitivity {_metric(test['sensitivity'])}, "
-        f"specificity {_metric(test['specificity'])}, n={test['n']} (patient-disjoint)\n"
+        f"  val:  AUC {fmt(val['auc'])}, sensitivity {fmt(val['sensitivity'])}, "
+        f"specificity {fmt(val['specificity'])}\n"
+        f"  test: AUC {fmt(test['auc'])}{interval}, sensitivity {fmt(test['sensitivity'])}, "
+        f"specificity {fmt(test['specificity'])}, n={test['n']} (patient-disjoint)\n"
         f"  model: {report['checkpoint']}\n"
         "  research use only - not a diagnostic device"
     )
@@ -195,13 +197,13 @@ def evaluate_summary(report: dict[str, Any]) -> str:
     lines = [
         f"model {report['model_version']} on {report['source']}: n={report['n']} "
         f"({report['positives']} COVID-19), threshold {report['threshold']:.3f} from the model's validation",
-        f"  AUC {_metric(report['auc'])}{interval}, accuracy {_metric(report['accuracy'])}, "
-        f"sensitivity {_metric(report['sensitivity'])}, specificity {_metric(report['specificity'])}",
+        f"  AUC {fmt(report['auc'])}{interval}, accuracy {fmt(report['accuracy'])}, "
+        f"sensitivity {fmt(report['sensitivity'])}, specificity {fmt(report['specificity'])}",
         f"  {report['overlap_with_training']} images duplicate the model's training images (scored, counted)",
         f"  predictions: {report['predictions']}",
     ]
     for column, values in report["subgroups"].items():
-        parts = [f"{value} n={m['n']} AUC {_metric(m['auc'])}" for value, m in values.items()]
+        parts = [f"{value} n={m['n']} AUC {fmt(m['auc'])}" for value, m in values.items()]
         lines.append(f"  by {column}: " + "; ".join(parts))
     return "\n".join(lines)
 
@@ -240,7 +242,7 @@ def registry_summary(report: dict[str, Any]) -> str:
         for row in report["models"]:
             mark = "*" if row["champion"] else " "
             lines.append(
-                f" {mark} {row['model_version']}  test AUC {_metric(row['test_auc'])}  "
+                f" {mark} {row['model_version']}  test AUC {fmt(row['test_auc'])}  "
                 f"dataset {row['dataset_version']}"
             )
         return "\n".join(lines)
@@ -249,11 +251,103 @@ def registry_summary(report: dict[str, Any]) -> str:
     return f"champion is now {report['version']} (was {report['previous'] or 'none'}): {report['reason']}"
 
 
+# -- tune ---------------------------------------------------------------------------------------------
+def _sizes(text: str) -> tuple[int, ...]:
+    return tuple(int(part) for part in text.split(",") if part.strip())
+
+
+def tune_parser() -> argparse.ArgumentParser:
+    parser = job_parser(
+        "Search learning rate and augmentation with Ray Tune over Ray Train; register the best model and "
+        "promote it when it beats the champion on the same test split."
+    )
+    parser.add_argument("--source", help="ingest this source first (default: only when the store is empty)")
+    parser.add_argument("--ref", help="git branch, tag or commit of --source")
+    parser.add_argument("--num-samples", type=int, default=8, help="trials to run")
+    add_model_flags(parser)
+    parser.add_argument(
+        "--image-sizes", type=_sizes, default=(), help="search over these sizes, e.g. 128,200"
+    )
+    parser.add_argument(
+        "--batch-sizes", type=_sizes, default=(), help="search over these batches, e.g. 16,32"
+    )
+    parser.add_argument("--workers-per-trial", type=int, default=1, help="Ray Train workers in each trial")
+    parser.add_argument("--max-concurrent", type=int, help="trials at once (default: as many as fit)")
+    parser.add_argument(
+        "--searcher",
+        choices=("optuna", "random"),
+        default="optuna",
+        help="optuna (TPE; random when optuna is not installed) or random",
+    )
+    parser.add_argument("--no-asha", action="store_true", help="let every trial run all epochs (FIFO)")
+    parser.add_argument("--time-budget-s", type=float, help="stop the search after this many seconds")
+    parser.add_argument("--seed", type=int, default=0, help="seeds the searcher and the trials' training")
+    parser.add_argument("--resume", action="store_true", help="continue an interrupted search")
+    return parser
+
+
+def tune_settings(args: argparse.Namespace):
+    """The :class:`lxn_ray.tune.TuneSettings` of parsed ``tune`` flags."""
+    from lxn_ray.tune import TuneSettings
+
+    return TuneSettings(
+        num_samples=args.num_samples,
+        epochs=args.epochs,
+        image_size=args.image_size,
+        image_sizes=args.image_sizes,
+        width=args.width,
+        batch_size=args.batch_size,
+        batch_sizes=args.batch_sizes,
+        workers_per_trial=args.workers_per_trial,
+        searcher=args.searcher,
+        asha=not args.no_asha,
+        seed=args.seed,
+        max_concurrent=args.max_concurrent,
+        time_budget_s=args.time_budget_s,
+    )
+
+
+def tune_main(argv: Sequence[str] | None = None) -> int:
+    """``python jobs/tune.py`` / ``lxn tune``: the job's flags, work and summary."""
+    args = tune_parser().parse_args(argv)
+
+    def work(storage: Storage) -> dict[str, Any]:
+        from lxn_ray.tune import tune_job
+
+        return tune_job(storage, tune_settings(args), args.source, args.ref, args.resume)
+
+    return run_job("tune", args, work, tune_summary)
+
+
+def tune_summary(report: dict[str, Any]) -> str:
+    trials, best, test = report["trials"], report["best"], report["test"]
+    ci = test.get("auc_ci")
+    interval = f" (95% CI {ci[0]:.3f}-{ci[1]:.3f})" if ci else ""
+    config = ", ".join(
+        f"{k}={v:.3g}" if isinstance(v, float) else f"{k}={v}" for k, v in best["config"].items()
+    )
+    errored = f", {len(trials['errored'])} errored (--resume reruns them)" if trials["errored"] else ""
+    return (
+        f"search on dataset {report['dataset_version']}: {trials['count']} trials "
+        f"({report['searcher']}, {report['scheduler']}; {trials['completed']} completed, "
+        f"{trials['stopped_early']} stopped early{errored}) in {report['seconds']} s\n"
+        f"  best trial {best['trial_id']}: val AUC {fmt(best['val_auc'])} with {config}\n"
+        f"  model {best['model_version']}: test AUC {fmt(test.get('auc'))}{interval}, "
+        f"sensitivity {fmt(test.get('sensitivity'))}, specificity {fmt(test.get('specificity'))}, "
+        f"n={test.get('n')}\n"
+        f"  {'promoted' if report['promoted'] else 'not promoted'}: {report['promotion_reason']}\n"
+        f"  champion: {report['champion']}\n"
+        f"  trials: {trials['csv']}\n  plot: {trials['plot']}\n"
+        "  research use only - not a diagnostic device"
+    )
+
+
 COMMANDS: dict[str, Callable[[Sequence[str] | None], int]] = {
     "registry": registry_main,
     "ingest": ingest_main,
     "train": train_main,
     "evaluate": evaluate_main,
+    "tune": tune_main,
 }
 
 

@@ -109,3 +109,8 @@ def bootstrap_auc_ci(
     tail = (1 - confidence) / 2 * 100
     low, high = np.percentile(aucs, [tail, 100 - tail])
     return float(low), float(high)
+
+
+def fmt(value: float | None) -> str:
+    """A metric for people: three decimals, or ``n/a`` when undefined (e.g. AUC on a one-class split)."""
+    return "n/a" if value is None else f"{value:.3f}"

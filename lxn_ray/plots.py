@@ -10,7 +10,8 @@ import numpy as np
 from lxn_ray.metrics import roc_auc, roc_curve
 
 
-def _figure():
+def new_pyplot():
+    """pyplot on the Agg backend, imported on first use (keeps ``import lxn_ray`` light)."""
     import matplotlib
 
     matplotlib.use("Agg")  # headless: workers and CI have no display
@@ -19,16 +20,17 @@ def _figure():
     return plt
 
 
-def _png(figure) -> bytes:
+def png_bytes(figure) -> bytes:
+    """The figure as PNG bytes; closes it so long jobs do not accumulate figures."""
     buffer = io.BytesIO()
     figure.savefig(buffer, format="png", dpi=120, bbox_inches="tight")
-    _figure().close(figure)
+    new_pyplot().close(figure)
     return buffer.getvalue()
 
 
 def training_curves(history: Sequence[Mapping[str, float]]) -> bytes:
     """Loss, accuracy and AUC per epoch, train against validation."""
-    plt = _figure()
+    plt = new_pyplot()
     epochs = [entry["epoch"] for entry in history]
     figure, axes = plt.subplots(1, 3, figsize=(13, 3.6))
     for axis, metric in zip(axes, ("loss", "accuracy", "auc"), strict=True):
@@ -40,12 +42,12 @@ def training_curves(history: Sequence[Mapping[str, float]]) -> bytes:
         axis.set_xlabel("epoch")
         axis.grid(alpha=0.3)
         axis.legend()
-    return _png(figure)
+    return png_bytes(figure)
 
 
 def roc(curves: Mapping[str, tuple[Sequence[int], Sequence[float]]], threshold: float | None = None) -> bytes:
     """ROC curves of several label/score sets (e.g. val and test), with the AUC in the legend."""
-    plt = _figure()
+    plt = new_pyplot()
     figure, axis = plt.subplots(figsize=(4.8, 4.6))
     for name, (labels, scores) in curves.items():
         auc = roc_auc(labels, scores)
@@ -62,12 +64,12 @@ def roc(curves: Mapping[str, tuple[Sequence[int], Sequence[float]]], threshold: 
     axis.set_title("ROC" + (f" (dot: threshold {threshold:.3f})" if threshold is not None else ""))
     axis.legend(loc="lower right", fontsize=8)
     axis.grid(alpha=0.3)
-    return _png(figure)
+    return png_bytes(figure)
 
 
 def confusion_matrix(confusion: Sequence[Sequence[int]], title: str = "test") -> bytes:
     """A 2x2 confusion matrix, rows truth, columns prediction."""
-    plt = _figure()
+    plt = new_pyplot()
     matrix = np.asarray(confusion)
     figure, axis = plt.subplots(figsize=(3.8, 3.4))
     axis.imshow(matrix, cmap="Blues")
@@ -80,4 +82,43 @@ def confusion_matrix(confusion: Sequence[Sequence[int]], title: str = "test") ->
         colour = "white" if count > matrix.max() / 2 else "black"
         axis.text(column, row, str(count), ha="center", va="center", color=colour, fontsize=13)
     axis.set_title(f"confusion matrix ({title})")
-    return _png(figure)
+    return png_bytes(figure)
+
+
+def search_results(points: Sequence[Mapping[str, float]], lr_range: tuple[float, float]) -> bytes:
+    """A hyperparameter search: best val AUC against learning rate (log scale), coloured by augmentation
+    strength, marker size by epochs run (ASHA stops weak trials early); the best trial ringed."""
+    plt = new_pyplot()
+    figure, axes = plt.subplots(figsize=(6.4, 4.4))
+    if points:
+        drawn = axes.scatter(
+            [p["learning_rate"] for p in points],
+            [p["val_auc"] for p in points],
+            c=[p["augment_strength"] for p in points],
+            cmap="viridis",
+            vmin=0,
+            vmax=1,
+            s=[30 + 25 * p["epochs_run"] for p in points],
+            edgecolors="black",
+            linewidths=0.5,
+        )
+        figure.colorbar(drawn, ax=axes, label="augmentation strength (0 = off, 1 = all at maximum)")
+        best = max(points, key=lambda p: p["val_auc"])
+        axes.scatter(
+            [best["learning_rate"]],
+            [best["val_auc"]],
+            s=260,
+            facecolors="none",
+            edgecolors="red",
+            linewidths=1.5,
+            label="best trial",
+        )
+        axes.legend(loc="lower right", fontsize=8)
+    axes.set_xscale("log")
+    axes.set_xlim(*lr_range)
+    axes.set_xlabel("learning rate")
+    axes.set_ylabel("best val AUC")
+    axes.set_title(f"hyperparameter search: {len(points)} trials (marker size = epochs run)")
+    axes.axhline(0.5, color="grey", linestyle=":", linewidth=1)
+    axes.grid(alpha=0.3)
+    return png_bytes(figure)

@@ -188,7 +188,8 @@ def train_loop_per_worker(loop_config: dict[str, Any]) -> None:
         if rank == 0:
             print(
                 f"[train] epoch {epoch}/{config.epochs}: loss {train['loss']:.4f} val_loss {val['loss']:.4f} "
-                f"val_auc {_fmt(val['auc'])} val_acc {val['accuracy']:.3f} ({entry['epoch_seconds']:.1f} s)",
+                f"val_auc {metrics.fmt(val['auc'])} val_acc {val['accuracy']:.3f} "
+                f"({entry['epoch_seconds']:.1f} s)",
                 flush=True,
             )
         report = {**entry, "val_auc": val["auc"] if val["auc"] is not None else 0.5}
@@ -231,10 +232,6 @@ def _epoch_metrics(labels: np.ndarray, scores: np.ndarray, losses: np.ndarray) -
         "sensitivity": result.sensitivity,
         "specificity": result.specificity,
     }
-
-
-def _fmt(value: float | None) -> str:
-    return "n/a" if value is None else f"{value:.3f}"
 
 
 def _config_from_dict(settings: dict[str, Any]) -> TrainConfig:
@@ -334,12 +331,12 @@ def train(
     best = result.get_best_checkpoint(metric="val_auc", mode="max") or result.checkpoint
     if best is None or result.checkpoint is None:
         raise RuntimeError(f"training run {run_name} produced no checkpoint")
-    latest = _read_state(result.checkpoint)  # holds every epoch's metrics and the resume count
+    latest = read_checkpoint_state(result.checkpoint)  # holds every epoch's metrics and the resume count
     seconds = time.monotonic() - started
     return publish_model_version(storage, version, config, best, latest, seconds, run_name)
 
 
-def _read_state(checkpoint) -> dict[str, Any]:
+def read_checkpoint_state(checkpoint) -> dict[str, Any]:
     with checkpoint.as_directory() as folder:
         return json.loads((Path(folder) / "state.json").read_text())
 
@@ -364,8 +361,8 @@ def publish_model_version(
     with checkpoint.as_directory() as folder:
         model.load_weights(Path(folder) / "model.weights.h5")
         state = json.loads((Path(folder) / "state.json").read_text())
-    val_labels, val_scores = _score_split(model, storage, version, "val", config.image_size)
-    test_labels, test_scores = _score_split(model, storage, version, "test", config.image_size)
+    val_labels, val_scores = score_split(model, storage, version, "val", config.image_size)
+    test_labels, test_scores = score_split(model, storage, version, "test", config.image_size)
     threshold = metrics.youden_threshold(val_labels, val_scores)
     val = metrics.binary_metrics(val_labels, val_scores, threshold)
     test = metrics.binary_metrics(test_labels, test_scores, threshold)
@@ -395,7 +392,7 @@ def publish_model_version(
     )
     storage.write_json(f"{prefix}/card.json", card)  # written last: the version's commit marker
     log(
-        f"published model {model_version}: val AUC {_fmt(val.auc)}, test AUC {_fmt(test.auc)} "
+        f"published model {model_version}: val AUC {metrics.fmt(val.auc)}, test AUC {metrics.fmt(test.auc)} "
         f"95% CI {auc_ci}, threshold {threshold:.3f}"
     )
     return {
@@ -415,7 +412,7 @@ def publish_model_version(
     }
 
 
-def _score_split(model, storage: Storage, version: str, split: str, image_size: int):
+def score_split(model, storage: Storage, version: str, split: str, image_size: int):
     from lxn_ray.model import predict_probabilities
     from lxn_ray.preprocess import preprocess_bytes
 

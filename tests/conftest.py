@@ -19,7 +19,9 @@ def ray_local() -> Iterator[None]:
     """One real local Ray instance for the whole test session (2 CPUs, like CI)."""
     import ray
 
-    ray.init(num_cpus=2, include_dashboard=False, logging_level="WARNING")
+    # A new instance even when `ray start` left a cluster running here ("local"), with its dashboard as
+    # `ray start` runs it: Ray Train frees a stopped Tune trial's workers through the dashboard's State API.
+    ray.init(address="local", num_cpus=2, logging_level="WARNING")
     yield
     ray.shutdown()
 

@@ -1,0 +1,124 @@
+"""Search benchmark: ASHA early stopping against letting every trial run to the end, on the same trials.
+
+    python benchmarks/tune.py --storage /tmp/store [--trials 4] [--epochs 3] [--image-size 64]
+                              [--width 0.25] [--batch-size 16] [--seed 0]
+
+Needs a dataset version in ``--storage`` (run jobs/ingest.py first). Both searches evaluate the same
+fixed trial configs (learning rates spread log-uniformly over the searched range, augmentation drawn
+from a seeded generator), in the same order, with the same epochs budget per trial and the same
+concurrency; only the scheduler differs. For each it prints the wall time until the best val AUC of the
+search was first reported, that best val AUC, the total search time and the epochs trained, then the
+ratios ASHA/FIFO. Nothing is published or promoted; the experiments are written under
+``<storage>/tune/bench-*``. Append the printed table to benchmarks/RESULTS.md with the machine it came from.
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import platform
+import time
+import uuid
+from typing import Any
+
+import numpy as np
+
+from lxn_ray import cluster, dataset
+from lxn_ray.storage import Storage
+from lxn_ray.tune import AUGMENT_RANGES, LR_RANGE, METRIC, TuneSettings, build_tuner
+
+
+def fixed_points(trials: int, seed: int) -> list[dict[str, Any]]:
+    """``trials`` configs: learning rates evenly spaced in log space, seeded augmentation."""
+    rng = np.random.default_rng(seed)
+    rates = np.geomspace(LR_RANGE[0], LR_RANGE[1], trials)
+    rng.shuffle(rates)
+    return [
+        {
+            "learning_rate": float(rate),
+            **{name: float(rng.uniform(0, upper)) for name, upper in AUGMENT_RANGES.items()},
+            "horizontal_flip": False,
+        }
+        for rate in rates
+    ]
+
+
+def run(
+    storage: Storage, version: str, settings: TuneSettings, points: list[dict[str, Any]]
+) -> dict[str, Any]:
+    """One search over ``points``: time to its best val AUC, that AUC, total time, epochs trained."""
+    name = f"bench-{'asha' if settings.asha else 'fifo'}-{uuid.uuid4().hex[:6]}"
+    tuner, _, concurrent = build_tuner(storage, version, settings, name, points=points)
+    started = time.time()
+    results = tuner.fit()
+    total = time.time() - started
+    best_auc, best_at, epochs = float("-inf"), total, 0
+    for result in results:
+        frame = result.metrics_dataframe
+        if frame is None or METRIC not in frame:
+            continue
+        epochs += len(frame)
+        for auc, stamp in zip(frame[METRIC], frame["timestamp"], strict=True):
+            # earliest report of the best value (timestamps are whole seconds)
+            if auc > best_auc or (auc == best_auc and stamp - started < best_at):
+                best_auc, best_at = float(auc), max(0.0, float(stamp) - started)
+    return {
+        "time_to_best_s": best_at,
+        "best_val_auc": best_auc,
+        "total_s": total,
+        "epochs": epochs,
+        "concurrent": concurrent,
+    }
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--storage", required=True)
+    parser.add_argument("--trials", type=int, default=4)
+    parser.add_argument("--epochs", type=int, default=3)
+    parser.add_argument("--image-size", type=int, default=64)
+    parser.add_argument("--width", type=float, default=0.25)
+    parser.add_argument("--batch-size", type=int, default=16)
+    parser.add_argument("--seed", type=int, default=0)
+    args = parser.parse_args()
+
+    storage = Storage.open(args.storage)
+    cluster.connect()
+    version = dataset.resolve_version(storage, "latest")
+    points = fixed_points(args.trials, args.seed)
+    base = TuneSettings(
+        num_samples=args.trials,
+        epochs=args.epochs,
+        image_size=args.image_size,
+        width=args.width,
+        batch_size=args.batch_size,
+        searcher="random",
+        seed=args.seed,
+    )
+    outcomes = {
+        label: run(storage, version, dataclasses.replace(base, asha=asha), points)
+        for label, asha in (("ASHA", True), ("FIFO (all run)", False))
+    }
+    asha, fifo = outcomes["ASHA"], outcomes["FIFO (all run)"]
+    print(
+        f"\nTune benchmark on {platform.node()} ({platform.processor() or platform.machine()}), dataset "
+        f"{version}: {args.trials} fixed trials x {args.epochs} epochs, {args.image_size} px, width "
+        f"{args.width}, batch {args.batch_size}, {asha['concurrent']} trial(s) at once\n"
+    )
+    print("| scheduler | time to best val AUC (s) | best val AUC | search time (s) | epochs trained |")
+    print("|---|---|---|---|---|")
+    for label, o in outcomes.items():
+        print(
+            f"| {label} | {o['time_to_best_s']:.1f} | {o['best_val_auc']:.4f} | {o['total_s']:.1f} | "
+            f"{o['epochs']} |"
+        )
+    ratio = asha["time_to_best_s"] / fifo["time_to_best_s"] if fifo["time_to_best_s"] > 0 else float("nan")
+    print(
+        f"\nASHA/FIFO: time to best {ratio:.2f}x, search time {asha['total_s'] / fifo['total_s']:.2f}x, "
+        f"best val AUC {asha['best_val_auc']:.4f} vs {fifo['best_val_auc']:.4f} "
+        f"(difference {asha['best_val_auc'] - fifo['best_val_auc']:+.4f})"
+    )
+
+
+if __name__ == "__main__":
+    main()

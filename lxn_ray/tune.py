@@ -1,0 +1,588 @@
+"""Hyperparameter search over the Ray Train loop with Ray Tune, and promotion of its best model.
+
+This module owns the ``tune`` job: it ingests first when the store has no dataset version (or a
+``--source`` is given), runs one Ray Train run per Tune trial (the Ray 2.60 "Tune over Train V2"
+pattern: a plain trial function builds the trainer through :func:`lxn_ray.train.run_trainer` with
+``TuneReportCallback`` so rank 0's per-epoch metrics reach Tune), stops weak trials early with ASHA,
+samples with Optuna's TPE when ``optuna`` is installed (random search otherwise), then evaluates the best
+trial's best checkpoint on test with :func:`lxn_ray.train.publish_model_version` and promotes it by the
+rule in :func:`promotion_decision`.
+
+Why here and not in ``train.py``: the search adds a second level of orchestration (trials, schedulers,
+searchers, experiment state, resumption), while a trial is exactly one training run; keeping them apart
+lets ``jobs/train.py`` stay a single run and every trial reuse the same loop, data path and evaluation.
+
+Layout under storage: ``tune/<experiment>/`` is the Tune experiment (restorable with ``--resume``) plus
+``trials.csv`` and ``search.png``; each trial's Ray Train run lives in ``runs/<experiment>-<trial id>``,
+so an interrupted trial resumes its training run from the last epoch checkpoint when the search resumes.
+
+When ASHA stops a trial, Tune ends the trial actor and the Ray Train controller it owns dies with it;
+Ray Train's detached ``PlacementGroupCleaner`` then frees the trial's workers within seconds. It learns
+of the death through Ray's State API, so the cluster must run its dashboard (the default for
+``ray start`` and ``ray.init``; ``--include-dashboard=false`` would leave stopped trials' CPUs held).
+"""
+
+from __future__ import annotations
+
+import csv
+import dataclasses
+import hashlib
+import io
+import json
+import math
+import sys
+import time
+from collections.abc import Sequence
+from dataclasses import dataclass
+from datetime import datetime
+from typing import Any
+
+from lxn_ray import dataset, registry
+from lxn_ray.metrics import fmt
+from lxn_ray.preprocess import AugmentConfig
+from lxn_ray.storage import Storage
+from lxn_ray.train import RUNS, TrainConfig
+
+TUNE = "tune"
+METRIC, MODE = "val_auc", "max"
+
+# The searched augmentation: (config key, upper bound); the lower bound of each is 0 (off).
+AUGMENT_RANGES: dict[str, float] = {
+    "rotation": 15.0,
+    "zoom": 0.15,
+    "shift": 0.1,
+    "brightness": 0.2,
+    "contrast": 0.2,
+}
+LR_RANGE = (1e-5, 1e-2)
+
+
+def log(message: str) -> None:
+    print(f"[tune {datetime.now():%H:%M:%S}] {message}", file=sys.stderr, flush=True)
+
+
+@dataclass(frozen=True)
+class TuneSettings:
+    """One search. Fields that change which trials run are part of the experiment name (see ``digest``)."""
+
+    num_samples: int = 8
+    epochs: int = 10
+    image_size: int = 200
+    image_sizes: tuple[int, ...] = ()  # when given, image size is searched over these
+    width: float = 1.0
+    batch_size: int = 20
+    batch_sizes: tuple[int, ...] = ()  # when given, the global batch is searched over these
+    workers_per_trial: int = 1
+    searcher: str = "optuna"  # optuna | random (optuna falls back to random when not installed)
+    asha: bool = True
+    seed: int = 0
+    max_concurrent: int | None = None  # None: as many trials as the cluster's CPUs (or GPUs) fit
+    time_budget_s: float | None = None  # stop the search after this long (resumable with --resume)
+
+    def digest(self) -> str:
+        """Digest of what decides the trials; concurrency and time budget do not, so they may change."""
+        settings = dataclasses.asdict(self)
+        for key in ("max_concurrent", "time_budget_s"):
+            settings.pop(key)
+        return hashlib.sha256(json.dumps(settings, sort_keys=True).encode()).hexdigest()[:8]
+
+
+def experiment_name(version: str, settings: TuneSettings) -> str:
+    """Deterministic: the same dataset version and search settings find the same experiment."""
+    return f"tune-{version}-{settings.digest()}"
+
+
+# -- the search space -----------------------------------------------------------------------------------
+def search_space(settings: TuneSettings) -> dict[str, Any]:
+    """Learning rate (log-uniform) and augmentation strengths; batch and image size when choices are given."""
+    from ray import tune
+
+    space: dict[str, Any] = {
+        "learning_rate": tune.loguniform(*LR_RANGE),
+        **{name: tune.uniform(0.0, upper) for name, upper in AUGMENT_RANGES.items()},
+        "horizontal_flip": tune.choice([True, False]),
+    }
+    if settings.batch_sizes:
+        space["batch_size"] = tune.choice(list(settings.batch_sizes))
+    if settings.image_sizes:
+        space["image_size"] = tune.choice(list(settings.image_sizes))
+    return space
+
+
+def trial_train_config(trial: dict[str, Any], settings: TuneSettings) -> TrainConfig:
+    """The :class:`TrainConfig` of one trial: the sampled values over the search's fixed settings."""
+    augment = AugmentConfig(
+        **{name: float(trial[name]) for name in AUGMENT_RANGES},
+        horizontal_flip=bool(trial["horizontal_flip"]),
+    )
+    return TrainConfig(
+        image_size=int(trial.get("image_size", settings.image_size)),
+        width=settings.width,
+        epochs=settings.epochs,
+        batch_size=int(trial.get("batch_size", settings.batch_size)),
+        learning_rate=float(trial["learning_rate"]),
+        augment=augment,
+        workers=settings.workers_per_trial,
+        seed=settings.seed,
+    )
+
+
+def augment_strength(trial: dict[str, Any]) -> float:
+    """0 (no augmentation) .. 1 (every searched transform at its upper bound), flip not counted."""
+    return sum(float(trial.get(name, 0.0)) / upper for name, upper in AUGMENT_RANGES.items()) / len(
+        AUGMENT_RANGES
+    )
+
+
+def make_searcher(settings: TuneSettings) -> tuple[Any, str]:
+    """Optuna's TPE when asked for and installed, else seeded random search; returns (searcher, name)."""
+    if settings.searcher == "optuna":
+        try:
+            import optuna  # noqa: F401
+            from ray.tune.search.optuna import OptunaSearch
+
+            return OptunaSearch(metric=METRIC, mode=MODE, seed=settings.seed), "optuna"
+        except ImportError:
+            log("optuna is not installed: falling back to random search")
+    from ray.tune.search.basic_variant import BasicVariantGenerator
+
+    return BasicVariantGenerator(random_state=settings.seed), "random"
+
+
+def make_scheduler(settings: TuneSettings) -> Any:
+    """ASHA on val AUC (grace 1 epoch, max_t = epochs), or FIFO (every trial runs to the end).
+
+    ``time_attr`` is ``training_iteration``: one Tune iteration is one reported epoch.
+    """
+    from ray.tune.schedulers import ASHAScheduler, FIFOScheduler
+
+    if not settings.asha:
+        return FIFOScheduler()
+    return ASHAScheduler(
+        time_attr="training_iteration",
+        max_t=max(1, settings.epochs),
+        grace_period=1,
+        reduction_factor=2,
+    )
+
+
+# -- resources ------------------------------------------------------------------------------------------
+# A trial function only drives its trainer; the Train workers take the CPUs. Ray refuses an all-zero
+# bundle, so the trial reserves a token amount of memory and no CPU. Anything CPU-bearing it starts
+# (Ray Data tasks, Train workers) is scheduled by Ray Data and Ray Train themselves, outside this bundle.
+TRIAL_RESOURCES = {"CPU": 0, "memory": 1}
+
+
+def plan_concurrency(settings: TuneSettings) -> tuple[int, int]:
+    """(max concurrent trials, CPUs per Train worker) that fit the cluster without oversubscribing it."""
+    import ray
+
+    total = ray.cluster_resources()
+    workers = max(1, settings.workers_per_trial)
+    if total.get("GPU", 0) > 0:
+        fits = max(1, int(total["GPU"] // workers))
+        cpus_per_worker = 1
+    else:
+        cpus_per_worker = 1
+        fits = max(1, int(total.get("CPU", 1) // workers))
+    wanted = settings.max_concurrent or fits
+    if wanted > fits:
+        log(f"--max-concurrent {wanted} exceeds what fits ({fits}); extra trials will queue for workers")
+    return max(1, min(wanted, settings.num_samples)), cpus_per_worker
+
+
+# -- the trial ------------------------------------------------------------------------------------------
+def run_trial(
+    trial: dict[str, Any],
+    storage_uri: str,
+    version: str,
+    settings: dict[str, Any],
+    experiment: str,
+    cpus_per_worker: int,
+    crash_once: dict[str, Any] | None = None,
+) -> None:
+    """One Tune trial: one Ray Train run of the sampled config, its epochs reported to Tune."""
+    import ray.data
+    import ray.tune
+    from ray.tune.integration.ray_train import TuneReportCallback
+
+    from lxn_ray.train import run_trainer
+
+    ray.data.DataContext.get_current().enable_progress_bars = False  # Tune's table is the progress view
+    storage = Storage.open(storage_uri)
+    tune_settings = _settings_from_dict(settings)
+    config = trial_train_config(trial, tune_settings)
+    run_name = train_run_name(experiment, ray.tune.get_context().get_trial_id())
+    run_trainer(
+        storage,
+        version,
+        config,
+        run_name,
+        callbacks=[TuneReportCallback()],
+        # fault injection (tests): the trial errors instead of retrying, so --resume has work to do
+        max_failures=0 if crash_once else 2,
+        crash_once=crash_once,
+        cpus_per_worker=cpus_per_worker,
+    )
+
+
+def train_run_name(experiment: str, trial_id: str) -> str:
+    """A trial's Ray Train run: stable across ``--resume``, so a restarted trial resumes its epochs."""
+    return f"{experiment}-{trial_id}"
+
+
+def _settings_from_dict(settings: dict[str, Any]) -> TuneSettings:
+    settings = dict(settings)
+    for key in ("image_sizes", "batch_sizes"):
+        settings[key] = tuple(settings[key])
+    return TuneSettings(**settings)
+
+
+# -- the search -----------------------------------------------------------------------------------------
+def build_tuner(
+    storage: Storage,
+    version: str,
+    settings: TuneSettings,
+    name: str,
+    resume: bool = False,
+    points: list[dict[str, Any]] | None = None,
+    crash_once: dict[str, Any] | None = None,
+) -> tuple[Any, str, int]:
+    """A new (or with ``resume`` a restored) Tuner for ``name``: (tuner, searcher name, max concurrent).
+
+    ``points``: fixed trial configs evaluated in order instead of sampled ones (the benchmark's same trials).
+    """
+    from ray import tune
+
+    path = storage.path(f"{TUNE}/{name}")
+    max_concurrent, cpus_per_worker = plan_concurrency(settings)
+    trainable = tune.with_resources(
+        tune.with_parameters(
+            run_trial,
+            storage_uri=storage.uri,
+            version=version,
+            settings=dataclasses.asdict(settings),
+            experiment=name,
+            cpus_per_worker=cpus_per_worker,
+            crash_once=crash_once,
+        ),
+        TRIAL_RESOURCES,
+    )
+    exists = tune.Tuner.can_restore(path, storage_filesystem=storage.filesystem)
+    if resume and exists:
+        log(f"resuming search {name} (errored and unfinished trials restart)")
+        tuner = tune.Tuner.restore(
+            path, trainable=trainable, resume_errored=True, storage_filesystem=storage.filesystem
+        )
+        return tuner, _searcher_used(storage, name) or settings.searcher, max_concurrent
+    if exists:
+        raise FileExistsError(
+            f"search {name} already exists in {storage.uri_of(TUNE)}: pass --resume to continue it "
+            "(or --seed for a new search with the same settings)"
+        )
+    if resume:
+        log(f"nothing to resume for {name}: starting it")
+    if points:
+        from ray.tune.search.basic_variant import BasicVariantGenerator
+
+        searcher, searcher_name = BasicVariantGenerator(points_to_evaluate=points), "fixed points"
+    else:
+        searcher, searcher_name = make_searcher(settings)
+    storage.write_json(
+        f"{TUNE}/{name}/search_settings.json",
+        {**dataclasses.asdict(settings), "searcher_used": searcher_name, "dataset_version": version},
+    )
+    tuner = tune.Tuner(
+        trainable,
+        param_space=search_space(settings),
+        tune_config=tune.TuneConfig(
+            metric=METRIC,
+            mode=MODE,
+            num_samples=len(points) if points else settings.num_samples,
+            search_alg=searcher,
+            scheduler=make_scheduler(settings),
+            max_concurrent_trials=max_concurrent,
+            time_budget_s=settings.time_budget_s,
+        ),
+        run_config=tune.RunConfig(
+            name=name,
+            storage_path=storage.path(TUNE),
+            storage_filesystem=storage.filesystem,
+            verbose=1,  # Tune's own progress table while the search runs
+        ),
+    )
+    log(
+        f"search {name}: {settings.num_samples} trials x {settings.epochs} epochs on dataset {version}, "
+        f"{searcher_name} search, {'ASHA' if settings.asha else 'FIFO'}, up to {max_concurrent} at once "
+        f"({settings.workers_per_trial} worker(s) x {cpus_per_worker} CPU each)"
+    )
+    return tuner, searcher_name, max_concurrent
+
+
+def search(
+    storage: Storage,
+    settings: TuneSettings,
+    dataset_version: str | None = "latest",
+    resume: bool = False,
+    crash_once: dict[str, Any] | None = None,
+    promote: bool = True,
+) -> dict[str, Any]:
+    """Run (or ``resume``) the search, then publish its best trial and decide promotion. The job's report.
+
+    ``promote=False`` leaves the champion alone (``promoted`` is then False): for callers with their own
+    promotion rule, such as scheduled retraining.
+    """
+    from lxn_ray import cluster
+
+    cluster.connect()
+    started = time.monotonic()
+    version = dataset.resolve_version(storage, dataset_version)
+    name = experiment_name(version, settings)
+    tuner, searcher_name, max_concurrent = build_tuner(
+        storage, version, settings, name, resume=resume, crash_once=crash_once
+    )
+    results = tuner.fit()
+    rows = trial_rows(results, settings)
+    storage.write_bytes(f"{TUNE}/{name}/trials.csv", trials_csv(rows))
+    storage.write_bytes(f"{TUNE}/{name}/search.png", search_plot(rows))
+    finished = [row for row in rows if row["val_auc_best"] is not None]
+    if not finished:
+        raise RuntimeError(f"no trial of search {name} reported a val AUC ({len(rows)} trials)")
+    best_row = max(finished, key=lambda row: (row["val_auc_best"], -row["seconds"]))
+    published = publish_best(storage, version, settings, name, best_row, time.monotonic() - started)
+    promoted, reason = promotion_decision(storage, version, published) if promote else (False, "not asked")
+    if promoted:
+        registry.promote(storage, published["model_version"], reason=f"tune {name}: {reason}")
+    errored = [row["trial_id"] for row in rows if row["status"] == "ERROR"]
+    return {
+        "job": "tune",
+        "experiment": storage.uri_of(f"{TUNE}/{name}"),
+        "dataset_version": version,
+        "searcher": searcher_name,
+        "scheduler": "asha" if settings.asha else "fifo",
+        "settings": dataclasses.asdict(settings),
+        "max_concurrent": max_concurrent,
+        "n_trials": len(rows),
+        "trials": {
+            "count": len(rows),
+            "completed": sum(row["status"] == "COMPLETED" for row in rows),
+            "stopped_early": sum(row["status"] == "STOPPED" for row in rows),
+            "errored": errored,
+            "csv": storage.uri_of(f"{TUNE}/{name}/trials.csv"),
+            "plot": storage.uri_of(f"{TUNE}/{name}/search.png"),
+        },
+        "best": {
+            "trial_id": best_row["trial_id"],
+            "config": best_row["config"],
+            "val_auc": best_row["val_auc_best"],
+            "model_version": published["model_version"],
+            "train_run": published["train_run"],
+        },
+        "test": published["test"],
+        "threshold": published["threshold"],
+        "champion": registry.champion(storage),
+        "promoted": promoted,
+        "promotion_reason": reason,
+        "seconds": round(time.monotonic() - started, 1),
+    }
+
+
+def _searcher_used(storage: Storage, name: str) -> str | None:
+    key = f"{TUNE}/{name}/search_settings.json"
+    return storage.read_json(key).get("searcher_used") if storage.exists(key) else None
+
+
+def trial_rows(results: Any, settings: TuneSettings) -> list[dict[str, Any]]:
+    """One row per trial from a ``ResultGrid``: config, best/last val AUC, epochs run, status, seconds."""
+    rows = []
+    for result in results:
+        frame = result.metrics_dataframe
+        metrics = result.metrics or {}
+        history = frame.to_dict("records") if frame is not None and METRIC in frame else []
+        aucs = [float(r[METRIC]) for r in history if r.get(METRIC) is not None and not _isnan(r[METRIC])]
+        epochs = [int(r["epoch"]) for r in history if r.get("epoch") is not None and not _isnan(r["epoch"])]
+        epochs_run = max(epochs, default=0)
+        if result.error is not None:
+            status = "ERROR"
+        elif epochs_run >= settings.epochs:
+            status = "COMPLETED"
+        else:
+            status = "STOPPED"  # ASHA stopped it early, or the time budget ran out (see --resume)
+        trial_id = metrics.get("trial_id") or _trial_id_from_path(result.path)
+        rows.append(
+            {
+                "trial_id": trial_id,
+                "config": {key: result.config[key] for key in sorted(result.config)},
+                "val_auc_best": max(aucs) if aucs else None,
+                "val_auc_last": aucs[-1] if aucs else None,
+                "epochs_run": epochs_run,
+                "status": status,
+                "seconds": round(float(metrics.get("time_total_s") or 0.0), 1),
+                "error": None if result.error is None else f"{type(result.error).__name__}",
+            }
+        )
+    return sorted(rows, key=lambda row: row["trial_id"])
+
+
+def _isnan(value: Any) -> bool:
+    return isinstance(value, float) and math.isnan(value)
+
+
+def _trial_id_from_path(path: str) -> str:
+    """A trial's id from its folder ``<trainable>_<trial id>_<index>_<config>_<date>`` (no metrics yet)."""
+    folder = path.rstrip("/").rsplit("/", 1)[-1]
+    for part in folder.split("_"):
+        if len(part) == 8 and all(c in "0123456789abcdef" for c in part):
+            return part
+    return folder
+
+
+def trials_csv(rows: Sequence[dict[str, Any]]) -> bytes:
+    """All trials as CSV; config keys become ``config/<name>`` columns."""
+    keys = sorted({key for row in rows for key in row["config"]})
+    fields = [
+        "trial_id",
+        *[f"config/{k}" for k in keys],
+        "augment_strength",
+        "val_auc_best",
+        "val_auc_last",
+        "epochs_run",
+        "status",
+        "seconds",
+        "error",
+    ]
+    buffer = io.StringIO()
+    writer = csv.DictWriter(buffer, fieldnames=fields)
+    writer.writeheader()
+    for row in rows:
+        writer.writerow(
+            {
+                **{k: v for k, v in row.items() if k != "config"},
+                **{f"config/{k}": row["config"].get(k) for k in keys},
+                "augment_strength": round(augment_strength(row["config"]), 4),
+            }
+        )
+    return buffer.getvalue().encode()
+
+
+def search_plot(rows: Sequence[dict[str, Any]]) -> bytes:
+    """The search picture: best val AUC against learning rate, coloured by augmentation strength."""
+    from lxn_ray.plots import search_results
+
+    points = [
+        {
+            "learning_rate": row["config"]["learning_rate"],
+            "val_auc": row["val_auc_best"],
+            "augment_strength": augment_strength(row["config"]),
+            "epochs_run": row["epochs_run"],
+        }
+        for row in rows
+        if row["val_auc_best"] is not None
+    ]
+    return search_results(points, LR_RANGE)
+
+
+# -- publication and promotion --------------------------------------------------------------------------
+def publish_best(
+    storage: Storage,
+    version: str,
+    settings: TuneSettings,
+    experiment: str,
+    best_row: dict[str, Any],
+    seconds: float,
+) -> dict[str, Any]:
+    """Evaluate the best trial's best checkpoint (by val AUC) on test and register it as a model version.
+
+    Idempotent: when that checkpoint was already published (a ``--resume`` of a finished search), the
+    existing model version is reported instead of a duplicate.
+    """
+    import ray.train
+
+    from lxn_ray.train import publish_model_version, read_checkpoint_state
+
+    run_name = train_run_name(experiment, best_row["trial_id"])
+    result = ray.train.Result.from_path(
+        storage.path(f"{RUNS}/{run_name}"), storage_filesystem=storage.filesystem
+    )
+    checkpoint = result.get_best_checkpoint(metric=METRIC, mode=MODE) or result.checkpoint
+    if checkpoint is None or result.checkpoint is None:
+        raise RuntimeError(f"the best trial's training run {run_name} has no checkpoint")
+    latest, best_state = read_checkpoint_state(result.checkpoint), read_checkpoint_state(checkpoint)
+    for existing in registry.list_versions(storage):
+        card = registry.read_card(storage, existing)
+        if card.get("train_run") == run_name and card.get("best_epoch") == best_state["epoch"]:
+            log(f"best checkpoint already published as {existing}")
+            return {
+                "model_version": existing,
+                "test": card["test"],
+                "threshold": card["threshold"],
+                "train_run": run_name,
+                "dataset_version": version,
+            }
+    config = trial_train_config(best_row["config"], settings)
+    published = publish_model_version(storage, version, config, checkpoint, latest, seconds, run_name)
+    return {**published, "train_run": run_name}
+
+
+def promotion_decision(storage: Storage, version: str, candidate: dict[str, Any]) -> tuple[bool, str]:
+    """Whether the candidate becomes champion, and why.
+
+    Rule: promote when there is no champion; otherwise only when the candidate's test AUC is strictly
+    higher than the champion's test AUC on the SAME test split - the candidate's dataset version's. When
+    the champion was trained on that version its recorded test AUC is used; when it was trained on another
+    version it is re-scored on this version's test split (with its own preprocessing size) first. A
+    candidate without a test AUC (one-class test split) never replaces a champion.
+    """
+    current = registry.champion(storage)
+    new_auc = candidate["test"].get("auc")
+    if current is None:
+        return True, "no champion yet"
+    if current == candidate["model_version"]:
+        return False, f"{current} is already the champion"
+    card = registry.read_card(storage, current)
+    if card.get("dataset_version") == version:
+        champion_auc = card.get("test", {}).get("auc")
+        basis = f"its recorded test AUC on dataset {version}"
+    else:
+        champion_auc = rescore_test_auc(storage, current, version)
+        basis = (
+            f"re-scored on dataset {version}'s test split (it was trained on {card.get('dataset_version')})"
+        )
+    if new_auc is None:
+        return False, f"candidate has no test AUC (one-class test split); champion {current} kept"
+    if champion_auc is None or new_auc > champion_auc:
+        return True, (f"test AUC {new_auc:.4f} beats champion {current}'s {fmt(champion_auc)} ({basis})")
+    return False, (f"test AUC {new_auc:.4f} does not beat champion {current}'s {champion_auc:.4f} ({basis})")
+
+
+def rescore_test_auc(storage: Storage, model_version: str, version: str) -> float | None:
+    """A registered model's AUC on ``version``'s test split."""
+    from lxn_ray.metrics import roc_auc
+    from lxn_ray.train import score_split
+
+    reference = registry.resolve(storage, model_version)
+    image_size = int(reference.card.get("config", {}).get("image_size", 200))
+    labels, scores = score_split(reference.load(), storage, version, "test", image_size)
+    return roc_auc(labels, scores)
+
+
+# -- the job --------------------------------------------------------------------------------------------
+def tune_job(
+    storage: Storage,
+    settings: TuneSettings,
+    source: str | None = None,
+    ref: str | None = None,
+    resume: bool = False,
+    crash_once: dict[str, Any] | None = None,
+) -> dict[str, Any]:
+    """Ingest when needed (empty store, or a ``source`` given), then search and publish."""
+    ingested = None
+    if source is not None or dataset.latest_version(storage) is None:
+        from lxn_ray.ingest import ingest
+        from lxn_ray.sources import open_source
+
+        log(f"ingesting {source or 'the upstream repository'} first")
+        report = ingest(open_source(source, ref), storage)
+        ingested = {"dataset_version": report["dataset_version"], "changed": report["changed"]}
+    report = search(storage, settings, resume=resume, crash_once=crash_once)
+    return {**report, "ingest": ingested}
