@@ -131,6 +131,9 @@ def train_main(argv: Sequence[str] | None = None) -> int:
     parser.add_argument(
         "--gpu", action="store_true", help="one GPU per worker (automatic when the cluster has GPUs)"
     )
+    parser.add_argument(
+        "--mixed-precision", action="store_true", help="float16 compute on GPUs (float32 weights and output)"
+    )
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument(
         "--fresh",
@@ -151,6 +154,7 @@ def train_main(argv: Sequence[str] | None = None) -> int:
             learning_rate=args.lr,
             workers=args.workers,
             use_gpu=args.gpu,
+            mixed_precision=args.mixed_precision,
             seed=args.seed,
             **({"augment": AugmentConfig()} if args.no_augment else {}),
         )
@@ -342,12 +346,163 @@ def tune_summary(report: dict[str, Any]) -> str:
     )
 
 
+# -- retrain ------------------------------------------------------------------------------------------
+def retrain_parser() -> argparse.ArgumentParser:
+    """``jobs/retrain.py`` flags: source and schedule, when to train, the rule's margin, the lock, and the
+    training flags passed through (given ones override the champion's hyperparameters)."""
+    from lxn_ray.retrain import MODES, parse_duration
+
+    def duration(text: str) -> float:
+        try:
+            return parse_duration(text)
+        except ValueError as error:
+            raise argparse.ArgumentTypeError(str(error)) from error
+
+    parser = job_parser(
+        "Scheduled retraining: ingest the source, train a challenger when enough new images arrived, and "
+        "promote it when it is not worse than the champion on the same test images (non-inferiority)."
+    )
+    parser.add_argument(
+        "--source", required=True, help="a folder in the upstream layout, or a git repository"
+    )
+    parser.add_argument("--ref", help="git branch, tag or commit of --source")
+    schedule = parser.add_mutually_exclusive_group(required=True)
+    schedule.add_argument(
+        "--once", action="store_true", help="run one tick and exit (cron, Kubernetes CronJob)"
+    )
+    schedule.add_argument(
+        "--every", type=duration, metavar="DURATION", help="tick now and then every DURATION (s, m, h, d: 6h)"
+    )
+    parser.add_argument(
+        "--min-new-images", type=int, default=25, help="train only when this many usable images are new"
+    )
+    parser.add_argument(
+        "--min-growth", type=float, help="also require new images >= this fraction of the champion's dataset"
+    )
+    parser.add_argument(
+        "--mode", choices=MODES, default="train", help="train: champion's hyperparameters; tune: search again"
+    )
+    parser.add_argument(
+        "--margin", type=float, default=0.05, help="non-inferiority margin on the test AUC (default 0.05)"
+    )
+    parser.add_argument(
+        "--lock-timeout",
+        type=duration,
+        default=6 * 3600.0,
+        metavar="DURATION",
+        help="how long to wait for another run's lock (default 6h)",
+    )
+    parser.add_argument(
+        "--lock-ttl",
+        type=duration,
+        default=15 * 60.0,
+        metavar="DURATION",
+        help="lease length; the holder renews every third of it, a dead holder's lock expires (default 15m)",
+    )
+    parser.add_argument("--no-wait", action="store_true", help="exit at once when another run holds the lock")
+    training = parser.add_argument_group("training (default: the champion's values, else train.py's)")
+    training.add_argument("--image-size", type=int, help="input side in pixels")
+    training.add_argument("--width", type=float, help="width multiplier (1.0 = the paper's LxN)")
+    training.add_argument("--epochs", type=int)
+    training.add_argument("--batch-size", type=int, help="global batch, split over the workers")
+    training.add_argument("--lr", type=float, help="RMSprop learning rate")
+    training.add_argument("--workers", type=int, help="Ray Train workers (data-parallel)")
+    training.add_argument("--gpu", action="store_const", const=True, help="one GPU per worker")
+    training.add_argument("--num-samples", type=int, default=8, help="--mode tune: trials to run")
+    return parser
+
+
+def retrain_settings(args: argparse.Namespace):
+    """The :class:`lxn_ray.retrain.RetrainSettings` of parsed ``retrain`` flags."""
+    from lxn_ray.retrain import RetrainSettings, TrainOverrides
+
+    return RetrainSettings(
+        source=args.source,
+        ref=args.ref,
+        mode=args.mode,
+        min_new_images=args.min_new_images,
+        min_growth=args.min_growth,
+        margin=args.margin,
+        overrides=TrainOverrides(
+            image_size=args.image_size,
+            width=args.width,
+            epochs=args.epochs,
+            batch_size=args.batch_size,
+            learning_rate=args.lr,
+            workers=args.workers,
+            use_gpu=args.gpu,
+        ),
+        num_samples=args.num_samples,
+        lock_ttl_s=args.lock_ttl,
+        lock_timeout_s=args.lock_timeout,
+        wait_for_lock=not args.no_wait,
+    )
+
+
+def retrain_main(argv: Sequence[str] | None = None) -> int:
+    """``python jobs/retrain.py`` / ``lxn retrain``: one tick (``--once``) or a schedule (``--every``)."""
+    args = retrain_parser().parse_args(argv)
+
+    def work(storage: Storage) -> dict[str, Any]:
+        from lxn_ray.retrain import SignalStop, run_every, run_once
+
+        settings = retrain_settings(args)
+        if args.once:
+            with SignalStop(graceful=False):
+                return run_once(storage, settings)
+
+        def on_report(report: dict[str, Any]) -> None:  # each tick's report, as it happens
+            stamp = f"{datetime.now(timezone.utc):%Y%m%dT%H%M%S%fZ}"
+            storage.write_json(f"reports/retrain/{stamp}.json", report)
+            if args.report:
+                args.report.parent.mkdir(parents=True, exist_ok=True)
+                args.report.write_text(json.dumps(report, indent=2, default=str) + "\n")
+
+        # A long-running loop attaches to Ray once, first: ray.init installs its own SIGTERM handler
+        # (exit at once), which the loop's graceful handler must then replace.
+        from lxn_ray import cluster
+
+        cluster.connect()
+        with SignalStop(graceful=True) as signals:
+            return run_every(storage, settings, args.every, signals.event, on_report, rearm=signals.arm)
+
+    return run_job("retrain", args, work, retrain_summary)
+
+
+def retrain_summary(report: dict[str, Any]) -> str:
+    """The decision, why, both models' test metrics and the paired difference - what a person checks."""
+    new = report.get("new_images")
+    lines = [
+        f"retrain: {report['decision']} on dataset {report.get('dataset_version') or 'n/a'}"
+        + (f" ({new} new usable images)" if new is not None else "")
+        + f" in {report.get('seconds', '?')} s",
+        f"  {report.get('reason', '')}",
+    ]
+    evaluation = report.get("metrics") or {}
+    for role in ("challenger", "champion"):
+        m = evaluation.get(role)
+        if m:
+            lines.append(
+                f"  {role} {m['model_version']}: test AUC {fmt(m['auc'])}, "
+                f"sensitivity {fmt(m['sensitivity'])}, specificity {fmt(m['specificity'])} "
+                f"at its threshold {m['threshold']:.3f}, n={m['n']}"
+            )
+    lines.append(f"  champion: {report.get('champion') or 'none'}")
+    if report.get("history"):
+        lines.append(f"  history: {report['history']} (plot: {report['history_plot']})")
+    if schedule := report.get("schedule"):
+        lines.append(f"  {schedule['ticks']} ticks: {', '.join(schedule['decisions']) or 'none'}")
+    lines.append("  research use only - not a diagnostic device")
+    return "\n".join(lines)
+
+
 COMMANDS: dict[str, Callable[[Sequence[str] | None], int]] = {
     "registry": registry_main,
     "ingest": ingest_main,
     "train": train_main,
     "evaluate": evaluate_main,
     "tune": tune_main,
+    "retrain": retrain_main,
 }
 
 

@@ -5,6 +5,8 @@ The steps, in order:
 1. Parse metadata.csv (any schema) and exclude rows metadata alone rules out.
 2. Read the remaining rows' files safely and hash their bytes (sha256). Together with the metadata this
    gives the source version; when it and the config match the latest version, stop: nothing changed.
+   Remote sources (S3, HTTP) are fetched by Ray Data tasks on the workers, which also fingerprint and
+   store new contents as they go, so image bytes never pass through the driver.
 3. Decode and fingerprint, as Ray Data tasks spread over the cluster, only contents never seen before
    (fingerprints are cached in storage by sha256). Unreadable files are excluded with the reason.
 4. Drop duplicates: rows naming identical bytes, then the same radiograph published twice, found by
@@ -162,7 +164,12 @@ def ingest(source: Source, storage: Storage, config: IngestConfig = IngestConfig
         metadata_bytes = snapshot.read_metadata()
         rows = parse_metadata(metadata_bytes, config.frontal_views)
         exclusions = [Exclusion(row, row.exclusion, row.detail) for row in rows if row.exclusion]
-        files, unreadable = read_files(snapshot, [row for row in rows if not row.exclusion], config.limits)
+        wanted = [row for row in rows if not row.exclusion]
+        fetched: dict[str, dict[str, Any]] = {}
+        if snapshot.remote:
+            files, unreadable, fetched = fetch_on_ray(snapshot, storage, wanted, config)
+        else:
+            files, unreadable = read_files(snapshot, wanted, config.limits)
         exclusions += unreadable
     source_version = snapshot.version(_content_digest(metadata_bytes, files))
     config_hash = config.digest()
@@ -186,7 +193,7 @@ def ingest(source: Source, storage: Storage, config: IngestConfig = IngestConfig
 
     primaries, duplicates = _drop_identical(files)
     with stages("fingerprint"):
-        fingerprints, hashed = _fingerprints(snapshot, storage, primaries, config)
+        fingerprints, hashed = _fingerprints(snapshot, storage, primaries, config, fetched)
     readable = [item for item in primaries if not fingerprints[item.sha256].get("error")]
     for item in files:  # rows repeating an unreadable file are unreadable too
         if error := fingerprints[item.sha256].get("error"):
@@ -244,20 +251,91 @@ def read_files(
     """Read each row's file safely; rows whose file cannot be read become exclusions with the reason."""
     files, exclusions = [], []
     for row in tqdm(rows, desc="reading files", unit="file", file=sys.stderr, disable=None):
-        try:
-            data = snapshot.read_file(row.image_path, limits.max_file_bytes)
-        except UnsafePath as error:
-            exclusions.append(Exclusion(row, UNSAFE_PATH, str(error)))
-            continue
-        except (FileNotFoundError, IsADirectoryError, NotADirectoryError):
-            exclusions.append(Exclusion(row, MISSING_FILE, f"{row.image_path} not in source"))
-            continue
-        except (ValueError, OSError) as error:
-            exclusions.append(Exclusion(row, UNREADABLE, str(error)))
+        data, reason, detail = _read_one(snapshot, row.image_path, limits)
+        if data is None:
+            exclusions.append(Exclusion(row, reason, detail))
             continue
         digest = hashlib.sha256(data).hexdigest()
         files.append(SourceFile(row, digest, len(data), data if keep_bytes else None))
     return files, exclusions
+
+
+def _read_one(snapshot: Snapshot, path: str, limits: ImageLimits) -> tuple[bytes | None, str, str]:
+    """(bytes, "", "") or (None, exclusion reason, detail): the one place read failures get their reason."""
+    try:
+        return snapshot.read_file(path, limits.max_file_bytes), "", ""
+    except UnsafePath as error:
+        return None, UNSAFE_PATH, str(error)
+    except (FileNotFoundError, IsADirectoryError, NotADirectoryError):
+        return None, MISSING_FILE, f"{path} not in source"
+    except (ValueError, OSError) as error:
+        return None, UNREADABLE, str(error)
+
+
+def fetch_batch(
+    batch: dict[str, np.ndarray],
+    snapshot: Snapshot,
+    storage_uri: str,
+    limits: ImageLimits,
+    fingerprinted: frozenset[str],
+    stored: frozenset[str],
+) -> dict[str, list]:
+    """Ray Data task for remote sources: fetch each row's file on this worker and hash it; fingerprint
+    contents not in ``fingerprinted`` and store the bytes of readable contents not yet in storage
+    (content-addressed, so a store of an image that is later dropped is harmless)."""
+    storage = Storage.open(storage_uri)
+    out: dict[str, list] = defaultdict(list)
+    for line, path in zip(batch["line"], batch["image_path"], strict=True):
+        data, reason, detail = _read_one(snapshot, str(path), limits)
+        record: dict[str, Any] = {"line": int(line), "reason": reason or None, "detail": detail or None}
+        if data is not None:
+            sha256 = hashlib.sha256(data).hexdigest()
+            record.update(sha256=sha256, size=len(data))
+            if sha256 not in fingerprinted:
+                record.update(_fingerprint_one(sha256, data, limits), fetched=True)
+            blob = dataset.blob_key(sha256)
+            if not record.get("error") and sha256 not in stored and not storage.exists(blob):
+                storage.write_bytes(blob, data)
+        for column in ("line", "reason", "detail", "size", "fetched", *RECORD_COLUMNS):
+            out[column].append(record.get(column))
+    return dict(out)
+
+
+def fetch_on_ray(
+    snapshot: Snapshot, storage: Storage, rows: list[MetadataRow], config: IngestConfig
+) -> tuple[list[SourceFile], list[Exclusion], dict[str, dict[str, Any]]]:
+    """Step 2 (and 3 and 6's storing) for a remote source, on the workers: (files, exclusions, records of
+    the contents fingerprinted here)."""
+    cluster.connect()
+    import ray
+
+    previous = dataset.latest_version(storage)
+    stored = _Previous.load(storage, previous).usable_shas
+    fingerprinted = frozenset(_load_cache(storage))
+    log(f"fetching {len(rows)} files from {snapshot.description} on Ray Data")
+    items = [{"line": row.line, "image_path": row.image_path} for row in rows]
+    results = ray.data.from_items(items, override_num_blocks=max(1, min(len(items) // 16, 64))).map_batches(
+        fetch_batch,
+        fn_kwargs={
+            "snapshot": snapshot,
+            "storage_uri": storage.uri,
+            "limits": config.limits,
+            "fingerprinted": fingerprinted,
+            "stored": stored,
+        },
+        batch_size=config.decode_batch_size,
+    )
+    by_line = {row.line: row for row in rows}
+    files, exclusions, records = [], [], {}
+    for result in sorted(results.take_all(), key=lambda r: r["line"]):
+        row = by_line[result["line"]]
+        if result["reason"]:
+            exclusions.append(Exclusion(row, result["reason"], result["detail"]))
+            continue
+        files.append(SourceFile(row, result["sha256"], int(result["size"])))
+        if result["fetched"]:
+            records[result["sha256"]] = {column: result[column] for column in RECORD_COLUMNS}
+    return files, exclusions, records
 
 
 def _content_digest(metadata_bytes: bytes, files: Iterable[SourceFile]) -> str:
@@ -272,34 +350,45 @@ def fingerprint_batch(batch: dict[str, np.ndarray], limits: ImageLimits) -> dict
     """Ray Data task: decode each image and fingerprint it, or record why it cannot be decoded."""
     out: dict[str, list] = defaultdict(list)
     for sha256, data in zip(batch["sha256"], batch["data"], strict=True):
-        try:
-            decoded = decode_image(bytes(data), limits)
-            record: dict[str, Any] = {
-                "error": None,
-                "width": decoded.width,
-                "height": decoded.height,
-                "source_format": decoded.source_format,
-                "source_mode": decoded.source_mode,
-                **fingerprint(to_grayscale(decoded.image)),
-            }
-        except ImageRejected as error:
-            record = {"error": str(error)}
-        except Exception as error:  # a hostile file must cost one row, never the run
-            record = {"error": f"undecodable ({type(error).__name__}: {error})"}
-        record["sha256"] = sha256
+        record = _fingerprint_one(sha256, bytes(data), limits)
         for column in RECORD_COLUMNS:
             out[column].append(record.get(column))
     return dict(out)
 
 
+def _fingerprint_one(sha256: str, data: bytes, limits: ImageLimits) -> dict[str, Any]:
+    """Decode one content and fingerprint it, or record why it cannot be decoded."""
+    try:
+        decoded = decode_image(data, limits)
+        record: dict[str, Any] = {
+            "error": None,
+            "width": decoded.width,
+            "height": decoded.height,
+            "source_format": decoded.source_format,
+            "source_mode": decoded.source_mode,
+            **fingerprint(to_grayscale(decoded.image)),
+        }
+    except ImageRejected as error:
+        record = {"error": str(error)}
+    except Exception as error:  # a hostile file must cost one row, never the run
+        record = {"error": f"undecodable ({type(error).__name__}: {error})"}
+    record["sha256"] = sha256
+    return record
+
+
 def _fingerprints(
-    snapshot: Snapshot, storage: Storage, items: list[SourceFile], config: IngestConfig
+    snapshot: Snapshot,
+    storage: Storage,
+    items: list[SourceFile],
+    config: IngestConfig,
+    fetched: Mapping[str, dict[str, Any]],
 ) -> tuple[dict[str, dict[str, Any]], int]:
-    """Fingerprints of every item's content, computing only what the cache lacks; (records, hashed)."""
+    """Fingerprints of every item's content, computing only what the cache and ``fetched`` (records made
+    while fetching a remote source) lack; (records, hashed)."""
     cache = _load_cache(storage)
-    todo = [item for item in items if item.sha256 not in cache]
+    todo = [item for item in items if item.sha256 not in cache and item.sha256 not in fetched]
     log(f"{len(items) - len(todo)} images already fingerprinted, {len(todo)} to decode on Ray Data")
-    computed: list[dict[str, Any]] = []
+    computed: list[dict[str, Any]] = list(fetched.values())
     for chunk in _chunks(todo, config.decode_chunk_bytes):
         computed += _fingerprint_on_ray(snapshot, chunk, config)
     fresh = [record for record in computed if not record["error"]]
@@ -537,6 +626,8 @@ def _store_blobs(
         for item in kept
         if item.sha256 not in stored and not storage.exists(dataset.blob_key(item.sha256))
     ]
+    if snapshot.remote and todo:  # the fetch tasks store every readable content; never read it here
+        raise RuntimeError(f"{len(todo)} images of {snapshot.description} were not stored by the fetch tasks")
     for item in tqdm(todo, desc="storing images", unit="image", file=sys.stderr, disable=None):
         data = snapshot.read_file(item.row.image_path, item.size)
         if hashlib.sha256(data).hexdigest() != item.sha256:

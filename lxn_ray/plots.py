@@ -122,3 +122,51 @@ def search_results(points: Sequence[Mapping[str, float]], lr_range: tuple[float,
     axes.axhline(0.5, color="grey", linestyle=":", linewidth=1)
     axes.grid(alpha=0.3)
     return png_bytes(figure)
+
+
+def retrain_history(entries: Sequence[Mapping[str, object]]) -> bytes:
+    """Scheduled retraining over time: test AUC of the champion and of each challenger per dataset version,
+    promoted challengers as green stars and rejected ones as red crosses, both scored on the same (that
+    version's) test split; the line is the champion in force after each evaluated tick."""
+    plt = new_pyplot()
+    figure, axis = plt.subplots(figsize=(7.2, 4.2))
+    evaluated = [e for e in entries if e.get("challenger_auc") is not None]
+    versions = list(dict.fromkeys(e["dataset_version"] for e in evaluated))
+    position = {version: i for i, version in enumerate(versions)}
+    if evaluated:
+        in_force = []
+        for e in evaluated:
+            auc = e["challenger_auc"] if e["decision"] == "promoted" else e.get("champion_auc")
+            if auc is not None:
+                in_force.append((position[e["dataset_version"]], auc))
+        if in_force:
+            axis.plot(*zip(*in_force, strict=True), color="tab:blue", alpha=0.5, label="champion in force")
+        incumbents = [e for e in evaluated if e.get("champion_auc") is not None]
+        axis.scatter(
+            [position[e["dataset_version"]] for e in incumbents],
+            [e["champion_auc"] for e in incumbents],
+            color="tab:blue",
+            label="champion (before the tick)",
+            zorder=3,
+        )
+        for decision, style in (
+            ("promoted", {"marker": "*", "s": 160, "color": "tab:green"}),
+            ("rejected", {"marker": "x", "s": 70, "color": "tab:red"}),
+        ):
+            chosen = [e for e in evaluated if e["decision"] == decision]
+            axis.scatter(
+                [position[e["dataset_version"]] for e in chosen],
+                [e["challenger_auc"] for e in chosen],
+                label=f"challenger {decision}",
+                zorder=4,
+                **style,
+            )
+        axis.legend(loc="lower right", fontsize=8)
+    axis.set_xticks(range(len(versions)), [v.removeprefix("ds-")[:15] for v in versions], rotation=30)
+    axis.set_xlabel("dataset version (test split of that version)")
+    axis.set_ylabel("test AUC")
+    axis.set_ylim(0, 1.02)
+    axis.axhline(0.5, color="grey", linestyle=":", linewidth=1)
+    axis.set_title(f"scheduled retraining: {len(evaluated)} evaluated ticks of {len(entries)}")
+    axis.grid(alpha=0.3)
+    return png_bytes(figure)

@@ -1,9 +1,13 @@
-"""Where the dataset comes from: a folder in the upstream layout, or a git repository (URL, path, bundle).
+"""Where the dataset comes from: a folder in the upstream layout, a git repository (URL, path, bundle), an
+``s3://bucket/prefix`` mirror, or an ``https://`` base URL in the upstream raw layout.
 
 A :class:`Source` is opened into a :class:`Snapshot`: one fixed state of the data that can read
-``metadata.csv`` and image files and names its own version (a git commit, or a content hash for a
-folder). Later source kinds (HTTP, S3) only need to provide another ``Snapshot``; ingest never looks
-behind it. Every path a snapshot reads is checked to stay inside the source root, symlinks included.
+``metadata.csv`` and image files and names its own version (a git commit, or a content hash). Ingest
+never looks behind it. Every path a snapshot reads is checked to stay inside the source root: symlinks
+for folders, plain relative keys for S3, and for HTTP also no redirect out of the base URL.
+
+Local snapshots are read by the driver. Remote ones (``remote = True``) are small, picklable values that
+Ray Data tasks use to fetch images on the workers themselves, with timeouts, retries and size caps.
 """
 
 from __future__ import annotations
@@ -15,9 +19,15 @@ import shutil
 import subprocess
 import tarfile
 import tempfile
+import time
+import urllib.error
+import urllib.parse
+import urllib.request
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Protocol
+
+from lxn_ray.storage import s3_client
 
 UPSTREAM = "https://github.com/ieee8023/covid-chestxray-dataset"
 METADATA_FILE = "metadata.csv"
@@ -35,6 +45,7 @@ class Snapshot(Protocol):
     """One fixed state of a source."""
 
     description: str
+    remote: bool  # True: fetch images in Ray tasks on the workers, not in the driver
 
     def read_metadata(self) -> bytes: ...
 
@@ -64,6 +75,7 @@ class FolderSnapshot:
     root: Path
     description: str
     commit: str | None = None  # set when the folder is a checkout of a known git commit
+    remote = False
 
     def read_metadata(self) -> bytes:
         try:
@@ -108,6 +120,170 @@ class FolderSource:
         if not (root / METADATA_FILE).is_file():
             raise SourceError(f"{self.path}: not a folder in the upstream layout (no {METADATA_FILE})")
         return FolderSnapshot(root=root, description=str(root))
+
+
+# -- remote sources: read on the workers ---------------------------------------------------------------
+MAX_METADATA_BYTES = 64 * 1024 * 1024
+FETCH_ATTEMPTS = 4  # transient failures (timeouts, 5xx, throttling) are retried with backoff
+FETCH_TIMEOUT_S = 30.0
+
+
+def _with_retries(fetch, what: str):
+    """``fetch()``, retried on transient errors; FileNotFoundError and size errors are final."""
+    for attempt in range(1, FETCH_ATTEMPTS + 1):
+        try:
+            return fetch()
+        except (FileNotFoundError, ValueError, UnsafePath):
+            raise
+        except OSError as error:
+            if attempt == FETCH_ATTEMPTS:
+                raise OSError(f"{what}: {error} (after {attempt} attempts)") from None
+            time.sleep(min(8.0, 0.5 * 2**attempt))
+    raise AssertionError("unreachable")
+
+
+def _read_capped(stream, max_bytes: int, what: str) -> bytes:
+    data = stream.read(max_bytes + 1)
+    if len(data) > max_bytes:
+        raise ValueError(f"{what} is over the {max_bytes}-byte cap")
+    return data
+
+
+def _key_below(root: str, relative_path: str) -> str:
+    if not is_plain_relative(relative_path):
+        raise UnsafePath(f"path leaves the source root: {relative_path!r}")
+    return f"{root}/{relative_path}" if root else relative_path
+
+
+@dataclass(frozen=True)
+class S3Snapshot:
+    """An ``s3://bucket/prefix`` mirror of the upstream layout. Objects are listed once at open."""
+
+    bucket: str
+    prefix: str
+    description: str
+    remote = True
+
+    def read_metadata(self) -> bytes:
+        try:
+            return self.read_file(METADATA_FILE, MAX_METADATA_BYTES)
+        except FileNotFoundError:
+            raise SourceError(f"{self.description}: no {METADATA_FILE}") from None
+
+    def read_file(self, relative_path: str, max_bytes: int) -> bytes:
+        from botocore.exceptions import BotoCoreError, ClientError
+
+        key = _key_below(self.prefix, relative_path)
+
+        def fetch() -> bytes:
+            try:
+                response = s3_client().get_object(Bucket=self.bucket, Key=key)
+            except ClientError as error:
+                if error.response.get("Error", {}).get("Code") in ("NoSuchKey", "404", "NotFound"):
+                    raise FileNotFoundError(relative_path) from None
+                raise OSError(str(error)) from None
+            except BotoCoreError as error:
+                raise OSError(str(error)) from None
+            if response["ContentLength"] > max_bytes:
+                raise ValueError(f"file is {response['ContentLength']} bytes, over the {max_bytes}-byte cap")
+            with response["Body"] as body:
+                return _read_capped(body, max_bytes, "file")
+
+        return _with_retries(fetch, f"s3://{self.bucket}/{key}")
+
+    def version(self, content_digest: str) -> str:
+        return f"sha256:{content_digest}"
+
+
+@dataclass(frozen=True)
+class S3Source:
+    uri: str
+
+    def open(self) -> S3Snapshot:
+        bucket, _, prefix = self.uri.removeprefix("s3://").partition("/")
+        if not bucket:
+            raise SourceError(f"{self.uri}: no bucket")
+        snapshot = S3Snapshot(bucket=bucket, prefix=prefix.strip("/"), description=self.uri.rstrip("/"))
+        snapshot.read_metadata()  # fail early, with the source's name, when it is not in the layout
+        return snapshot
+
+
+class _SameBaseRedirects(urllib.request.HTTPRedirectHandler):
+    """Follow a redirect only while it stays below the source's base URL (no SSRF through redirects)."""
+
+    def __init__(self, base: str) -> None:
+        self.base = base
+
+    def redirect_request(self, req, fp, code, msg, headers, newurl):
+        if not urllib.parse.urljoin(req.full_url, newurl).startswith(self.base):
+            raise urllib.error.HTTPError(newurl, code, f"redirect out of {self.base} refused", headers, fp)
+        return super().redirect_request(req, fp, code, msg, headers, newurl)
+
+
+@dataclass(frozen=True)
+class HttpSnapshot:
+    """A base URL in the upstream raw layout: ``BASE/metadata.csv`` and ``BASE/images/FILE``."""
+
+    base: str  # ends with "/"
+    description: str
+    remote = True
+
+    def read_metadata(self) -> bytes:
+        try:
+            return self.read_file(METADATA_FILE, MAX_METADATA_BYTES)
+        except FileNotFoundError:
+            raise SourceError(f"{self.description}: no {METADATA_FILE}") from None
+
+    def url_of(self, relative_path: str) -> str:
+        """The file's URL: each path segment percent-encoded, so a name cannot add a query or climb up."""
+        key = _key_below("", relative_path)
+        return self.base + "/".join(urllib.parse.quote(part, safe="") for part in key.split("/"))
+
+    def read_file(self, relative_path: str, max_bytes: int) -> bytes:
+        url = self.url_of(relative_path)
+        opener = urllib.request.build_opener(_SameBaseRedirects(self.base))
+
+        def fetch() -> bytes:
+            request = urllib.request.Request(url, headers={"User-Agent": "lxn_ray"})
+            try:
+                with opener.open(request, timeout=FETCH_TIMEOUT_S) as response:
+                    declared = response.headers.get("Content-Length")
+                    if declared and declared.isdigit() and int(declared) > max_bytes:
+                        raise ValueError(f"file is {declared} bytes, over the {max_bytes}-byte cap")
+                    return _read_capped(response, max_bytes, "file")
+            except urllib.error.HTTPError as error:
+                if error.code in (404, 410):
+                    raise FileNotFoundError(relative_path) from None
+                if error.code in (408, 429) or error.code >= 500:
+                    raise OSError(f"HTTP {error.code}") from None  # transient: retried
+                raise ValueError(f"HTTP {error.code}: {error.reason}") from None
+
+        return _with_retries(fetch, url)
+
+    def version(self, content_digest: str) -> str:
+        return f"sha256:{content_digest}"
+
+
+@dataclass(frozen=True)
+class HttpSource:
+    base_url: str
+
+    def open(self) -> HttpSnapshot:
+        base = self.base_url if self.base_url.endswith("/") else self.base_url + "/"
+        snapshot = HttpSnapshot(base=base, description=base)
+        snapshot.read_metadata()
+        return snapshot
+
+
+def serves_raw_layout(base_url: str) -> bool:
+    """Whether ``base_url`` answers ``metadata.csv`` over HTTP (a raw mirror, not a git remote)."""
+    base = base_url if base_url.endswith("/") else base_url + "/"
+    request = urllib.request.Request(base + METADATA_FILE, method="HEAD", headers={"User-Agent": "lxn_ray"})
+    try:
+        with urllib.request.urlopen(request, timeout=FETCH_TIMEOUT_S) as response:
+            return response.status == 200
+    except (urllib.error.URLError, OSError, ValueError):
+        return False
 
 
 def default_cache_dir() -> Path:
@@ -232,8 +408,19 @@ def is_git_location(location: str) -> bool:
 
 
 def open_source(location: str | None = None, ref: str | None = None, cache_dir: Path | None = None) -> Source:
-    """The source named by ``--source`` (default: the upstream repository) and ``--ref``."""
+    """The source named by ``--source`` (default: the upstream repository) and ``--ref``.
+
+    ``s3://`` is a mirror; an ``http(s)://`` URL that serves ``metadata.csv`` is a raw mirror (e.g.
+    ``https://raw.githubusercontent.com/ieee8023/covid-chestxray-dataset/master/``); any other URL is git.
+    """
     location = location or UPSTREAM
+    remote = location.startswith("s3://") or (
+        re.match(r"^https?://", location) and not location.endswith(".git") and serves_raw_layout(location)
+    )
+    if remote:
+        if ref:
+            raise SourceError(f"--ref needs a git source; {location} is a mirror")
+        return S3Source(location) if location.startswith("s3://") else HttpSource(location)
     if is_git_location(location):
         url = location if "://" in location or "@" in location else str(Path(location).expanduser().resolve())
         return GitSource(url=url, ref=ref, cache_dir=cache_dir)

@@ -11,10 +11,14 @@ last (see :mod:`lxn_ray.dataset`).
 
 from __future__ import annotations
 
+import contextlib
+import functools
+import hashlib
 import io
 import json
 import os
 import uuid
+from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -52,7 +56,16 @@ class Storage:
             local.mkdir(parents=True, exist_ok=True)
             return cls(uri=local.as_uri(), filesystem=pafs.LocalFileSystem(), root=str(local))
         if uri.startswith("s3://"):
-            filesystem, root = pafs.FileSystem.from_uri(uri)
+            # from_uri finds the bucket's region (and honours AWS_ENDPOINT_URL); the filesystem is then
+            # rebuilt with delayed open, so an object that fits one part is one PutObject - no multipart
+            # upload to complete or to leave behind. Ray Train and Tune write through this filesystem too.
+            located, root = pafs.FileSystem.from_uri(uri)
+            endpoint = os.environ.get("AWS_ENDPOINT_URL")  # an S3-compatible server instead of AWS
+            filesystem = pafs.S3FileSystem(
+                region=located.region,
+                allow_delayed_open=True,
+                **({"endpoint_override": endpoint, "scheme": endpoint.split("://")[0]} if endpoint else {}),
+            )
             return cls(uri=uri.rstrip("/"), filesystem=filesystem, root=root.rstrip("/"))
         raise StorageError(f"unsupported storage URI {uri!r}: use a local path, file:// or s3://")
 
@@ -95,11 +108,10 @@ class Storage:
         """Write ``data`` at ``key`` atomically: readers see the old object or the new one, never half."""
         final = self.path(key)
         parent = final.rsplit("/", 1)[0]
-        self.filesystem.create_dir(parent, recursive=True)
-        if not self.is_local:
-            with self.filesystem.open_output_stream(final) as stream:
-                stream.write(data)
+        if not self.is_local:  # one PutObject: atomic, and no multipart upload to complete or leave behind
+            self._s3_put(key, data)
             return
+        self.filesystem.create_dir(parent, recursive=True)
         temporary = f"{parent}/.tmp-{uuid.uuid4().hex}"
         try:
             with self.filesystem.open_output_stream(temporary) as stream:
@@ -134,3 +146,178 @@ class Storage:
         buffer = io.BytesIO()
         pq.write_table(table, buffer, compression="zstd")
         self.write_bytes(key, buffer.getvalue())
+
+    # -- conditional writes (leases) ----------------------------------------------------------------
+    # Objects that several processes race for (a lock) need compare-and-swap, not just atomic writes.
+    # S3 has it natively (conditional PUT: If-None-Match / If-Match, boto3 honouring AWS_ENDPOINT_URL);
+    # locally an exclusive hard link creates, and a compare-then-replace under a kernel file lock swaps.
+    # A token names one written state of an object: the S3 ETag, or locally inode + mtime + size + digest.
+
+    def create_exclusive(self, key: str, data: bytes) -> bool:
+        """Create ``key`` with ``data`` unless it exists; True when this call created it.
+
+        Of any number of concurrent callers exactly one gets True, and readers never see a partial object
+        (locally the bytes are written to a temporary file first and hard-linked into place).
+        """
+        if not self.is_local:
+            return self._s3_put(key, data, IfNoneMatch="*")
+        final = self.path(key)
+        os.makedirs(os.path.dirname(final), exist_ok=True)
+        temporary = f"{final}.new-{uuid.uuid4().hex}"
+        with open(temporary, "wb") as stream:
+            stream.write(data)
+            stream.flush()
+            os.fsync(stream.fileno())
+        try:
+            os.link(temporary, final)  # fails if ``final`` exists: the atomic "create if absent"
+            return True
+        except FileExistsError:
+            return False
+        except OSError:  # a filesystem without hard links: exclusive create, then write
+            return self._create_exclusive_unlinked(final, data)
+        finally:
+            os.unlink(temporary)
+
+    @staticmethod
+    def _create_exclusive_unlinked(final: str, data: bytes) -> bool:
+        try:
+            descriptor = os.open(final, os.O_CREAT | os.O_EXCL | os.O_WRONLY, 0o644)
+        except FileExistsError:
+            return False
+        with os.fdopen(descriptor, "wb") as stream:
+            stream.write(data)
+            stream.flush()
+            os.fsync(stream.fileno())
+        return True
+
+    def read_with_token(self, key: str) -> tuple[bytes, str] | None:
+        """The object's bytes and a token naming this written state of it; None when absent."""
+        if not self.is_local:
+            from botocore.exceptions import ClientError
+
+            bucket, name = self._s3_location(key)
+            try:
+                response = s3_client().get_object(Bucket=bucket, Key=name)
+            except ClientError as error:
+                if _s3_error_code(error) in ("NoSuchKey", "404"):
+                    return None
+                raise
+            return response["Body"].read(), response["ETag"]
+        try:
+            with open(self.path(key), "rb") as stream:
+                data, info = stream.read(), os.fstat(stream.fileno())
+        except FileNotFoundError:
+            return None
+        return data, _local_token(info, data)
+
+    def replace_if_unchanged(self, key: str, data: bytes, token: str) -> bool:
+        """Replace ``key`` only if it is still the state ``token`` names (compare-and-swap); of callers
+        racing with the same token at most one succeeds, and the object is never absent meanwhile.
+
+        S3: a conditional PUT (If-Match). Locally: compare and replace under :meth:`_guard`.
+        """
+        if not self.is_local:
+            return self._s3_put(key, data, IfMatch=token)
+        with self._guard(key):
+            current = self.read_with_token(key)
+            if current is None or current[1] != token:
+                return False
+            self.write_bytes(key, data)
+            return True
+
+    def delete_if_unchanged(self, key: str, token: str) -> bool:
+        """Delete ``key`` only if it is still the state ``token`` names (releasing one's own lease only)."""
+        if self.is_local:
+            with self._guard(key):
+                current = self.read_with_token(key)
+                if current is None or current[1] != token:
+                    return False
+                os.unlink(self.path(key))
+                return True
+        from botocore.exceptions import ClientError
+
+        bucket, name = self._s3_location(key)
+        client = s3_client()
+        try:
+            client.delete_object(Bucket=bucket, Key=name, IfMatch=token)
+            return True
+        except ClientError as error:
+            code = _s3_error_code(error)
+            if code in ("PreconditionFailed", "412", "NoSuchKey", "404", "ConditionalRequestConflict"):
+                return False
+            if code not in ("NotImplemented", "InvalidArgument", "InvalidRequest"):
+                raise
+        # A store without conditional DELETE: compare, then delete (the instant between the two is open
+        # only to a contender taking over an expired lease).
+        current = self.read_with_token(key)
+        if current is None or current[1] != token:
+            return False
+        client.delete_object(Bucket=bucket, Key=name)
+        return True
+
+    @contextlib.contextmanager
+    def _guard(self, key: str) -> Iterator[None]:
+        """Local compare-and-swap: an exclusive ``flock`` on ``<key>.guard`` (kept, empty) serialises the
+        compare and the replace among processes and threads. The kernel drops it if its holder dies, so it
+        never goes stale; Linux NFS clients map it to NFS byte-range locks.
+
+        Why not rename the old object aside and create anew: a contender whose read is outdated would move
+        a fresh object aside, and everyone reading in that instant would see no object at all.
+        """
+        import fcntl
+
+        final = self.path(key)
+        os.makedirs(os.path.dirname(final), exist_ok=True)
+        descriptor = os.open(f"{final}.guard", os.O_CREAT | os.O_RDWR, 0o644)
+        try:
+            fcntl.flock(descriptor, fcntl.LOCK_EX)
+            yield
+        finally:
+            os.close(descriptor)  # releases the flock
+
+    # -- S3 -------------------------------------------------------------------------------------------
+    def _s3_location(self, key: str) -> tuple[str, str]:
+        bucket, _, name = self.path(key).partition("/")
+        return bucket, name
+
+    def _s3_put(self, key: str, data: bytes, **condition: str) -> bool:
+        """A conditional PUT; False when the condition does not hold (or a racing conditional write won)."""
+        from botocore.exceptions import ClientError
+
+        bucket, name = self._s3_location(key)
+        try:
+            s3_client().put_object(Bucket=bucket, Key=name, Body=data, **condition)
+        except ClientError as error:
+            if _s3_error_code(error) in (
+                "PreconditionFailed",
+                "412",
+                "ConditionalRequestConflict",
+                "409",
+                "NoSuchKey",
+                "404",
+            ):
+                return False
+            raise
+        return True
+
+
+@functools.cache
+def s3_client():
+    """One boto3 S3 client per process, shared by storage and S3 sources. Credentials, region and
+    ``AWS_ENDPOINT_URL`` come from the environment (an instance profile on a cluster); timeouts are
+    bounded and transient errors (throttling, 5xx, resets) retried."""
+    import boto3
+    from botocore.config import Config
+
+    config = Config(connect_timeout=30, read_timeout=60, retries={"max_attempts": 5, "mode": "standard"})
+    return boto3.client("s3", config=config)
+
+
+def _local_token(info: os.stat_result, data: bytes) -> str:
+    digest = hashlib.sha256(data).hexdigest()[:16]
+    return f"{info.st_ino}-{info.st_mtime_ns}-{info.st_size}-{digest}"
+
+
+def _s3_error_code(error: Exception) -> str:
+    response = getattr(error, "response", None) or {}
+    return str(response.get("Error", {}).get("Code", ""))

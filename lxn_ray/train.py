@@ -51,7 +51,8 @@ class TrainConfig:
     learning_rate: float = 1e-4
     augment: AugmentConfig = field(default_factory=lambda: LIGHT_AUGMENT)
     workers: int = 1
-    use_gpu: bool = False
+    use_gpu: bool = False  # also on whenever the cluster has GPUs
+    mixed_precision: bool = False  # float16 compute on GPUs (float32 weights and output); off by default
     seed: int = 0
 
     @property
@@ -100,10 +101,12 @@ def train_loop_per_worker(loop_config: dict[str, Any]) -> None:
     """One worker of a data-parallel run. ``loop_config``: TrainConfig fields plus class weights."""
     import tensorflow as tf
 
-    # Thread pools, then collective ops, must be configured before any TF op runs in this process.
+    # Thread pools, GPU memory growth, then collective ops: all before any TF op runs in this process.
     cpus = int(loop_config.get("cpus_per_worker", 1))
     tf.config.threading.set_intra_op_parallelism_threads(cpus)
     tf.config.threading.set_inter_op_parallelism_threads(max(1, min(2, cpus)))
+    for gpu in tf.config.list_physical_devices("GPU"):
+        tf.config.experimental.set_memory_growth(gpu, True)  # share the card; no up-front grab
     strategy = tf.distribute.MultiWorkerMirroredStrategy()
     import keras
     import ray.train
@@ -112,6 +115,8 @@ def train_loop_per_worker(loop_config: dict[str, Any]) -> None:
     from lxn_ray.preprocess import build_augmenter
 
     config = _config_from_dict(loop_config["train"])
+    if config.mixed_precision:
+        keras.mixed_precision.set_global_policy("mixed_float16")
     context = ray.train.get_context()
     rank, world = context.get_world_rank(), context.get_world_size()
     keras.utils.set_random_seed(config.seed)  # same initial weights on every rank
@@ -119,6 +124,8 @@ def train_loop_per_worker(loop_config: dict[str, Any]) -> None:
     with strategy.scope():
         model = build_lxn(config.model)
         optimizer = make_optimizer(config.learning_rate)
+        if config.mixed_precision:  # scales the loss so float16 gradients do not underflow
+            optimizer = keras.optimizers.LossScaleOptimizer(optimizer)
     augmenter = build_augmenter(config.augment, seed=config.seed + rank)
     w_pos, w_neg = float(loop_config["w_pos"]), float(loop_config["w_neg"])
     local_batch = max(1, config.batch_size // world)
@@ -142,6 +149,8 @@ def train_loop_per_worker(loop_config: dict[str, Any]) -> None:
             probabilities = model(images, training=True)
             per_example = weighted_bce(labels, probabilities, w_pos, w_neg)
             loss = tf.nn.compute_average_loss(per_example, global_batch_size=tf.shape(images)[0] * world)
+            if config.mixed_precision:
+                loss = optimizer.scale_loss(loss)  # apply_gradients unscales
         gradients = tape.gradient(loss, model.trainable_variables)
         optimizer.apply_gradients(zip(gradients, model.trainable_variables, strict=True))
         return per_example, tf.reshape(probabilities, [-1])
@@ -256,7 +265,7 @@ def run_trainer(
     Shared by ``jobs/train.py`` and the Tune trials (which pass a reporting callback).
     """
     import ray
-    from ray.train import CheckpointConfig, DataConfig, FailureConfig, RunConfig, ScalingConfig
+    from ray.train import CheckpointConfig, DataConfig, FailureConfig, RunConfig
     from ray.train.tensorflow import TensorflowTrainer
 
     images = dataset.read_split(storage, version, "train")
@@ -267,14 +276,8 @@ def run_trainer(
     w_pos, w_neg = class_weights(positives, negatives)
     train = split_dataset(storage, version, "train", config.image_size)
     val = split_dataset(storage, version, "val", config.image_size)
-    available = ray.cluster_resources()
-    use_gpu = config.use_gpu or available.get("GPU", 0) > 0
-    if use_gpu:
-        cpus = 1
-    elif cpus_per_worker:  # Tune sizes trials so several fit side by side
-        cpus = cpus_per_worker
-    else:
-        cpus = max(1, int(available.get("CPU", 1) // max(config.workers, 1)))
+    scaling = scaling_config(config, ray.cluster_resources(), cpus_per_worker)
+    use_gpu, cpus = scaling.use_gpu, int(scaling.resources_per_worker["CPU"])
     trainer = TensorflowTrainer(
         train_loop_per_worker,
         train_loop_config={
@@ -288,11 +291,7 @@ def run_trainer(
                 "snapshot": f"{storage.path(RUNS)}/{run_name}/checkpoint_manager_snapshot.json",
             },
         },
-        scaling_config=ScalingConfig(
-            num_workers=config.workers,
-            use_gpu=use_gpu,
-            resources_per_worker={"CPU": cpus} if not use_gpu else None,
-        ),
+        scaling_config=scaling,
         datasets={"train": train, "val": val},
         dataset_config=DataConfig(datasets_to_split=["train"]),
         run_config=RunConfig(
@@ -311,6 +310,18 @@ def run_trainer(
         f"{val.count()} val images, class weights w+={w_pos:.3f} w-={w_neg:.3f}"
     )
     return trainer.fit()
+
+
+def scaling_config(config: TrainConfig, available: dict[str, float], cpus_per_worker: int | None = None):
+    """What each Ray Train worker asks for: one GPU (and a CPU to feed it) when the cluster has GPUs or
+    ``use_gpu`` is set; otherwise ``cpus_per_worker`` CPUs (Tune's sizing) or an even share of the CPUs."""
+    from ray.train import ScalingConfig
+
+    workers = max(config.workers, 1)
+    if config.use_gpu or available.get("GPU", 0) > 0:
+        return ScalingConfig(num_workers=workers, use_gpu=True, resources_per_worker={"CPU": 1, "GPU": 1})
+    cpus = cpus_per_worker or max(1, int(available.get("CPU", 1) // workers))
+    return ScalingConfig(num_workers=workers, use_gpu=False, resources_per_worker={"CPU": cpus})
 
 
 def train(

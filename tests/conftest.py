@@ -1,8 +1,16 @@
-"""Shared fixtures: a real local Ray instance, the real ieee8023 bundle, and synthetic sources on disk."""
+"""Shared fixtures: a real local Ray instance, a real S3-compatible server on 127.0.0.1, the real ieee8023
+bundle, and synthetic sources on disk."""
 
 from __future__ import annotations
 
+import os
+import socket
 import subprocess
+import sys
+import time
+import urllib.error
+import urllib.request
+import uuid
 from collections.abc import Callable, Iterator
 from pathlib import Path
 
@@ -14,9 +22,95 @@ REPO_ROOT = Path(__file__).resolve().parent.parent
 BUNDLE = REPO_ROOT.parent / "shared" / "data" / "ieee8023.bundle"
 
 
+def free_port() -> int:
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        return probe.getsockname()[1]
+
+
+def wait_for_http(url: str, process: subprocess.Popen, timeout_s: float = 60.0) -> None:
+    """Block until ``url`` answers (any HTTP status), failing fast if ``process`` died."""
+    deadline = time.monotonic() + timeout_s
+    while True:
+        try:
+            urllib.request.urlopen(url, timeout=2).close()
+            return
+        except urllib.error.HTTPError:
+            return  # it answered
+        except OSError:
+            if process.poll() is not None:
+                raise RuntimeError(f"server for {url} exited with {process.returncode}") from None
+            if time.monotonic() > deadline:
+                raise TimeoutError(f"{url} did not answer within {timeout_s} s") from None
+            time.sleep(0.1)
+
+
 @pytest.fixture(scope="session")
-def ray_local() -> Iterator[None]:
-    """One real local Ray instance for the whole test session (2 CPUs, like CI)."""
+def s3_server() -> Iterator[str]:
+    """moto's S3 server on 127.0.0.1, named by ``AWS_ENDPOINT_URL`` (with dummy credentials) for this
+    process and - because Ray starts after it - for every Ray worker. AWS itself is never reached."""
+    port = free_port()
+    server = subprocess.Popen(
+        [sys.executable, "-m", "moto.server", "-H", "127.0.0.1", "-p", str(port)],
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+    )
+    endpoint = f"http://127.0.0.1:{port}"
+    wait_for_http(endpoint, server)
+    settings = {
+        "AWS_ENDPOINT_URL": endpoint,
+        "AWS_ACCESS_KEY_ID": "testing",
+        "AWS_SECRET_ACCESS_KEY": "testing",
+        "AWS_DEFAULT_REGION": "us-east-1",
+    }
+    previous = {name: os.environ.get(name) for name in settings}
+    os.environ.update(settings)
+    yield endpoint
+    for name, value in previous.items():
+        if value is None:
+            os.environ.pop(name, None)
+        else:
+            os.environ[name] = value
+    server.terminate()
+    server.wait()
+
+
+@pytest.fixture
+def s3_bucket(s3_server: str) -> str:
+    """A new, empty bucket on the local S3 server."""
+    import boto3
+
+    name = f"lxn-{uuid.uuid4().hex[:12]}"
+    boto3.client("s3").create_bucket(Bucket=name)
+    return name
+
+
+@pytest.fixture
+def http_server() -> Iterator[Callable[[Path], str]]:
+    """``serve(folder)`` -> the base URL of ``python -m http.server`` serving ``folder`` on 127.0.0.1."""
+    servers: list[subprocess.Popen] = []
+
+    def serve(folder: Path) -> str:
+        port = free_port()
+        command = [sys.executable, "-m", "http.server", str(port), "--bind", "127.0.0.1", "--directory"]
+        server = subprocess.Popen(
+            [*command, str(folder)], stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL
+        )
+        servers.append(server)
+        base = f"http://127.0.0.1:{port}/"
+        wait_for_http(base, server)
+        return base
+
+    yield serve
+    for server in servers:
+        server.terminate()
+        server.wait()
+
+
+@pytest.fixture(scope="session")
+def ray_local(s3_server: str) -> Iterator[None]:
+    """One real local Ray instance for the whole test session (2 CPUs, like CI). It starts after the S3
+    server so its workers inherit ``AWS_ENDPOINT_URL``."""
     import ray
 
     # A new instance even when `ray start` left a cluster running here ("local"), with its dashboard as

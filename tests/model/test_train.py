@@ -16,7 +16,7 @@ from lxn_ray.ingest import ingest
 from lxn_ray.preprocess import AugmentConfig
 from lxn_ray.sources import FolderSource
 from lxn_ray.storage import Storage
-from lxn_ray.train import TrainConfig, train
+from lxn_ray.train import TrainConfig, scaling_config, train
 from tests.helpers import radiograph
 
 pytestmark = pytest.mark.usefixtures("ray_local")
@@ -130,6 +130,27 @@ def test_worker_death_and_interrupted_job_resume(store, tmp_path):
     card = registry.read_card(store, rerun["model_version"])
     assert [entry["epoch"] for entry in card["history"]] == [1, 2, 3]
     assert card["resumes"] == 1  # epochs 1-2 came from the interrupted run
+
+
+def test_workers_ask_for_one_gpu_each_when_the_cluster_has_gpus():
+    config = TrainConfig(**TINY, workers=4)
+    on_gpus = scaling_config(config, {"CPU": 16, "GPU": 4})
+    assert on_gpus.use_gpu and on_gpus.num_workers == 4
+    assert on_gpus.resources_per_worker == {"CPU": 1, "GPU": 1}
+    on_cpus = scaling_config(config, {"CPU": 16})
+    assert not on_cpus.use_gpu and on_cpus.resources_per_worker == {"CPU": 4}  # an even share
+    assert scaling_config(config, {"CPU": 16}, cpus_per_worker=1).resources_per_worker == {"CPU": 1}
+    forced = scaling_config(TrainConfig(**TINY, use_gpu=True), {"CPU": 2})
+    assert forced.use_gpu and forced.resources_per_worker == {"CPU": 1, "GPU": 1}
+
+
+def test_mixed_precision_trains_and_publishes_a_float32_model(store):
+    published = train(store, None, TrainConfig(**TINY, epochs=1, mixed_precision=True))
+    card = registry.read_card(store, published["model_version"])
+    assert card["config"]["mixed_precision"] is True and card["history"][0]["train_loss"] > 0
+    model = registry.resolve(store, published["model_version"]).load()
+    probabilities = model.predict(np.full((2, 32, 32, 3), 0.5, np.float32), verbose=0)
+    assert probabilities.dtype == np.float32 and np.all((probabilities >= 0) & (probabilities <= 1))
 
 
 def test_evaluate_job_scores_a_folder_with_subgroups_and_overlap(store, tmp_path, source_builder):
