@@ -9,13 +9,16 @@ around the ``*_main`` functions here, so ``python jobs/ingest.py ...`` and ``lxn
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 import sys
+import time
 from collections.abc import Callable, Sequence
 from datetime import datetime, timezone
 from pathlib import Path
 from typing import Any
 
+from lxn_ray import registry
 from lxn_ray.metrics import fmt
 from lxn_ray.storage import Storage, default_storage_uri
 
@@ -158,7 +161,13 @@ def train_main(argv: Sequence[str] | None = None) -> int:
             seed=args.seed,
             **({"augment": AugmentConfig()} if args.no_augment else {}),
         )
-        return train(storage, args.dataset_version, config, fresh=args.fresh)
+        report = train(storage, args.dataset_version, config, fresh=args.fresh)
+        # The first model of a store becomes its champion (so it can be served at once); after that only
+        # tune, retrain or `registry promote` replace a champion, by their stated rules.
+        report["promoted"] = registry.champion(storage) is None
+        if report["promoted"]:
+            registry.promote(storage, report["model_version"], reason="the store's first model")
+        return report
 
     return run_job("train", args, work, train_summary)
 
@@ -175,7 +184,8 @@ def train_summary(report: dict[str, Any]) -> str:
         f"specificity {fmt(val['specificity'])}\n"
         f"  test: AUC {fmt(test['auc'])}{interval}, sensitivity {fmt(test['sensitivity'])}, "
         f"specificity {fmt(test['specificity'])}, n={test['n']} (patient-disjoint)\n"
-        f"  model: {report['checkpoint']}\n"
+        f"  model: {report['checkpoint']}"
+        f"{' (now the champion: the first model in this store)' if report.get('promoted') else ''}\n"
         "  research use only - not a diagnostic device"
     )
 
@@ -223,8 +233,6 @@ def registry_main(argv: Sequence[str] | None = None) -> int:
     args = parser.parse_args(argv)
 
     def work(storage: Storage) -> dict[str, Any]:
-        from lxn_ray import registry
-
         if args.command == "list":
             return {
                 "command": "list",
@@ -496,6 +504,102 @@ def retrain_summary(report: dict[str, Any]) -> str:
     return "\n".join(lines)
 
 
+# -- serve --------------------------------------------------------------------------------------------
+def serve_main(argv: Sequence[str] | None = None) -> int:
+    """``python jobs/serve.py --storage URI [--model champion|VERSION] ...``: deploy, then serve until
+    SIGINT/SIGTERM (or return at once with ``--detach``)."""
+    from lxn_ray.serve import ServeSettings
+
+    defaults = ServeSettings(storage="-")
+    parser = job_parser("Serve LxN over HTTP with Ray Serve: /predict, /predict/batch, /explain, /docs.")
+    parser.add_argument(
+        "--model",
+        default="champion",
+        help="champion (follows promotions) or a model version id / .keras path (pinned)",
+    )
+    parser.add_argument("--host", default=defaults.host, help="HTTP address (0.0.0.0 for all interfaces)")
+    parser.add_argument("--port", type=int, default=defaults.port)
+    parser.add_argument("--route-prefix", default=defaults.route_prefix)
+    parser.add_argument("--app-name", default=defaults.app_name, help="Serve application name")
+    parser.add_argument("--min-replicas", type=int, default=defaults.min_replicas)
+    parser.add_argument("--max-replicas", type=int, default=defaults.max_replicas)
+    parser.add_argument(
+        "--target-ongoing-requests",
+        type=float,
+        default=defaults.target_ongoing_requests,
+        help="autoscaling target: ongoing requests per replica",
+    )
+    parser.add_argument("--max-ongoing-requests", type=int, default=defaults.max_ongoing_requests)
+    parser.add_argument("--cpus-per-replica", type=float, default=defaults.cpus_per_replica)
+    parser.add_argument("--gpus-per-replica", type=float, default=defaults.gpus_per_replica)
+    parser.add_argument("--max-batch-size", type=int, default=defaults.max_batch_size)
+    parser.add_argument("--batch-wait-timeout-s", type=float, default=defaults.batch_wait_timeout_s)
+    parser.add_argument(
+        "--poll-seconds", type=float, default=defaults.poll_seconds, help="champion pointer poll period"
+    )
+    parser.add_argument(
+        "--detach",
+        action="store_true",
+        help="deploy and exit, leaving the app on the running cluster (needs `ray start`: a local Ray "
+        "started by this job ends with it)",
+    )
+    args = parser.parse_args(argv)
+    try:
+        settings = ServeSettings(
+            storage=args.storage,
+            model=args.model,
+            host=args.host,
+            port=args.port,
+            app_name=args.app_name,
+            route_prefix=args.route_prefix,
+            min_replicas=args.min_replicas,
+            max_replicas=args.max_replicas,
+            target_ongoing_requests=args.target_ongoing_requests,
+            max_ongoing_requests=args.max_ongoing_requests,
+            cpus_per_replica=args.cpus_per_replica,
+            gpus_per_replica=args.gpus_per_replica,
+            max_batch_size=args.max_batch_size,
+            batch_wait_timeout_s=args.batch_wait_timeout_s,
+            poll_seconds=args.poll_seconds,
+        )
+    except ValueError as error:
+        parser.error(str(error))
+
+    def work(storage: Storage) -> dict[str, Any]:
+        from lxn_ray.serve import check_model, deploy
+
+        check_model(storage, settings.model)  # no champion / unknown version: fail before Serve starts
+        report = deploy(dataclasses.replace(settings, storage=storage.uri))
+        return {**report, "detached": args.detach}
+
+    code = run_job("serve", args, work, serve_summary)
+    if code != 0 or args.detach:
+        return code
+    from ray import serve
+
+    from lxn_ray.serve import wait_for_signal
+
+    print("serving until SIGINT (Ctrl-C) or SIGTERM", flush=True)
+    name = wait_for_signal()
+    started = time.monotonic()
+    serve.shutdown()
+    print(f"{name}: Serve shut down in {time.monotonic() - started:.1f} s", flush=True)
+    return 0
+
+
+def serve_summary(report: dict[str, Any]) -> str:
+    following = "follows the champion" if report["model"] == "champion" else "pinned"
+    lines = [
+        f"serving model {report['model_version']} ({following}) at {report['url']}",
+        f"  POST /predict, /predict/batch, /explain; GET /healthz, /model; docs {report['docs']}",
+        f"  threshold {report['threshold']:.3f}, input {report['image_size']} px",
+    ]
+    if report.get("detached"):
+        lines.append(f"  detached: stop it with `serve delete {report['app_name']}` or `serve shutdown`")
+    lines.append("  research use only - not a diagnostic device")
+    return "\n".join(lines)
+
+
 COMMANDS: dict[str, Callable[[Sequence[str] | None], int]] = {
     "registry": registry_main,
     "ingest": ingest_main,
@@ -503,6 +607,7 @@ COMMANDS: dict[str, Callable[[Sequence[str] | None], int]] = {
     "evaluate": evaluate_main,
     "tune": tune_main,
     "retrain": retrain_main,
+    "serve": serve_main,
 }
 
 

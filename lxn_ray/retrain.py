@@ -273,11 +273,9 @@ def score_on_test(storage: Storage, model_version: str, version: str) -> tuple[A
     import numpy as np
 
     from lxn_ray.metrics import binary_metrics
-    from lxn_ray.train import score_split
+    from lxn_ray.train import score_registered
 
-    reference = registry.resolve(storage, model_version)
-    image_size = int(reference.card.get("config", {}).get("image_size", 200))
-    labels, scores = score_split(reference.load(), storage, version, "test", image_size)
+    labels, scores, reference = score_registered(storage, model_version, version, "test")
     result = binary_metrics(labels, scores, reference.threshold)
     return (
         labels,
@@ -291,7 +289,7 @@ def score_on_test(storage: Storage, model_version: str, version: str) -> tuple[A
             "threshold": result.threshold,
             "n": int(len(labels)),
             "positives": int(np.sum(labels)),
-            "image_size": image_size,
+            "image_size": int(reference.card.get("config", {}).get("image_size", 0)) or None,
             "trained_on": reference.card.get("dataset_version"),
         },
     )

@@ -435,6 +435,15 @@ def score_split(model, storage: Storage, version: str, split: str, image_size: i
     return labels, predict_probabilities(model, images)
 
 
+def score_registered(storage: Storage, model_version: str, version: str, split: str):
+    """(labels, scores, ModelRef) of a registered model on one split of ``version``, at the model's own
+    input size - how promotion rules compare two models on the same images."""
+    reference = registry.resolve(storage, model_version)
+    model = reference.load()
+    labels, scores = score_split(model, storage, version, split, int(model.input_shape[1]))
+    return labels, scores, reference
+
+
 def _model_card(
     model_version, dataset_version, config, state, latest, threshold, val, test, seconds, run_name
 ):

@@ -558,11 +558,9 @@ def promotion_decision(storage: Storage, version: str, candidate: dict[str, Any]
 def rescore_test_auc(storage: Storage, model_version: str, version: str) -> float | None:
     """A registered model's AUC on ``version``'s test split."""
     from lxn_ray.metrics import roc_auc
-    from lxn_ray.train import score_split
+    from lxn_ray.train import score_registered
 
-    reference = registry.resolve(storage, model_version)
-    image_size = int(reference.card.get("config", {}).get("image_size", 200))
-    labels, scores = score_split(reference.load(), storage, version, "test", image_size)
+    labels, scores, _ = score_registered(storage, model_version, version, "test")
     return roc_auc(labels, scores)
 
 

@@ -4,7 +4,6 @@ bundle, and synthetic sources on disk."""
 from __future__ import annotations
 
 import os
-import socket
 import subprocess
 import sys
 import time
@@ -16,16 +15,10 @@ from pathlib import Path
 
 import pytest
 
-from tests.helpers import SourceBuilder
+from tests.helpers import SourceBuilder, free_port
 
 REPO_ROOT = Path(__file__).resolve().parent.parent
 BUNDLE = REPO_ROOT.parent / "shared" / "data" / "ieee8023.bundle"
-
-
-def free_port() -> int:
-    with socket.socket() as probe:
-        probe.bind(("127.0.0.1", 0))
-        return probe.getsockname()[1]
 
 
 def wait_for_http(url: str, process: subprocess.Popen, timeout_s: float = 60.0) -> None:

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import csv
 import io
+import socket
 import struct
 import zlib
 from pathlib import Path
@@ -29,6 +30,13 @@ METADATA_HEADER = [
     "clinical notes",
     "",
 ]
+
+
+def free_port() -> int:
+    """A TCP port on 127.0.0.1 that nothing listens on right now."""
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        return probe.getsockname()[1]
 
 
 def encode(image: Image.Image, fmt: str, **options) -> bytes:

@@ -1,6 +1,7 @@
 """Remote sources and S3 storage, end to end against real local servers: an HTTP base URL in the upstream
-raw layout (``python -m http.server``) and an S3 mirror plus S3 storage (moto's server). Both sources are
-fetched by Ray Data tasks and must give the same dataset as reading the folder itself."""
+raw layout (``python -m http.server``) and an S3 mirror plus S3 storage (moto's server) through ingest,
+training and serving. Both sources are fetched by Ray Data tasks and must give the same dataset as
+reading the folder itself."""
 
 from __future__ import annotations
 
@@ -8,6 +9,7 @@ from pathlib import Path
 
 import boto3
 import pytest
+import requests
 
 from lxn_ray import dataset, registry
 from lxn_ray.imaging import ImageLimits
@@ -24,7 +26,7 @@ from lxn_ray.sources import (
     open_source,
 )
 from lxn_ray.storage import Storage
-from tests.helpers import encode, radiograph
+from tests.helpers import encode, free_port, radiograph
 from tests.model.test_train import labelled_source
 
 pytestmark = pytest.mark.usefixtures("ray_local")
@@ -139,6 +141,25 @@ def test_s3_mirror_into_s3_storage_then_train(mixed_source, s3_bucket, tmp_path)
     assert any(key.startswith("store/blobs/sha256/") for key in keys)
     assert any(key.startswith("store/runs/") and "/checkpoint_" in key for key in keys)
     assert registry.resolve(storage, "champion").load() is not None  # safe-mode load from S3
+
+    # The endpoint serves the champion straight from the bucket.
+    from ray import serve
+
+    from lxn_ray.serve import ServeSettings, deploy
+
+    settings = ServeSettings(storage=storage.uri, port=free_port(), cpus_per_replica=0, max_replicas=1)
+    try:
+        deployed = deploy(settings)
+        response = requests.post(
+            f"{settings.url}/predict",
+            data=encode(radiograph(3), "PNG"),
+            headers={"Content-Type": "image/png"},
+            timeout=120,
+        )
+    finally:
+        serve.shutdown()
+    assert deployed["model_version"] == published["model_version"]
+    assert response.status_code == 200 and response.json()["model_version"] == published["model_version"]
 
 
 def test_s3_keys_stay_below_the_prefix():

@@ -1,0 +1,188 @@
+"""Serving benchmark: LxN through the Ray Serve HTTP endpoint against the same model in this process.
+
+    python benchmarks/serve.py --storage /tmp/store [--model champion|VERSION] [--requests 200]
+                               [--image PATH] [--replicas 1] [--cpus-per-replica 1]
+                               [--max-batch-size 16] [--batch-wait-timeout-s 0.02] [--port 8000]
+
+Needs a model in ``--storage`` (the champion unless ``--model`` names a version). In one run it measures:
+- the in-process ceiling: the model loaded here exactly as a replica loads it (lxn_ray.serve's traced
+  forward pass), at the replica's batch size: forward pass only, and preprocessing + forward pass (the
+  per-image work a replica does),
+- requests/s and p50/p99 latency of ``POST /predict`` (raw image body) through Serve's HTTP proxy at
+  concurrency 1, 8 and 32 (threads, one HTTP session each, ``--requests`` requests per level after a
+  warm-up), with a fixed number of replicas so autoscaling does not move the numbers,
+- the ratio of each HTTP rate to the in-process batched forward rate (the model's ceiling) and to the
+  in-process preprocessing + forward rate (the same per-image work a replica does, run sequentially).
+The image defaults to a synthetic 1024x1024 JPEG radiograph. The client runs on the same machine as the
+server, so on a small machine it takes CPU from the replica. Append the printed table to
+benchmarks/RESULTS.md with the machine it came from.
+"""
+
+from __future__ import annotations
+
+import argparse
+import io
+import os
+import platform
+import threading
+import time
+from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
+
+import numpy as np
+from PIL import Image
+
+from lxn_ray import registry
+from lxn_ray.preprocess import preprocess_bytes
+from lxn_ray.serve import ServeSettings, deploy, load_model_version
+from lxn_ray.storage import Storage
+
+CONCURRENCY = (1, 8, 32)
+
+
+def synthetic_radiograph(side: int = 1024, seed: int = 0) -> bytes:
+    """A chest-film-like JPEG (two bright lung fields, ribs, noise): realistic decode and resize cost."""
+    rng = np.random.default_rng(seed)
+    y, x = np.mgrid[0:side, 0:side] / side
+    image = 40 + 60 * np.exp(-((x - 0.5) ** 2) / 0.02)
+    for centre in (0.3, 0.7):
+        image += 110 * np.exp(-(((x - centre) / 0.14) ** 2 + ((y - 0.5) / 0.3) ** 2))
+    image += 20 * np.sin(2 * np.pi * 9 * y) + rng.normal(0, 6, image.shape)
+    buffer = io.BytesIO()
+    Image.fromarray(np.clip(image, 0, 255).astype(np.uint8), mode="L").save(buffer, "JPEG", quality=90)
+    return buffer.getvalue()
+
+
+def in_process(storage: Storage, model: str, data: bytes, batch: int, seconds: float = 3.0, repeats: int = 3):
+    """Images/s of (forward only, preprocessing + forward) at ``batch``, after a warm-up; the best of
+    ``repeats`` windows, so a burst of other work on the machine does not set the ceiling."""
+    loaded = load_model_version(storage, model)
+    images = np.stack([preprocess_bytes(data, loaded.image_size)] * batch)
+    for _ in range(3):
+        loaded.forward(images)
+
+    def rate(step) -> float:
+        best = 0.0
+        for _ in range(repeats):
+            started, done = time.perf_counter(), 0
+            while time.perf_counter() - started < seconds:
+                step()
+                done += batch
+            best = max(best, done / (time.perf_counter() - started))
+        return best
+
+    forward_only = rate(lambda: loaded.forward(images))
+    with_preprocessing = rate(
+        lambda: loaded.forward(np.stack([preprocess_bytes(data, loaded.image_size) for _ in range(batch)]))
+    )
+    return loaded, forward_only, with_preprocessing
+
+
+def http_level(url: str, data: bytes, concurrency: int, requests_total: int) -> tuple[float, np.ndarray]:
+    """(requests/s, latencies in ms) for ``requests_total`` POSTs from ``concurrency`` threads."""
+    import requests
+
+    latencies: list[float] = []
+    lock = threading.Lock()
+    counter = iter(range(requests_total))
+    errors: list[str] = []
+
+    def worker() -> None:
+        session = requests.Session()
+        headers = {"Content-Type": "image/jpeg"}
+        while True:
+            with lock:
+                if next(counter, None) is None:
+                    return
+            started = time.perf_counter()
+            response = session.post(url + "/predict", data=data, headers=headers, timeout=300)
+            elapsed = (time.perf_counter() - started) * 1000
+            with lock:
+                latencies.append(elapsed)
+                if response.status_code != 200:
+                    errors.append(f"{response.status_code} {response.text[:200]}")
+
+    started = time.perf_counter()
+    with ThreadPoolExecutor(max_workers=concurrency) as pool:
+        for future in [pool.submit(worker) for _ in range(concurrency)]:
+            future.result()
+    wall = time.perf_counter() - started
+    if errors:
+        raise RuntimeError(f"{len(errors)} requests failed, e.g. {errors[0]}")
+    return requests_total / wall, np.asarray(latencies)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
+    parser.add_argument("--storage", required=True)
+    parser.add_argument("--model", default="champion", help="champion or a model version id")
+    parser.add_argument("--requests", type=int, default=200, help="requests per concurrency level")
+    parser.add_argument("--image", type=Path, help="a PNG/JPEG to send (default: synthetic 1024x1024 JPEG)")
+    parser.add_argument("--replicas", type=int, default=1, help="fixed replica count (min = max)")
+    parser.add_argument("--cpus-per-replica", type=float, default=1.0, help="Ray CPUs reserved per replica")
+    parser.add_argument("--max-batch-size", type=int, default=ServeSettings(storage="-").max_batch_size)
+    parser.add_argument(
+        "--batch-wait-timeout-s", type=float, default=ServeSettings(storage="-").batch_wait_timeout_s
+    )
+    parser.add_argument("--port", type=int, default=8000)
+    args = parser.parse_args()
+
+    import ray
+    from ray import serve
+
+    storage = Storage.open(args.storage)
+    version = registry.resolve(storage, args.model).version or args.model
+    data = args.image.read_bytes() if args.image else synthetic_radiograph()
+    with Image.open(io.BytesIO(data)) as probe:
+        described = f"{probe.format} {probe.size[0]}x{probe.size[1]} {probe.mode}, {len(data) / 1024:.0f} KiB"
+
+    loaded, forward_rate, local_rate = in_process(storage, version, data, args.max_batch_size)
+    ray.init(num_cpus=os.cpu_count(), include_dashboard=False, logging_level="ERROR", log_to_driver=False)
+    settings = ServeSettings(
+        storage=storage.uri,
+        model=version,
+        port=args.port,
+        min_replicas=args.replicas,
+        max_replicas=args.replicas,
+        cpus_per_replica=args.cpus_per_replica,
+        max_batch_size=args.max_batch_size,
+        batch_wait_timeout_s=args.batch_wait_timeout_s,
+        max_ongoing_requests=max(32, args.max_batch_size),
+    )
+    try:
+        deploy(settings)
+        http_level(settings.url, data, 4, 20)  # warm-up: connections, first batches
+        levels = {c: http_level(settings.url, data, c, args.requests) for c in CONCURRENCY}
+    finally:
+        serve.shutdown()
+        ray.shutdown()
+
+    print(
+        f"machine: {platform.node()} {platform.machine()}, {os.cpu_count()} cores, "
+        f"Python {platform.python_version()}"
+    )
+    print(
+        f"model {version}: LxN {loaded.image_size} px; image {described}; {args.replicas} replica(s) x "
+        f"{args.cpus_per_replica} CPU, max batch {args.max_batch_size}, "
+        f"batch wait {settings.batch_wait_timeout_s * 1000:.0f} ms; {args.requests} requests per level"
+    )
+    print("| path | concurrency | images/s | p50 ms | p99 ms | vs forward | vs preprocess + forward |")
+    print("| --- | ---: | ---: | ---: | ---: | ---: | ---: |")
+    batch = args.max_batch_size
+    print(f"| in-process forward, batch {batch} | - | {forward_rate:.1f} | - | - | 1.00x | - |")
+    print(
+        f"| in-process preprocess + forward, batch {batch} | - | {local_rate:.1f} | - | - | "
+        f"{local_rate / forward_rate:.2f}x | 1.00x |"
+    )
+    for concurrency, (rate, latencies) in levels.items():
+        p50, p99 = np.percentile(latencies, [50, 99])
+        print(
+            f"| HTTP POST /predict | {concurrency} | {rate:.1f} | {p50:.0f} | {p99:.0f} | "
+            f"{rate / forward_rate:.2f}x | {rate / local_rate:.2f}x |"
+        )
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,742 @@
+"""The LxN endpoint on Ray Serve: one FastAPI ingress deployment, batched inference, hot model reload.
+
+``POST /predict`` (one image, raw ``image/png``/``image/jpeg`` body or multipart field ``file``),
+``POST /predict/batch`` (multipart, fields ``files`` or ``file``, answers in order), ``POST /explain``
+(Grad-CAM overlay PNG), ``GET /healthz``, ``GET /model`` (the model card) and the OpenAPI docs at
+``/docs``. Research use only - not a diagnostic device.
+
+Why it is built this way:
+
+- **One preprocessing path.** Every image goes through :func:`lxn_ray.preprocess.preprocess_bytes` at
+  the side the loaded model was built for (its input shape), so serving sees the pixels evaluation saw.
+- **Batching.** Requests are decoded concurrently in threads, then their arrays meet in ``@serve.batch``
+  so one traced forward pass serves many requests; the forward pass runs off the event loop, which keeps
+  accepting requests (and filling the next batch) meanwhile.
+- **Hot reload without dropping a request.** When serving ``champion``, each replica polls the registry's
+  champion pointer every ``poll_seconds``. A new champion is loaded, traced and warmed in a thread, then
+  the replica's model reference is replaced in one assignment. A batch holds the reference it started
+  with, and every answer names the ``model_version`` that computed it. Polling needs no coordinator and
+  works the same under ``python jobs/serve.py`` and ``serve deploy``. A pinned version never moves.
+- **Hostile input is a 4xx, never a crash.** Content type is checked first (415), then the declared
+  Content-Length (413) before reading, and the body is capped while it streams in (chunked uploads, 413).
+  Decoding uses :mod:`lxn_ray.imaging`'s guards (50-megapixel cap checked from the header: 413; empty,
+  truncated or non-image bytes: 400). Every error body is ``{"error": "..."}`` and counted by reason.
+- **Safe loading.** Models load with Keras safe mode through :meth:`lxn_ray.registry.ModelRef.load`;
+  nothing from a request or the store is ever unpickled or evaluated.
+
+Importing this module imports neither Ray, TensorFlow nor FastAPI; replicas and the deploy path import
+them where they are used. (No ``from __future__ import annotations`` here: FastAPI resolves route
+annotations at runtime, and the routes are built inside :func:`create_api`.)
+"""
+
+import asyncio
+import dataclasses
+import email.message
+import functools
+import logging
+import signal
+import threading
+from collections.abc import Awaitable, Callable, Mapping, Sequence
+from dataclasses import dataclass, field
+from datetime import datetime, timezone
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from lxn_ray import registry
+from lxn_ray.imaging import ImageLimits, ImageRejected
+from lxn_ray.storage import Storage
+
+logger = logging.getLogger("ray.serve")
+
+RESEARCH_NOTE = "research use only - not a diagnostic device"
+POSITIVE_LABEL = "COVID-19"
+NEGATIVE_LABEL = "negative"
+RAW_IMAGE_TYPES = frozenset({"image/png", "image/jpeg"})
+MULTIPART_TYPE = "multipart/form-data"
+# A multipart part may say what it carries; clients that do not know send octet-stream or nothing.
+PART_TYPES = RAW_IMAGE_TYPES | {"application/octet-stream"}
+SINGLE_FIELD = "file"
+BATCH_FIELDS = ("files", "file")
+DEPLOYMENT_NAME = "LxnServer"
+
+
+# -- settings -----------------------------------------------------------------------------------------
+@dataclass(frozen=True)
+class ServeSettings:
+    """Everything a deployment of the endpoint needs, from flags (jobs/serve.py) or a Serve config file.
+
+    Defaults suit a real CPU node; tests shrink CPUs and the poll period. Checked at construction so a bad
+    flag or config file fails before any replica starts.
+    """
+
+    storage: str
+    model: str = "champion"  # "champion" follows promotions; a version id (or .keras path) stays pinned
+    host: str = "127.0.0.1"  # HTTP proxy address (jobs/serve.py only; serve deploy uses http_options)
+    port: int = 8000
+    app_name: str = "lxn"
+    route_prefix: str = "/"
+    min_replicas: int = 1
+    max_replicas: int = 4
+    # Serve adds replicas when the ongoing requests per replica exceed this; about one full batch.
+    target_ongoing_requests: float = 16.0
+    # Requests one replica takes at once: enough to fill two batches, so a batch forms while one runs.
+    max_ongoing_requests: int = 32
+    cpus_per_replica: float = 1.0
+    gpus_per_replica: float = 0.0
+    max_batch_size: int = 16
+    # How long the first request of a batch waits for company. Measured on 2 cores with the 200 px model
+    # (benchmarks/serve.py): 20 ms gave ~1.35x the requests/s of 5 ms at concurrency 8-32 for +20 ms at
+    # concurrency 1; 50 ms gained nothing more.
+    batch_wait_timeout_s: float = 0.02
+    poll_seconds: float = 5.0  # champion pointer poll period (champion only)
+    max_body_bytes: int = 20 * 1024 * 1024
+    max_pixels: int = 50_000_000
+    max_batch_images: int = 32  # images in one /predict/batch request
+
+    def __post_init__(self) -> None:
+        if not self.storage:
+            raise ValueError("storage is required")
+        if not self.model:
+            raise ValueError("model must be champion, a model version id or a .keras path")
+        if not 0 < self.port < 65536:
+            raise ValueError(f"port must be in 1-65535, got {self.port}")
+        if not self.route_prefix.startswith("/"):
+            raise ValueError(f"route_prefix must start with /, got {self.route_prefix!r}")
+        if not 0 <= self.min_replicas <= self.max_replicas or self.max_replicas < 1:
+            raise ValueError(
+                f"need 0 <= min_replicas <= max_replicas and max_replicas >= 1, "
+                f"got {self.min_replicas} and {self.max_replicas}"
+            )
+        if not 0 < self.target_ongoing_requests <= self.max_ongoing_requests:
+            raise ValueError(
+                f"need 0 < target_ongoing_requests <= max_ongoing_requests, "
+                f"got {self.target_ongoing_requests} and {self.max_ongoing_requests}"
+            )
+        if self.cpus_per_replica < 0 or self.gpus_per_replica < 0:
+            raise ValueError("cpus_per_replica and gpus_per_replica must be >= 0")
+        if not 1 <= self.max_batch_size <= self.max_ongoing_requests:
+            raise ValueError(f"need 1 <= max_batch_size <= max_ongoing_requests, got {self.max_batch_size}")
+        if self.batch_wait_timeout_s < 0 or self.poll_seconds <= 0:
+            raise ValueError("batch_wait_timeout_s must be >= 0 and poll_seconds > 0")
+        if min(self.max_body_bytes, self.max_pixels, self.max_batch_images) < 1:
+            raise ValueError("max_body_bytes, max_pixels and max_batch_images must be positive")
+
+    @classmethod
+    def from_mapping(cls, values: Mapping[str, Any]) -> "ServeSettings":
+        """Settings from a Serve config file's ``args`` (YAML values may arrive as strings)."""
+        known = {f.name: f for f in dataclasses.fields(cls)}
+        unknown = sorted(set(values) - set(known))
+        if unknown:
+            raise ValueError(f"unknown serve settings {unknown}; known: {sorted(known)}")
+        coerced: dict[str, Any] = {}
+        for name, value in values.items():
+            kind = known[name].type
+            coerced[name] = kind(value) if kind in (int, float, str) else value
+        return cls(**coerced)
+
+    @property
+    def image_limits(self) -> ImageLimits:
+        return ImageLimits(max_file_bytes=self.max_body_bytes, max_pixels=self.max_pixels)
+
+    @property
+    def url(self) -> str:
+        host = "127.0.0.1" if self.host in ("0.0.0.0", "::") else self.host
+        return f"http://{host}:{self.port}{self.route_prefix.rstrip('/')}"
+
+    def deployment_options(self) -> dict[str, Any]:
+        """Keyword arguments for ``serve.deployment``: autoscaling and per-replica resources."""
+        return {
+            "name": DEPLOYMENT_NAME,
+            "autoscaling_config": {
+                "min_replicas": self.min_replicas,
+                "initial_replicas": max(1, self.min_replicas),
+                "max_replicas": self.max_replicas,
+                "target_ongoing_requests": self.target_ongoing_requests,
+            },
+            "max_ongoing_requests": self.max_ongoing_requests,
+            "ray_actor_options": {"num_cpus": self.cpus_per_replica, "num_gpus": self.gpus_per_replica},
+            # A replica's first health check waits for the model to load (its constructor).
+            "health_check_period_s": 10.0,
+        }
+
+
+# -- the loaded model ---------------------------------------------------------------------------------
+@dataclass(frozen=True)
+class LoadedModel:
+    """A model ready to answer: traced forward pass, Grad-CAM, and what a response reports about it."""
+
+    version: str | None
+    card: dict[str, Any]
+    threshold: float
+    image_size: int
+    forward: Callable[[np.ndarray], np.ndarray]  # (n, s, s, 3) float32 -> (n,) probabilities
+    explainer: Any  # lxn_ray.explain.GradCam, built once here rather than per request
+    loaded_at: str = field(default_factory=lambda: datetime.now(timezone.utc).isoformat(timespec="seconds"))
+
+    def prediction(self, probability: float) -> dict[str, Any]:
+        return {
+            "probability": probability,
+            "label": label_for(probability, self.threshold),
+            "threshold": self.threshold,
+            "model_version": self.version,
+        }
+
+
+def label_for(probability: float, threshold: float) -> str:
+    """The same rule as evaluation (``probability >= threshold`` is positive)."""
+    return POSITIVE_LABEL if probability >= threshold else NEGATIVE_LABEL
+
+
+def load_model_version(storage: Storage, reference: str) -> LoadedModel:
+    """Resolve, load (safe mode), trace and warm one model. Blocking: call it off the event loop."""
+    import tensorflow as tf
+
+    from lxn_ray.explain import GradCam
+
+    ref = registry.resolve(storage, reference)
+    model = ref.load()
+    shape = tuple(model.input_shape)
+    if len(shape) != 4 or shape[1] != shape[2] or shape[3] != 3:
+        raise ValueError(f"expected an LxN model taking (n, s, s, 3) images, got input shape {shape}")
+    size = int(shape[1])
+
+    # One traced graph for any batch size (the batch dimension is left open), so batches of 1..max never
+    # retrace; called from one batch at a time.
+    @tf.function(input_signature=[tf.TensorSpec([None, size, size, 3], tf.float32)])
+    def graph(images):
+        return tf.reshape(tf.cast(model(images, training=False), tf.float32), [-1])
+
+    def forward(images: np.ndarray) -> np.ndarray:
+        return np.asarray(graph(tf.convert_to_tensor(images, dtype=tf.float32)))
+
+    explainer = GradCam(model)
+    warm = np.zeros((1, size, size, 3), dtype=np.float32)
+    forward(warm)  # trace now, not in the first request
+    explainer(warm[0])
+    return LoadedModel(
+        version=ref.version,
+        card=ref.card,
+        threshold=ref.threshold,
+        image_size=size,
+        forward=forward,
+        explainer=explainer,
+    )
+
+
+# -- input handling -----------------------------------------------------------------------------------
+class InputError(Exception):
+    """A request the endpoint refuses: HTTP status, a short reason for the metrics, a message for people."""
+
+    def __init__(self, status: int, reason: str, message: str) -> None:
+        super().__init__(message)
+        self.status, self.reason, self.message = status, reason, message
+
+
+def media_type(content_type: str | None) -> str:
+    return (content_type or "").split(";", 1)[0].strip().lower()
+
+
+def rejected_image(error: ImageRejected, where: str = "") -> InputError:
+    """Map :class:`ImageRejected` to a status: too many pixels is 413 (too large), anything else 400."""
+    message = str(error)
+    prefix = f"{where}: " if where else ""
+    if "pixel cap" in message or "decompression bomb" in message:
+        return InputError(413, "too_many_pixels", prefix + message)
+    if "byte cap" in message:
+        return InputError(413, "too_large", prefix + message)
+    if message == "empty file":
+        return InputError(400, "empty", prefix + message)
+    if message.startswith("not a PNG"):
+        return InputError(400, "not_image", prefix + message)
+    return InputError(400, "corrupt_image", prefix + message)
+
+
+@dataclass(frozen=True)
+class Part:
+    """One part of a multipart/form-data body."""
+
+    name: str | None
+    filename: str | None
+    content_type: str | None
+    data: bytes
+
+
+def parse_multipart(body: bytes, content_type: str) -> list[Part]:
+    """A small RFC 7578 parser (stdlib only, so no python-multipart dependency); parts in body order.
+
+    Only what uploads need: a boundary, per-part headers, and bytes taken verbatim (no transfer encodings).
+    """
+    header = email.message.Message()
+    header["content-type"] = content_type
+    boundary = header.get_param("boundary")
+    if not isinstance(boundary, str) or not boundary or len(boundary) > 200:
+        raise InputError(400, "malformed_multipart", "multipart body without a valid boundary parameter")
+    delimiter = b"\r\n--" + boundary.encode("latin-1")
+    sections = (b"\r\n" + body).split(delimiter)
+    if len(sections) < 2:
+        raise InputError(400, "malformed_multipart", "multipart body has no parts")
+    parts: list[Part] = []
+    for section in sections[1:]:
+        if section.startswith(b"--"):  # the close delimiter: the rest is epilogue
+            return parts
+        head, separator, data = section.partition(b"\r\n\r\n")
+        if not separator:
+            raise InputError(400, "malformed_multipart", "multipart part without a header block")
+        headers = email.message.Message()
+        for line in head.split(b"\r\n")[1:]:  # the first line is the delimiter line's padding
+            name, colon, value = line.decode("latin-1").partition(":")
+            if colon:
+                headers[name.strip()] = value.strip()
+        disposition = headers.get("content-disposition")
+        part_name = filename = None
+        if disposition:
+            holder = email.message.Message()
+            holder["content-disposition"] = disposition
+            part_name = holder.get_param("name", header="content-disposition")
+            filename = holder.get_param("filename", header="content-disposition")
+        parts.append(
+            Part(
+                name=part_name if isinstance(part_name, str) else None,
+                filename=filename if isinstance(filename, str) else None,
+                content_type=headers.get("content-type"),
+                data=data,
+            )
+        )
+    raise InputError(400, "malformed_multipart", "multipart body is truncated (no closing boundary)")
+
+
+async def read_body(request, limit: int) -> bytes:
+    """The request body, refused with 413 past ``limit``: by Content-Length before reading, and while
+    reading (a chunked upload declares no length)."""
+    declared = request.headers.get("content-length")
+    if declared is not None:
+        try:
+            length = int(declared)
+        except ValueError:
+            raise InputError(400, "bad_content_length", f"invalid Content-Length {declared!r}") from None
+        if length > limit:
+            raise InputError(413, "too_large", f"body is {length} bytes, over the {limit}-byte limit")
+    chunks, total = [], 0
+    async for chunk in request.stream():
+        total += len(chunk)
+        if total > limit:
+            raise InputError(413, "too_large", f"body is over the {limit}-byte limit")
+        chunks.append(chunk)
+    return b"".join(chunks)
+
+
+@dataclass(frozen=True)
+class _Item:
+    """One image waiting for a batch: its bytes (to redo preprocessing if the model's size changed)."""
+
+    data: bytes
+    image: np.ndarray
+
+
+# -- the replica --------------------------------------------------------------------------------------
+class LxnServer:
+    """One replica's state and request logic; :func:`create_api` routes HTTP to it.
+
+    Not a Ray or FastAPI class itself, so importing this module stays cheap; :func:`build_app` wraps it
+    with ``serve.ingress`` and ``serve.deployment``.
+    """
+
+    def __init__(self, settings: ServeSettings) -> None:
+        from ray import serve
+        from ray.serve.metrics import Counter
+
+        self.settings = settings
+        self.storage = Storage.open(settings.storage)
+        self.limits = settings.image_limits
+        self.following = settings.model == "champion"
+        self.current: LoadedModel = load_model_version(self.storage, settings.model)  # once, at start-up
+        self._failed_version: str | None = None
+        self._predictions = Counter(
+            "lxn_predictions",
+            description="Images classified, by predicted label and model version.",
+            tag_keys=("label", "model_version"),
+        )
+        self._rejections = Counter(
+            "lxn_rejected_inputs",
+            description="Requests refused, by reason and HTTP status.",
+            tag_keys=("reason", "status"),
+        )
+        self._reloads = Counter(
+            "lxn_model_reloads",
+            description="Champion changes this replica moved to, by new model version.",
+            tag_keys=("model_version",),
+        )
+        self._batched = serve.batch(
+            max_batch_size=settings.max_batch_size, batch_wait_timeout_s=settings.batch_wait_timeout_s
+        )(self._forward_batch)
+        self._poller: asyncio.Task | None = None
+        try:
+            loop = asyncio.get_running_loop()  # Serve runs constructors on the replica's event loop
+        except RuntimeError:
+            loop = None
+        if self.following and loop is not None:
+            self._poller = loop.create_task(self._follow_champion())
+        logger.info("lxn: serving model %s (%s)", self.current.version, settings.model)
+
+    def __del__(self) -> None:
+        poller = getattr(self, "_poller", None)
+        if poller is not None:
+            poller.cancel()
+
+    def check_health(self) -> None:
+        """Serve's health check: a replica without a model is unhealthy (and replaced)."""
+        if self.current is None:
+            raise RuntimeError("no model loaded")
+
+    # -- hot reload ---------------------------------------------------------------------------------
+    async def _follow_champion(self) -> None:
+        while True:
+            await asyncio.sleep(self.settings.poll_seconds)
+            try:
+                await self.reload_if_changed()
+            except asyncio.CancelledError:
+                raise
+            except Exception:  # a broken store or model must not stop the replica from answering
+                logger.exception("lxn: champion check failed; still serving %s", self.current.version)
+
+    async def reload_if_changed(self) -> bool:
+        """Load the champion when it moved; the swap is one reference assignment after a full load."""
+        version = await asyncio.to_thread(registry.champion, self.storage)
+        if version is None or version in (self.current.version, self._failed_version):
+            return False
+        try:
+            loaded = await asyncio.to_thread(load_model_version, self.storage, version)
+        except Exception:
+            self._failed_version = version  # retried when the pointer moves again, not every poll
+            raise
+        previous, self.current = self.current.version, loaded
+        self._failed_version = None
+        self._reloads.inc(tags={"model_version": str(loaded.version)})
+        logger.info("lxn: champion moved from %s to %s", previous, loaded.version)
+        return True
+
+    # -- inference ----------------------------------------------------------------------------------
+    def _preprocess(self, data: bytes, size: int) -> np.ndarray:
+        from lxn_ray.preprocess import preprocess_bytes
+
+        return preprocess_bytes(data, size, self.limits)
+
+    async def _forward_batch(self, items: list[_Item]) -> list[tuple[float, LoadedModel]]:
+        """``@serve.batch`` target: one forward pass for every waiting image, with the model it used."""
+        model = self.current
+
+        def run() -> np.ndarray:
+            arrays = [
+                item.image
+                if item.image.shape[0] == model.image_size
+                # preprocessed for a model swapped out meanwhile, at another input size
+                else self._preprocess(item.data, model.image_size)
+                for item in items
+            ]
+            return model.forward(np.stack(arrays))
+
+        probabilities = await asyncio.to_thread(run)
+        return [(float(p), model) for p in probabilities]
+
+    async def predict_bytes(self, data: bytes, where: str = "") -> dict[str, Any]:
+        """Decode and preprocess in a thread, then join a batch; raises InputError for bad bytes."""
+        try:
+            image = await asyncio.to_thread(self._preprocess, data, self.current.image_size)
+        except ImageRejected as error:
+            raise rejected_image(error, where) from None
+        probability, model = await self._batched(_Item(data, image))
+        answer = model.prediction(probability)
+        self._predictions.inc(tags={"label": answer["label"], "model_version": str(model.version)})
+        return answer
+
+    def explain_bytes(self, data: bytes) -> tuple[bytes, dict[str, Any]]:
+        """Grad-CAM overlay PNG and the prediction it shows. Blocking (run in a thread)."""
+        from lxn_ray.explain import render_overlay
+        from lxn_ray.imaging import decode_image
+
+        model = self.current
+        try:
+            image = self._preprocess(data, model.image_size)
+            radiograph = decode_image(data, self.limits).image
+        except ImageRejected as error:
+            raise rejected_image(error) from None
+        explanation = model.explainer(image)
+        answer = model.prediction(explanation.probability)
+        caption = (
+            f"P(COVID-19) {answer['probability']:.3f}, threshold {answer['threshold']:.3f}: "
+            f"{answer['label']}\nmodel {answer['model_version']} - {RESEARCH_NOTE}"
+        )
+        return render_overlay(radiograph, explanation.heatmap, caption), answer
+
+    def describe(self) -> dict[str, Any]:
+        """What ``GET /model`` shows: the loaded model's card and how this replica serves it."""
+        model = self.current
+        return {
+            "model_version": model.version,
+            "serving": "champion" if self.following else "pinned",
+            "image_size": model.image_size,
+            "threshold": model.threshold,
+            "loaded_at": model.loaded_at,
+            "intended_use": RESEARCH_NOTE,
+            "card": model.card,
+        }
+
+    # -- HTTP ---------------------------------------------------------------------------------------
+    async def read_images(self, request, many: bool) -> list[tuple[str, bytes]]:
+        """``(name, bytes)`` of the request's images; raw bodies are one image, multipart may be several."""
+        content_type = request.headers.get("content-type")
+        kind = media_type(content_type)
+        if kind not in RAW_IMAGE_TYPES and kind != MULTIPART_TYPE:
+            raise InputError(
+                415,
+                "unsupported_media_type",
+                f"unsupported Content-Type {kind or '(none)'!r}: send image/png or image/jpeg as the body, "
+                f"or multipart/form-data with a '{SINGLE_FIELD}' field",
+            )
+        body = await read_body(request, self.settings.max_body_bytes)
+        if not body:
+            raise InputError(400, "empty", "empty body")
+        if kind in RAW_IMAGE_TYPES:
+            return [("body", body)]
+        fields = BATCH_FIELDS if many else (SINGLE_FIELD,)
+        parts = [part for part in parse_multipart(body, content_type or "") if part.name in fields]
+        if not parts:
+            raise InputError(400, "missing_file", f"multipart body has no {' or '.join(fields)} field")
+        if not many and len(parts) > 1:
+            raise InputError(400, "too_many_images", "one image per /predict; use /predict/batch for several")
+        if len(parts) > self.settings.max_batch_images:
+            raise InputError(
+                413, "too_many_images", f"{len(parts)} images, over {self.settings.max_batch_images}"
+            )
+        images = []
+        for index, part in enumerate(parts):
+            name = f"image {index} ({part.filename or part.name})"
+            if part.content_type and media_type(part.content_type) not in PART_TYPES:
+                raise InputError(
+                    415, "unsupported_media_type", f"{name}: unsupported Content-Type {part.content_type!r}"
+                )
+            if not part.data:
+                raise InputError(400, "empty", f"{name}: empty file")
+            images.append((name, part.data))
+        return images
+
+    async def answer(self, work: Callable[[], Awaitable[Any]]):
+        """Run a route's work; InputError becomes its JSON error, anything else a counted 500."""
+        from fastapi.responses import JSONResponse
+
+        try:
+            return await work()
+        except InputError as error:
+            return self.refuse(error)
+        except Exception as error:
+            logger.exception("lxn: request failed")
+            self._rejections.inc(tags={"reason": "internal", "status": "500"})
+            return JSONResponse({"error": f"internal error: {type(error).__name__}"}, status_code=500)
+
+    def refuse(self, error: InputError):
+        from fastapi.responses import JSONResponse
+
+        self._rejections.inc(tags={"reason": error.reason, "status": str(error.status)})
+        return JSONResponse({"error": error.message}, status_code=error.status)
+
+
+# -- the HTTP API -------------------------------------------------------------------------------------
+def _binary(description: str) -> dict[str, Any]:
+    return {"type": "string", "format": "binary", "description": description}
+
+
+def _image_body(many: bool) -> dict[str, Any]:
+    """OpenAPI request body for /docs: our routes read the raw request, so FastAPI cannot infer it."""
+    multipart = (
+        {"type": "object", "properties": {"files": {"type": "array", "items": _binary("PNG or JPEG")}}}
+        if many
+        else {"type": "object", "properties": {"file": _binary("PNG or JPEG")}, "required": ["file"]}
+    )
+    content: dict[str, Any] = {"multipart/form-data": {"schema": multipart}}
+    if not many:
+        content.update({kind: {"schema": _binary("the image file")} for kind in sorted(RAW_IMAGE_TYPES)})
+    return {"requestBody": {"required": True, "content": content}}
+
+
+def create_api():
+    """The FastAPI app, built on each replica after its constructor (``serve.ingress`` builder form)."""
+    from fastapi import FastAPI, Request
+    from fastapi.exceptions import RequestValidationError
+    from fastapi.responses import JSONResponse, Response
+    from pydantic import BaseModel
+    from ray import serve
+    from starlette.exceptions import HTTPException
+
+    from lxn_ray import __version__
+
+    class Prediction(BaseModel):
+        probability: float
+        label: str
+        threshold: float
+        model_version: str | None
+
+    class Error(BaseModel):
+        error: str
+
+    errors = {status: {"model": Error} for status in (400, 413, 415, 500)}
+    app = FastAPI(
+        title="LxN COVID-19 chest X-ray classifier",
+        version=__version__,
+        description=(
+            f"**{RESEARCH_NOTE}.** P(COVID-19) for a frontal chest radiograph (PNG or JPEG, at most "
+            "20 MB and 50 megapixels) from LxN, with the decision threshold chosen on the model's "
+            'validation split. Errors are JSON `{"error": "..."}`.'
+        ),
+    )
+
+    def server() -> LxnServer:
+        return serve.get_replica_context().servable_object
+
+    @app.exception_handler(HTTPException)
+    async def http_error(request: Request, error: HTTPException) -> JSONResponse:
+        return JSONResponse({"error": str(error.detail)}, status_code=error.status_code)
+
+    @app.exception_handler(RequestValidationError)
+    async def validation_error(request: Request, error: RequestValidationError) -> JSONResponse:
+        return JSONResponse({"error": str(error.errors())[:500]}, status_code=422)
+
+    @app.post("/predict", response_model=Prediction, responses=errors, openapi_extra=_image_body(many=False))
+    async def predict(request: Request):
+        """Classify one radiograph (raw image body or multipart field `file`)."""
+        replica = server()
+
+        async def work():
+            ((name, data),) = await replica.read_images(request, many=False)
+            answer = await replica.predict_bytes(data)
+            return JSONResponse(answer, headers={"X-Model-Version": str(answer["model_version"])})
+
+        return await replica.answer(work)
+
+    @app.post(
+        "/predict/batch",
+        response_model=list[Prediction],
+        responses=errors,
+        openapi_extra=_image_body(many=True),
+    )
+    async def predict_batch(request: Request):
+        """Classify several radiographs (multipart fields `files`); answers in the order sent.
+        One bad image refuses the whole request, naming it."""
+        replica = server()
+
+        async def work():
+            images = await replica.read_images(request, many=True)
+            answers = await asyncio.gather(*(replica.predict_bytes(data, name) for name, data in images))
+            return JSONResponse(list(answers))
+
+        return await replica.answer(work)
+
+    @app.post(
+        "/explain",
+        response_class=Response,
+        responses={200: {"content": {"image/png": {}}}, **errors},
+        openapi_extra=_image_body(many=False),
+    )
+    async def explain(request: Request):
+        """Grad-CAM heat map of the COVID-19 score over the radiograph, as a PNG."""
+        replica = server()
+
+        async def work():
+            ((name, data),) = await replica.read_images(request, many=False)
+            png, answer = await asyncio.to_thread(replica.explain_bytes, data)
+            headers = {
+                "X-Model-Version": str(answer["model_version"]),
+                "X-Probability": f"{answer['probability']:.6f}",
+                "X-Label": answer["label"],
+            }
+            return Response(png, media_type="image/png", headers=headers)
+
+        return await replica.answer(work)
+
+    @app.get("/healthz")
+    async def healthz():
+        """200 once this replica has a model loaded."""
+        model = server().current
+        if model is None:
+            return JSONResponse({"error": "no model loaded"}, status_code=503)
+        return {"status": "ok", "model_version": model.version}
+
+    @app.get("/model")
+    async def model_card():
+        """The loaded model's card, threshold and input size, and whether it follows the champion."""
+        return server().describe()
+
+    return app
+
+
+# -- deploying ----------------------------------------------------------------------------------------
+@functools.cache
+def _ingress_class():
+    """The replica class wrapped by ``serve.ingress`` once per process (the wrapper is a new class)."""
+    from ray import serve
+
+    return serve.ingress(create_api)(LxnServer)
+
+
+def application(settings: ServeSettings):
+    """The Serve application for ``settings`` (bound, not yet running)."""
+    from ray import serve
+
+    return serve.deployment(_ingress_class(), **settings.deployment_options()).bind(settings)
+
+
+def build_app(args: Mapping[str, Any]):
+    """Application builder for ``serve deploy`` / ``serve run``: ``import_path: lxn_ray.serve:build_app``
+    with the config file's ``args`` as :class:`ServeSettings` fields (``storage`` is required)."""
+    return application(ServeSettings.from_mapping(dict(args)))
+
+
+def deploy(settings: ServeSettings) -> dict[str, Any]:
+    """Start Serve's HTTP proxy (if needed) and run the application; returns what is being served."""
+    from ray import serve
+
+    from lxn_ray import cluster
+
+    cluster.connect()
+    serve.start(http_options={"host": settings.host, "port": settings.port})
+    handle = serve.run(application(settings), name=settings.app_name, route_prefix=settings.route_prefix)
+    described = handle.describe.remote().result(timeout_s=120)
+    return {
+        "url": settings.url,
+        "docs": f"{settings.url}/docs",
+        "app_name": settings.app_name,
+        "model": settings.model,
+        "model_version": described["model_version"],
+        "threshold": described["threshold"],
+        "image_size": described["image_size"],
+        "settings": dataclasses.asdict(settings),
+        "note": RESEARCH_NOTE,
+    }
+
+
+def wait_for_signal(signals: Sequence[signal.Signals] = (signal.SIGINT, signal.SIGTERM)) -> str:
+    """Block the main thread until one of ``signals`` arrives (no polling); returns its name."""
+    stopped = threading.Event()
+    received: list[str] = []
+
+    def handler(signum: int, frame: Any) -> None:
+        received.append(signal.Signals(signum).name)
+        stopped.set()
+
+    previous = {sig: signal.signal(sig, handler) for sig in signals}
+    try:
+        stopped.wait()
+    finally:
+        for sig, old in previous.items():
+            signal.signal(sig, old)
+    return received[0]
+
+
+def check_model(storage: Storage, reference: str) -> None:
+    """Refuse a deployment whose replicas could not load a model, without downloading the model here."""
+    if reference == "champion":
+        if registry.champion(storage) is None:
+            raise FileNotFoundError(f"no champion model in {storage.uri}: train or promote one first")
+    elif not (reference.endswith(".keras") and Path(reference).expanduser().is_file()):
+        registry.read_card(storage, reference)  # raises for a version that is not published
