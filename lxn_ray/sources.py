@@ -155,12 +155,9 @@ def _key_below(root: str, relative_path: str) -> str:
     return f"{root}/{relative_path}" if root else relative_path
 
 
-@dataclass(frozen=True)
-class S3Snapshot:
-    """An ``s3://bucket/prefix`` mirror of the upstream layout. Objects are listed once at open."""
+class _RemoteSnapshot:
+    """What S3 and HTTP mirrors share: read on the workers, versioned by content."""
 
-    bucket: str
-    prefix: str
     description: str
     remote = True
 
@@ -169,6 +166,18 @@ class S3Snapshot:
             return self.read_file(METADATA_FILE, MAX_METADATA_BYTES)
         except FileNotFoundError:
             raise SourceError(f"{self.description}: no {METADATA_FILE}") from None
+
+    def version(self, content_digest: str) -> str:
+        return f"sha256:{content_digest}"
+
+
+@dataclass(frozen=True)
+class S3Snapshot(_RemoteSnapshot):
+    """An ``s3://bucket/prefix`` mirror of the upstream layout, read object by object with boto3."""
+
+    bucket: str
+    prefix: str
+    description: str
 
     def read_file(self, relative_path: str, max_bytes: int) -> bytes:
         from botocore.exceptions import BotoCoreError, ClientError
@@ -190,9 +199,6 @@ class S3Snapshot:
                 return _read_capped(body, max_bytes, "file")
 
         return _with_retries(fetch, f"s3://{self.bucket}/{key}")
-
-    def version(self, content_digest: str) -> str:
-        return f"sha256:{content_digest}"
 
 
 @dataclass(frozen=True)
@@ -221,18 +227,11 @@ class _SameBaseRedirects(urllib.request.HTTPRedirectHandler):
 
 
 @dataclass(frozen=True)
-class HttpSnapshot:
+class HttpSnapshot(_RemoteSnapshot):
     """A base URL in the upstream raw layout: ``BASE/metadata.csv`` and ``BASE/images/FILE``."""
 
     base: str  # ends with "/"
     description: str
-    remote = True
-
-    def read_metadata(self) -> bytes:
-        try:
-            return self.read_file(METADATA_FILE, MAX_METADATA_BYTES)
-        except FileNotFoundError:
-            raise SourceError(f"{self.description}: no {METADATA_FILE}") from None
 
     def url_of(self, relative_path: str) -> str:
         """The file's URL: each path segment percent-encoded, so a name cannot add a query or climb up."""
@@ -259,9 +258,6 @@ class HttpSnapshot:
                 raise ValueError(f"HTTP {error.code}: {error.reason}") from None
 
         return _with_retries(fetch, url)
-
-    def version(self, content_digest: str) -> str:
-        return f"sha256:{content_digest}"
 
 
 @dataclass(frozen=True)
