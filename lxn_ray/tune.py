@@ -179,12 +179,11 @@ def plan_concurrency(settings: TuneSettings) -> tuple[int, int]:
 
     total = ray.cluster_resources()
     workers = max(1, settings.workers_per_trial)
-    if total.get("GPU", 0) > 0:
-        fits = max(1, int(total["GPU"] // workers))
-        cpus_per_worker = 1
-    else:
-        cpus_per_worker = 1
-        fits = max(1, int(total.get("CPU", 1) // workers))
+    # Each Train worker takes one GPU where there are GPUs, else one CPU: on a CPU box, narrow trials side
+    # by side beat one wide trial (ASHA needs several trials reporting to compare them).
+    unit = "GPU" if total.get("GPU", 0) > 0 else "CPU"
+    fits = max(1, int(total.get(unit, 1) // workers))
+    cpus_per_worker = 1
     wanted = settings.max_concurrent or fits
     if wanted > fits:
         log(f"--max-concurrent {wanted} exceeds what fits ({fits}); extra trials will queue for workers")
