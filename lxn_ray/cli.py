@@ -452,7 +452,8 @@ def retrain_main(argv: Sequence[str] | None = None) -> int:
     args = retrain_parser().parse_args(argv)
 
     def work(storage: Storage) -> dict[str, Any]:
-        from lxn_ray.retrain import SignalStop, run_every, run_once
+        from lxn_ray.cluster import SignalStop
+        from lxn_ray.retrain import run_every, run_once
 
         settings = retrain_settings(args)
         if args.once:
@@ -471,7 +472,7 @@ def retrain_main(argv: Sequence[str] | None = None) -> int:
         from lxn_ray import cluster
 
         cluster.connect()
-        with SignalStop(graceful=True) as signals:
+        with SignalStop(graceful=True, stopping="stopping after the current tick") as signals:
             return run_every(storage, settings, args.every, signals.event, on_report, rearm=signals.arm)
 
     return run_job("retrain", args, work, retrain_summary)
@@ -565,25 +566,34 @@ def serve_main(argv: Sequence[str] | None = None) -> int:
     except ValueError as error:
         parser.error(str(error))
 
+    from lxn_ray.cluster import SignalStop
+
+    # Armed once Ray has installed its own handlers, so a Ctrl-C that lands while Serve is still
+    # starting up is remembered rather than lost; the server then shuts down as soon as it is up.
+    stop = SignalStop(graceful=True, stopping="shutting Serve down")
+
     def work(storage: Storage) -> dict[str, Any]:
+        from lxn_ray import cluster
         from lxn_ray.serve import check_model, deploy
 
         check_model(storage, settings.model)  # no champion / unknown version: fail before Serve starts
+        cluster.connect()
+        stop.arm()
         report = deploy(dataclasses.replace(settings, storage=storage.uri))
         return {**report, "detached": args.detach}
 
-    code = run_job("serve", args, work, serve_summary)
-    if code != 0 or args.detach:
-        return code
-    from ray import serve
+    with stop:
+        code = run_job("serve", args, work, serve_summary)
+        if code != 0 or args.detach:
+            return code
+        from ray import serve
 
-    from lxn_ray.serve import wait_for_signal
-
-    print("serving until SIGINT (Ctrl-C) or SIGTERM", flush=True)
-    name = wait_for_signal()
-    started = time.monotonic()
-    serve.shutdown()
-    print(f"{name}: Serve shut down in {time.monotonic() - started:.1f} s", flush=True)
+        print("serving until SIGINT (Ctrl-C) or SIGTERM", flush=True)
+        stop.arm()
+        stop.event.wait()
+        started = time.monotonic()
+        serve.shutdown()
+        print(f"{stop.received}: Serve shut down in {time.monotonic() - started:.1f} s", flush=True)
     return 0
 
 

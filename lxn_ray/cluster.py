@@ -3,6 +3,10 @@
 from __future__ import annotations
 
 import logging
+import signal
+import sys
+import threading
+from typing import Any
 
 
 def connect() -> None:
@@ -24,3 +28,48 @@ def shutdown() -> None:
 
     if ray.is_initialized():
         ray.shutdown()
+
+
+class SignalStop:
+    """SIGTERM/SIGINT as a stop request, as a context manager. ``graceful``: the first signal sets
+    ``event`` (the caller stops at its next safe point: between retraining ticks, or a foreground server
+    shutting down) and a second one interrupts at once. Otherwise a signal interrupts at once as
+    KeyboardInterrupt, so ``finally`` blocks (releasing a lock) still run.
+
+    Ray replaces handlers as it goes (``ray.init`` installs its own SIGTERM handler, a Ray Train run its
+    SIGINT handler), so callers :meth:`arm` again after such steps; a signal from then on is remembered.
+    """
+
+    def __init__(self, graceful: bool, stopping: str = "stopping at the next safe point") -> None:
+        self.graceful = graceful
+        self.stopping = stopping
+        self.event = threading.Event()
+        self.received: str | None = None
+        self._previous: dict[int, Any] = {}
+
+    def _handle(self, number: int, _frame: Any) -> None:
+        if self.graceful and not self.event.is_set():
+            self.received = signal.Signals(number).name
+            self.event.set()
+            print(f"{self.received}: {self.stopping} (signal again to stop now)", file=sys.stderr, flush=True)
+            return
+        raise KeyboardInterrupt
+
+    def arm(self) -> None:
+        """Install the handlers (again, where something replaced them); main thread only."""
+        if threading.current_thread() is not threading.main_thread():
+            return
+        for number in (signal.SIGTERM, signal.SIGINT):
+            current = signal.getsignal(number)
+            if current != self._handle:
+                self._previous.setdefault(number, current)
+                signal.signal(number, self._handle)
+
+    def __enter__(self) -> SignalStop:
+        self.arm()
+        return self
+
+    def __exit__(self, *_exc: object) -> None:
+        for number, handler in self._previous.items():
+            signal.signal(number, handler)
+        self._previous.clear()

@@ -30,7 +30,6 @@ import dataclasses
 import json
 import math
 import re
-import signal
 import sys
 import threading
 import time
@@ -561,44 +560,3 @@ def run_every(
             "schedule": schedule,
         }
     return {**last, "schedule": schedule}
-
-
-class SignalStop:
-    """SIGTERM/SIGINT handling as a context manager. ``graceful`` (``--every``): the first signal sets
-    ``event`` - the loop ends between ticks - and a second one interrupts at once. Otherwise (``--once``) a
-    signal interrupts at once as KeyboardInterrupt, so the lock is still released on the way out.
-
-    Ray replaces handlers as it goes (``ray.init`` installs its own SIGTERM handler, a Ray Train run its
-    SIGINT handler), so a long-running loop calls :meth:`arm` again after every tick.
-    """
-
-    def __init__(self, graceful: bool) -> None:
-        self.graceful = graceful
-        self.event = threading.Event()
-        self._previous: dict[int, Any] = {}
-
-    def _handle(self, number: int, _frame: Any) -> None:
-        if self.graceful and not self.event.is_set():
-            self.event.set()
-            log(f"{signal.Signals(number).name}: stopping after the current tick (signal again to stop now)")
-            return
-        raise KeyboardInterrupt
-
-    def arm(self) -> None:
-        """Install the handlers (again, where something replaced them); main thread only."""
-        if threading.current_thread() is not threading.main_thread():
-            return
-        for number in (signal.SIGTERM, signal.SIGINT):
-            current = signal.getsignal(number)
-            if current != self._handle:
-                self._previous.setdefault(number, current)
-                signal.signal(number, self._handle)
-
-    def __enter__(self) -> SignalStop:
-        self.arm()
-        return self
-
-    def __exit__(self, *_exc: object) -> None:
-        for number, handler in self._previous.items():
-            signal.signal(number, handler)
-        self._previous.clear()

@@ -34,9 +34,7 @@ import dataclasses
 import email.message
 import functools
 import logging
-import signal
-import threading
-from collections.abc import Awaitable, Callable, Mapping, Sequence
+from collections.abc import Awaitable, Callable, Mapping
 from dataclasses import dataclass, field
 from datetime import datetime, timezone
 from pathlib import Path
@@ -713,24 +711,6 @@ def deploy(settings: ServeSettings) -> dict[str, Any]:
         "settings": dataclasses.asdict(settings),
         "note": RESEARCH_NOTE,
     }
-
-
-def wait_for_signal(signals: Sequence[signal.Signals] = (signal.SIGINT, signal.SIGTERM)) -> str:
-    """Block the main thread until one of ``signals`` arrives (no polling); returns its name."""
-    stopped = threading.Event()
-    received: list[str] = []
-
-    def handler(signum: int, frame: Any) -> None:
-        received.append(signal.Signals(signum).name)
-        stopped.set()
-
-    previous = {sig: signal.signal(sig, handler) for sig in signals}
-    try:
-        stopped.wait()
-    finally:
-        for sig, old in previous.items():
-            signal.signal(sig, old)
-    return received[0]
 
 
 def check_model(storage: Storage, reference: str) -> None:
