@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import csv
 import io
+import re
 import socket
 import struct
 import zlib
@@ -30,6 +31,12 @@ METADATA_HEADER = [
     "clinical notes",
     "",
 ]
+
+
+def own_stderr_lines(err: str) -> list[str]:
+    """A job's own stderr lines: without the "(Actor pid=...)" lines Ray forwards from its workers."""
+    plain = re.sub(r"\x1b\[[0-9;]*m", "", err)
+    return [line for line in plain.splitlines() if line.strip() and not line.startswith("(")]
 
 
 def free_port() -> int:

@@ -16,7 +16,7 @@ from lxn_ray.cli import ingest_main
 from lxn_ray.ingest import IngestConfig, ingest
 from lxn_ray.sources import FolderSource
 from lxn_ray.storage import Storage
-from tests.helpers import encode, huge_png, radiograph
+from tests.helpers import encode, huge_png, own_stderr_lines, radiograph
 
 pytestmark = pytest.mark.usefixtures("ray_local")
 
@@ -156,5 +156,5 @@ def test_failed_run_leaves_the_latest_version(source_builder, tmp_path, monkeypa
 
 def test_job_prints_one_line_error(tmp_path, capsys):
     assert ingest_main(["--source", str(tmp_path / "nowhere"), "--storage", str(tmp_path / "s")]) == 1
-    err = capsys.readouterr().err.strip().splitlines()
+    err = own_stderr_lines(capsys.readouterr().err)
     assert len(err) == 1 and err[0].startswith("error: ingest failed")

@@ -42,7 +42,7 @@ from lxn_ray.serve import (
     rejected_image,
 )
 from lxn_ray.storage import Storage
-from tests.helpers import encode, free_port, huge_png, radiograph
+from tests.helpers import encode, free_port, huge_png, own_stderr_lines, radiograph
 
 pytestmark = pytest.mark.usefixtures("ray_local")
 
@@ -406,8 +406,10 @@ def test_serve_job_detach_deploys_and_reports(endpoint, tmp_path, capsys):
 def test_serve_job_fails_in_one_line_without_a_model(tmp_path, capsys):
     empty = str(tmp_path / "empty-store")
     assert serve_main(["--storage", empty, "--port", str(free_port())]) == 1
-    err = capsys.readouterr().err.strip().splitlines()
-    assert len(err) == 1 and err[0].startswith("error: serve failed: FileNotFoundError: no champion model")
+    err = capsys.readouterr().err
+    own = own_stderr_lines(err)
+    assert "Traceback" not in err
+    assert len(own) == 1 and own[0].startswith("error: serve failed: FileNotFoundError: no champion model")
     assert serve_main(["--storage", empty, "--model", "lxn-missing", "--detach"]) == 1
 
 
