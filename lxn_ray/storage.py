@@ -56,17 +56,9 @@ class Storage:
             local.mkdir(parents=True, exist_ok=True)
             return cls(uri=local.as_uri(), filesystem=pafs.LocalFileSystem(), root=str(local))
         if uri.startswith("s3://"):
-            # from_uri finds the bucket's region (and honours AWS_ENDPOINT_URL); the filesystem is then
-            # rebuilt with delayed open, so an object that fits one part is one PutObject - no multipart
-            # upload to complete or to leave behind. Ray Train and Tune write through this filesystem too.
-            located, root = pafs.FileSystem.from_uri(uri)
-            endpoint = os.environ.get("AWS_ENDPOINT_URL")  # an S3-compatible server instead of AWS
-            filesystem = pafs.S3FileSystem(
-                region=located.region,
-                allow_delayed_open=True,
-                **({"endpoint_override": endpoint, "scheme": endpoint.split("://")[0]} if endpoint else {}),
-            )
-            return cls(uri=uri.rstrip("/"), filesystem=filesystem, root=root.rstrip("/"))
+            root = uri.removeprefix("s3://").rstrip("/")
+            filesystem = _s3_filesystem(root.split("/", 1)[0], os.environ.get("AWS_ENDPOINT_URL"))
+            return cls(uri=uri.rstrip("/"), filesystem=filesystem, root=root)
         raise StorageError(f"unsupported storage URI {uri!r}: use a local path, file:// or s3://")
 
     @property
@@ -299,6 +291,23 @@ class Storage:
                 return False
             raise
         return True
+
+
+@functools.cache
+def _s3_filesystem(bucket: str, endpoint: str | None) -> pafs.S3FileSystem:
+    """pyarrow's S3 filesystem for ``bucket``, made once per process: Ray Data and Serve open the store
+    per batch and per replica, and finding the bucket's region is a request to S3.
+
+    ``endpoint`` (``AWS_ENDPOINT_URL``) names an S3-compatible server instead of AWS. Delayed open makes an
+    object that fits one part a single PutObject - no multipart upload to complete or leave behind; Ray
+    Train and Tune checkpoint through this filesystem too.
+    """
+    if endpoint:
+        region = os.environ.get("AWS_DEFAULT_REGION", "us-east-1")
+        server = {"endpoint_override": endpoint, "scheme": endpoint.split("://")[0]}
+    else:
+        region, server = pafs.resolve_s3_region(bucket), {}
+    return pafs.S3FileSystem(region=region, allow_delayed_open=True, **server)
 
 
 @functools.cache

@@ -167,7 +167,7 @@ def train_loop_per_worker(loop_config: dict[str, Any]) -> None:
     val_data = ray.train.get_dataset_shard("val")
     for epoch in range(start_epoch, config.epochs + 1):
         if crash and (epoch, rank) == (crash["epoch"], crash["rank"]) and not Path(crash["marker"]).exists():
-            _wait_until_registered(crash["snapshot"], epoch - 1)
+            _wait_until_registered(crash["run_folder"], epoch - 1)
             Path(crash["marker"]).touch()
             os._exit(1)  # the process dies as a lost node would: no exception, no cleanup
         started = time.monotonic()
@@ -213,22 +213,30 @@ def train_loop_per_worker(loop_config: dict[str, Any]) -> None:
             ray.train.report(report, checkpoint=checkpoint)
 
 
-def _wait_until_registered(snapshot: str, epoch: int, timeout_s: float = 120.0) -> None:
+CHECKPOINT_SNAPSHOT = "checkpoint_manager_snapshot.json"  # where Ray Train records registered checkpoints
+
+
+def registered_epoch(run_folder: str | Path) -> int:
+    """The epoch of the latest checkpoint Ray Train has registered in a local run folder (0 while none,
+    or while the snapshot is being written) - a rerun of the run resumes after that epoch."""
+    try:
+        snapshot = json.loads((Path(run_folder) / CHECKPOINT_SNAPSHOT).read_text())
+    except (FileNotFoundError, json.JSONDecodeError):
+        return 0
+    return int((snapshot.get("latest_checkpoint_result") or {}).get("metrics", {}).get("epoch", 0))
+
+
+def _wait_until_registered(run_folder: str, epoch: int, timeout_s: float = 120.0) -> None:
     """Fault injection only: block until Ray Train's controller has recorded ``epoch``'s checkpoint.
 
     The controller polls workers every few seconds; a worker lost before that poll loses the report it
     just made. Tests inject the failure after the registration so they test resumption, not that race.
     """
     deadline = time.monotonic() + timeout_s
-    while time.monotonic() < deadline:
-        try:
-            latest = json.loads(Path(snapshot).read_text()).get("latest_checkpoint_result") or {}
-            if latest.get("metrics", {}).get("epoch") == epoch:
-                return
-        except (FileNotFoundError, json.JSONDecodeError):
-            pass
+    while registered_epoch(run_folder) != epoch:
+        if time.monotonic() > deadline:
+            raise TimeoutError(f"checkpoint of epoch {epoch} never registered in {run_folder}")
         time.sleep(0.2)
-    raise TimeoutError(f"checkpoint of epoch {epoch} never registered in {snapshot}")
 
 
 def _epoch_metrics(labels: np.ndarray, scores: np.ndarray, losses: np.ndarray) -> dict[str, float | None]:
@@ -288,7 +296,7 @@ def run_trainer(
             "crash_once": crash_once
             and {
                 **crash_once,
-                "snapshot": f"{storage.path(RUNS)}/{run_name}/checkpoint_manager_snapshot.json",
+                "run_folder": f"{storage.path(RUNS)}/{run_name}",
             },
         },
         scaling_config=scaling,

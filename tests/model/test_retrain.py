@@ -32,6 +32,7 @@ from lxn_ray.retrain import (
     train_config_from_card,
 )
 from lxn_ray.storage import Storage
+from lxn_ray.train import registered_epoch
 from tests.helpers import SourceBuilder
 from tests.model.test_train import labelled_source
 
@@ -173,13 +174,8 @@ def test_a_retrain_killed_mid_training_leaves_the_champion_and_the_next_run_resu
             """A new training run whose epoch checkpoint Ray Train has recorded (so a rerun resumes it)."""
             assert job.poll() is None, f"the retrain ended before it was killed:\n{log.read_text()[-3000:]}"
             for run in runs.iterdir():
-                snapshot = run / "checkpoint_manager_snapshot.json"
-                if run.name not in before and snapshot.is_file():
-                    try:
-                        if json.loads(snapshot.read_text()).get("latest_checkpoint_result"):
-                            return run.name
-                    except ValueError:
-                        pass  # being written
+                if run.name not in before and registered_epoch(run):
+                    return run.name
             return None
 
         run_name = wait_for(checkpoint_registered, 300, "an epoch checkpoint of the retrain's run", 0.3)

@@ -15,6 +15,7 @@ from lxn_ray.cli import tune_main, tune_parser, tune_settings
 from lxn_ray.ingest import ingest
 from lxn_ray.sources import FolderSource
 from lxn_ray.storage import Storage
+from lxn_ray.train import registered_epoch
 from lxn_ray.tune import (
     TUNE,
     experiment_name,
@@ -163,18 +164,6 @@ def test_resume_finishes_a_search_with_a_crashed_trial(searched, tmp_path):
     assert isinstance(resumed["promoted"], bool) and resumed["promotion_reason"]
 
 
-SNAPSHOT = "checkpoint_manager_snapshot.json"  # where Ray Train records the checkpoints it registered
-
-
-def _registered_epochs(snapshot: Path) -> int:
-    """The epoch of the latest checkpoint Ray Train registered in a run (0 while none, or mid-write)."""
-    try:
-        latest = json.loads(snapshot.read_text()).get("latest_checkpoint_result") or {}
-    except (FileNotFoundError, json.JSONDecodeError):
-        return 0
-    return int(latest.get("metrics", {}).get("epoch", 0))
-
-
 def test_search_whose_driver_is_killed_finishes_with_resume(searched, tmp_path):
     """``python jobs/tune.py`` as its own driver process on the test cluster, killed (SIGKILL) once Ray
     Train has registered a trial's first epoch checkpoint; ``--resume`` then finishes the same experiment,
@@ -204,7 +193,7 @@ def test_search_whose_driver_is_killed_finishes_with_resume(searched, tmp_path):
     )
     try:
         deadline = time.monotonic() + 300
-        while not any(_registered_epochs(snapshot) for snapshot in runs.glob(f"{experiment}-*/{SNAPSHOT}")):
+        while not any(registered_epoch(run) for run in runs.glob(f"{experiment}-*")):
             assert driver.poll() is None, "the search ended before it could be interrupted"
             assert time.monotonic() < deadline, "no trial checkpointed within 5 minutes"
             time.sleep(0.5)
