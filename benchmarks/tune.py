@@ -25,7 +25,15 @@ import numpy as np
 
 from lxn_ray import cluster, dataset
 from lxn_ray.storage import Storage
-from lxn_ray.tune import AUGMENT_RANGES, LR_RANGE, METRIC, TuneSettings, build_tuner
+from lxn_ray.tune import (
+    AUGMENT_RANGES,
+    LR_RANGE,
+    METRIC,
+    ResourceKeeper,
+    TuneSettings,
+    build_tuner,
+    fit_and_give_back,
+)
 
 
 def fixed_points(trials: int, seed: int) -> list[dict[str, Any]]:
@@ -48,9 +56,10 @@ def run(
 ) -> dict[str, Any]:
     """One search over ``points``: time to its best val AUC, that AUC, total time, epochs trained."""
     name = f"bench-{'asha' if settings.asha else 'fifo'}-{uuid.uuid4().hex[:6]}"
-    tuner, _, concurrent = build_tuner(storage, version, settings, name, points=points)
+    keeper = ResourceKeeper(settings.stall_timeout_s, what=f"benchmark search {name}")
+    tuner, _, concurrent = build_tuner(storage, version, settings, name, points=points, keeper=keeper)
     started = time.time()
-    results = tuner.fit()
+    results, _ = fit_and_give_back(tuner, keeper)
     total = time.time() - started
     best_auc, best_at, epochs = float("-inf"), total, 0
     for result in results:

@@ -22,6 +22,9 @@ from lxn_ray import registry
 from lxn_ray.metrics import fmt
 from lxn_ray.storage import Storage, default_storage_uri
 
+# The one error line's length cap: room for a stall diagnosis (who holds what, what waits, the trials).
+ERROR_CHARS = 1500
+
 
 def job_parser(description: str) -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(description=description)
@@ -55,7 +58,7 @@ def run_job(
         return 130
     except Exception as error:  # the contract: one readable line, not a traceback
         cause = getattr(error, "cause", None) or error  # a Ray task's error carries the original
-        message = " ".join(str(cause).split())[:500] or "no message"
+        message = " ".join(str(cause).split())[:ERROR_CHARS] or "no message"
         print(f"error: {name} failed: {type(cause).__name__}: {message}", file=sys.stderr)
         return 1
     print(summary(report))
@@ -122,6 +125,20 @@ def add_model_flags(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--batch-size", type=int, default=20, help="global batch, split over the workers")
 
 
+def add_stall_flag(parser: argparse.ArgumentParser) -> None:
+    """The watchdog of every job that trains (see lxn_ray.resources)."""
+    from lxn_ray.resources import DEFAULT_STALL_TIMEOUT_S
+
+    parser.add_argument(
+        "--stall-timeout-s",
+        type=float,
+        default=DEFAULT_STALL_TIMEOUT_S,
+        help="end the job with an error naming what holds the resources when nothing made progress for "
+        "this long while the cluster could take on no new work "
+        f"(default {DEFAULT_STALL_TIMEOUT_S:g}; 0: never)",
+    )
+
+
 def train_main(argv: Sequence[str] | None = None) -> int:
     parser = job_parser(
         "Train LxN data-parallel with Ray Train on a dataset version; publish a model version."
@@ -143,6 +160,7 @@ def train_main(argv: Sequence[str] | None = None) -> int:
         action="store_true",
         help="start a new run; by default a rerun with the same data and settings resumes",
     )
+    add_stall_flag(parser)
     args = parser.parse_args(argv)
 
     def work(storage: Storage) -> dict[str, Any]:
@@ -161,7 +179,9 @@ def train_main(argv: Sequence[str] | None = None) -> int:
             seed=args.seed,
             **({"augment": AugmentConfig()} if args.no_augment else {}),
         )
-        report = train(storage, args.dataset_version, config, fresh=args.fresh)
+        report = train(
+            storage, args.dataset_version, config, fresh=args.fresh, stall_timeout_s=args.stall_timeout_s
+        )
         # The first model of a store becomes its champion (so it can be served at once); after that only
         # tune, retrain or `registry promote` replace a champion, by their stated rules.
         report["promoted"] = registry.champion(storage) is None
@@ -294,7 +314,12 @@ def tune_parser() -> argparse.ArgumentParser:
     parser.add_argument("--no-asha", action="store_true", help="let every trial run all epochs (FIFO)")
     parser.add_argument("--time-budget-s", type=float, help="stop the search after this many seconds")
     parser.add_argument("--seed", type=int, default=0, help="seeds the searcher and the trials' training")
-    parser.add_argument("--resume", action="store_true", help="continue an interrupted search")
+    parser.add_argument(
+        "--resume",
+        action="store_true",
+        help="continue the latest search with these settings (default: rerunning starts a new one)",
+    )
+    add_stall_flag(parser)
     return parser
 
 
@@ -316,6 +341,7 @@ def tune_settings(args: argparse.Namespace):
         seed=args.seed,
         max_concurrent=args.max_concurrent,
         time_budget_s=args.time_budget_s,
+        stall_timeout_s=args.stall_timeout_s,
     )
 
 
@@ -417,6 +443,7 @@ def retrain_parser() -> argparse.ArgumentParser:
     training.add_argument("--workers", type=int, help="Ray Train workers (data-parallel)")
     training.add_argument("--gpu", action="store_const", const=True, help="one GPU per worker")
     training.add_argument("--num-samples", type=int, default=8, help="--mode tune: trials to run")
+    add_stall_flag(training)
     return parser
 
 
@@ -441,6 +468,7 @@ def retrain_settings(args: argparse.Namespace):
             use_gpu=args.gpu,
         ),
         num_samples=args.num_samples,
+        stall_timeout_s=args.stall_timeout_s,
         lock_ttl_s=args.lock_ttl,
         lock_timeout_s=args.lock_timeout,
         wait_for_lock=not args.no_wait,

@@ -40,6 +40,7 @@ from typing import TYPE_CHECKING, Any
 
 from lxn_ray import dataset, registry
 from lxn_ray.lease import LeaseLock
+from lxn_ray.resources import DEFAULT_STALL_TIMEOUT_S
 from lxn_ray.storage import Storage
 
 if TYPE_CHECKING:
@@ -109,6 +110,7 @@ class RetrainSettings:
     margin: float = 0.05  # non-inferiority margin on the test AUC
     overrides: TrainOverrides = field(default_factory=TrainOverrides)
     num_samples: int = 8  # tune mode: trials
+    stall_timeout_s: float = DEFAULT_STALL_TIMEOUT_S  # end a stalled training run or search (0: never)
     resamples: int = 2000  # paired bootstrap resamples
     bootstrap_seed: int = 0
     lock_ttl_s: float = 15 * 60.0
@@ -227,6 +229,7 @@ def train_challenger(
             width=config.width,
             batch_size=config.batch_size,
             workers_per_trial=config.workers,
+            stall_timeout_s=settings.stall_timeout_s,
         )
         # resume=True: a tick that crashed mid-search continues the same experiment (named after the
         # dataset version and settings), and a finished one is re-reported without a duplicate model.
@@ -254,7 +257,7 @@ def train_challenger(
                 "seconds": round(time.monotonic() - started, 1),
             }
     log(f"training a challenger on {version}: {json.dumps(dataclasses.asdict(config), sort_keys=True)}")
-    report = train(storage, version, config)
+    report = train(storage, version, config, stall_timeout_s=settings.stall_timeout_s)
     return {
         "model_version": report["model_version"],
         "mode": "train",

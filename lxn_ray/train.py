@@ -35,6 +35,12 @@ import numpy as np
 from lxn_ray import cluster, dataset, metrics, plots, registry
 from lxn_ray.model import ModelConfig
 from lxn_ray.preprocess import LIGHT_AUGMENT, AugmentConfig
+from lxn_ray.resources import (
+    DEFAULT_STALL_TIMEOUT_S,
+    Watchdog,
+    point_ray_train_at_this_cluster,
+    run_watched,
+)
 from lxn_ray.storage import Storage
 
 RUNS = "runs"
@@ -167,7 +173,7 @@ def train_loop_per_worker(loop_config: dict[str, Any]) -> None:
     val_data = ray.train.get_dataset_shard("val")
     for epoch in range(start_epoch, config.epochs + 1):
         if crash and (epoch, rank) == (crash["epoch"], crash["rank"]) and not Path(crash["marker"]).exists():
-            _wait_until_registered(crash["run_folder"], epoch - 1)
+            _wait_until_registered(crash["storage_uri"], crash["run_name"], epoch - 1)
             Path(crash["marker"]).touch()
             os._exit(1)  # the process dies as a lost node would: no exception, no cleanup
         started = time.monotonic()
@@ -216,26 +222,27 @@ def train_loop_per_worker(loop_config: dict[str, Any]) -> None:
 CHECKPOINT_SNAPSHOT = "checkpoint_manager_snapshot.json"  # where Ray Train records registered checkpoints
 
 
-def registered_epoch(run_folder: str | Path) -> int:
-    """The epoch of the latest checkpoint Ray Train has registered in a local run folder (0 while none,
-    or while the snapshot is being written) - a rerun of the run resumes after that epoch."""
+def registered_epoch(storage: Storage, run_name: str) -> int:
+    """The epoch of the latest checkpoint Ray Train has registered for ``run_name`` (0 while none, or
+    while the snapshot is being written) - a rerun of the run resumes after that epoch."""
     try:
-        snapshot = json.loads((Path(run_folder) / CHECKPOINT_SNAPSHOT).read_text())
+        snapshot = storage.read_json(f"{RUNS}/{run_name}/{CHECKPOINT_SNAPSHOT}")
     except (FileNotFoundError, json.JSONDecodeError):
         return 0
     return int((snapshot.get("latest_checkpoint_result") or {}).get("metrics", {}).get("epoch", 0))
 
 
-def _wait_until_registered(run_folder: str, epoch: int, timeout_s: float = 120.0) -> None:
+def _wait_until_registered(storage_uri: str, run_name: str, epoch: int, timeout_s: float = 120.0) -> None:
     """Fault injection only: block until Ray Train's controller has recorded ``epoch``'s checkpoint.
 
     The controller polls workers every few seconds; a worker lost before that poll loses the report it
     just made. Tests inject the failure after the registration so they test resumption, not that race.
     """
+    storage = Storage.open(storage_uri)
     deadline = time.monotonic() + timeout_s
-    while registered_epoch(run_folder) != epoch:
+    while registered_epoch(storage, run_name) != epoch:
         if time.monotonic() > deadline:
-            raise TimeoutError(f"checkpoint of epoch {epoch} never registered in {run_folder}")
+            raise TimeoutError(f"checkpoint of epoch {epoch} never registered for run {run_name}")
         time.sleep(0.2)
 
 
@@ -270,12 +277,15 @@ def run_trainer(
 ):
     """Fit LxN with Ray Train on ``version``; returns the ``ray.train.Result``.
 
-    Shared by ``jobs/train.py`` and the Tune trials (which pass a reporting callback).
+    Shared by ``jobs/train.py`` (through :func:`fit_run` in a watched actor) and the Tune trials (which
+    pass a reporting callback). It points this process's ``RAY_ADDRESS`` at the cluster it is connected
+    to (:func:`lxn_ray.resources.point_ray_train_at_this_cluster`).
     """
     import ray
     from ray.train import CheckpointConfig, DataConfig, FailureConfig, RunConfig
     from ray.train.tensorflow import TensorflowTrainer
 
+    point_ray_train_at_this_cluster()
     images = dataset.read_split(storage, version, "train")
     positives = int(sum(images.column("label").to_pylist()))
     negatives = images.num_rows - positives
@@ -293,11 +303,7 @@ def run_trainer(
             "w_pos": w_pos,
             "w_neg": w_neg,
             "cpus_per_worker": cpus,
-            "crash_once": crash_once
-            and {
-                **crash_once,
-                "run_folder": f"{storage.path(RUNS)}/{run_name}",
-            },
+            "crash_once": crash_once and {**crash_once, "storage_uri": storage.uri, "run_name": run_name},
         },
         scaling_config=scaling,
         datasets={"train": train, "val": val},
@@ -332,13 +338,26 @@ def scaling_config(config: TrainConfig, available: dict[str, float], cpus_per_wo
     return ScalingConfig(num_workers=workers, use_gpu=False, resources_per_worker={"CPU": cpus})
 
 
+def fit_run(storage_uri: str, version: str, config: TrainConfig, run_name: str, **trainer_options):
+    """:func:`run_trainer` by storage URI: the step :func:`train` runs in a watched actor."""
+    return run_trainer(Storage.open(storage_uri), version, config, run_name, **trainer_options)
+
+
 def train(
-    storage: Storage, dataset_version: str | None, config: TrainConfig, fresh: bool = False, **trainer_options
+    storage: Storage,
+    dataset_version: str | None,
+    config: TrainConfig,
+    fresh: bool = False,
+    stall_timeout_s: float = DEFAULT_STALL_TIMEOUT_S,
+    **trainer_options,
 ) -> dict[str, Any]:
     """The training job: fit, pick the best epoch, choose the threshold on val, score test, publish.
 
     The run is named after the dataset version and config, so rerunning an interrupted job resumes it
     (and rerunning a finished one re-publishes its result); ``fresh`` starts a new run instead.
+    The run is watched (:func:`lxn_ray.resources.run_watched`): when no epoch is registered for
+    ``stall_timeout_s`` seconds while the cluster can take on no new work, it is ended, its resources
+    are given back, and :class:`lxn_ray.resources.StalledError` says who holds them.
     """
     cluster.connect()
     started = time.monotonic()
@@ -346,7 +365,17 @@ def train(
     run_name = f"train-{version}-{config.digest()}"
     if fresh:
         run_name += f"-{datetime.now(timezone.utc):%Y%m%d-%H%M%S}"
-    result = run_trainer(storage, version, config, run_name, **trainer_options)
+    result = run_watched(
+        fit_run,
+        storage.uri,
+        version,
+        config,
+        run_name,
+        watchdog=Watchdog(stall_timeout_s, what=f"training run {run_name}"),
+        progress=lambda: registered_epoch(storage, run_name),
+        activity=lambda: f"epochs registered: {registered_epoch(storage, run_name)} of {config.epochs}",
+        **trainer_options,
+    )
     best = result.get_best_checkpoint(metric="val_auc", mode="max") or result.checkpoint
     if best is None or result.checkpoint is None:
         raise RuntimeError(f"training run {run_name} produced no checkpoint")

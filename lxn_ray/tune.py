@@ -16,10 +16,14 @@ Layout under storage: ``tune/<experiment>/`` is the Tune experiment (restorable 
 ``trials.csv`` and ``search.png``; each trial's Ray Train run lives in ``runs/<experiment>-<trial id>``,
 so an interrupted trial resumes its training run from the last epoch checkpoint when the search resumes.
 
-When ASHA stops a trial, Tune ends the trial actor and the Ray Train controller it owns dies with it;
-Ray Train's detached ``PlacementGroupCleaner`` then frees the trial's workers within seconds. It learns
-of the death through Ray's State API, so the cluster must run its dashboard (the default for
-``ray start`` and ``ray.init``; ``--include-dashboard=false`` would leave stopped trials' CPUs held).
+Resources: a trial actor holds no CPU itself; its Ray Data loading uses free CPUs, then its Ray Train run
+reserves the workers in a placement group. When Tune ends a trial early (ASHA, ``max_t``, the time
+budget, an error) the trial actor dies and its Train controller with it, leaving the worker group's
+placement group orphaned. :class:`ResourceKeeper`, a Tune callback on the driver, removes this job's
+orphaned groups every couple of seconds (Ray Train's own cleaner is not relied on: it fails whenever
+another Ray instance runs on the machine), and ends the search with one clear error when nothing made
+progress for ``--stall-timeout-s`` while the cluster could take on no new work (see
+:mod:`lxn_ray.resources`). A search then waits for everything of its trials to be given back.
 """
 
 from __future__ import annotations
@@ -37,9 +41,20 @@ from dataclasses import dataclass
 from datetime import datetime
 from typing import Any
 
+from ray.tune import Callback
+
 from lxn_ray import dataset, registry
 from lxn_ray.metrics import fmt
 from lxn_ray.preprocess import AugmentConfig
+from lxn_ray.resources import (
+    DEFAULT_STALL_TIMEOUT_S,
+    POLL_S,
+    StalledError,
+    Watchdog,
+    await_release,
+    current_job_id,
+    release_orphans,
+)
 from lxn_ray.storage import Storage
 from lxn_ray.train import RUNS, TrainConfig
 
@@ -78,18 +93,40 @@ class TuneSettings:
     seed: int = 0
     max_concurrent: int | None = None  # None: as many trials as the cluster's CPUs (or GPUs) fit
     time_budget_s: float | None = None  # stop the search after this long (resumable with --resume)
+    stall_timeout_s: float = DEFAULT_STALL_TIMEOUT_S  # end a search stalled this long (0: never)
 
     def digest(self) -> str:
-        """Digest of what decides the trials; concurrency and time budget do not, so they may change."""
+        """Digest of what decides the trials; concurrency, time budget and watchdog do not, so they may
+        change between a search and its --resume."""
         settings = dataclasses.asdict(self)
-        for key in ("max_concurrent", "time_budget_s"):
+        for key in ("max_concurrent", "time_budget_s", "stall_timeout_s"):
             settings.pop(key)
         return hashlib.sha256(json.dumps(settings, sort_keys=True).encode()).hexdigest()[:8]
 
 
 def experiment_name(version: str, settings: TuneSettings) -> str:
-    """Deterministic: the same dataset version and search settings find the same experiment."""
+    """Deterministic: the same dataset version and search settings name the same series of experiments
+    (``NAME``, then ``NAME-2``, ``NAME-3``, ... for each new search with those settings)."""
     return f"tune-{version}-{settings.digest()}"
+
+
+def experiment_series(storage: Storage, base: str) -> list[str]:
+    """The experiments of one name's series that exist in storage, oldest first."""
+    names: list[str] = []
+    while True:
+        name = base if not names else f"{base}-{len(names) + 1}"
+        if not storage.exists(f"{TUNE}/{name}"):
+            return names
+        names.append(name)
+
+
+def choose_experiment(storage: Storage, base: str, resume: bool) -> str:
+    """``resume``: the newest experiment of the series (the base name when there is none yet);
+    otherwise the next free name, so rerunning the same command starts a fresh search."""
+    existing = experiment_series(storage, base)
+    if resume or not existing:
+        return existing[-1] if existing else base
+    return f"{base}-{len(existing) + 1}"
 
 
 # -- the search space -----------------------------------------------------------------------------------
@@ -167,27 +204,91 @@ def make_scheduler(settings: TuneSettings) -> Any:
 
 
 # -- resources ------------------------------------------------------------------------------------------
-# A trial function only drives its trainer; the Train workers take the CPUs. Ray refuses an all-zero
-# bundle, so the trial reserves a token amount of memory and no CPU. Anything CPU-bearing it starts
-# (Ray Data tasks, Train workers) is scheduled by Ray Data and Ray Train themselves, outside this bundle.
+# A trial function only drives its trainer: Ray refuses an all-zero bundle, so it reserves a token amount of
+# memory and no CPU. The CPUs are taken by its Ray Data loading (free CPUs, before training) and then by its
+# Train workers' placement group; plan_concurrency sizes how many trials run at once so those fit.
 TRIAL_RESOURCES = {"CPU": 0, "memory": 1}
 
 
-def plan_concurrency(settings: TuneSettings) -> tuple[int, int]:
-    """(max concurrent trials, CPUs per Train worker) that fit the cluster without oversubscribing it."""
+def plan_concurrency(settings: TuneSettings, total: dict[str, float] | None = None) -> tuple[int, int]:
+    """(trials at once, CPUs per Train worker) for the cluster's resources ``total`` (default: Ray's).
+
+    Each Train worker takes one GPU and one CPU where the cluster has GPUs, else ``cpus_per_worker``
+    CPUs. Narrow trials side by side beat one wide trial on a CPU box (ASHA compares trials that report
+    together), so as many trials run as fit one CPU (or GPU) per worker, never more than ``num_samples``,
+    and the CPUs are then shared out among them. A trial's data loading runs before its workers start, on
+    CPUs a finished trial has given back. ``--max-concurrent`` above what fits is honoured (the extra
+    trials queue for workers), below it narrows the search and widens each worker.
+    """
     import ray
 
-    total = ray.cluster_resources()
+    total = ray.cluster_resources() if total is None else total
     workers = max(1, settings.workers_per_trial)
-    # Each Train worker takes one GPU where there are GPUs, else one CPU: on a CPU box, narrow trials side
-    # by side beat one wide trial (ASHA needs several trials reporting to compare them).
-    unit = "GPU" if total.get("GPU", 0) > 0 else "CPU"
-    fits = max(1, int(total.get(unit, 1) // workers))
-    cpus_per_worker = 1
+    cpus, gpus = int(total.get("CPU", 0)), int(total.get("GPU", 0))
+    fits = max(1, (min(gpus, cpus) if gpus else cpus) // workers)
     wanted = settings.max_concurrent or fits
     if wanted > fits:
         log(f"--max-concurrent {wanted} exceeds what fits ({fits}); extra trials will queue for workers")
-    return max(1, min(wanted, settings.num_samples)), cpus_per_worker
+    concurrent = max(1, min(wanted, settings.num_samples))
+    cpus_per_worker = 1 if gpus else max(1, cpus // (min(concurrent, fits) * workers))
+    return concurrent, cpus_per_worker
+
+
+class ResourceKeeper(Callback):
+    """A Tune callback on the driver: gives back what ended trials held, and ends a stalled search.
+
+    Every ``POLL_S`` seconds it removes this job's orphaned placement groups - the Ray Train worker groups
+    of trials that Tune stopped or that failed (:func:`lxn_ray.resources.release_orphans`) - and asks its
+    :class:`~lxn_ray.resources.Watchdog` whether the search stalled; a trial starting, reporting or ending
+    is progress. A stall raises :class:`~lxn_ray.resources.StalledError` out of Tune's loop, which stops
+    every trial before ``Tuner.fit`` lets the error through.
+    """
+
+    def __init__(self, stall_timeout_s: float, what: str) -> None:
+        self.stall_timeout_s, self.what = stall_timeout_s, what
+        self.released: list[str] = []
+        self.setup()
+
+    def setup(self, **_info: Any) -> None:
+        """Fresh state at the start of every run (also of a restored search, which unpickles this)."""
+        self.watchdog = Watchdog(self.stall_timeout_s, self.what)
+        self._next_sweep = 0.0
+
+    def on_step_begin(self, iteration: int, trials: list, **_info: Any) -> None:
+        now = time.monotonic()
+        if now < self._next_sweep:
+            return
+        self._next_sweep = now + POLL_S
+        for group in release_orphans():
+            self.released.append(group.id)
+            log(f"released placement group {group.id[:12]} {group.resources} of an ended trial")
+        diagnosis = self.watchdog.check(lambda: describe_trials(trials))
+        if diagnosis is not None:
+            raise StalledError(diagnosis)
+
+    def on_trial_start(self, iteration: int, trials: list, trial: Any, **_info: Any) -> None:
+        self.watchdog.progress()
+
+    def on_trial_result(self, iteration: int, trials: list, trial: Any, result: dict, **_info: Any) -> None:
+        self.watchdog.progress()
+
+    def on_trial_complete(self, iteration: int, trials: list, trial: Any, **_info: Any) -> None:
+        self.watchdog.progress()
+
+    def on_trial_error(self, iteration: int, trials: list, trial: Any, **_info: Any) -> None:
+        self.watchdog.progress()
+
+
+def describe_trials(trials: Sequence[Any]) -> str:
+    """``trials: 2 RUNNING (a1b2c3d4 after 1 epochs, ...), 2 TERMINATED`` for a stall diagnosis."""
+    by_status: dict[str, list[str]] = {}
+    for trial in trials:
+        epochs = (trial.last_result or {}).get("training_iteration", 0)
+        by_status.setdefault(trial.status, []).append(f"{trial.trial_id} after {epochs} epochs")
+    return "trials: " + ", ".join(
+        f"{len(names)} {status}" + (f" ({'; '.join(names)})" if status in ("RUNNING", "PENDING") else "")
+        for status, names in sorted(by_status.items())
+    )
 
 
 # -- the trial ------------------------------------------------------------------------------------------
@@ -246,10 +347,12 @@ def build_tuner(
     resume: bool = False,
     points: list[dict[str, Any]] | None = None,
     crash_once: dict[str, Any] | None = None,
+    keeper: ResourceKeeper | None = None,
 ) -> tuple[Any, str, int]:
     """A new (or with ``resume`` a restored) Tuner for ``name``: (tuner, searcher name, max concurrent).
 
     ``points``: fixed trial configs evaluated in order instead of sampled ones (the benchmark's same trials).
+    ``keeper``: the search's :class:`ResourceKeeper` (a restored search gets this one, not its old copy).
     """
     from ray import tune
 
@@ -273,12 +376,13 @@ def build_tuner(
         tuner = tune.Tuner.restore(
             path, trainable=trainable, resume_errored=True, storage_filesystem=storage.filesystem
         )
+        if keeper is not None:  # Tune restores the callbacks it pickled; use this run's keeper instead
+            run_config = tuner._local_tuner.get_run_config()
+            kept = [c for c in run_config.callbacks or [] if not isinstance(c, ResourceKeeper)]
+            run_config.callbacks = [*kept, keeper]
         return tuner, _searcher_used(storage, name) or settings.searcher, max_concurrent
     if exists:
-        raise FileExistsError(
-            f"search {name} already exists in {storage.uri_of(TUNE)}: pass --resume to continue it "
-            "(or --seed for a new search with the same settings)"
-        )
+        raise FileExistsError(f"search {name} already exists in {storage.uri_of(TUNE)}")
     if resume:
         log(f"nothing to resume for {name}: starting it")
     if points:
@@ -308,6 +412,7 @@ def build_tuner(
             storage_path=storage.path(TUNE),
             storage_filesystem=storage.filesystem,
             verbose=1,  # Tune's own progress table while the search runs
+            callbacks=[keeper] if keeper is not None else None,
         ),
     )
     log(
@@ -336,11 +441,12 @@ def search(
     cluster.connect()
     started = time.monotonic()
     version = dataset.resolve_version(storage, dataset_version)
-    name = experiment_name(version, settings)
+    name = choose_experiment(storage, experiment_name(version, settings), resume)
+    keeper = ResourceKeeper(settings.stall_timeout_s, what=f"search {name}")
     tuner, searcher_name, max_concurrent = build_tuner(
-        storage, version, settings, name, resume=resume, crash_once=crash_once
+        storage, version, settings, name, resume=resume, crash_once=crash_once, keeper=keeper
     )
-    results = tuner.fit()
+    results, held = fit_and_give_back(tuner, keeper)
     rows = trial_rows(results, settings)
     storage.write_bytes(f"{TUNE}/{name}/trials.csv", trials_csv(rows))
     storage.write_bytes(f"{TUNE}/{name}/search.png", search_plot(rows))
@@ -361,6 +467,10 @@ def search(
         "scheduler": "asha" if settings.asha else "fifo",
         "settings": dataclasses.asdict(settings),
         "max_concurrent": max_concurrent,
+        "resources": {
+            "placement_groups_released": len(keeper.released),
+            "placement_groups_held_after": [group.id for group in held],
+        },
         "n_trials": len(rows),
         "trials": {
             "count": len(rows),
@@ -384,6 +494,29 @@ def search(
         "promotion_reason": reason,
         "seconds": round(time.monotonic() - started, 1),
     }
+
+
+def fit_and_give_back(tuner: Any, keeper: ResourceKeeper) -> tuple[Any, list]:
+    """``tuner.fit()`` (with ``keeper`` among its callbacks), then wait (bounded) until every trial's Train
+    run has given its placement group back: (results, groups this job still holds - empty unless Ray
+    failed to remove one). A stall (:class:`StalledError`) is raised as itself, whatever Tune wrapped it
+    in, after the same wait."""
+    job_id = current_job_id()
+    try:
+        results = tuner.fit()
+    except Exception as error:
+        cause: BaseException | None = error
+        while cause is not None and not isinstance(cause, StalledError):
+            cause = cause.__cause__ or cause.__context__
+        await_release(job_id)
+        if cause is not None:
+            raise StalledError(str(cause)) from None
+        raise
+    released, held = await_release(job_id)
+    keeper.released += [group.id for group in released]
+    if held:
+        log(f"still held after the search: {'; '.join(group.describe(job_id) for group in held)}")
+    return results, held
 
 
 def _searcher_used(storage: Storage, name: str) -> str | None:

@@ -174,7 +174,7 @@ def test_a_retrain_killed_mid_training_leaves_the_champion_and_the_next_run_resu
             """A new training run whose epoch checkpoint Ray Train has recorded (so a rerun resumes it)."""
             assert job.poll() is None, f"the retrain ended before it was killed:\n{log.read_text()[-3000:]}"
             for run in runs.iterdir():
-                if run.name not in before and registered_epoch(run):
+                if run.name not in before and registered_epoch(storage, run.name):
                     return run.name
             return None
 

@@ -84,18 +84,26 @@ def test_search_ingests_registers_and_sets_a_champion(searched):
     assert storage.exists(f"runs/{train_run_name(experiment, best['trial_id'])}")
 
 
-def test_rerunning_a_finished_search_needs_resume(searched):
+def test_rerunning_a_search_starts_a_new_one_and_resume_continues_the_latest(searched):
     storage, report, _ = searched
     argv = ["--storage", storage.uri, "--num-samples", "2", "--epochs", "1", *TINY]
-    assert tune_main(argv) == 1  # the same settings name the same experiment: refuse to clobber it
+    first = report["experiment"].rsplit("/", 1)[-1]
     # --resume of a finished search re-reports it without a duplicate model version.
     versions = registry.list_versions(storage)
     resumed = Path(storage.root) / "resumed.json"
     assert tune_main([*argv, "--resume", "--report", str(resumed)]) == 0
     again = json.loads(resumed.read_text())
+    assert again["experiment"] == report["experiment"]
     assert again["best"]["model_version"] == report["best"]["model_version"]
     assert registry.list_versions(storage) == versions
     assert again["promoted"] is False and "already the champion" in again["promotion_reason"]
+    # The same command again is a new search of the same series, never a clobbered old one.
+    rerun = Path(storage.root) / "rerun.json"
+    assert tune_main([*argv, "--report", str(rerun)]) == 0
+    second = json.loads(rerun.read_text())
+    assert second["experiment"].endswith(f"{first}-2")
+    assert second["best"]["model_version"] not in versions
+    assert second["resources"]["placement_groups_held_after"] == []
 
 
 def test_promotion_rule_compares_on_the_same_test_split(searched):
@@ -193,7 +201,7 @@ def test_search_whose_driver_is_killed_finishes_with_resume(searched, tmp_path):
     )
     try:
         deadline = time.monotonic() + 300
-        while not any(registered_epoch(run) for run in runs.glob(f"{experiment}-*")):
+        while not any(registered_epoch(storage, run.name) for run in runs.glob(f"{experiment}-*")):
             assert driver.poll() is None, "the search ended before it could be interrupted"
             assert time.monotonic() < deadline, "no trial checkpointed within 5 minutes"
             time.sleep(0.5)

@@ -1,0 +1,290 @@
+"""Resource accounting that cannot deadlock (issue 11), on the test session's real 2-CPU Ray cluster.
+
+- A soak: the main job (``jobs/tune.py``, 4 trials with ASHA, 2 at a time) three times in a row on the
+  2020-04-20 snapshot, while a second, unrelated Ray instance runs on the same machine (which breaks Ray
+  Train's own placement-group cleaner) and a busy loop keeps one core busy. Each run must finish in bounded
+  time and give back every placement group its trials' Train runs created.
+- The watchdog: with the cluster's CPUs held by another job's placement group, ``jobs/train.py`` and
+  ``jobs/tune.py`` stop with one clear error naming that group and what waits for it, within the stated
+  time, and leave the other job's group alone.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+import time
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+
+from lxn_ray import registry
+from lxn_ray.ingest import ingest
+from lxn_ray.resources import Watchdog, current_job_id, orphans, placement_groups, release_orphans
+from lxn_ray.sources import FolderSource
+from lxn_ray.storage import Storage
+from tests.helpers import SourceBuilder, own_stderr_lines
+from tests.model.test_train import labelled_source
+
+pytestmark = pytest.mark.usefixtures("ray_local")
+
+REPO = Path(__file__).resolve().parents[2]
+TINY = ["--image-size", "32", "--width", "0.125", "--batch-size", "8"]
+
+
+def job_env() -> dict[str, str]:
+    """Child jobs join the test session's Ray cluster, as ``ray job submit`` jobs join theirs."""
+    import ray
+
+    return {**os.environ, "RAY_ADDRESS": ray.get_runtime_context().gcs_address}
+
+
+class Background:
+    """A Python child process that runs ``code`` until its stdin closes (or it ends by itself); ``ready``
+    is the first line it prints. Stopped by this object only - by closing its stdin, then by its pid."""
+
+    def __init__(self, code: str, env: dict[str, str] | None = None) -> None:
+        self.process = subprocess.Popen(
+            [sys.executable, "-c", code],
+            stdin=subprocess.PIPE,
+            stdout=subprocess.PIPE,
+            stderr=subprocess.DEVNULL,
+            env=env,
+            text=True,
+        )
+        self.ready = self.process.stdout.readline().strip()
+        assert self.ready, f"background process exited with {self.process.poll()} before it was ready"
+
+    def stop(self) -> None:
+        self.process.stdin.close()
+        try:
+            self.process.wait(timeout=60)
+        except subprocess.TimeoutExpired:
+            self.process.kill()
+            self.process.wait()
+
+
+# A second Ray instance, unrelated to the test cluster: its own GCS, raylet and 1 CPU.
+OTHER_RAY_INSTANCE = """
+import sys, ray
+ray.init(address="local", num_cpus=1, include_dashboard=False)
+print(ray.get_runtime_context().gcs_address, flush=True)
+sys.stdin.read()
+ray.shutdown()
+"""
+
+# One core kept busy by a bounded loop (15 minutes at most) in a thread; stdin closing ends the process.
+BUSY_CORE = """
+import sys, threading, time
+def spin():
+    end = time.monotonic() + 900
+    while time.monotonic() < end:
+        pass
+threading.Thread(target=spin, daemon=True).start()
+print("spinning", flush=True)
+sys.stdin.read()
+"""
+
+# Another job on the test cluster that holds every CPU in a placement group and uses none of them.
+CPU_HOG = """
+import sys, ray
+ray.init()
+cpus = ray.cluster_resources()["CPU"]
+group = ray.util.placement_group([{"CPU": cpus}])
+ray.get(group.ready())
+print(group.id.hex(), flush=True)
+sys.stdin.read()
+"""
+
+
+@pytest.fixture
+def crowded_machine() -> Iterator[None]:
+    """Another Ray instance and a busy core beside the test cluster, for the whole test."""
+    other = Background(OTHER_RAY_INSTANCE)
+    busy = Background(BUSY_CORE)
+    yield
+    busy.stop()
+    other.stop()
+
+
+@pytest.fixture(scope="module")
+def snapshot_store(bundle_checkout, tmp_path_factory) -> Storage:
+    """The 2020-04-20 snapshot ingested, as the issue's new user had it."""
+    storage = Storage.open(str(tmp_path_factory.mktemp("soak") / "store"))
+    ingest(FolderSource(bundle_checkout("2020-04-20")), storage)
+    return storage
+
+
+@pytest.fixture(scope="module")
+def small_store(tmp_path_factory) -> Storage:
+    root = tmp_path_factory.mktemp("watchdog")
+    storage = Storage.open(str(root / "store"))
+    ingest(FolderSource(labelled_source(SourceBuilder(root / "source"), patients=24)), storage)
+    return storage
+
+
+def ray_list_placement_groups() -> list[dict]:
+    """``ray list placement-groups`` on the test cluster, as a user would check it (State API)."""
+    import ray
+
+    command = [str(Path(sys.executable).parent / "ray"), "list", "placement-groups", "--format", "json"]
+    command += ["--detail", "--limit", "10000", "--address", ray.get_runtime_context().gcs_address]
+    listed = subprocess.run(
+        command, env={**os.environ, "RAY_AUTH_MODE": "token"}, capture_output=True, text=True, timeout=120
+    )
+    assert listed.returncode == 0, listed.stderr[-2000:]
+    return json.loads(listed.stdout)
+
+
+def live_groups_of_other_jobs() -> list:
+    own = current_job_id()
+    return [group for group in placement_groups() if group.live and group.job_id != own]
+
+
+def test_main_job_three_times_beside_another_ray_instance_and_a_busy_core(
+    snapshot_store, crowded_machine, tmp_path
+):
+    storage = snapshot_store
+    for run in range(3):
+        report_path = tmp_path / f"tune-{run}.json"
+        argv = ["--storage", storage.uri, "--num-samples", "4", "--epochs", "2", *TINY]
+        argv += ["--max-concurrent", "2", "--seed", str(run), "--report", str(report_path)]
+        started = time.monotonic()
+        job = subprocess.run(
+            [sys.executable, "jobs/tune.py", *argv],
+            cwd=REPO,
+            env=job_env(),
+            capture_output=True,
+            text=True,
+            timeout=480,  # bounded: the hang this guards against never ended
+        )
+        assert job.returncode == 0, f"run {run} failed:\n" + "\n".join(own_stderr_lines(job.stderr)[-30:])
+        report = json.loads(report_path.read_text())
+        assert report["trials"]["count"] == 4 and report["max_concurrent"] == 2
+        assert report["trials"]["completed"] + report["trials"]["stopped_early"] == 4
+        assert report["best"]["model_version"] in registry.list_versions(storage)
+        # Every Train run's worker group was given back before the job ended - not left for Ray to
+        # reclaim when the job died - and nothing of the job is left on the cluster afterwards.
+        assert report["resources"]["placement_groups_held_after"] == []
+        assert live_groups_of_other_jobs() == []
+        own = current_job_id()
+        left = [
+            g for g in ray_list_placement_groups() if g["state"] == "CREATED" and g["creator_job_id"] != own
+        ]
+        assert left == [], left
+        print(f"run {run}: {time.monotonic() - started:.0f} s, released {report['resources']}")
+
+
+def test_watchdog_names_what_holds_the_cluster_and_leaves_it_alone(small_store, tmp_path):
+    storage = small_store
+    hog = Background(CPU_HOG, env=job_env())
+    try:
+        stall_s = 10
+        for job, extra in (("train", ["--epochs", "1"]), ("tune", ["--num-samples", "2", "--epochs", "1"])):
+            argv = ["--storage", storage.uri, *TINY, *extra, "--stall-timeout-s", str(stall_s)]
+            started = time.monotonic()
+            result = subprocess.run(
+                [sys.executable, f"jobs/{job}.py", *argv],
+                cwd=REPO,
+                env=job_env(),
+                capture_output=True,
+                text=True,
+                timeout=240,
+            )
+            seconds = time.monotonic() - started
+            errors = [line for line in own_stderr_lines(result.stderr) if line.startswith("error:")]
+            assert result.returncode == 1, "\n".join(own_stderr_lines(result.stderr)[-30:])
+            assert len(errors) == 1, errors
+            error = errors[0]
+            assert f"error: {job} failed: StalledError:" in error
+            assert "made no progress for" in error and f"--stall-timeout-s {stall_s}" in error
+            assert hog.ready[:12] in error and "CREATED {CPU: 2}" in error  # who holds the CPUs
+            assert "pending demands and idle reservations:" in error
+            assert "2 CPU reserved in placement groups but unused, none free" in error
+            # Start-up (a Ray worker, TensorFlow) plus the stated time plus a few polls.
+            assert seconds < stall_s + 90, f"{job}: the watchdog took {seconds:.0f} s"
+            # The other job's group is untouched; nothing of the stopped job is left.
+            assert [group.id for group in live_groups_of_other_jobs()] == [hog.ready]
+    finally:
+        hog.stop()
+
+
+def test_orphaned_groups_are_released_and_only_this_jobs(ray_local):
+    """The rule itself: a group whose creating actor died is released; a live actor's, a driver's and
+    another job's are not."""
+    import ray
+
+    @ray.remote(num_cpus=0)
+    class Creator:
+        def reserve(self) -> str:
+            group = ray.util.placement_group([{"CPU": 0.25}])
+            ray.get(group.ready())
+            return group.id.hex()
+
+    mine = ray.util.placement_group([{"CPU": 0.25}])
+    ray.get(mine.ready())
+    alive, dying = Creator.remote(), Creator.remote()
+    kept, orphan = ray.get(alive.reserve.remote()), ray.get(dying.reserve.remote())
+    ray.kill(dying)
+    deadline = time.monotonic() + 30
+    while orphan not in {group.id for group in orphans(current_job_id())}:
+        assert time.monotonic() < deadline, "the killed creator was never recorded as dead"
+        time.sleep(0.1)
+    assert [group.id for group in release_orphans()] == [orphan]
+    state = {group.id: group.state for group in placement_groups()}
+    assert state[orphan] == "REMOVED" and state[kept] == "CREATED" and state[mine.id.hex()] == "CREATED"
+    ray.kill(alive)
+    ray.util.remove_placement_group(mine)
+    deadline = time.monotonic() + 30
+    while not release_orphans():  # the second creator's group, once its death is recorded
+        assert time.monotonic() < deadline
+        time.sleep(0.1)
+
+
+def test_watchdog_needs_both_silence_and_pending_demands(monkeypatch):
+    import lxn_ray.resources as resources
+
+    now = [0.0]
+    pending: list[str] = []
+    monkeypatch.setattr(resources, "blocked_reasons", lambda: list(pending))
+    monkeypatch.setattr(resources, "cluster_picture", lambda job, blocked: f"pending: {blocked}")
+    watchdog = Watchdog(60, "search x", poll_s=1, clock=lambda: now[0])
+    now[0] = 100
+    assert watchdog.check() is None  # silent, but nothing waits: a long epoch
+    pending.append("{CPU: 1} x 2 (tasks/actors)")
+    now[0] = 130
+    assert watchdog.check() is None  # demands pending for 0 s
+    now[0] = 170
+    watchdog.progress()  # a trial reported: the clock restarts
+    now[0] = 200
+    assert watchdog.check() is None
+    now[0] = 231
+    diagnosis = watchdog.check(lambda: "trials: 2 RUNNING")
+    assert diagnosis is not None and diagnosis.startswith("search x made no progress for 61 s")
+    assert "{CPU: 1} x 2" in diagnosis and "trials: 2 RUNNING" in diagnosis
+    assert Watchdog(0, "off", clock=lambda: now[0]).check() is None  # 0 turns it off
+
+
+@pytest.mark.parametrize(
+    ("total", "num_samples", "workers", "max_concurrent", "expected"),
+    [
+        ({"CPU": 1}, 4, 1, None, (1, 1)),  # one trial at a time, its worker on the one CPU
+        ({"CPU": 2}, 4, 1, None, (2, 1)),  # the issue's laptop: 2 trials x 1 CPU
+        ({"CPU": 2}, 1, 1, None, (1, 2)),  # a single trial gets both CPUs
+        ({"CPU": 16}, 8, 1, None, (8, 2)),  # 8 trials share 16 CPUs
+        ({"CPU": 16}, 8, 2, None, (8, 1)),  # 8 trials x 2 workers
+        ({"CPU": 2}, 4, 1, 1, (1, 2)),  # --max-concurrent 1: one wider trial
+        ({"CPU": 2}, 4, 1, 3, (3, 1)),  # above what fits: the third trial queues for workers
+        ({"CPU": 48, "GPU": 4}, 8, 1, None, (4, 1)),  # a GPU (and one CPU) per worker
+        ({"CPU": 48, "GPU": 4}, 8, 2, None, (2, 1)),
+        ({"CPU": 2, "GPU": 4}, 8, 1, None, (2, 1)),  # each GPU worker needs a CPU too
+    ],
+)
+def test_concurrency_fits_the_cluster(total, num_samples, workers, max_concurrent, expected):
+    from lxn_ray.tune import TuneSettings, plan_concurrency
+
+    settings = TuneSettings(num_samples=num_samples, workers_per_trial=workers, max_concurrent=max_concurrent)
+    assert plan_concurrency(settings, total) == expected
