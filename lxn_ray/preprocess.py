@@ -12,12 +12,15 @@ from __future__ import annotations
 
 from collections.abc import Iterable
 from dataclasses import dataclass, fields
+from typing import TYPE_CHECKING
 
-import keras
 import numpy as np
 from PIL import Image
 
 from lxn_ray.imaging import ImageLimits, ImageRejected, decode_image, to_grayscale
+
+if TYPE_CHECKING:
+    import keras
 
 DEFAULT_LIMITS = ImageLimits()
 MODEL_CHANNELS = 3  # LxN takes 3 channels; a radiograph is grayscale, so the channel is replicated
@@ -104,17 +107,6 @@ def preprocess_batch(
     return np.stack(arrays)
 
 
-@keras.saving.register_keras_serializable(package="lxn_ray")
-class ClipToUnitRange(keras.layers.Layer):
-    """Clip to [0, 1]; a registered layer, not a Lambda, so anything holding it stays safe-mode loadable."""
-
-    def call(self, inputs):
-        return keras.ops.clip(inputs, 0.0, 1.0)
-
-    def compute_output_shape(self, input_shape):
-        return input_shape
-
-
 def build_augmenter(config: AugmentConfig, seed: int | None = None) -> keras.Sequential | None:
     """Keras 3 preprocessing layers for the active transforms of ``config``; ``None`` when all are off.
 
@@ -123,6 +115,8 @@ def build_augmenter(config: AugmentConfig, seed: int | None = None) -> keras.Seq
     own seed derived from ``seed`` so the transforms are not drawn from one correlated stream. Call it with
     ``training=True`` on training batches only.
     """
+    import keras  # here, not at import: preprocess_bytes (Ray Data tasks, serving) needs no Keras
+
     layers: list[keras.layers.Layer] = []
 
     def next_seed() -> int | None:
@@ -162,6 +156,7 @@ def build_augmenter(config: AugmentConfig, seed: int | None = None) -> keras.Seq
     if not layers:
         return None
     # Bilinear resampling of [0, 1] values with a 0 fill already stays in range; the clip makes the
-    # contract explicit whatever the layer order or Keras version.
-    layers.append(ClipToUnitRange(name="clip"))
+    # contract explicit whatever the layer order or Keras version. ReLU capped at 1 is clip(x, 0, 1), a
+    # built-in layer (no Lambda), so anything holding it stays safe-mode loadable.
+    layers.append(keras.layers.ReLU(max_value=1.0, name="clip"))
     return keras.Sequential(layers, name="augmenter")

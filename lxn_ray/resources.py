@@ -179,13 +179,11 @@ def format_resources(resources: dict[str, float]) -> str:
     return "{" + ", ".join(f"{name}: {amount:g}" for name, amount in sorted(shown.items())) + "}"
 
 
-def pending_demands() -> list[str]:
+def pending_demands(status: Any = None) -> list[str]:
     """What the cluster cannot place now, as ``ray status`` shows it: task/actor bundles and pending
-    placement groups, e.g. ``["{CPU: 1} x 2 (tasks/actors)"]``. Empty when everything is placed."""
-    import ray
-    from ray.autoscaler.v2.sdk import get_cluster_status
-
-    demands = get_cluster_status(ray.get_runtime_context().gcs_address).resource_demands
+    placement groups, e.g. ``["{CPU: 1} x 2 (tasks/actors)"]``. Empty when everything is placed.
+    ``status``: an autoscaler ``ClusterStatus`` already fetched (default: fetched here)."""
+    demands = (status or cluster_status()).resource_demands
     lines = []
     for demand in demands.ray_task_actor_demand:
         for request in demand.bundles_by_count:
@@ -196,6 +194,14 @@ def pending_demands() -> list[str]:
         )
         lines.append(f"placement group {(demand.pg_id or '?')[:12]} {bundles} ({demand.state or 'PENDING'})")
     return lines
+
+
+def cluster_status() -> Any:
+    """The autoscaler's view of the cluster (``ray status``): nodes, launches, resource demands."""
+    import ray
+    from ray.autoscaler.v2.sdk import get_cluster_status
+
+    return get_cluster_status(ray.get_runtime_context().gcs_address)
 
 
 # "CPU_group_<id>" (no bundle index) is what is still free inside placement group <id>.
@@ -219,8 +225,12 @@ def idle_reservations() -> list[str]:
 
 def blocked_reasons() -> list[str]:
     """Why the cluster cannot take on new work now (empty when it can): its pending demands, and idle
-    reservations while nothing is free (:func:`idle_reservations`)."""
-    return pending_demands() + idle_reservations()
+    reservations while nothing is free (:func:`idle_reservations`). A cluster whose autoscaler is
+    launching nodes is growing to meet its demands, not blocked (a GPU node can take minutes to boot)."""
+    status = cluster_status()
+    if status.pending_launches or status.pending_nodes:
+        return []
+    return pending_demands(status) + idle_reservations()
 
 
 def cluster_picture(job_id: str, blocked: list[str]) -> str:

@@ -108,7 +108,8 @@ def test_rerunning_a_search_starts_a_new_one_and_resume_continues_the_latest(sea
 
 def test_promotion_rule_compares_on_the_same_test_split(searched):
     storage, report, root = searched
-    version, champion = report["dataset_version"], report["champion"]
+    # The current champion: an earlier test's search may have replaced the first one by the same rule.
+    version, champion = report["dataset_version"], registry.champion(storage)
     champion_auc = registry.read_card(storage, champion)["test"]["auc"]
     equal = {"model_version": "candidate", "test": {"auc": champion_auc}}
     promoted, reason = promotion_decision(storage, version, equal)
