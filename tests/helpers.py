@@ -39,6 +39,16 @@ def own_stderr_lines(err: str) -> list[str]:
     return [line for line in plain.splitlines() if line.strip() and not line.startswith("(")]
 
 
+def job_env() -> dict[str, str]:
+    """A child job's environment: it joins the test session's Ray cluster, as ``ray job submit`` jobs
+    join theirs."""
+    import os
+
+    import ray
+
+    return {**os.environ, "RAY_ADDRESS": ray.get_runtime_context().gcs_address}
+
+
 def free_port() -> int:
     """A TCP port on 127.0.0.1 that nothing listens on right now."""
     with socket.socket() as probe:

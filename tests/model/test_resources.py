@@ -26,20 +26,13 @@ from lxn_ray.ingest import ingest
 from lxn_ray.resources import Watchdog, current_job_id, orphans, placement_groups, release_orphans
 from lxn_ray.sources import FolderSource
 from lxn_ray.storage import Storage
-from tests.helpers import SourceBuilder, own_stderr_lines
+from tests.helpers import SourceBuilder, job_env, own_stderr_lines
 from tests.model.test_train import labelled_source
 
 pytestmark = pytest.mark.usefixtures("ray_local")
 
 REPO = Path(__file__).resolve().parents[2]
 TINY = ["--image-size", "32", "--width", "0.125", "--batch-size", "8"]
-
-
-def job_env() -> dict[str, str]:
-    """Child jobs join the test session's Ray cluster, as ``ray job submit`` jobs join theirs."""
-    import ray
-
-    return {**os.environ, "RAY_ADDRESS": ray.get_runtime_context().gcs_address}
 
 
 class Background:

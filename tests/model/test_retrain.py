@@ -33,7 +33,7 @@ from lxn_ray.retrain import (
 )
 from lxn_ray.storage import Storage
 from lxn_ray.train import registered_epoch
-from tests.helpers import SourceBuilder
+from tests.helpers import SourceBuilder, job_env
 from tests.model.test_train import labelled_source
 
 pytestmark = pytest.mark.usefixtures("ray_local")
@@ -75,13 +75,6 @@ class Replay:
         path = self.root / f"{name}.json"
         assert retrain_main([*self.argv("--once", *extra), "--report", str(path)]) == 0
         return json.loads(path.read_text())
-
-
-def subprocess_env() -> dict[str, str]:
-    """Child jobs join the test session's Ray cluster, as ``ray job submit`` jobs join theirs."""
-    import ray
-
-    return {**os.environ, "RAY_ADDRESS": ray.get_runtime_context().gcs_address}
 
 
 @pytest.fixture(scope="module")
@@ -163,7 +156,7 @@ def test_a_retrain_killed_mid_training_leaves_the_champion_and_the_next_run_resu
         job = subprocess.Popen(
             [sys.executable, "jobs/retrain.py", *argv],
             cwd=REPO,
-            env=subprocess_env(),
+            env=job_env(),
             start_new_session=True,
             stdout=output,
             stderr=subprocess.STDOUT,
@@ -214,7 +207,7 @@ def test_two_once_runs_started_together_do_not_overlap(replay):
                 subprocess.Popen(
                     [sys.executable, "jobs/retrain.py", *argv],
                     cwd=REPO,
-                    env=subprocess_env(),
+                    env=job_env(),
                     start_new_session=True,
                     stdout=output,
                     stderr=subprocess.STDOUT,
@@ -256,7 +249,7 @@ def test_every_carries_on_after_failing_ticks_and_stops_cleanly_on_sigterm(tmp_p
     job = subprocess.Popen(  # on the test cluster: Ray's own SIGTERM handler must not win
         [sys.executable, "jobs/retrain.py", *argv, "--report", str(tmp_path / "r.json")],
         cwd=REPO,
-        env=subprocess_env(),
+        env=job_env(),
         start_new_session=True,
         stdout=subprocess.PIPE,
         stderr=subprocess.PIPE,

@@ -23,7 +23,7 @@ from lxn_ray.tune import (
     search,
     train_run_name,
 )
-from tests.helpers import SourceBuilder
+from tests.helpers import SourceBuilder, job_env
 from tests.model.test_train import labelled_source
 
 pytestmark = pytest.mark.usefixtures("ray_local")
@@ -191,7 +191,7 @@ def test_search_whose_driver_is_killed_finishes_with_resume(searched, tmp_path):
     settings = tune_settings(tune_parser().parse_args(argv))
     experiment = experiment_name(dataset.latest_version(storage), settings)
     runs = Path(storage.path("runs"))
-    env = {**os.environ, "RAY_ADDRESS": ray.get_runtime_context().gcs_address}
+    env = job_env()
     driver = subprocess.Popen(
         [sys.executable, "jobs/tune.py", *argv],
         cwd=Path(__file__).parents[2],
