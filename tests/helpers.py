@@ -7,7 +7,9 @@ import io
 import re
 import socket
 import struct
+import time
 import zlib
+from collections.abc import Callable
 from pathlib import Path
 
 import numpy as np
@@ -37,6 +39,17 @@ def own_stderr_lines(err: str) -> list[str]:
     """A job's own stderr lines: without the "(Actor pid=...)" lines Ray forwards from its workers."""
     plain = re.sub(r"\x1b\[[0-9;]*m", "", err)
     return [line for line in plain.splitlines() if line.strip() and not line.startswith("(")]
+
+
+def wait_for(condition: Callable[[], object], timeout_s: float, what: str, poll_s: float = 0.2) -> object:
+    """Poll ``condition`` until it is truthy; fail with ``what`` after ``timeout_s``."""
+    deadline = time.monotonic() + timeout_s
+    while True:
+        value = condition()
+        if value:
+            return value
+        assert time.monotonic() < deadline, f"timed out after {timeout_s} s waiting for {what}"
+        time.sleep(poll_s)
 
 
 def job_env() -> dict[str, str]:

@@ -26,7 +26,7 @@ from lxn_ray.ingest import ingest
 from lxn_ray.resources import Watchdog, current_job_id, orphans, placement_groups, release_orphans
 from lxn_ray.sources import FolderSource
 from lxn_ray.storage import Storage
-from tests.helpers import SourceBuilder, job_env, own_stderr_lines
+from tests.helpers import SourceBuilder, job_env, own_stderr_lines, wait_for
 from tests.model.test_train import labelled_source
 
 pytestmark = pytest.mark.usefixtures("ray_local")
@@ -222,19 +222,16 @@ def test_orphaned_groups_are_released_and_only_this_jobs(ray_local):
     alive, dying = Creator.remote(), Creator.remote()
     kept, orphan = ray.get(alive.reserve.remote()), ray.get(dying.reserve.remote())
     ray.kill(dying)
-    deadline = time.monotonic() + 30
-    while orphan not in {group.id for group in orphans(current_job_id())}:
-        assert time.monotonic() < deadline, "the killed creator was never recorded as dead"
-        time.sleep(0.1)
+    wait_for(
+        lambda: orphan in {group.id for group in orphans(current_job_id())}, 30, "the killed creator's death"
+    )
     assert [group.id for group in release_orphans()] == [orphan]
     state = {group.id: group.state for group in placement_groups()}
     assert state[orphan] == "REMOVED" and state[kept] == "CREATED" and state[mine.id.hex()] == "CREATED"
     ray.kill(alive)
     ray.util.remove_placement_group(mine)
-    deadline = time.monotonic() + 30
-    while not release_orphans():  # the second creator's group, once its death is recorded
-        assert time.monotonic() < deadline
-        time.sleep(0.1)
+    # The second creator's group, released once its death is recorded.
+    assert [group.id for group in wait_for(release_orphans, 30, "the second orphan")] == [kept]
 
 
 def test_watchdog_needs_both_silence_and_pending_demands(monkeypatch):

@@ -11,8 +11,6 @@ import socket
 import subprocess
 import sys
 import threading
-import time
-from collections.abc import Callable
 from datetime import datetime, timedelta, timezone
 from pathlib import Path
 
@@ -33,24 +31,13 @@ from lxn_ray.retrain import (
 )
 from lxn_ray.storage import Storage
 from lxn_ray.train import registered_epoch
-from tests.helpers import SourceBuilder, job_env
+from tests.helpers import SourceBuilder, job_env, wait_for
 from tests.model.test_train import labelled_source
 
 pytestmark = pytest.mark.usefixtures("ray_local")
 
 REPO = Path(__file__).resolve().parents[2]
 TINY = ["--image-size", "32", "--width", "0.125", "--batch-size", "8", "--lr", "1e-3", "--epochs", "1"]
-
-
-def wait_for(condition: Callable[[], object], timeout_s: float, what: str, poll_s: float = 0.2) -> object:
-    """Poll ``condition`` until it is truthy; fail with ``what`` after ``timeout_s``."""
-    deadline = time.monotonic() + timeout_s
-    while True:
-        value = condition()
-        if value:
-            return value
-        assert time.monotonic() < deadline, f"timed out after {timeout_s} s waiting for {what}"
-        time.sleep(poll_s)
 
 
 class Replay:
