@@ -66,20 +66,47 @@ def run_job(
 
 
 # -- ingest -------------------------------------------------------------------------------------------
+def add_source_flags(parser: argparse.ArgumentParser, default_source: str | None = None) -> None:
+    """``--source``/``--ref`` (one source in the upstream layout) or ``--sources FILE`` (several, named)."""
+    group = parser.add_mutually_exclusive_group()
+    group.add_argument(
+        "--source",
+        default=default_source,
+        help="a folder with metadata.csv + images/, or a git URL, path or bundle"
+        + (f" (default: {default_source})" if default_source else ""),
+    )
+    group.add_argument(
+        "--sources",
+        type=Path,
+        help="a YAML file listing several named sources and their layouts (see README: Sources)",
+    )
+    parser.add_argument("--ref", help="git branch, tag or commit of --source (default: the remote's HEAD)")
+    parser.add_argument(
+        "--source-name", default="ieee8023", help="the name of a lone --source (default: ieee8023)"
+    )
+
+
+def sources_from_args(args: argparse.Namespace):
+    """What ``ingest`` takes: the specs of ``--sources``, or ``--source`` as a lone named source; None
+    when neither was given."""
+    from lxn_ray.layouts import SourceSpec, read_sources_file
+
+    if args.sources:
+        if args.ref:
+            raise ValueError("--ref goes with --source; in a sources file give each source its own ref:")
+        return read_sources_file(args.sources)
+    if args.source:
+        return [SourceSpec(name=args.source_name, uri=args.source, ref=args.ref, layout="upstream")]
+    return None
+
+
 def ingest_main(argv: Sequence[str] | None = None) -> int:
     from lxn_ray.sources import UPSTREAM
 
     parser = job_parser(
-        "Ingest the ieee8023 dataset into a new immutable, deduplicated, split dataset version."
+        "Ingest one or more sources into a new immutable, deduplicated, split dataset version."
     )
-    parser.add_argument(
-        "--source",
-        default=UPSTREAM,
-        help=f"a folder with metadata.csv + images/, or a git URL, path or bundle (default: {UPSTREAM})",
-    )
-    parser.add_argument(
-        "--ref", help="git branch, tag or commit (git sources only; default: the remote's HEAD)"
-    )
+    add_source_flags(parser, default_source=UPSTREAM)
     parser.add_argument(
         "--frontal-views",
         help="comma-separated views counted as frontal (default: PA,AP,AP Supine,AP erect,AP semi erect)",
@@ -88,15 +115,23 @@ def ingest_main(argv: Sequence[str] | None = None) -> int:
 
     def work(storage: Storage) -> dict[str, Any]:
         from lxn_ray.ingest import IngestConfig, ingest
-        from lxn_ray.sources import open_source
 
         config = IngestConfig()
         if args.frontal_views:
             views = tuple(v.strip() for v in args.frontal_views.split(",") if v.strip())
             config = IngestConfig(frontal_views=views)
-        return ingest(open_source(args.source, args.ref), storage, config)
+        return ingest(sources_from_args(args), storage, config)
 
     return run_job("ingest", args, work, ingest_summary)
+
+
+def _sources_line(report: dict[str, Any]) -> str:
+    sources = report.get("sources") or {}
+    if not sources:
+        return ""
+    parts = [f"{name} ({s['layout']}, {s['usable']} usable)" for name, s in sources.items()]
+    notes = [f"    {name}: {s['patients']}\n" for name, s in sources.items() if s.get("patients")]
+    return f"  sources: {', '.join(parts)}\n" + "".join(notes)
 
 
 def ingest_summary(report: dict[str, Any]) -> str:
@@ -110,15 +145,30 @@ def ingest_summary(report: dict[str, Any]) -> str:
         f"  {report['rows']} metadata rows -> {report['usable']} usable images "
         f"({report['positives']} COVID-19, {report['negatives']} other findings)\n"
         f"  excluded: {excluded}\n"
-        f"  {len(report['duplicates'])} duplicates dropped; "
+        + _sources_line(report)
+        + f"  {len(report['duplicates'])} duplicates dropped "
+        f"({report.get('cross_source_duplicates', 0)} across sources, "
+        f"{len(report.get('label_disagreements', []))} with disagreeing labels); "
         f"{report['images_hashed']} images decoded and hashed in {report.get('seconds', '?')} s\n"
         f"  splits: {splits}"
     )
 
 
 # -- train --------------------------------------------------------------------------------------------
+def add_task_flag(parser: argparse.ArgumentParser) -> None:
+    from lxn_ray.tasks import BUILTIN_TASKS, DEFAULT_TASK
+
+    parser.add_argument(
+        "--task",
+        default=DEFAULT_TASK,
+        help=f"which findings are positive, negative or unused: {', '.join(BUILTIN_TASKS)}, or a task "
+        f"YAML file (default: {DEFAULT_TASK})",
+    )
+
+
 def add_model_flags(parser: argparse.ArgumentParser) -> None:
     """The flags every job that trains LxN shares (train, tune, retrain); defaults are the paper's."""
+    add_task_flag(parser)
     parser.add_argument("--image-size", type=int, default=200, help="input side in pixels (paper: 200)")
     parser.add_argument("--width", type=float, default=1.0, help="width multiplier (1.0 = the paper's LxN)")
     parser.add_argument("--epochs", type=int, default=10, help="epochs per training run (per trial)")
@@ -177,6 +227,7 @@ def train_main(argv: Sequence[str] | None = None) -> int:
             use_gpu=args.gpu,
             mixed_precision=args.mixed_precision,
             seed=args.seed,
+            task=args.task,
             **({"augment": AugmentConfig()} if args.no_augment else {}),
         )
         report = train(
@@ -184,58 +235,158 @@ def train_main(argv: Sequence[str] | None = None) -> int:
         )
         # The first model of a store becomes its champion (so it can be served at once); after that only
         # tune, retrain or `registry promote` replace a champion, by their stated rules.
-        report["promoted"] = registry.champion(storage) is None
+        fired = report["sources"]["test"]["shortcut"]["fired"]
+        report["promoted"] = registry.champion(storage) is None and not fired
         if report["promoted"]:
             registry.promote(storage, report["model_version"], reason="the store's first model")
+        elif fired:
+            report["not_promoted_because"] = "the source-shortcut check fired (registry promote can still)"
         return report
 
     return run_job("train", args, work, train_summary)
 
 
+def _interval(ci: Sequence[float] | None) -> str:
+    return f" (95% CI {ci[0]:.3f}-{ci[1]:.3f})" if ci else ""
+
+
+def source_lines(evaluation: dict[str, Any]) -> list[str]:
+    """The per-source, within-source and shortcut lines of a model's test split (train and tune)."""
+    test = evaluation["test"]
+    lines = [f"  objective ({test['objective_basis']}): {fmt(test['objective'])}"]
+    for name, row in test["per_source"].items():
+        within = "within" if name in test["within_source"] else "one class only"
+        lines.append(
+            f"    {name}: n={row['n']} ({row['positives']} positive), AUC {fmt(row['auc'])}"
+            f"{_interval(row['auc_ci'])} [{within}]"
+        )
+    shortcut = test["shortcut"]
+    checked = sum(len(checks) for checks in shortcut["classes"].values())
+    if shortcut.get("warning"):
+        lines.append(f"  WARNING {shortcut['warning']}")
+    elif checked:
+        lines.append(f"  source-shortcut check: {checked} comparison(s), none fired")
+    return lines
+
+
 def train_summary(report: dict[str, Any]) -> str:
     val, test = report["val"], report["test"]
-    ci = test.get("auc_ci")
-    interval = f" (95% CI {ci[0]:.3f}-{ci[1]:.3f})" if ci else ""
-    return (
-        f"model {report['model_version']} on dataset {report['dataset_version']} "
-        f"(best epoch {report['best_epoch']}, {report['seconds']} s)\n"
-        f"  threshold {report['threshold']:.3f} (Youden's J on val)\n"
-        f"  val:  AUC {fmt(val['auc'])}, sensitivity {fmt(val['sensitivity'])}, "
-        f"specificity {fmt(val['specificity'])}\n"
-        f"  test: AUC {fmt(test['auc'])}{interval}, sensitivity {fmt(test['sensitivity'])}, "
-        f"specificity {fmt(test['specificity'])}, n={test['n']} (patient-disjoint)\n"
-        f"  model: {report['checkpoint']}"
-        f"{' (now the champion: the first model in this store)' if report.get('promoted') else ''}\n"
-        "  research use only - not a diagnostic device"
+    chance = (
+        "; NO BETTER THAN CHANCE (the interval includes 0.5)" if test.get("no_better_than_chance") else ""
     )
+    promoted = ""
+    if report.get("promoted"):
+        promoted = " (now the champion: the first model in this store)"
+    elif report.get("not_promoted_because"):
+        promoted = f" (not promoted: {report['not_promoted_because']})"
+    lines = [
+        f"model {report['model_version']} for {report.get('task', 'covid-vs-rest')} on dataset "
+        f"{report['dataset_version']} (best epoch {report['best_epoch']}, {report['seconds']} s)",
+        f"  threshold {report['threshold']:.3f} (Youden's J on val)",
+        f"  val:  AUC {fmt(val['auc'])}, sensitivity {fmt(val['sensitivity'])}, "
+        f"specificity {fmt(val['specificity'])}",
+        f"  test: AUC {fmt(test['auc'])}{_interval(test.get('auc_ci'))}{chance}, sensitivity "
+        f"{fmt(test['sensitivity'])}, specificity {fmt(test['specificity'])}, n={test['n']} "
+        "(patient-disjoint)",
+        *(source_lines(report["sources"]) if report.get("sources") else []),
+        *(f"  warning: {w}" for w in report.get("warnings", []) if not w.startswith("source shortcut")),
+        f"  model: {report['checkpoint']}{promoted}",
+        "  research use only - not a diagnostic device",
+    ]
+    return "\n".join(lines)
+
+
+# -- leave-one-source-out -----------------------------------------------------------------------------
+def loso_main(argv: Sequence[str] | None = None) -> int:
+    parser = job_parser(
+        "Leave-one-source-out: for each source, train on the others and score every film of the one left "
+        "out; held-out metrics beside internal ones. Models are registered, never promoted."
+    )
+    parser.add_argument("--dataset-version", default="latest", help="dataset version id, or latest")
+    add_model_flags(parser)
+    parser.add_argument("--lr", type=float, default=1e-4, help="RMSprop learning rate")
+    parser.add_argument("--seed", type=int, default=0)
+    add_stall_flag(parser)
+    args = parser.parse_args(argv)
+
+    def work(storage: Storage) -> dict[str, Any]:
+        from lxn_ray.loso import leave_one_source_out
+        from lxn_ray.train import TrainConfig
+
+        config = TrainConfig(
+            image_size=args.image_size,
+            width=args.width,
+            epochs=args.epochs,
+            batch_size=args.batch_size,
+            learning_rate=args.lr,
+            seed=args.seed,
+            task=args.task,
+        )
+        return leave_one_source_out(storage, args.dataset_version, config, args.stall_timeout_s)
+
+    return run_job("loso", args, work, loso_summary)
+
+
+def loso_summary(report: dict[str, Any]) -> str:
+    lines = [f"leave-one-source-out on dataset {report['dataset_version']} ({report['task']}):"]
+    for fold in report["folds"]:
+        held, internal = fold["held_out_metrics"], fold["internal_test"]
+        chance = "; no better than chance" if held["no_better_than_chance"] else ""
+        lines += [
+            f"  held out {fold['held_out']} (model {fold['model_version']}, trained on "
+            f"{', '.join(fold['trained_on'])}):",
+            f"    held-out: n={held['n']} ({held['positives']} positive), AUC {fmt(held['auc'])}"
+            f"{_interval(held['auc_ci'])}{chance}, sensitivity {fmt(held['sensitivity'])}, "
+            f"specificity {fmt(held['specificity'])} at threshold {held['threshold']:.3f}",
+            f"    internal test: n={internal['n']} ({internal['positives']} positive), AUC "
+            f"{fmt(internal['auc'])}{_interval(internal.get('auc_ci'))}",
+        ]
+    lines.append("  research use only - not a diagnostic device")
+    return "\n".join(lines)
 
 
 # -- evaluate -----------------------------------------------------------------------------------------
 def evaluate_main(argv: Sequence[str] | None = None) -> int:
-    parser = job_parser("Score a folder in the upstream layout (e.g. another hospital's data) with a model.")
+    parser = job_parser(
+        "Score other data (e.g. another hospital's films) with a model: pooled, per source, within source."
+    )
     parser.add_argument("--model", default="champion", help="a model version id, champion, or a .keras path")
-    parser.add_argument("--source", required=True, help="folder with metadata.csv + images/")
+    group = parser.add_mutually_exclusive_group(required=True)
+    group.add_argument("--source", help="folder with metadata.csv + images/")
+    group.add_argument("--sources", type=Path, help="a sources YAML file (any layouts; see README: Sources)")
+    parser.add_argument("--task", help="the task to score (default: the model's own)")
     args = parser.parse_args(argv)
 
     def work(storage: Storage) -> dict[str, Any]:
         from lxn_ray.evaluate import evaluate
+        from lxn_ray.layouts import read_sources_file
 
-        return evaluate(storage, args.model, args.source)
+        sources = read_sources_file(args.sources) if args.sources else args.source
+        return evaluate(storage, args.model, sources, task=args.task)
 
     return run_job("evaluate", args, work, evaluate_summary)
 
 
 def evaluate_summary(report: dict[str, Any]) -> str:
-    ci = report.get("auc_ci")
-    interval = f" (95% CI {ci[0]:.3f}-{ci[1]:.3f})" if ci else ""
+    chance = "; no better than chance" if report.get("no_better_than_chance") else ""
     lines = [
-        f"model {report['model_version']} on {report['source']}: n={report['n']} "
-        f"({report['positives']} COVID-19), threshold {report['threshold']:.3f} from the model's validation",
-        f"  AUC {fmt(report['auc'])}{interval}, accuracy {fmt(report['accuracy'])}, "
-        f"sensitivity {fmt(report['sensitivity'])}, specificity {fmt(report['specificity'])}",
+        f"model {report['model_version']} ({report.get('task', 'covid-vs-rest')}) on {report['source']}: "
+        f"n={report['n']} ({report['positives']} positive), threshold {report['threshold']:.3f} from the "
+        "model's validation",
+        f"  pooled AUC {fmt(report['auc'])}{_interval(report.get('auc_ci'))}{chance}, accuracy "
+        f"{fmt(report['accuracy'])}, sensitivity {fmt(report['sensitivity'])}, specificity "
+        f"{fmt(report['specificity'])}",
         f"  {report['overlap_with_training']} images duplicate the model's training images (scored, counted)",
         f"  predictions: {report['predictions']}",
     ]
+    for name, row in report.get("per_source", {}).items():
+        within = "within" if name in report.get("within_source", {}) else "one class only"
+        lines.append(
+            f"    {name}: n={row['n']} ({row['positives']} positive), AUC {fmt(row['auc'])}"
+            f"{_interval(row['auc_ci'])} [{within}]"
+        )
+    if (report.get("shortcut") or {}).get("warning"):
+        lines.append(f"  WARNING {report['shortcut']['warning']}")
     for column, values in report["subgroups"].items():
         parts = [f"{value} n={m['n']} AUC {fmt(m['auc'])}" for value, m in values.items()]
         lines.append(f"  by {column}: " + "; ".join(parts))
@@ -273,9 +424,10 @@ def registry_summary(report: dict[str, Any]) -> str:
         lines = [f"{len(report['models'])} model versions; champion: {report['champion'] or 'none'}"]
         for row in report["models"]:
             mark = "*" if row["champion"] else " "
+            chance = "  no better than chance" if row.get("no_better_than_chance") else ""
             lines.append(
-                f" {mark} {row['model_version']}  test AUC {fmt(row['test_auc'])}  "
-                f"dataset {row['dataset_version']}"
+                f" {mark} {row['model_version']}  {row.get('task') or 'covid-vs-rest'}  "
+                f"test AUC {fmt(row['test_auc'])}{chance}  dataset {row['dataset_version']}"
             )
         return "\n".join(lines)
     if report["command"] == "show":
@@ -293,8 +445,7 @@ def tune_parser() -> argparse.ArgumentParser:
         "Search learning rate and augmentation with Ray Tune over Ray Train; register the best model and "
         "promote it when it beats the champion on the same test split."
     )
-    parser.add_argument("--source", help="ingest this source first (default: only when the store is empty)")
-    parser.add_argument("--ref", help="git branch, tag or commit of --source")
+    add_source_flags(parser)  # ingest these first (default: only when the store is empty)
     parser.add_argument("--num-samples", type=int, default=8, help="trials to run")
     add_model_flags(parser)
     parser.add_argument(
@@ -342,6 +493,7 @@ def tune_settings(args: argparse.Namespace):
         max_concurrent=args.max_concurrent,
         time_budget_s=args.time_budget_s,
         stall_timeout_s=args.stall_timeout_s,
+        task=args.task,
     )
 
 
@@ -352,15 +504,16 @@ def tune_main(argv: Sequence[str] | None = None) -> int:
     def work(storage: Storage) -> dict[str, Any]:
         from lxn_ray.tune import tune_job
 
-        return tune_job(storage, tune_settings(args), args.source, args.ref, args.resume)
+        return tune_job(storage, tune_settings(args), sources_from_args(args), args.resume)
 
     return run_job("tune", args, work, tune_summary)
 
 
 def tune_summary(report: dict[str, Any]) -> str:
     trials, best, test = report["trials"], report["best"], report["test"]
-    ci = test.get("auc_ci")
-    interval = f" (95% CI {ci[0]:.3f}-{ci[1]:.3f})" if ci else ""
+    interval = _interval(test.get("auc_ci"))
+    if test.get("no_better_than_chance"):
+        interval += "; NO BETTER THAN CHANCE"
     config = ", ".join(
         f"{k}={v:.3g}" if isinstance(v, float) else f"{k}={v}" for k, v in best["config"].items()
     )
@@ -369,11 +522,15 @@ def tune_summary(report: dict[str, Any]) -> str:
         f"search on dataset {report['dataset_version']}: {trials['count']} trials "
         f"({report['searcher']}, {report['scheduler']}; {trials['completed']} completed, "
         f"{trials['stopped_early']} stopped early{errored}) in {report['seconds']} s\n"
-        f"  best trial {best['trial_id']}: val AUC {fmt(best['val_auc'])} with {config}\n"
-        f"  model {best['model_version']}: test AUC {fmt(test.get('auc'))}{interval}, "
-        f"sensitivity {fmt(test.get('sensitivity'))}, specificity {fmt(test.get('specificity'))}, "
-        f"n={test.get('n')}\n"
-        f"  {'promoted' if report['promoted'] else 'not promoted'}: {report['promotion_reason']}\n"
+        f"  best trial {best['trial_id']}: val objective {fmt(best['val_objective'])} with {config}\n"
+        f"  model {best['model_version']} ({report.get('task', 'covid-vs-rest')}): test AUC "
+        f"{fmt(test.get('auc'))}{interval}, sensitivity {fmt(test.get('sensitivity'))}, "
+        f"specificity {fmt(test.get('specificity'))}, n={test.get('n')}\n"
+        + "".join(f"{line}\n" for line in (source_lines(report["sources"]) if report.get("sources") else []))
+        + "".join(
+            f"  warning: {w}\n" for w in report.get("warnings", []) if not w.startswith("source shortcut")
+        )
+        + f"  {'promoted' if report['promoted'] else 'not promoted'}: {report['promotion_reason']}\n"
         f"  champion: {report['champion']}\n"
         f"  trials: {trials['csv']}\n  plot: {trials['plot']}\n"
         "  research use only - not a diagnostic device"
@@ -396,10 +553,7 @@ def retrain_parser() -> argparse.ArgumentParser:
         "Scheduled retraining: ingest the source, train a challenger when enough new images arrived, and "
         "promote it when it is not worse than the champion on the same test images (non-inferiority)."
     )
-    parser.add_argument(
-        "--source", required=True, help="a folder in the upstream layout, or a git repository"
-    )
-    parser.add_argument("--ref", help="git branch, tag or commit of --source")
+    add_source_flags(parser)
     schedule = parser.add_mutually_exclusive_group(required=True)
     schedule.add_argument(
         "--once", action="store_true", help="run one tick and exit (cron, Kubernetes CronJob)"
@@ -408,7 +562,12 @@ def retrain_parser() -> argparse.ArgumentParser:
         "--every", type=duration, metavar="DURATION", help="tick now and then every DURATION (s, m, h, d: 6h)"
     )
     parser.add_argument(
-        "--min-new-images", type=int, default=25, help="train only when this many usable images are new"
+        "--min-new-images",
+        "--min-changed-rows",
+        type=int,
+        default=25,
+        help="train when this many rows of the task changed (default 25); a correction - a row removed, "
+        "relabelled, or changed in view or patient - always trains",
     )
     parser.add_argument(
         "--min-growth", type=float, help="also require new images >= this fraction of the champion's dataset"
@@ -435,6 +594,7 @@ def retrain_parser() -> argparse.ArgumentParser:
     )
     parser.add_argument("--no-wait", action="store_true", help="exit at once when another run holds the lock")
     training = parser.add_argument_group("training (default: the champion's values, else train.py's)")
+    training.add_argument("--task", help="the task to train (default: the champion's, else covid-vs-rest)")
     training.add_argument("--image-size", type=int, help="input side in pixels")
     training.add_argument("--width", type=float, help="width multiplier (1.0 = the paper's LxN)")
     training.add_argument("--epochs", type=int)
@@ -451,9 +611,13 @@ def retrain_settings(args: argparse.Namespace):
     """The :class:`lxn_ray.retrain.RetrainSettings` of parsed ``retrain`` flags."""
     from lxn_ray.retrain import RetrainSettings, TrainOverrides
 
+    sources = sources_from_args(args)
+    if sources is None:
+        raise ValueError("retrain needs --source or --sources")
     return RetrainSettings(
         source=args.source,
         ref=args.ref,
+        sources=tuple(sources),
         mode=args.mode,
         min_new_images=args.min_new_images,
         min_growth=args.min_growth,
@@ -466,6 +630,7 @@ def retrain_settings(args: argparse.Namespace):
             learning_rate=args.lr,
             workers=args.workers,
             use_gpu=args.gpu,
+            task=args.task,
         ),
         num_samples=args.num_samples,
         stall_timeout_s=args.stall_timeout_s,
@@ -508,10 +673,10 @@ def retrain_main(argv: Sequence[str] | None = None) -> int:
 
 def retrain_summary(report: dict[str, Any]) -> str:
     """The decision, why, both models' test metrics and the paired difference - what a person checks."""
-    new = report.get("new_images")
+    changed = report.get("changed_rows")
     lines = [
         f"retrain: {report['decision']} on dataset {report.get('dataset_version') or 'n/a'}"
-        + (f" ({new} new usable images)" if new is not None else "")
+        + (f" ({changed} changed rows of the task)" if changed is not None else "")
         + f" in {report.get('seconds', '?')} s",
         f"  {report.get('reason', '')}",
     ]
@@ -520,7 +685,8 @@ def retrain_summary(report: dict[str, Any]) -> str:
         m = evaluation.get(role)
         if m:
             lines.append(
-                f"  {role} {m['model_version']}: test AUC {fmt(m['auc'])}, "
+                f"  {role} {m['model_version']}: objective {fmt(m.get('objective'))}, "
+                f"test AUC {fmt(m['auc'])}, "
                 f"sensitivity {fmt(m['sensitivity'])}, specificity {fmt(m['specificity'])} "
                 f"at its threshold {m['threshold']:.3f}, n={m['n']}"
             )
@@ -642,6 +808,7 @@ COMMANDS: dict[str, Callable[[Sequence[str] | None], int]] = {
     "registry": registry_main,
     "ingest": ingest_main,
     "train": train_main,
+    "loso": loso_main,
     "evaluate": evaluate_main,
     "tune": tune_main,
     "retrain": retrain_main,

@@ -21,6 +21,7 @@ import pyarrow as pa
 import pyarrow.compute as pc
 
 from lxn_ray.storage import Storage
+from lxn_ray.tasks import Task, resolve_task
 
 DATASETS = "datasets"
 LATEST = f"{DATASETS}/LATEST"
@@ -136,9 +137,82 @@ def assign_splits(
     return splits
 
 
-def read_split(storage: Storage, version: str | None, split: str) -> pa.Table:
-    """The image rows of one split of a version (``latest`` by default)."""
-    if split not in SPLITS:
+def for_task(images: pa.Table, task: Task | str | None = None) -> pa.Table:
+    """The rows ``task`` uses, with ``label`` (int64: 1 positive, 0 negative) set by the task from each
+    row's finding; rows the task does not use are dropped. A version made before sources had names gets
+    a ``source`` column holding ``ieee8023``, the one source it had."""
+    task = resolve_task(task)
+    labels = [task.label_of(finding) for finding in images.column("finding").to_pylist()]
+    if "source" not in images.column_names:
+        images = images.append_column("source", pa.array(["ieee8023"] * images.num_rows, pa.string()))
+    images = images.set_column(images.column_names.index("label"), "label", pa.array(labels, pa.int64()))
+    return images.filter(pc.is_valid(images["label"]))
+
+
+def read_split(
+    storage: Storage,
+    version: str | None,
+    split: str | None,
+    task: Task | str | None = None,
+    sources: Iterable[str] = (),
+) -> pa.Table:
+    """The image rows of one split (None: every split) of a version (``latest`` by default) that ``task``
+    uses (default covid-vs-rest), labelled for it (:func:`for_task`); only rows of ``sources`` when given."""
+    if split is not None and split not in SPLITS:
         raise ValueError(f"unknown split {split!r}; expected one of {SPLITS}")
     images = read_table(storage, resolve_version(storage, version), "images")
-    return images.filter(pc.equal(images["split"], split))
+    if split is not None:
+        images = images.filter(pc.equal(images["split"], split))
+    images = for_task(images, task)
+    sources = list(sources)
+    return images.filter(pc.is_in(images["source"], pa.array(sources, pa.string()))) if sources else images
+
+
+CHANGE_LIST_LIMIT = 200  # rows listed per kind in a report; the counts are always complete
+
+
+def changes_between(
+    before: pa.Table | None, after: pa.Table, label_column: str = "finding"
+) -> dict[str, Any]:
+    """What changed in the usable rows between two versions' ``images`` tables, keyed by image content
+    (sha256): rows added, removed, relabelled (another ``label_column``: the finding, or a task's label
+    after :func:`for_task`), or changed in view or patient.
+
+    Returns ``{"added": n, "removed": n, "relabelled": n, "view_changed": n, "patient_changed": n,
+    "rows": {kind: [{"sha256", "source", "image_path", "before", "after"}, ...]}}``; retraining reads it.
+    """
+    kinds = ("added", "removed", "relabelled", "view_changed", "patient_changed")
+    result: dict[str, Any] = {kind: 0 for kind in kinds}
+    listed: dict[str, list[dict[str, Any]]] = {kind: [] for kind in kinds}
+    old = {row["sha256"]: row for row in before.to_pylist()} if before is not None else {}
+    new = {row["sha256"]: row for row in after.to_pylist()}
+
+    def note(kind: str, row: Mapping[str, Any], was: Any = None, now: Any = None) -> None:
+        result[kind] += 1
+        if len(listed[kind]) < CHANGE_LIST_LIMIT:
+            entry = {
+                "sha256": row["sha256"],
+                "source": row.get("source", ""),
+                "image_path": row["image_path"],
+            }
+            listed[kind].append({**entry, **({"before": was, "after": now} if kind not in kinds[:2] else {})})
+
+    if before is not None:
+        for sha, row in new.items():
+            if sha not in old:
+                note("added", row)
+                continue
+            was = old[sha]
+            if was[label_column] != row[label_column]:
+                note("relabelled", row, was[label_column], row[label_column])
+            if was["view"] != row["view"]:
+                note("view_changed", row, was["view"], row["view"])
+            if was["patient_id"] != row["patient_id"]:
+                note("patient_changed", row, was["patient_id"], row["patient_id"])
+        for sha, row in old.items():
+            if sha not in new:
+                note("removed", row)
+    else:
+        result["added"] = len(new)
+    result["rows"] = {kind: rows for kind, rows in listed.items() if rows}
+    return result

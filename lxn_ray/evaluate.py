@@ -1,10 +1,12 @@
-"""Scoring any folder in the upstream layout with a model version: how other hospitals' data is judged.
+"""Scoring other data with a model version: how other hospitals' films are judged.
 
-The folder is labelled by exactly the ingest rules, preprocessed by the same function as training, and
-scored at the threshold the model chose on its own validation split (never re-tuned on the data being
-judged). Images that duplicate the model's training images - found by the same duplicate detection as
-ingest - are scored but counted, since they flatter the result. Metrics are also broken down per view,
-sex and site (``location`` or ``source`` column): a model that only separates hospitals shows up there.
+The data is a folder in the upstream layout (``--source``) or the named sources of a sources file
+(``--sources``, any layout), labelled by exactly the ingest rules and the model's task, preprocessed by
+the same function as training, and scored at the threshold the model chose on its own validation split
+(never re-tuned on the data being judged). Images that duplicate the model's training images - found by
+the same duplicate detection as ingest - are scored but counted, since they flatter the result. Metrics
+are given pooled, per source and within each source holding both classes, with the source-shortcut
+check (:func:`lxn_ray.metrics.shortcut_check`), and broken down per view, sex and site.
 """
 
 from __future__ import annotations
@@ -22,11 +24,12 @@ from lxn_ray import dataset, metrics, plots
 from lxn_ray.dedupe import FINGERPRINT_VERSION, find_duplicates, fingerprint
 from lxn_ray.imaging import ImageLimits, ImageRejected, decode_image, to_grayscale
 from lxn_ray.ingest import Exclusion, read_files
-from lxn_ray.metadata import UNREADABLE, parse_metadata
+from lxn_ray.layouts import SourceSpec, read_rows
+from lxn_ray.metadata import UNREADABLE
 from lxn_ray.model import predict_probabilities
 from lxn_ray.registry import ModelRef, resolve
-from lxn_ray.sources import FolderSource
 from lxn_ray.storage import Storage
+from lxn_ray.tasks import resolve_task
 
 EVALUATIONS = "evaluations"
 SUBGROUP_COLUMNS = ("view", "sex", "location", "source")
@@ -37,22 +40,36 @@ def log(message: str) -> None:
 
 
 def evaluate(
-    storage: Storage, model_reference: str, source_dir: str, limits: ImageLimits | None = None
+    storage: Storage,
+    model_reference: str,
+    sources: str | list[SourceSpec],
+    limits: ImageLimits | None = None,
+    task: str | None = None,
 ) -> dict:
-    """Score ``source_dir`` with the model named by ``model_reference``; returns the report."""
+    """Score ``sources`` (a folder in the upstream layout, or the specs of a sources file) with the model
+    named by ``model_reference`` for ``task`` (default: the model's own); returns the report."""
     limits = limits or ImageLimits()
     from lxn_ray.preprocess import preprocess_bytes
 
     model_ref = resolve(storage, model_reference)
     model = model_ref.load()
     image_size = int(model.input_shape[1])  # the model says what it was trained on
-    snapshot = FolderSource(Path(source_dir)).open()
-    rows = parse_metadata(snapshot.read_metadata())
-    exclusions = [Exclusion(row, row.exclusion, row.detail) for row in rows if row.exclusion]
-    files, unreadable = read_files(
-        snapshot, [row for row in rows if not row.exclusion], limits, keep_bytes=True
-    )
-    exclusions += unreadable
+    task_of = resolve_task(task or model_ref.card.get("task") or model_ref.card.get("config", {}).get("task"))
+    if isinstance(sources, (str, Path)):
+        name = Path(sources).expanduser().resolve().name or "folder"
+        sources = [SourceSpec(name=name, uri=str(sources), layout="upstream")]
+    exclusions: list[Exclusion] = []
+    files = []
+    descriptions = []
+    for spec in sources:
+        snapshot = spec.open().open()
+        descriptions.append(snapshot.description)
+        rows = read_rows(snapshot, spec).rows
+        exclusions += [Exclusion(row, row.exclusion, row.detail) for row in rows if row.exclusion]
+        used = [row for row in rows if not row.exclusion and task_of.label_of(row.finding) is not None]
+        found, unreadable = read_files(snapshot, used, limits, keep_bytes=True)
+        files += found
+        exclusions += unreadable
 
     scored, inputs, fingerprints = [], [], {}
     for item in files:
@@ -63,27 +80,41 @@ def evaluate(
         except ImageRejected as error:
             exclusions.append(Exclusion(item.row, UNREADABLE, str(error)))
     if not scored:
-        raise ValueError(f"{source_dir}: no usable image to score ({len(exclusions)} rows excluded)")
+        raise ValueError(
+            f"{', '.join(descriptions)}: no usable image to score ({len(exclusions)} rows excluded)"
+        )
     log(f"scoring {len(scored)} images with model {model_ref.version or model_reference} at {image_size} px")
     probabilities = predict_probabilities(model, inputs)
-    labels = np.array([item.row.label for item in scored], dtype=np.int64)
+    labels = np.array([task_of.label_of(item.row.finding) for item in scored], dtype=np.int64)
+    groups = [item.row.source for item in scored]
     threshold = model_ref.threshold
     overall = metrics.binary_metrics(labels, probabilities, threshold)
+    by_source = metrics.group_metrics(labels, probabilities, groups, threshold)
+    shortcut = metrics.shortcut_check(labels, probabilities, groups)
     overlap = _overlap_with_training(storage, model_ref, fingerprints)
 
     stamp = f"{datetime.now(timezone.utc):%Y%m%d-%H%M%S}"
     prefix = f"{EVALUATIONS}/{stamp}-{model_ref.version or 'file'}"
     predictions_key = f"{prefix}/predictions.csv"
-    storage.write_text(predictions_key, _predictions_csv(scored, probabilities, threshold, overlap))
-    storage.write_bytes(f"{prefix}/roc.png", plots.roc({"folder": (labels, probabilities)}, threshold))
+    storage.write_text(predictions_key, _predictions_csv(scored, labels, probabilities, threshold, overlap))
+    curves = {"pooled": (labels, probabilities)}
+    for name in by_source["within_source"] if len(by_source["per_source"]) > 1 else ():
+        mask = np.array([group == name for group in groups])
+        curves[f"within {name}"] = (labels[mask], probabilities[mask])
+    storage.write_bytes(f"{prefix}/roc.png", plots.roc(curves, threshold))
     storage.write_bytes(f"{prefix}/confusion.png", plots.confusion_matrix(overall.confusion, "folder"))
     report = {
         "model_version": model_ref.version,
-        "source": snapshot.description,
+        "task": task_of.name,
+        "source": ", ".join(descriptions),
         "n": int(len(scored)),
         "positives": int(labels.sum()),
         "auc": overall.auc,
-        "auc_ci": _ci(labels, probabilities),
+        "auc_ci": by_source["pooled"]["auc_ci"],
+        "no_better_than_chance": metrics.no_better_than_chance(by_source["pooled"]["auc_ci"]),
+        "per_source": by_source["per_source"],
+        "within_source": by_source["within_source"],
+        "shortcut": shortcut,
         "accuracy": overall.accuracy,
         "sensitivity": overall.sensitivity,
         "specificity": overall.specificity,
@@ -100,11 +131,6 @@ def evaluate(
     }
     storage.write_json(f"{prefix}/report.json", report)
     return report
-
-
-def _ci(labels: np.ndarray, probabilities: np.ndarray) -> list[float] | None:
-    interval = metrics.bootstrap_auc_ci(labels, probabilities)
-    return list(interval) if interval else None
 
 
 def _overlap_with_training(
@@ -135,12 +161,13 @@ def _overlap_with_training(
     return overlap
 
 
-def _predictions_csv(scored, probabilities, threshold: float, overlap: dict[str, str]) -> str:
+def _predictions_csv(scored, labels, probabilities, threshold: float, overlap: dict[str, str]) -> str:
     extra_columns = sorted({name for item in scored for name in item.row.extra})
     buffer = io.StringIO()
     writer = csv.writer(buffer)
     writer.writerow(
         [
+            "source",
             "filename",
             "patient_id",
             "label",
@@ -152,13 +179,14 @@ def _predictions_csv(scored, probabilities, threshold: float, overlap: dict[str,
             *extra_columns,
         ]
     )
-    for item, probability in zip(scored, probabilities, strict=True):
+    for item, label, probability in zip(scored, labels, probabilities, strict=True):
         row = item.row
         writer.writerow(
             [
+                row.source,
                 row.filename,
                 row.patient_id,
-                row.label,
+                int(label),
                 row.finding,
                 row.view,
                 f"{probability:.6f}",
@@ -174,7 +202,14 @@ def _subgroups(scored, labels, probabilities, threshold: float) -> dict[str, dic
     """Metrics per value of view, sex and site columns (only columns the folder has)."""
     groups: dict[str, dict[str, dict]] = {}
     for column in SUBGROUP_COLUMNS:
-        values = [item.row.view if column == "view" else item.row.extra.get(column) for item in scored]
+        values = [
+            item.row.view
+            if column == "view"
+            else item.row.source
+            if column == "source"
+            else item.row.extra.get(column)
+            for item in scored
+        ]
         if all(value is None for value in values):
             continue
         groups[column] = {}

@@ -26,7 +26,7 @@ import json
 import sys
 import time
 from collections import Counter, defaultdict
-from collections.abc import Callable, Iterable, Iterator, Mapping
+from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
 from datetime import datetime, timezone
 from typing import Any
@@ -45,6 +45,7 @@ from lxn_ray.dedupe import (
     fingerprint,
 )
 from lxn_ray.imaging import ImageLimits, ImageRejected, decode_image, to_grayscale
+from lxn_ray.layouts import DEFAULT_SOURCE_NAME, SourceRows, SourceSpec, read_rows
 from lxn_ray.metadata import (
     DEFAULT_FRONTAL_VIEWS,
     DUPLICATE,
@@ -52,14 +53,20 @@ from lxn_ray.metadata import (
     UNREADABLE,
     UNSAFE_PATH,
     MetadataRow,
-    parse_metadata,
 )
 from lxn_ray.sources import Snapshot, Source, UnsafePath
 from lxn_ray.storage import Storage
+from lxn_ray.tasks import category
 
 FINGERPRINT_CACHE = "cache/fingerprints"
 EXCLUSIONS_SCHEMA = pa.schema(
-    [("filename", pa.string()), ("reason", pa.string()), ("detail", pa.string()), ("line", pa.int64())]
+    [
+        ("filename", pa.string()),
+        ("reason", pa.string()),
+        ("detail", pa.string()),
+        ("line", pa.int64()),
+        ("source", pa.string()),
+    ]
 )
 DUPLICATES_SCHEMA = pa.schema(
     [
@@ -70,6 +77,8 @@ DUPLICATES_SCHEMA = pa.schema(
         ("dropped_line", pa.int64()),
         ("kept_line", pa.int64()),
         ("sha256", pa.string()),
+        ("dropped_source", pa.string()),
+        ("kept_source", pa.string()),
     ]
 )
 PATIENTS_SCHEMA = pa.schema([("patient_id", pa.string()), ("split", pa.string())])
@@ -107,6 +116,10 @@ class SourceFile:
     size: int
     data: bytes | None = None  # kept only when the caller asked (evaluation); ingest re-reads on demand
 
+    @property
+    def source(self) -> str:
+        return self.row.source
+
 
 @dataclass
 class Exclusion:
@@ -120,6 +133,7 @@ class Exclusion:
             "reason": self.reason,
             "detail": self.detail,
             "line": self.row.line,
+            "source": self.row.source,
         }
 
 
@@ -154,24 +168,61 @@ def log(message: str) -> None:
     print(f"[ingest {datetime.now():%H:%M:%S}] {message}", file=sys.stderr, flush=True)
 
 
-def ingest(source: Source, storage: Storage, config: IngestConfig = IngestConfig()) -> dict[str, Any]:
-    """Bring the dataset in ``storage`` up to date with ``source``; returns the ingest report."""
+@dataclass
+class _Read:
+    """One source as this run read it."""
+
+    spec: SourceSpec
+    snapshot: Snapshot
+    found: SourceRows
+    files: list[SourceFile]
+    fetched: dict[str, dict[str, Any]]  # records of contents fingerprinted while fetching (remote)
+    version: str
+
+
+def named_sources(
+    sources: Source | SourceSpec | Sequence[SourceSpec], name: str = DEFAULT_SOURCE_NAME
+) -> list[tuple[SourceSpec, Source]]:
+    """``(spec, source)`` pairs for whatever the caller has: a lone :class:`Source` in the upstream layout
+    (``--source``, named ``name``), one spec, or the specs of a sources file."""
+    if isinstance(sources, SourceSpec):
+        sources = [sources]
+    if isinstance(sources, Sequence):
+        return [(spec, spec.open()) for spec in sources]
+    return [(SourceSpec(name=name, layout="upstream"), sources)]
+
+
+def ingest(
+    sources: Source | SourceSpec | Sequence[SourceSpec],
+    storage: Storage,
+    config: IngestConfig = IngestConfig(),
+) -> dict[str, Any]:
+    """Bring the dataset in ``storage`` up to date with ``sources``; returns the ingest report.
+
+    ``sources`` is a lone :class:`lxn_ray.sources.Source` (``--source``) or the
+    :class:`lxn_ray.layouts.SourceSpec` list of a ``--sources`` file; their order is their priority when
+    one film sits in two of them.
+    """
     started = time.monotonic()
     stages = _Stopwatch()
+    reads: list[_Read] = []
+    exclusions: list[Exclusion] = []
     with stages("read"):
-        snapshot = source.open()
-        log(f"source {snapshot.description}")
-        metadata_bytes = snapshot.read_metadata()
-        rows = parse_metadata(metadata_bytes, config.frontal_views)
-        exclusions = [Exclusion(row, row.exclusion, row.detail) for row in rows if row.exclusion]
-        wanted = [row for row in rows if not row.exclusion]
-        fetched: dict[str, dict[str, Any]] = {}
-        if snapshot.remote:
-            files, unreadable, fetched = fetch_on_ray(snapshot, storage, wanted, config)
-        else:
-            files, unreadable = read_files(snapshot, wanted, config.limits)
-        exclusions += unreadable
-    source_version = snapshot.version(_content_digest(metadata_bytes, files))
+        for spec, source in named_sources(sources):
+            snapshot = source.open()
+            log(f"source {spec.name}: {snapshot.description}")
+            found = read_rows(snapshot, spec, config.frontal_views)
+            exclusions += [Exclusion(row, row.exclusion, row.detail) for row in found.rows if row.exclusion]
+            wanted = [row for row in found.rows if not row.exclusion]
+            fetched: dict[str, dict[str, Any]] = {}
+            if snapshot.remote:
+                files, unreadable, fetched = fetch_on_ray(snapshot, storage, wanted, config)
+            else:
+                files, unreadable = read_files(snapshot, wanted, config.limits)
+            exclusions += unreadable
+            version = snapshot.version(_content_digest(found.listing, files))
+            reads.append(_Read(spec, snapshot, found, files, fetched, version))
+    source_version = _combined_version(reads)
     config_hash = config.digest()
 
     dataset.remove_unpublished(storage)
@@ -189,11 +240,18 @@ def ingest(source: Source, storage: Storage, config: IngestConfig = IngestConfig
                 "stage_seconds": stages.seconds,
                 "seconds": seconds,
             }
-    previous = _Previous.load(storage, parent)
+    previous = _Previous.load(storage, parent, [read.spec.name for read in reads])
+    snapshots = {read.spec.name: read.snapshot for read in reads}
+    priority = {read.spec.name: rank for rank, read in enumerate(reads)}
+    rows = [row for read in reads for row in read.found.rows]
+    files = sorted(
+        (item for read in reads for item in read.files), key=lambda f: (priority[f.source], f.row.line)
+    )
+    fetched = {sha: record for read in reads for sha, record in read.fetched.items()}
 
-    primaries, duplicates = _drop_identical(files)
+    primaries, duplicates = _drop_identical(files, previous.rows)
     with stages("fingerprint"):
-        fingerprints, hashed = _fingerprints(snapshot, storage, primaries, config, fetched)
+        fingerprints, hashed = _fingerprints(snapshots, storage, primaries, config, fetched)
     readable = [item for item in primaries if not fingerprints[item.sha256].get("error")]
     for item in files:  # rows repeating an unreadable file are unreadable too
         if error := fingerprints[item.sha256].get("error"):
@@ -202,21 +260,26 @@ def ingest(source: Source, storage: Storage, config: IngestConfig = IngestConfig
 
     log(f"comparing {len(readable)} images for duplicates ({len(previous.usable_shas)} already published)")
     with stages("dedupe"):
-        kept, near = _drop_near_duplicates(readable, fingerprints, previous.usable_shas, config.dedupe)
+        kept, near = _drop_near_duplicates(
+            readable, fingerprints, previous.usable_shas, config.dedupe, priority
+        )
     duplicates += near
-    by_line = {item.row.line: item for item in files}
+    by_key = {item.row.key: item for item in files}
     exclusions += [
-        Exclusion(by_line[entry["dropped_line"]].row, DUPLICATE, f"duplicate of {entry['kept']}")
+        Exclusion(
+            by_key[_dropped_key(entry)].row, DUPLICATE, f"duplicate of {entry['kept_source']}:{entry['kept']}"
+        )
         for entry in duplicates
     ]
-    splits = _split_patients(kept, duplicates, by_line, previous.splits, config.splits)
+    splits = _split_patients(kept, duplicates, by_key, previous.splits, config.splits)
 
     with stages("publish"):
         version = dataset.new_version_id(source_version, config_hash)
         log(f"storing images and publishing {version}")
-        _store_blobs(snapshot, storage, kept, previous.usable_shas)
+        _store_blobs(snapshots, storage, kept, previous.usable_shas)
+        images = _images_table(kept, fingerprints, splits)
         tables = {
-            "images": _images_table(kept, fingerprints, splits),
+            "images": images,
             "exclusions": pa.Table.from_pylist([e.as_dict() for e in exclusions], schema=EXCLUSIONS_SCHEMA),
             "duplicates": pa.Table.from_pylist(duplicates, schema=DUPLICATES_SCHEMA),
             "patients": pa.Table.from_pylist(
@@ -225,12 +288,26 @@ def ingest(source: Source, storage: Storage, config: IngestConfig = IngestConfig
             "fingerprints": _fingerprint_table([item.sha256 for item in kept], fingerprints),
         }
         report = _report(version, source_version, rows, kept, exclusions, duplicates, splits, hashed, parent)
+        report["sources"] = {
+            read.spec.name: {
+                "location": read.snapshot.description,
+                "layout": read.found.layout,
+                "source_version": read.version,
+                "rows": len(read.found.rows),
+                "usable": sum(item.source == read.spec.name for item in kept),
+                **read.found.notes,
+            }
+            for read in reads
+        }
+        report["label_disagreements"] = _label_disagreements(duplicates, by_key)
+        report["changes"] = dataset.changes_between(previous.images, images)
         manifest = {
             "dataset_version": version,
             "parent_version": parent,
             "created_at": datetime.now(timezone.utc).isoformat(timespec="seconds"),
-            "source": snapshot.description,
+            "source": ", ".join(read.snapshot.description for read in reads),
             "source_version": source_version,
+            "sources": [{**read.spec.as_dict(), "source_version": read.version} for read in reads],
             "config_hash": config_hash,
             "config": dataclasses.asdict(config),
             "counts": {
@@ -242,6 +319,15 @@ def ingest(source: Source, storage: Storage, config: IngestConfig = IngestConfig
     report["stage_seconds"] = stages.seconds
     report["seconds"] = round(time.monotonic() - started, 2)
     return report
+
+
+def _combined_version(reads: list[_Read]) -> str:
+    """A lone source's own version (as before several sources existed); else a digest of every source's
+    name, settings and version, in order."""
+    if len(reads) == 1 and reads[0].spec.layout == "upstream":
+        return reads[0].version
+    described = [[read.spec.as_dict(), read.version] for read in reads]
+    return "sources:" + hashlib.sha256(json.dumps(described, sort_keys=True).encode()).hexdigest()[:32]
 
 
 # -- step 2: read and hash bytes ----------------------------------------------------------------------
@@ -377,7 +463,7 @@ def _fingerprint_one(sha256: str, data: bytes, limits: ImageLimits) -> dict[str,
 
 
 def _fingerprints(
-    snapshot: Snapshot,
+    snapshots: Mapping[str, Snapshot],
     storage: Storage,
     items: list[SourceFile],
     config: IngestConfig,
@@ -390,7 +476,7 @@ def _fingerprints(
     log(f"{len(items) - len(todo)} images already fingerprinted, {len(todo)} to decode on Ray Data")
     computed: list[dict[str, Any]] = list(fetched.values())
     for chunk in _chunks(todo, config.decode_chunk_bytes):
-        computed += _fingerprint_on_ray(snapshot, chunk, config)
+        computed += _fingerprint_on_ray(snapshots, chunk, config)
     fresh = [record for record in computed if not record["error"]]
     if fresh:  # only successes are cached: a rejected file is retried when limits change
         stamp = f"{datetime.now(timezone.utc):%Y%m%dT%H%M%S%fZ}"
@@ -401,14 +487,14 @@ def _fingerprints(
 
 
 def _fingerprint_on_ray(
-    snapshot: Snapshot, chunk: list[SourceFile], config: IngestConfig
+    snapshots: Mapping[str, Snapshot], chunk: list[SourceFile], config: IngestConfig
 ) -> list[dict[str, Any]]:
     cluster.connect()
     import ray
 
     items = []
     for item in chunk:
-        data = snapshot.read_file(item.row.image_path, config.limits.max_file_bytes)
+        data = snapshots[item.source].read_file(item.row.image_path, config.limits.max_file_bytes)
         if hashlib.sha256(data).hexdigest() != item.sha256:
             raise RuntimeError(f"{item.row.image_path} changed while ingest was reading the source")
         items.append({"sha256": item.sha256, "data": data})
@@ -458,11 +544,15 @@ def _fingerprint_table(shas: list[str], fingerprints: Mapping[str, dict[str, Any
 
 
 # -- step 4: duplicates -------------------------------------------------------------------------------
-def _drop_identical(files: list[SourceFile]) -> tuple[list[SourceFile], list[dict[str, Any]]]:
-    """Keep the first row naming each content; later rows with the same bytes are exact duplicates."""
+def _drop_identical(
+    files: list[SourceFile], published: frozenset[tuple[str, str]] = frozenset()
+) -> tuple[list[SourceFile], list[dict[str, Any]]]:
+    """Keep one row per content: the row already published (``published``: (source, image path) of the
+    parent version's rows), else the first (``files`` come in priority order: sources in the order given,
+    then metadata lines); the other rows with the same bytes are exact duplicates."""
     first: dict[str, SourceFile] = {}
     duplicates = []
-    for item in sorted(files, key=lambda f: f.row.line):
+    for item in sorted(files, key=lambda f: (f.source, f.row.image_path) not in published):  # stable
         if item.sha256 in first:
             duplicates.append(_duplicate_entry(item, first[item.sha256], distance=0, score=0.0))
         else:
@@ -481,7 +571,17 @@ def _duplicate_entry(
         "dropped_line": dropped.row.line,
         "kept_line": kept.row.line,
         "sha256": dropped.sha256,
+        "dropped_source": dropped.source,
+        "kept_source": kept.source,
     }
+
+
+def _dropped_key(entry: Mapping[str, Any]) -> tuple[str, int]:
+    return (entry["dropped_source"], entry["dropped_line"])
+
+
+def _kept_key(entry: Mapping[str, Any]) -> tuple[str, int]:
+    return (entry["kept_source"], entry["kept_line"])
 
 
 def _drop_near_duplicates(
@@ -489,17 +589,22 @@ def _drop_near_duplicates(
     fingerprints: Mapping[str, dict[str, Any]],
     previous_shas: frozenset[str],
     config: DedupeConfig,
+    priority: Mapping[str, int] | None = None,
 ) -> tuple[list[SourceFile], list[dict[str, Any]]]:
     """Split ``items`` into the kept ones and drop records ``{dropped, kept, distance, ...}``.
 
     Confirmed pairs form components. In each, images of the previous version are kept (they were judged
-    distinct then); if there are none, the image with the most pixels, then the smallest file name.
+    distinct then); if there are none, the image of the source listed first (``priority``: a curated
+    source's label and metadata beat a republished copy's), then the one with the most pixels, then the
+    smallest file name. The kept image's row - its finding, patient and metadata - is what survives.
     Every other member is dropped against the kept image it was paired with (or the component's first).
     """
     by_sha = {item.sha256: item for item in items}
     known = {sha: fingerprints[sha] for sha in by_sha if sha in previous_shas}
     new = {sha: fingerprints[sha] for sha in by_sha if sha not in previous_shas}
-    pairs = find_duplicates(known, new, config, map_chunks=_map_on_ray if new else None)
+    pairs = find_duplicates(
+        known, new, config, map_chunks=_map_on_ray if new else None, named_pairs=_same_name_pairs(items)
+    )
     edges: dict[str, dict[str, DuplicatePair]] = defaultdict(dict)
     for pair in pairs:
         edges[pair.a][pair.b] = pair
@@ -507,7 +612,14 @@ def _drop_near_duplicates(
 
     def rank(sha: str) -> tuple:
         record = fingerprints[sha]
-        return (sha not in previous_shas, -(record["width"] * record["height"]), by_sha[sha].row.filename)
+        item = by_sha[sha]
+        rank_of_source = (priority or {}).get(item.source, 0)
+        return (
+            sha not in previous_shas,
+            rank_of_source,
+            -(record["width"] * record["height"]),
+            item.row.filename,
+        )
 
     dropped: list[dict[str, Any]] = []
     dropped_shas: set[str] = set()
@@ -529,7 +641,24 @@ def _drop_near_duplicates(
             score = float(pair.score) if pair else None
             dropped.append(_duplicate_entry(by_sha[sha], by_sha[kept_sha], distance, score))
     kept = [item for item in items if item.sha256 not in dropped_shas]
-    return kept, sorted(dropped, key=lambda d: (d["kept"], d["dropped"]))
+    return kept, sorted(
+        dropped, key=lambda d: (d["kept_source"], d["kept"], d["dropped_source"], d["dropped"])
+    )
+
+
+def _same_name_pairs(items: list[SourceFile]) -> list[tuple[str, str]]:
+    """Content pairs whose files carry the same name (case-insensitive) in two different sources: a
+    republished copy often keeps its name, so these are verified as candidates whatever their hashes."""
+    by_name: dict[str, list[SourceFile]] = defaultdict(list)
+    for item in items:
+        by_name[item.row.filename.rsplit("/", 1)[-1].casefold()].append(item)
+    return [
+        (a.sha256, b.sha256)
+        for group in by_name.values()
+        for i, a in enumerate(group)
+        for b in group[i + 1 :]
+        if a.source != b.source and a.sha256 != b.sha256
+    ]
 
 
 def _map_on_ray(worker: Callable[[list], list], chunks: list[list]) -> list[list]:
@@ -564,14 +693,17 @@ def _hamming(a: str, b: str) -> int:
 
 # -- step 5: splits -----------------------------------------------------------------------------------
 def _patient_of(item: SourceFile) -> str:
-    """The patient id, or a stand-in unique to the image when metadata has none."""
-    return item.row.patient_id or f"unknown-{item.sha256[:12]}"
+    """The patient id qualified by its source (``darkcovidnet:00001280``: two sources' ids never meet),
+    or a stand-in unique to the image when the source names no patient."""
+    if not item.row.patient_id:
+        return f"unknown-{item.sha256[:12]}"
+    return f"{item.source}:{item.row.patient_id}"
 
 
 def _split_patients(
     kept: list[SourceFile],
     duplicates: list[dict[str, Any]],
-    by_line: Mapping[int, SourceFile],
+    by_key: Mapping[tuple[str, int], SourceFile],
     previous: Mapping[str, str],
     config: dataset.SplitConfig,
 ) -> dict[str, str]:
@@ -588,8 +720,8 @@ def _split_patients(
     for item in kept:
         find(_patient_of(item))
     for entry in duplicates:
-        a = _patient_of(by_line[entry["dropped_line"]])
-        b = _patient_of(by_line[entry["kept_line"]])
+        a = _patient_of(by_key[_dropped_key(entry)])
+        b = _patient_of(by_key[_kept_key(entry)])
         parent[find(a)] = find(b)
     groups: dict[str, set[str]] = defaultdict(set)
     for patient in list(parent):
@@ -605,31 +737,52 @@ class _Previous:
 
     usable_shas: frozenset[str] = frozenset()
     splits: Mapping[str, str] = field(default_factory=dict)
+    images: pa.Table | None = None
 
     @classmethod
-    def load(cls, storage: Storage, version: str | None) -> _Previous:
+    def load(cls, storage: Storage, version: str | None, names: Sequence[str] = ()) -> _Previous:
+        """The parent version's facts. A version made before sources had names holds unqualified patient
+        ids of its one source: with one source now, they are read as that source's (same splits)."""
         if version is None:
             return cls()
         images = dataset.read_table(storage, version, "images")
         patients = dataset.read_table(storage, version, "patients").to_pylist()
-        return cls(
-            usable_shas=frozenset(images.column("sha256").to_pylist()),
-            splits={row["patient_id"]: row["split"] for row in patients},
+        splits = {row["patient_id"]: row["split"] for row in patients}
+        if "source" not in images.column_names and len(names) == 1:
+            splits = {(p if p.startswith("unknown-") else f"{names[0]}:{p}"): s for p, s in splits.items()}
+            images = images.append_column("source", pa.array([names[0]] * images.num_rows, pa.string()))
+            qualified = [
+                p if p.startswith("unknown-") else f"{names[0]}:{p}"
+                for p in images.column("patient_id").to_pylist()
+            ]
+            images = images.set_column(
+                images.column_names.index("patient_id"), "patient_id", pa.array(qualified)
+            )
+        return cls(usable_shas=frozenset(images.column("sha256").to_pylist()), splits=splits, images=images)
+
+    @property
+    def rows(self) -> frozenset[tuple[str, str]]:
+        """(source, image path) of every published row."""
+        if self.images is None:
+            return frozenset()
+        return frozenset(
+            zip(self.images["source"].to_pylist(), self.images["image_path"].to_pylist(), strict=True)
         )
 
 
 def _store_blobs(
-    snapshot: Snapshot, storage: Storage, kept: list[SourceFile], stored: frozenset[str]
+    snapshots: Mapping[str, Snapshot], storage: Storage, kept: list[SourceFile], stored: frozenset[str]
 ) -> None:
     todo = [
         item
         for item in kept
         if item.sha256 not in stored and not storage.exists(dataset.blob_key(item.sha256))
     ]
-    if snapshot.remote and todo:  # the fetch tasks store every readable content; never read it here
-        raise RuntimeError(f"{len(todo)} images of {snapshot.description} were not stored by the fetch tasks")
+    for item in todo:
+        if snapshots[item.source].remote:  # the fetch tasks store every readable content; never read it here
+            raise RuntimeError(f"{item.row.image_path} of {item.source} was not stored by the fetch tasks")
     for item in tqdm(todo, desc="storing images", unit="image", file=sys.stderr, disable=None):
-        data = snapshot.read_file(item.row.image_path, item.size)
+        data = snapshots[item.source].read_file(item.row.image_path, item.size)
         if hashlib.sha256(data).hexdigest() != item.sha256:
             raise RuntimeError(f"{item.row.image_path} changed while ingest was reading the source")
         storage.write_bytes(dataset.blob_key(item.sha256), data)
@@ -639,11 +792,12 @@ def _images_table(
     kept: list[SourceFile], fingerprints: Mapping[str, dict[str, Any]], splits: Mapping[str, str]
 ) -> pa.Table:
     rows = []
-    for item in sorted(kept, key=lambda f: f.row.line):
+    for item in kept:
         record, row = fingerprints[item.sha256], item.row
         patient = _patient_of(item)
         rows.append(
             {
+                "source": row.source,
                 "filename": row.filename,
                 "image_path": row.image_path,
                 "patient_id": patient,
@@ -682,15 +836,22 @@ def _report(
     parent: str | None,
 ) -> dict[str, Any]:
     positives = sum(item.row.label == 1 for item in kept)
-    per_split: dict[str, dict[str, int]] = {}
+    per_split: dict[str, dict[str, Any]] = {}
     for name in dataset.SPLITS:
         members = [item for item in kept if splits[_patient_of(item)] == name]
         per_split[name] = {
             "images": len(members),
             "positives": sum(item.row.label == 1 for item in members),
             "patients": len({_patient_of(item) for item in members}),
+            "by_source": {
+                source: dict(
+                    sorted(Counter(category(i.row.finding) for i in members if i.source == source).items())
+                )
+                for source in sorted({item.source for item in members})
+            },
         }
-    ordered = sorted(exclusions, key=lambda e: e.row.line)
+    ordered = sorted(exclusions, key=lambda e: (e.row.source, e.row.line))
+    keys = ("dropped", "dropped_source", "kept", "kept_source", "distance", "score")
     return {
         "dataset_version": version,
         "changed": True,
@@ -700,10 +861,34 @@ def _report(
         "usable": len(kept),
         "positives": positives,
         "negatives": len(kept) - positives,
+        "findings": dict(sorted(Counter(category(item.row.finding) for item in kept).items())),
         "excluded": dict(sorted(Counter(e.reason for e in exclusions).items())),
         "exclusions": [e.as_dict() for e in ordered],
         "images_hashed": hashed,
-        "duplicates": [{k: d[k] for k in ("dropped", "kept", "distance", "score")} for d in duplicates],
+        "duplicates": [{k: d[k] for k in keys} for d in duplicates],
+        "cross_source_duplicates": sum(d["dropped_source"] != d["kept_source"] for d in duplicates),
         "splits": per_split,
         "split_of_patient": dict(sorted(splits.items())),
     }
+
+
+def _label_disagreements(
+    duplicates: list[dict[str, Any]], by_key: Mapping[tuple[str, int], SourceFile]
+) -> list[dict[str, Any]]:
+    """Copies of one film whose findings fall in different categories (covid, normal, pneumonia, other),
+    and what was decided: the kept copy's finding stands (see :func:`_drop_near_duplicates` for which)."""
+    found = []
+    for entry in duplicates:
+        dropped, kept = by_key[_dropped_key(entry)].row, by_key[_kept_key(entry)].row
+        if category(dropped.finding) != category(kept.finding):
+            found.append(
+                {
+                    "kept": f"{kept.source}:{kept.image_path}",
+                    "kept_finding": kept.finding,
+                    "dropped": f"{dropped.source}:{dropped.image_path}",
+                    "dropped_finding": dropped.finding,
+                    "decision": f"kept {kept.source}'s finding {kept.finding!r}; the copy's "
+                    f"{dropped.finding!r} was dropped with it",
+                }
+            )
+    return found

@@ -10,11 +10,12 @@ cannot be used (each with a reason). Decisions that need the image bytes are mad
 from __future__ import annotations
 
 import csv
+import dataclasses
 import io
-import re
 from dataclasses import dataclass, field
 
 from lxn_ray.sources import is_plain_relative
+from lxn_ray.tasks import category, normalise_finding
 
 # Exclusion reasons, as they appear in ingest reports.
 MALFORMED_ROW = "malformed_row"
@@ -28,8 +29,6 @@ UNREADABLE = "unreadable_image"
 DUPLICATE = "duplicate"
 
 DEFAULT_FRONTAL_VIEWS = ("PA", "AP", "AP Supine", "AP erect", "AP semi erect")
-UNLABELLED_FINDINGS = frozenset({"", "todo", "unknown"})
-COVID_TOKENS = frozenset({"covid-19", "covid19", "covid 19", "sars-cov-2"})
 
 # Canonical column -> spellings seen upstream (compared after lower-casing and trimming).
 COLUMN_ALIASES = {
@@ -53,19 +52,25 @@ class MetadataError(ValueError):
 
 @dataclass(frozen=True)
 class MetadataRow:
-    """One data line of metadata.csv, normalised."""
+    """One data line of metadata.csv (or one file of another layout), normalised."""
 
-    line: int  # 1-based line number of the record's first line in the file
+    line: int  # 1-based line number of the record's first line in the file (the file's place in a listing)
     filename: str
     folder: str
     patient_id: str
-    finding: str
-    label: int | None  # 1 COVID-19, 0 other finding, None unlabelled
+    finding: str  # normalised across sources (lxn_ray.tasks.normalise_finding)
+    label: int | None  # covid-vs-rest: 1 COVID-19, 0 other finding, None unlabelled
     view: str
     modality: str
     extra: dict[str, str] = field(default_factory=dict)  # every other column, by its upstream name
     exclusion: str | None = None  # reason this row is unusable from metadata alone
     detail: str = ""
+    source: str = ""  # the name of the source the row came from
+
+    @property
+    def key(self) -> tuple[str, int]:
+        """Unique among the rows of every source of one ingest."""
+        return (self.source, self.line)
 
     @property
     def image_path(self) -> str:
@@ -76,13 +81,11 @@ class MetadataRow:
 def label_of(finding: str) -> int | None:
     """1 when any part of the finding is COVID-19, 0 for another finding, None when unlabelled.
 
-    Handles flat (``COVID-19, ARDS``) and hierarchical (``Pneumonia/Viral/COVID-19``) findings.
+    Handles flat (``COVID-19, ARDS``) and hierarchical (``Pneumonia/Viral/COVID-19``) findings; the
+    covid-vs-rest labelling (other tasks: :mod:`lxn_ray.tasks`).
     """
-    text = " ".join(finding.split()).casefold()
-    if text in UNLABELLED_FINDINGS:
-        return None
-    parts = {part.strip() for part in re.split(r"[,/;|]", text)}
-    return 1 if parts & COVID_TOKENS else 0
+    kind = category(finding)
+    return None if kind is None else int(kind == "covid")
 
 
 def _normalise_view(view: str) -> str:
@@ -101,8 +104,19 @@ def _column_index(header: list[str]) -> dict[str, int]:
     return index
 
 
-def parse_metadata(data: bytes, frontal_views: tuple[str, ...] = DEFAULT_FRONTAL_VIEWS) -> list[MetadataRow]:
-    """Parse metadata.csv bytes of any upstream schema into rows, each with its exclusion if any."""
+def parse_metadata(
+    data: bytes,
+    frontal_views: tuple[str, ...] = DEFAULT_FRONTAL_VIEWS,
+    source: str = "",
+    default_folder: str = "images",
+    renames: dict[str, str] | None = None,
+) -> list[MetadataRow]:
+    """Parse metadata.csv bytes of any upstream schema into rows, each with its exclusion if any.
+
+    ``renames`` maps a column of this file to a canonical one (``{"label": "finding"}``: a manifest's own
+    names). A file without a ``view`` column holds frontal films by assumption (a manifest's choice; the
+    upstream file always has one). Raises :class:`MetadataError` when the file cannot be read at all.
+    """
     text = data.decode("utf-8-sig", errors="replace")
     reader = csv.reader(io.StringIO(text, newline=""))
     try:
@@ -111,7 +125,7 @@ def parse_metadata(data: bytes, frontal_views: tuple[str, ...] = DEFAULT_FRONTAL
         raise MetadataError("metadata.csv is empty") from None
     except csv.Error as error:
         raise MetadataError(f"metadata.csv header unreadable: {error}") from None
-    columns = _column_index(header)
+    columns = _column_index(_apply_renames(header, renames or {}))
     if "filename" not in columns:
         raise MetadataError(f"metadata.csv has no filename column (header: {header[:8]}...)")
     frontal = {_normalise_view(view) for view in frontal_views}
@@ -125,7 +139,9 @@ def parse_metadata(data: bytes, frontal_views: tuple[str, ...] = DEFAULT_FRONTAL
         except StopIteration:
             break
         except csv.Error as error:  # e.g. a NUL byte or an unterminated quote
-            rows.append(_malformed(line, "", f"unparseable CSV line: {error}"))
+            rows.append(
+                dataclasses.replace(_malformed(line, "", f"unparseable CSV line: {error}"), source=source)
+            )
             line = reader.line_num + 1
             continue
         start, line = line, reader.line_num + 1
@@ -133,11 +149,35 @@ def parse_metadata(data: bytes, frontal_views: tuple[str, ...] = DEFAULT_FRONTAL
             continue  # blank line
         if len(record) > len(header) and any(cell.strip() for cell in record[len(header) :]):
             value = record[columns["filename"]].strip() if len(record) > columns["filename"] else ""
-            rows.append(_malformed(start, value, f"{len(record)} fields, header has {len(header)}"))
+            detail = f"{len(record)} fields, header has {len(header)}"
+            rows.append(dataclasses.replace(_malformed(start, value, detail), source=source))
             continue
         record = record + [""] * (len(header) - len(record))
-        rows.append(_row(start, record, columns, named, frontal))
+        row = _row(start, record, columns, named, frontal, default_folder)
+        rows.append(dataclasses.replace(row, source=source))
     return rows
+
+
+def _apply_renames(header: list[str], renames: dict[str, str]) -> list[str]:
+    """The header as :func:`_column_index` should see it: each renamed column under its canonical name,
+    and a column that merely *spells* a renamed field's name (a manifest's free-text ``finding`` beside the
+    ``label`` column it maps to ``finding``) under a neutral one, so the mapping always wins."""
+    renamed = {name.strip().casefold(): canonical for name, canonical in renames.items()}
+    taken = {
+        " ".join(spelling.split())
+        for canonical in renamed.values()
+        for spelling in COLUMN_ALIASES.get(canonical, ())
+    }
+    out = []
+    for name in header:
+        key = name.strip().casefold()
+        if key in renamed:
+            out.append(renamed[key])
+        elif " ".join(key.split()) in taken:
+            out.append(f"source column {name.strip()}")
+        else:
+            out.append(name)
+    return out
 
 
 def _malformed(line: int, filename: str, detail: str) -> MetadataRow:
@@ -156,14 +196,19 @@ def _malformed(line: int, filename: str, detail: str) -> MetadataRow:
 
 
 def _row(
-    line: int, record: list[str], columns: dict[str, int], header: list[str], frontal: set[str]
+    line: int,
+    record: list[str],
+    columns: dict[str, int],
+    header: list[str],
+    frontal: set[str],
+    default_folder: str,
 ) -> MetadataRow:
     def get(column: str) -> str:
         return " ".join(record[columns[column]].split()) if column in columns else ""
 
     filename = record[columns["filename"]].strip()
-    finding, view, modality = get("finding"), get("view"), get("modality")
-    folder = get("folder") or "images"
+    finding, view, modality = normalise_finding(get("finding")), get("view"), get("modality")
+    folder = get("folder") or default_folder
     used = set(columns.values())
     extra = {name: record[i].strip() for i, name in enumerate(header) if i not in used and name}
     for canonical in ("sex", "age", "offset", "date", "location"):
@@ -174,7 +219,7 @@ def _row(
     is_ct = modality.casefold() == "ct" or _normalise_view(view) == "ct" or filename.endswith(".nii.gz")
     if not filename:
         exclusion, detail = MALFORMED_ROW, "no filename"
-    elif not is_plain_relative(filename) or not is_plain_relative(folder):
+    elif not is_plain_relative(filename) or (folder and not is_plain_relative(folder)):
         exclusion, detail = UNSAFE_PATH, f"file name leaves the source root: {filename!r}"
     elif label is None:
         exclusion, detail = UNLABELLED, f"finding {finding!r}"
@@ -182,7 +227,7 @@ def _row(
         exclusion, detail = CT, "CT, not a radiograph"
     elif folder.casefold() == "volumes":
         exclusion, detail = VOLUMES, "volumes folder (CT volumes)"
-    elif _normalise_view(view) not in frontal:
+    elif "view" in columns and _normalise_view(view) not in frontal:
         exclusion, detail = NON_FRONTAL, f"view {view!r}"
     else:
         exclusion, detail = None, ""

@@ -86,14 +86,15 @@ def confusion_matrix(confusion: Sequence[Sequence[int]], title: str = "test") ->
 
 
 def search_results(points: Sequence[Mapping[str, float]], lr_range: tuple[float, float]) -> bytes:
-    """A hyperparameter search: best val AUC against learning rate (log scale), coloured by augmentation
+    """A hyperparameter search: best validation objective (source-aware AUC) against learning rate (log
+    scale), coloured by augmentation
     strength, marker size by epochs run (ASHA stops weak trials early); the best trial ringed."""
     plt = new_pyplot()
     figure, axes = plt.subplots(figsize=(6.4, 4.4))
     if points:
         drawn = axes.scatter(
             [p["learning_rate"] for p in points],
-            [p["val_auc"] for p in points],
+            [p["objective"] for p in points],
             c=[p["augment_strength"] for p in points],
             cmap="viridis",
             vmin=0,
@@ -103,10 +104,10 @@ def search_results(points: Sequence[Mapping[str, float]], lr_range: tuple[float,
             linewidths=0.5,
         )
         figure.colorbar(drawn, ax=axes, label="augmentation strength (0 = off, 1 = all at maximum)")
-        best = max(points, key=lambda p: p["val_auc"])
+        best = max(points, key=lambda p: p["objective"])
         axes.scatter(
             [best["learning_rate"]],
-            [best["val_auc"]],
+            [best["objective"]],
             s=260,
             facecolors="none",
             edgecolors="red",
@@ -117,7 +118,7 @@ def search_results(points: Sequence[Mapping[str, float]], lr_range: tuple[float,
     axes.set_xscale("log")
     axes.set_xlim(*lr_range)
     axes.set_xlabel("learning rate")
-    axes.set_ylabel("best val AUC")
+    axes.set_ylabel("best val objective (source-aware AUC)")
     axes.set_title(f"hyperparameter search: {len(points)} trials (marker size = epochs run)")
     axes.axhline(0.5, color="grey", linestyle=":", linewidth=1)
     axes.grid(alpha=0.3)

@@ -2,19 +2,24 @@
 
 One tick, under a lease lock in storage so that two runs never overlap:
 
-1. Ingest the source incrementally (an unchanged source is detected without starting Ray).
-2. Count the usable images of the latest dataset version that the champion's dataset version lacks (by
-   content: ``image_key``). Below ``min_new_images`` (or below ``min_growth`` times the champion's dataset
-   size) nothing is trained. Otherwise a challenger is trained with the champion's hyperparameters
-   (flags given explicitly override them) through :func:`lxn_ray.train.train`, or searched again with
-   :func:`lxn_ray.tune.search`. With no champion yet, the first tick always trains.
+1. Ingest the sources incrementally (an unchanged set of sources is detected without starting Ray).
+2. Count the rows the task trains on that changed since the champion's dataset version
+   (:func:`lxn_ray.dataset.changes_between` on both versions' rows for the task, by content): added,
+   removed, relabelled (another label for the task) or changed in view or patient. Any correction (a row
+   removed, relabelled, or changed in view or patient) trains: a metadata fix that relabels three films
+   must not leave a champion trained on the wrong labels. Added rows alone train from ``min_new_images``
+   of them (and ``min_growth`` times the champion's dataset size) on. Otherwise a
+   challenger is trained with the champion's hyperparameters (flags given explicitly override them)
+   through :func:`lxn_ray.train.train`, or searched again with :func:`lxn_ray.tune.search`. With no
+   champion yet, the first tick always trains.
 3. Challenger and champion are scored on the SAME images - the new version's test split - each at its
    own input size and its own threshold (from its card).
-4. Promotion rule (non-inferiority): a paired bootstrap over the test images of AUC(challenger) -
-   AUC(champion); promote when the lower bound of its 95% interval is >= -margin. A first model is promoted
-   once published. Why non-inferiority and not "strictly better": the newer model has seen more (and
-   more recent) data, so it should replace the champion unless it is measurably worse; "strictly higher
-   AUC" on a few dozen test images mostly measures noise.
+4. Promotion rule (non-inferiority, :mod:`lxn_ray.promotion`): a paired bootstrap over the test images of
+   the source-aware objective's difference, challenger - champion; promote when the lower bound of its 95%
+   interval is >= -margin and the challenger's source-shortcut check does not fire. Why non-inferiority
+   and not "strictly better": the newer model has seen more (and more recent) data, so it should replace
+   the champion unless it is measurably worse; "strictly higher AUC" on a few dozen test images mostly
+   measures noise.
 
 Crash safety comes from the layers below: ingest and model publication are atomic, a rerun of an
 interrupted training resumes its Ray Train run (named after dataset version + config), and promotion -
@@ -93,6 +98,7 @@ class TrainOverrides:
     learning_rate: float | None = None
     workers: int | None = None
     use_gpu: bool | None = None
+    task: str | None = None
 
     def given(self) -> dict[str, Any]:
         return {key: value for key, value in dataclasses.asdict(self).items() if value is not None}
@@ -104,6 +110,7 @@ class RetrainSettings:
 
     source: str | None = None  # --source (None: the upstream repository)
     ref: str | None = None
+    sources: tuple = ()  # --sources: lxn_ray.layouts.SourceSpec of each named source (instead of source)
     mode: str = "train"  # train: the champion's hyperparameters; tune: search again
     min_new_images: int = 25
     min_growth: float | None = None  # also require new images >= this fraction of the champion's dataset
@@ -131,10 +138,12 @@ def promotion_rule(settings: RetrainSettings) -> str:
     """The rule in words, as every report states it."""
     return (
         f"non-inferiority on the new dataset version's test split: a paired bootstrap "
-        f"({settings.resamples} resamples of the test images, stratified by class) of AUC(challenger) - "
-        f"AUC(champion), both models scoring the same images; promote when the lower bound of its 95% "
-        f"interval is >= -{settings.margin:g}. With no champion the first published model is promoted; "
-        f"without a test AUC (one-class test split) the champion is kept."
+        f"({settings.resamples} resamples of the test images, stratified by source and class) of the "
+        f"source-aware objective (mean within-source AUC where sources hold both classes, else pooled AUC) "
+        f"of the challenger minus the champion's, both models scoring the same images; promote when the "
+        f"lower bound of its 95% interval is >= -{settings.margin:g} and the challenger's source-shortcut "
+        f"check does not fire. With no champion the first published model that passes the shortcut check is "
+        f"promoted; without a test AUC (one-class test split) the champion is kept."
     )
 
 
@@ -165,35 +174,55 @@ def append_history(storage: Storage, entry: dict[str, Any], lock: LeaseLock) -> 
 
 
 # -- the tick -----------------------------------------------------------------------------------------
-def count_new_images(storage: Storage, version: str, base_version: str | None) -> tuple[int, int]:
-    """(usable images of ``version`` absent from ``base_version``, by content; images in the base)."""
-    latest = set(dataset.read_table(storage, version, "images").column("image_key").to_pylist())
-    if base_version is None:
-        return len(latest), 0
-    if not storage.exists(dataset.version_key(base_version, "manifest.json")):
+def count_changes(
+    storage: Storage, version: str, base_version: str | None, task: str | None
+) -> tuple[dict[str, Any], int]:
+    """(changes of the rows ``task`` trains on between ``base_version`` and ``version``, rows in the
+    base): :func:`lxn_ray.dataset.changes_between` with the task's label, plus ``total``."""
+    latest = dataset.for_task(dataset.read_table(storage, version, "images"), task)
+    if base_version is not None and not storage.exists(dataset.version_key(base_version, "manifest.json")):
         log(f"the champion's dataset version {base_version} is not in this store: every image counts as new")
-        return len(latest), 0
-    before = set(dataset.read_table(storage, base_version, "images").column("image_key").to_pylist())
-    return len(latest - before), len(before)
+        base_version = None
+    before = (
+        dataset.for_task(dataset.read_table(storage, base_version, "images"), task) if base_version else None
+    )
+    changes = dataset.changes_between(before, latest, label_column="label")
+    kinds = ("added", "removed", "relabelled", "view_changed", "patient_changed")
+    changes["total"] = sum(changes[kind] for kind in kinds)
+    return changes, before.num_rows if before is not None else 0
+
+
+def describe_changes(changes: dict[str, Any]) -> str:
+    kinds = ("added", "removed", "relabelled", "view_changed", "patient_changed")
+    named = ", ".join(f"{changes[kind]} {kind.replace('_', ' ')}" for kind in kinds if changes[kind])
+    return f"{changes['total']} changed rows ({named or 'none'})"
 
 
 def gate(
-    champion: str | None, base_version: str | None, new: int, base_size: int, settings: RetrainSettings
+    champion: str | None,
+    base_version: str | None,
+    changes: dict[str, Any],
+    base_size: int,
+    settings: RetrainSettings,
 ) -> tuple[str | None, str]:
     """("no-change" | "below-threshold", why) when nothing should be trained; (None, why) to train."""
+    changed, described = changes["total"], describe_changes(changes)
     if champion is None:
         return None, "no champion yet: the first tick trains"
-    if new == 0:
-        return "no-change", f"no usable image is new since the champion's dataset version {base_version}"
-    if new < settings.min_new_images:
-        return "below-threshold", f"{new} new usable images < --min-new-images {settings.min_new_images}"
-    if settings.min_growth is not None and new < settings.min_growth * base_size:
+    if changed == 0:
+        return "no-change", f"no row of the task changed since the champion's dataset version {base_version}"
+    corrections = changed - changes["added"]
+    if corrections:  # the champion learnt from, or was judged on, rows that are now known to be wrong
+        return None, f"{described} since {base_version}: corrections always retrain"
+    if changed < settings.min_new_images:
+        return "below-threshold", f"{described} < --min-new-images {settings.min_new_images}"
+    if settings.min_growth is not None and changed < settings.min_growth * base_size:
         return "below-threshold", (
-            f"{new} new usable images < --min-growth {settings.min_growth:g} x {base_size} images in the "
+            f"{described} < --min-growth {settings.min_growth:g} x {base_size} images in the "
             f"champion's dataset version {base_version}"
         )
-    growth = f" ({new / base_size:.1%} growth)" if base_size else ""
-    return None, f"{new} new usable images since {base_version}{growth}"
+    growth = f" ({changed / base_size:.1%} of its rows)" if base_size else ""
+    return None, f"{described} since {base_version}{growth}"
 
 
 def train_config_from_card(card: dict[str, Any] | None, overrides: TrainOverrides) -> TrainConfig:
@@ -230,6 +259,7 @@ def train_challenger(
             batch_size=config.batch_size,
             workers_per_trial=config.workers,
             stall_timeout_s=settings.stall_timeout_s,
+            task=config.task,
         )
         # resume=True: a tick that crashed mid-search continues the same experiment (named after the
         # dataset version and settings), and a finished one is re-reported without a duplicate model.
@@ -269,94 +299,6 @@ def train_challenger(
     }
 
 
-def score_on_test(storage: Storage, model_version: str, version: str) -> tuple[Any, Any, dict[str, Any]]:
-    """(labels, scores, metrics) of a registered model on ``version``'s test split, at its own input size
-    and its own threshold (chosen on its own validation split, recorded in its card)."""
-    import numpy as np
-
-    from lxn_ray.metrics import binary_metrics
-    from lxn_ray.train import score_registered
-
-    labels, scores, reference = score_registered(storage, model_version, version, "test")
-    result = binary_metrics(labels, scores, reference.threshold)
-    return (
-        labels,
-        scores,
-        {
-            "model_version": model_version,
-            "auc": result.auc,
-            "sensitivity": result.sensitivity,
-            "specificity": result.specificity,
-            "accuracy": result.accuracy,
-            "threshold": result.threshold,
-            "n": int(len(labels)),
-            "positives": int(np.sum(labels)),
-            "image_size": int(reference.card.get("config", {}).get("image_size", 0)) or None,
-            "trained_on": reference.card.get("dataset_version"),
-        },
-    )
-
-
-def evaluate_pair(
-    storage: Storage, version: str, challenger: str, champion: str | None, settings: RetrainSettings
-) -> dict[str, Any]:
-    """Both models on the same test images, and the paired bootstrap of their AUC difference."""
-    from lxn_ray.metrics import paired_bootstrap_auc_difference
-
-    labels, challenger_scores, challenger_metrics = score_on_test(storage, challenger, version)
-    evaluation: dict[str, Any] = {
-        "split": "test",
-        "dataset_version": version,
-        "n": challenger_metrics["n"],
-        "positives": challenger_metrics["positives"],
-        "challenger": challenger_metrics,
-        "champion": None,
-        "auc_difference": None,
-        "auc_difference_ci": None,
-        "margin": settings.margin,
-        "resamples": settings.resamples,
-    }
-    if champion is None:
-        return evaluation
-    champion_labels, champion_scores, champion_metrics = score_on_test(storage, champion, version)
-    if list(champion_labels) != list(labels):
-        raise RuntimeError("the two models were not scored on the same test images")
-    difference, interval = paired_bootstrap_auc_difference(
-        labels,
-        challenger_scores,
-        champion_scores,
-        n_resamples=settings.resamples,
-        seed=settings.bootstrap_seed,
-    )
-    evaluation.update(
-        champion=champion_metrics,
-        auc_difference=difference,
-        auc_difference_ci=list(interval) if interval else None,
-    )
-    return evaluation
-
-
-def decide(
-    evaluation: dict[str, Any], challenger: str, champion: str | None, margin: float
-) -> tuple[bool, str]:
-    """The promotion rule (see :func:`promotion_rule`): (promote?, why)."""
-    if champion is None:
-        return True, f"no champion yet: {challenger} is the first published model"
-    if challenger == champion:
-        return False, f"{challenger} is already the champion"
-    difference, interval = evaluation["auc_difference"], evaluation["auc_difference_ci"]
-    if difference is None or interval is None:
-        return False, "no test AUC (one-class test split): non-inferiority cannot be shown; champion kept"
-    low, high = interval
-    stated = (
-        f"AUC difference (challenger - champion) {difference:+.3f}, 95% CI [{low:+.3f}, {high:+.3f}] on "
-        f"{evaluation['n']} test images"
-    )
-    if low >= -margin:
-        return True, f"{stated}: lower bound >= -{margin:g}, not worse beyond the margin"
-    return False, f"{stated}: lower bound < -{margin:g}, possibly worse beyond the margin; champion kept"
-
-
 def tick(
     storage: Storage, settings: RetrainSettings, lock: LeaseLock, report: dict[str, Any] | None = None
 ) -> dict[str, Any]:
@@ -366,24 +308,29 @@ def tick(
     """
     report = {} if report is None else report
     from lxn_ray.ingest import ingest
-    from lxn_ray.sources import open_source
+    from lxn_ray.layouts import SourceSpec
+    from lxn_ray.promotion import decide, evaluate_pair
 
     started = time.monotonic()
-    ingested = ingest(open_source(settings.source, settings.ref), storage)
+    sources = list(settings.sources) or [SourceSpec("ieee8023", settings.source, settings.ref, "upstream")]
+    ingested = ingest(sources, storage)
     version = ingested["dataset_version"]
     champion = registry.champion(storage)
     card = registry.read_card(storage, champion) if champion else None
     base_version = card.get("dataset_version") if card else None
-    new, base_size = count_new_images(storage, version, base_version)
-    decision, reason = gate(champion, base_version, new, base_size, settings)
-    log(f"dataset {version}: {new} new usable images; champion {champion or 'none'}: {reason}")
+    task = settings.overrides.task or ((card or {}).get("config") or {}).get("task")
+    changes, base_size = count_changes(storage, version, base_version, task)
+    decision, reason = gate(champion, base_version, changes, base_size, settings)
+    log(f"dataset {version}: {describe_changes(changes)}; champion {champion or 'none'}: {reason}")
     report.update(
         {
             "job": "retrain",
             "decision": decision,
             "reason": reason,
             "dataset_version": version,
-            "new_images": new,
+            "new_images": changes["added"],
+            "changed_rows": changes["total"],
+            "changes": changes,
             "champion_before": champion,
             "champion": champion,
             "challenger": None,
@@ -407,7 +354,10 @@ def tick(
         training = train_challenger(storage, version, settings, card)
         challenger = training["model_version"]
         report.update(challenger=challenger, training=training)
-        evaluation = evaluate_pair(storage, version, challenger, champion, settings)
+        evaluation = evaluate_pair(
+            storage, version, challenger, champion, settings.resamples, settings.bootstrap_seed
+        )
+        evaluation["margin"] = settings.margin
         promote, reason = decide(evaluation, challenger, champion, settings.margin)
         decision = "promoted" if promote else "rejected"
         report.update(
@@ -434,13 +384,15 @@ def history_entry(report: dict[str, Any], lock: LeaseLock | None) -> dict[str, A
         "reason": report.get("reason"),
         "dataset_version": report.get("dataset_version"),
         "new_images": report.get("new_images"),
+        "changed_rows": report.get("changed_rows"),
         "champion_before": report.get("champion_before"),
         "champion": report.get("champion"),
         "challenger": report.get("challenger"),
         "challenger_auc": (evaluation.get("challenger") or {}).get("auc"),
         "champion_auc": (evaluation.get("champion") or {}).get("auc"),
-        "auc_difference": evaluation.get("auc_difference"),
-        "auc_difference_ci": evaluation.get("auc_difference_ci"),
+        "objective_basis": evaluation.get("basis"),
+        "auc_difference": evaluation.get("difference"),
+        "auc_difference_ci": evaluation.get("difference_ci"),
         "n_test": evaluation.get("n"),
         "mode": report.get("mode"),
         "seconds": report.get("seconds"),

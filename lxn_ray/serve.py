@@ -44,6 +44,7 @@ import numpy as np
 
 from lxn_ray import registry
 from lxn_ray.imaging import ImageLimits, ImageRejected
+from lxn_ray.metrics import no_better_than_chance
 from lxn_ray.storage import Storage
 
 logger = logging.getLogger("ray.serve")
@@ -176,15 +177,18 @@ class LoadedModel:
     def prediction(self, probability: float) -> dict[str, Any]:
         return {
             "probability": probability,
-            "label": label_for(probability, self.threshold),
+            "label": label_for(probability, self.threshold, self.card.get("label_names")),
             "threshold": self.threshold,
             "model_version": self.version,
+            "task": (self.card.get("task") or {}).get("name", "covid-vs-rest"),
         }
 
 
-def label_for(probability: float, threshold: float) -> str:
-    """The same rule as evaluation (``probability >= threshold`` is positive)."""
-    return POSITIVE_LABEL if probability >= threshold else NEGATIVE_LABEL
+def label_for(probability: float, threshold: float, names: dict[str, str] | None = None) -> str:
+    """The same rule as evaluation (``probability >= threshold`` is positive), in the model's task's label
+    names (``label_names`` of its card; a card made before tasks existed is covid-vs-rest)."""
+    names = names or {"1": POSITIVE_LABEL, "0": NEGATIVE_LABEL}
+    return names["1"] if probability >= threshold else names["0"]
 
 
 def load_model_version(storage: Storage, reference: str) -> LoadedModel:
@@ -478,6 +482,7 @@ class LxnServer:
             "threshold": model.threshold,
             "loaded_at": model.loaded_at,
             "intended_use": RESEARCH_NOTE,
+            "no_better_than_chance": no_better_than_chance(model.card.get("test", {}).get("auc_ci")),
             "card": model.card,
         }
 

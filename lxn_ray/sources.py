@@ -57,6 +57,11 @@ class Snapshot(Protocol):
         """The source version; ``content_digest`` hashes metadata and the files ingest read."""
         ...
 
+    def list_files(self) -> list[str]:
+        """Every file below the root, as sorted relative paths (class-folder layouts). Raises SourceError
+        where the location cannot be listed (an HTTP mirror)."""
+        ...
+
 
 class Source(Protocol):
     def open(self) -> Snapshot: ...
@@ -110,15 +115,31 @@ class FolderSnapshot:
     def version(self, content_digest: str) -> str:
         return f"git:{self.commit}" if self.commit else f"sha256:{content_digest}"
 
+    def list_files(self) -> list[str]:
+        """Regular files below the root; symlinks (which could lead out of it) and dot-files are skipped."""
+        found = []
+        for folder, subfolders, names in os.walk(self.root):  # os.walk does not follow linked folders
+            subfolders[:] = sorted(name for name in subfolders if not name.startswith("."))
+            for name in names:
+                path = Path(folder) / name
+                if not name.startswith(".") and not path.is_symlink() and path.is_file():
+                    found.append(path.relative_to(self.root).as_posix())
+        return sorted(found)
+
 
 @dataclass(frozen=True)
 class FolderSource:
+    """A local folder; ``marker`` is the file its layout needs (None: class folders need none)."""
+
     path: Path
+    marker: str | None = METADATA_FILE
 
     def open(self) -> FolderSnapshot:
         root = self.path.expanduser().resolve()
-        if not (root / METADATA_FILE).is_file():
-            raise SourceError(f"{self.path}: not a folder in the upstream layout (no {METADATA_FILE})")
+        if not root.is_dir():
+            raise SourceError(f"{self.path}: no such folder")
+        if self.marker and not (root / self.marker).is_file():
+            raise SourceError(f"{self.path}: no {self.marker} (wrong layout?)")
         return FolderSnapshot(root=root, description=str(root))
 
 
@@ -170,6 +191,9 @@ class _RemoteSnapshot:
     def version(self, content_digest: str) -> str:
         return f"sha256:{content_digest}"
 
+    def list_files(self) -> list[str]:
+        raise SourceError(f"{self.description}: an HTTP mirror cannot be listed; give it a manifest CSV")
+
 
 @dataclass(frozen=True)
 class S3Snapshot(_RemoteSnapshot):
@@ -200,18 +224,44 @@ class S3Snapshot(_RemoteSnapshot):
 
         return _with_retries(fetch, f"s3://{self.bucket}/{key}")
 
+    def list_files(self) -> list[str]:
+        from botocore.exceptions import BotoCoreError, ClientError
+
+        base = f"{self.prefix}/" if self.prefix else ""
+        found = []
+        try:
+            for page in (
+                s3_client().get_paginator("list_objects_v2").paginate(Bucket=self.bucket, Prefix=base)
+            ):
+                for item in page.get("Contents", []):
+                    relative = item["Key"][len(base) :]
+                    if is_plain_relative(relative) and not relative.endswith("/"):
+                        found.append(relative)
+        except (BotoCoreError, ClientError) as error:
+            raise SourceError(f"{self.description}: cannot list ({error})") from None
+        return sorted(found)
+
 
 @dataclass(frozen=True)
 class S3Source:
     uri: str
+    marker: str | None = METADATA_FILE
 
     def open(self) -> S3Snapshot:
         bucket, _, prefix = self.uri.removeprefix("s3://").partition("/")
         if not bucket:
             raise SourceError(f"{self.uri}: no bucket")
         snapshot = S3Snapshot(bucket=bucket, prefix=prefix.strip("/"), description=self.uri.rstrip("/"))
-        snapshot.read_metadata()  # fail early, with the source's name, when it is not in the layout
+        _check_marker(snapshot, self.marker)  # fail early, with the source's name, when not in the layout
         return snapshot
+
+
+def _check_marker(snapshot: _RemoteSnapshot, marker: str | None) -> None:
+    if marker:
+        try:
+            snapshot.read_file(marker, MAX_METADATA_BYTES)
+        except FileNotFoundError:
+            raise SourceError(f"{snapshot.description}: no {marker} (wrong layout?)") from None
 
 
 class _SameBaseRedirects(urllib.request.HTTPRedirectHandler):
@@ -263,18 +313,19 @@ class HttpSnapshot(_RemoteSnapshot):
 @dataclass(frozen=True)
 class HttpSource:
     base_url: str
+    marker: str | None = METADATA_FILE
 
     def open(self) -> HttpSnapshot:
         base = self.base_url if self.base_url.endswith("/") else self.base_url + "/"
         snapshot = HttpSnapshot(base=base, description=base)
-        snapshot.read_metadata()
+        _check_marker(snapshot, self.marker)
         return snapshot
 
 
-def serves_raw_layout(base_url: str) -> bool:
-    """Whether ``base_url`` answers ``metadata.csv`` over HTTP (a raw mirror, not a git remote)."""
+def serves_raw_layout(base_url: str, marker: str = METADATA_FILE) -> bool:
+    """Whether ``base_url`` answers ``marker`` over HTTP (a raw mirror, not a git remote)."""
     base = base_url if base_url.endswith("/") else base_url + "/"
-    request = urllib.request.Request(base + METADATA_FILE, method="HEAD", headers={"User-Agent": "lxn_ray"})
+    request = urllib.request.Request(base + marker, method="HEAD", headers={"User-Agent": "lxn_ray"})
     try:
         with urllib.request.urlopen(request, timeout=FETCH_TIMEOUT_S) as response:
             return response.status == 200
@@ -391,37 +442,48 @@ def _git(repository: Path | None, command: str, *args: str) -> None:
         raise SourceError(f"git {command} failed: {message}")
 
 
-def is_git_location(location: str) -> bool:
+def is_git_location(location: str, marker: str | None = METADATA_FILE) -> bool:
     """Whether ``location`` names a git repository rather than a plain folder."""
     if re.match(r"^(https?|ssh|git|file)://", location) or re.match(r"^[\w.-]+@[\w.-]+:", location):
         return True
     path = Path(location).expanduser()
     if path.is_file():
         return True  # a git bundle
-    if path.is_dir() and not (path / METADATA_FILE).is_file():
+    if path.is_dir() and not (marker and (path / marker).is_file()):
         return (path / ".git").exists() or (path / "HEAD").is_file()
     return False
 
 
-def open_source(location: str | None = None, ref: str | None = None, cache_dir: Path | None = None) -> Source:
+def open_source(
+    location: str | None = None,
+    ref: str | None = None,
+    cache_dir: Path | None = None,
+    marker: str | None = METADATA_FILE,
+) -> Source:
     """The source named by ``--source`` (default: the upstream repository) and ``--ref``.
 
-    ``s3://`` is a mirror; an ``http(s)://`` URL that serves ``metadata.csv`` is a raw mirror (e.g.
-    ``https://raw.githubusercontent.com/ieee8023/covid-chestxray-dataset/master/``); any other URL is git.
+    ``s3://`` is a mirror; an ``http(s)://`` URL that serves ``marker`` (``metadata.csv`` for the upstream
+    layout) is a raw mirror (e.g. ``https://raw.githubusercontent.com/ieee8023/covid-chestxray-dataset/
+    master/``); any other URL is git. ``marker`` is the file the source's layout needs (None for class
+    folders).
     """
     location = location or UPSTREAM
     remote = location.startswith("s3://") or (
-        re.match(r"^https?://", location) and not location.endswith(".git") and serves_raw_layout(location)
+        re.match(r"^https?://", location)
+        and not location.endswith(".git")
+        and serves_raw_layout(location, marker or "")
     )
     if remote:
         if ref:
             raise SourceError(f"--ref needs a git source; {location} is a mirror")
-        return S3Source(location) if location.startswith("s3://") else HttpSource(location)
-    if is_git_location(location):
+        if location.startswith("s3://"):
+            return S3Source(location, marker)
+        return HttpSource(location, marker)
+    if is_git_location(location, marker):
         url = location if "://" in location or "@" in location else str(Path(location).expanduser().resolve())
         return GitSource(url=url, ref=ref, cache_dir=cache_dir)
     if ref:
         raise SourceError(f"--ref needs a git source; {location} is a folder")
     if not Path(location).expanduser().is_dir():
         raise SourceError(f"{location}: no such folder or git repository")
-    return FolderSource(Path(location))
+    return FolderSource(Path(location), marker)

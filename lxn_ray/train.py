@@ -42,8 +42,12 @@ from lxn_ray.resources import (
     run_watched,
 )
 from lxn_ray.storage import Storage
+from lxn_ray.tasks import DEFAULT_TASK, resolve_task
 
 RUNS = "runs"
+# What picks the best epoch, the best trial and the champion: the source-aware validation metric
+# (lxn_ray.metrics.source_aware_objective - mean within-source AUC where sources hold both classes).
+OBJECTIVE = "val_objective"
 
 
 @dataclass(frozen=True)
@@ -60,6 +64,8 @@ class TrainConfig:
     use_gpu: bool = False  # also on whenever the cluster has GPUs
     mixed_precision: bool = False  # float16 compute on GPUs (float32 weights and output); off by default
     seed: int = 0
+    task: str = DEFAULT_TASK  # a built-in task name or a task file (lxn_ray.tasks)
+    sources: tuple[str, ...] = ()  # train and validate on these sources only (empty: all); see loso.py
 
     @property
     def model(self) -> ModelConfig:
@@ -81,16 +87,19 @@ def _load_batch(batch: dict[str, np.ndarray], storage_uri: str, image_size: int)
 
     storage = Storage.open(storage_uri)
     images = [preprocess_bytes(storage.read_bytes(str(key)), image_size) for key in batch["image_key"]]
-    return {"image": np.stack(images), "label": batch["label"].astype(np.float32)}
+    return {"image": np.stack(images), "label": batch["label"].astype(np.float32), "source": batch["source"]}
 
 
-def split_dataset(storage: Storage, version: str, split: str, image_size: int):
-    """One split of a dataset version as a materialised Ray Dataset of ``image`` and ``label``."""
+def split_dataset(storage: Storage, version: str, split: str, config: TrainConfig):
+    """One split of a dataset version, the rows a run uses (its task's, from its sources), as a
+    materialised Ray Dataset of ``image`` (float32), ``label`` (float32, the task's) and ``source`` (str)."""
     import ray
 
-    table = dataset.read_split(storage, version, split).select(["image_key", "label"])
+    table = dataset.read_split(storage, version, split, config.task, config.sources)
+    table = table.select(["image_key", "label", "source"])
     if table.num_rows == 0:
-        raise ValueError(f"split {split!r} of dataset {version} is empty")
+        raise ValueError(f"split {split!r} of dataset {version} holds no image of task {config.task}")
+    image_size = config.image_size
     blocks = max(1, min(table.num_rows // 32, 32))
     return (
         ray.data.from_arrow(table)
@@ -185,17 +194,22 @@ def train_loop_per_worker(loop_config: dict[str, Any]) -> None:
             labels.append(batch["label"])
         train_seconds = time.monotonic() - started
         train = _epoch_metrics(np.concatenate(labels), np.concatenate(scores), np.concatenate(losses))
-        val_labels, val_scores = [], []
+        val_labels, val_scores, val_sources = [], [], []
         for batch in val_data.iter_batches(batch_size=64, batch_format="numpy"):
             val_scores.append(predict(tf.constant(batch["image"])).numpy())
             val_labels.append(batch["label"])
+            val_sources.append(batch["source"])
         y, p = np.concatenate(val_labels), np.concatenate(val_scores)
         val_loss = weighted_bce(y, p, w_pos, w_neg).numpy()
         val = _epoch_metrics(y, p, val_loss)
+        objective, _ = metrics.selection_objective(
+            y.astype(np.int64), p, np.concatenate(val_sources).tolist()
+        )
         entry = {
             "epoch": epoch,
             **{f"train_{k}": v for k, v in train.items()},
             **{f"val_{k}": v for k, v in val.items()},
+            "val_objective": objective,
             "train_seconds": train_seconds,
             "epoch_seconds": time.monotonic() - started,
         }
@@ -207,7 +221,8 @@ def train_loop_per_worker(loop_config: dict[str, Any]) -> None:
                 f"({entry['epoch_seconds']:.1f} s)",
                 flush=True,
             )
-        report = {**entry, "val_auc": val["auc"] if val["auc"] is not None else 0.5}
+        undefined = {"val_auc": val["auc"], "val_objective": objective}  # a one-class val split: chance
+        report = {**entry, **{key: 0.5 if value is None else value for key, value in undefined.items()}}
         with tempfile.TemporaryDirectory() as folder:
             checkpoint = None
             if rank == 0:
@@ -286,14 +301,14 @@ def run_trainer(
     from ray.train.tensorflow import TensorflowTrainer
 
     point_ray_train_at_this_cluster()
-    images = dataset.read_split(storage, version, "train")
+    images = dataset.read_split(storage, version, "train", config.task, config.sources)
     positives = int(sum(images.column("label").to_pylist()))
     negatives = images.num_rows - positives
     from lxn_ray.model import class_weights
 
     w_pos, w_neg = class_weights(positives, negatives)
-    train = split_dataset(storage, version, "train", config.image_size)
-    val = split_dataset(storage, version, "val", config.image_size)
+    train = split_dataset(storage, version, "train", config)
+    val = split_dataset(storage, version, "val", config)
     scaling = scaling_config(config, ray.cluster_resources(), cpus_per_worker)
     use_gpu, cpus = scaling.use_gpu, int(scaling.resources_per_worker["CPU"])
     trainer = TensorflowTrainer(
@@ -313,7 +328,7 @@ def run_trainer(
             storage_path=storage.path(RUNS),
             storage_filesystem=storage.filesystem,
             checkpoint_config=CheckpointConfig(
-                num_to_keep=2, checkpoint_score_attribute="val_auc", checkpoint_score_order="max"
+                num_to_keep=2, checkpoint_score_attribute=OBJECTIVE, checkpoint_score_order="max"
             ),
             failure_config=FailureConfig(max_failures=max_failures),
             callbacks=callbacks or None,
@@ -376,7 +391,7 @@ def train(
         activity=lambda: f"epochs registered: {registered_epoch(storage, run_name)} of {config.epochs}",
         **trainer_options,
     )
-    best = result.get_best_checkpoint(metric="val_auc", mode="max") or result.checkpoint
+    best = result.get_best_checkpoint(metric=OBJECTIVE, mode="max") or result.checkpoint
     if best is None or result.checkpoint is None:
         raise RuntimeError(f"training run {run_name} produced no checkpoint")
     latest = read_checkpoint_state(result.checkpoint)  # holds every epoch's metrics and the resume count
@@ -409,12 +424,24 @@ def publish_model_version(
     with checkpoint.as_directory() as folder:
         model.load_weights(Path(folder) / "model.weights.h5")
         state = json.loads((Path(folder) / "state.json").read_text())
-    val_labels, val_scores = score_split(model, storage, version, "val", config.image_size)
-    test_labels, test_scores = score_split(model, storage, version, "test", config.image_size)
+    task = resolve_task(config.task)
+    val_labels, val_scores, val_sources = score_split(
+        model, storage, version, "val", config.image_size, config.task, config.sources
+    )
+    test_labels, test_scores, test_sources = score_split(
+        model, storage, version, "test", config.image_size, config.task, config.sources
+    )
     threshold = metrics.youden_threshold(val_labels, val_scores)
     val = metrics.binary_metrics(val_labels, val_scores, threshold)
     test = metrics.binary_metrics(test_labels, test_scores, threshold)
     auc_ci = metrics.bootstrap_auc_ci(test_labels, test_scores, seed=config.seed)
+    evaluation = source_evaluation(
+        {"val": (val_labels, val_scores, val_sources), "test": (test_labels, test_scores, test_sources)},
+        threshold,
+        task,
+        config.seed,
+    )
+    counts, warnings = split_counts(storage, version, task, config.sources)
 
     model_version = f"lxn-{datetime.now(timezone.utc):%Y%m%d-%H%M%S}-{config.digest()[:6]}"
     prefix = registry.model_key(model_version, "").rstrip("/")
@@ -424,19 +451,38 @@ def publish_model_version(
     storage.write_bytes(f"{prefix}/plots/training_curves.png", plots.training_curves(history))
     storage.write_bytes(
         f"{prefix}/plots/roc.png",
-        plots.roc({"val": (val_labels, val_scores), "test": (test_labels, test_scores)}, threshold),
+        plots.roc(
+            {
+                "val": (val_labels, val_scores),
+                "test": (test_labels, test_scores),
+                **_within_source_curves(test_labels, test_scores, test_sources),
+            },
+            threshold,
+        ),
     )
     storage.write_bytes(f"{prefix}/plots/confusion_test.png", plots.confusion_matrix(test.confusion))
-    val_summary = {k: val.as_dict()[k] for k in ("auc", "accuracy", "sensitivity", "specificity")}
+    val_summary = {
+        **{k: val.as_dict()[k] for k in ("auc", "accuracy", "sensitivity", "specificity")},
+        "objective": evaluation["val"]["objective"],
+    }
     test_summary = {
         **{k: test.as_dict()[k] for k in ("auc", "accuracy", "sensitivity", "specificity")},
         "auc_ci": list(auc_ci) if auc_ci else None,
+        "no_better_than_chance": metrics.no_better_than_chance(auc_ci),
+        "objective": evaluation["test"]["objective"],
         "confusion": test.confusion,
         "n": int(len(test_labels)),
         "positives": int(np.sum(test_labels)),
     }
     card = _model_card(
         model_version, version, config, state, latest, threshold, val_summary, test_summary, seconds, run_name
+    )
+    card.update(
+        task=task.as_dict(),
+        label_names={"1": task.positive_name, "0": task.negative_name},
+        sources=evaluation,
+        split_counts=counts,
+        warnings=warnings + evaluation["warnings"],
     )
     storage.write_json(f"{prefix}/card.json", card)  # written last: the version's commit marker
     log(
@@ -456,29 +502,120 @@ def publish_model_version(
             for name in ("training_curves.png", "roc.png", "confusion_test.png")
         ],
         "card": storage.uri_of(f"{prefix}/card.json"),
+        "task": task.name,
+        "sources": evaluation,
+        "split_counts": counts,
+        "warnings": card["warnings"],
         "seconds": round(seconds, 1),
     }
 
 
-def score_split(model, storage: Storage, version: str, split: str, image_size: int):
+MIN_IMAGES_PER_CLASS = 20  # a split with fewer images of a class gets a warning: its metrics are noise
+
+
+def source_evaluation(
+    scored: dict[str, tuple[np.ndarray, np.ndarray, list[str]]], threshold: float, task, seed: int = 0
+) -> dict[str, Any]:
+    """Per split: metrics pooled, per source and within each source holding both classes
+    (:func:`lxn_ray.metrics.group_metrics`), the source-aware objective with its basis, and the
+    source-shortcut check (:func:`lxn_ray.metrics.shortcut_check`, its classes named by the task).
+    ``warnings`` collects the one-line shortcut warnings of the test split for the job summary."""
+    result: dict[str, Any] = {"warnings": []}
+    for split, (labels, scores, sources) in scored.items():
+        groups = metrics.group_metrics(labels, scores, sources, threshold, seed=seed)
+        objective, basis = metrics.source_aware_objective(groups["within_source"], groups["pooled"])
+        shortcut = shortcut_check_for_task(labels, scores, sources, task, seed)
+        result[split] = {**groups, "objective": objective, "objective_basis": basis, "shortcut": shortcut}
+        if split == "test" and shortcut.get("warning"):
+            result["warnings"].append(shortcut["warning"])
+    return result
+
+
+def shortcut_check_for_task(labels, scores, sources: list[str], task, seed: int = 0) -> dict[str, Any]:
+    """:func:`lxn_ray.metrics.shortcut_check` with its classes called by the task's label names."""
+    shortcut = metrics.shortcut_check(labels, scores, sources, seed=seed)
+    names = {"positive": task.positive_name, "negative": task.negative_name}
+
+    def named(text: str) -> str:
+        return text.replace("positive class", f"{names['positive']} class").replace(
+            "negative class", f"{names['negative']} class"
+        )
+
+    shortcut["classes"] = {names[kind]: checks for kind, checks in shortcut["classes"].items()}
+    shortcut["skipped"] = [named(reason) for reason in shortcut["skipped"]]
+    if shortcut.get("warning"):
+        shortcut["warning"] = named(shortcut["warning"])
+    return shortcut
+
+
+def split_counts(
+    storage: Storage, version: str, task, sources: tuple[str, ...] = ()
+) -> tuple[dict[str, Any], list[str]]:
+    """Images per split, class and source for ``task``, and a warning for every split holding fewer than
+    :data:`MIN_IMAGES_PER_CLASS` images of a class (model selection on it is noise)."""
+    counts: dict[str, Any] = {}
+    warnings = []
+    for split in dataset.SPLITS:
+        rows = (
+            dataset.read_split(storage, version, split, task, sources).select(["label", "source"]).to_pylist()
+        )
+        per_class = {task.label_name(label): sum(r["label"] == label for r in rows) for label in (1, 0)}
+        by_source: dict[str, dict[str, int]] = {}
+        for row in rows:
+            name = task.label_name(row["label"])
+            by_source.setdefault(row["source"], {task.positive_name: 0, task.negative_name: 0})[name] += 1
+        counts[split] = {"images": len(rows), **per_class, "by_source": by_source}
+        for name, count in per_class.items():
+            if count < MIN_IMAGES_PER_CLASS:
+                warnings.append(
+                    f"the {split} split holds {count} {name} image(s) (< {MIN_IMAGES_PER_CLASS}): "
+                    f"its metrics are noise"
+                )
+    return counts, warnings
+
+
+def _within_source_curves(labels: np.ndarray, scores: np.ndarray, sources: list[str]) -> dict[str, tuple]:
+    """ROC inputs of each source holding both classes in the test split, for the plot beside the pooled."""
+    groups = np.asarray(sources)
+    curves = {}
+    for name in sorted(set(sources)):
+        mask = groups == name
+        if 0 < labels[mask].sum() < mask.sum():
+            curves[f"test, within {name}"] = (labels[mask], scores[mask])
+    return curves if len(set(sources)) > 1 else {}
+
+
+def score_split(
+    model,
+    storage: Storage,
+    version: str,
+    split: str | None,
+    image_size: int,
+    task: str = DEFAULT_TASK,
+    sources: tuple[str, ...] = (),
+) -> tuple[np.ndarray, np.ndarray, list[str]]:
+    """(labels int64 (n,), probabilities float32 (n,), source names (n,)) of ``model`` on the rows of one
+    split (None: all splits) that ``task`` uses, from ``sources`` (empty: all)."""
     from lxn_ray.model import predict_probabilities
     from lxn_ray.preprocess import preprocess_bytes
 
-    table = dataset.read_split(storage, version, split)
+    table = dataset.read_split(storage, version, split, task, sources)
     labels = np.asarray(table.column("label").to_pylist(), dtype=np.int64)
     images = [
         preprocess_bytes(storage.read_bytes(key), image_size) for key in table.column("image_key").to_pylist()
     ]
-    return labels, predict_probabilities(model, images)
+    return labels, predict_probabilities(model, images), table.column("source").to_pylist()
 
 
-def score_registered(storage: Storage, model_version: str, version: str, split: str):
-    """(labels, scores, ModelRef) of a registered model on one split of ``version``, at the model's own
-    input size - how promotion rules compare two models on the same images."""
+def score_registered(storage: Storage, model_version: str, version: str, split: str, task: str | None = None):
+    """(labels, scores, sources, ModelRef) of a registered model on one split of ``version`` for ``task``
+    (default: the model's own), at the model's own input size - how promotion rules compare two models on
+    the same images."""
     reference = registry.resolve(storage, model_version)
     model = reference.load()
-    labels, scores = score_split(model, storage, version, split, int(model.input_shape[1]))
-    return labels, scores, reference
+    task = task or reference.card.get("config", {}).get("task") or DEFAULT_TASK
+    labels, scores, sources = score_split(model, storage, version, split, int(model.input_shape[1]), task)
+    return labels, scores, sources, reference
 
 
 def _model_card(

@@ -1,12 +1,13 @@
 """Hyperparameter search over the Ray Train loop with Ray Tune, and promotion of its best model.
 
-This module owns the ``tune`` job: it ingests first when the store has no dataset version (or a
-``--source`` is given), runs one Ray Train run per Tune trial (the Ray 2.60 "Tune over Train V2"
+This module owns the ``tune`` job: it ingests first when the store has no dataset version (or
+``--source``/``--sources`` is given), runs one Ray Train run per Tune trial (the Ray 2.60 "Tune over Train V2"
 pattern: a plain trial function builds the trainer through :func:`lxn_ray.train.run_trainer` with
 ``TuneReportCallback`` so rank 0's per-epoch metrics reach Tune), stops weak trials early with ASHA,
 samples with Optuna's TPE when ``optuna`` is installed (random search otherwise), then evaluates the best
-trial's best checkpoint on test with :func:`lxn_ray.train.publish_model_version` and promotes it by the
-rule in :func:`promotion_decision`.
+trial's best checkpoint on test with :func:`lxn_ray.train.publish_model_version` and promotes it by
+:mod:`lxn_ray.promotion`'s superiority rule (a paired bootstrap on the same test images). Trials, epochs
+and checkpoints are ranked by the source-aware validation objective (:data:`lxn_ray.train.OBJECTIVE`).
 
 Why here and not in ``train.py``: the search adds a second level of orchestration (trials, schedulers,
 searchers, experiment state, resumption), while a trial is exactly one training run; keeping them apart
@@ -44,8 +45,8 @@ from typing import Any
 from ray.tune import Callback
 
 from lxn_ray import dataset, registry
-from lxn_ray.metrics import fmt
 from lxn_ray.preprocess import AugmentConfig
+from lxn_ray.promotion import decide, evaluate_pair
 from lxn_ray.resources import (
     DEFAULT_STALL_TIMEOUT_S,
     POLL_S,
@@ -56,10 +57,11 @@ from lxn_ray.resources import (
     release_orphans,
 )
 from lxn_ray.storage import Storage
-from lxn_ray.train import RUNS, TrainConfig
+from lxn_ray.tasks import DEFAULT_TASK
+from lxn_ray.train import OBJECTIVE, RUNS, TrainConfig
 
 TUNE = "tune"
-METRIC, MODE = "val_auc", "max"
+METRIC, MODE = OBJECTIVE, "max"  # the source-aware validation metric (lxn_ray.train.OBJECTIVE)
 
 # The searched augmentation: (config key, upper bound); the lower bound of each is 0 (off).
 AUGMENT_RANGES: dict[str, float] = {
@@ -94,6 +96,7 @@ class TuneSettings:
     max_concurrent: int | None = None  # None: as many trials as the cluster's CPUs (or GPUs) fit
     time_budget_s: float | None = None  # stop the search after this long (resumable with --resume)
     stall_timeout_s: float = DEFAULT_STALL_TIMEOUT_S  # end a search stalled this long (0: never)
+    task: str = DEFAULT_TASK  # which findings are positive, negative, unused (lxn_ray.tasks)
 
     def digest(self) -> str:
         """Digest of what decides the trials; concurrency, time budget and watchdog do not, so they may
@@ -161,6 +164,7 @@ def trial_train_config(trial: dict[str, Any], settings: TuneSettings) -> TrainCo
         augment=augment,
         workers=settings.workers_per_trial,
         seed=settings.seed,
+        task=settings.task,
     )
 
 
@@ -450,12 +454,18 @@ def search(
     rows = trial_rows(results, settings)
     storage.write_bytes(f"{TUNE}/{name}/trials.csv", trials_csv(rows))
     storage.write_bytes(f"{TUNE}/{name}/search.png", search_plot(rows))
-    finished = [row for row in rows if row["val_auc_best"] is not None]
+    finished = [row for row in rows if row["objective_best"] is not None]
     if not finished:
         raise RuntimeError(f"no trial of search {name} reported a val AUC ({len(rows)} trials)")
-    best_row = max(finished, key=lambda row: (row["val_auc_best"], -row["seconds"]))
+    best_row = max(finished, key=lambda row: (row["objective_best"], -row["seconds"]))
     published = publish_best(storage, version, settings, name, best_row, time.monotonic() - started)
-    promoted, reason = promotion_decision(storage, version, published) if promote else (False, "not asked")
+    promotion = None
+    promoted, reason = False, "not asked"
+    if promote:
+        promotion = evaluate_pair(storage, version, published["model_version"], registry.champion(storage))
+        promoted, reason = decide(
+            promotion, published["model_version"], registry.champion(storage), margin=None
+        )
     if promoted:
         registry.promote(storage, published["model_version"], reason=f"tune {name}: {reason}")
     errored = [row["trial_id"] for row in rows if row["status"] == "ERROR"]
@@ -483,7 +493,7 @@ def search(
         "best": {
             "trial_id": best_row["trial_id"],
             "config": best_row["config"],
-            "val_auc": best_row["val_auc_best"],
+            "val_objective": best_row["objective_best"],
             "model_version": published["model_version"],
             "train_run": published["train_run"],
         },
@@ -492,6 +502,10 @@ def search(
         "champion": registry.champion(storage),
         "promoted": promoted,
         "promotion_reason": reason,
+        "promotion": promotion,
+        "task": settings.task,
+        "sources": published.get("sources"),
+        "warnings": published.get("warnings", []),
         "seconds": round(time.monotonic() - started, 1),
     }
 
@@ -545,8 +559,8 @@ def trial_rows(results: Any, settings: TuneSettings) -> list[dict[str, Any]]:
             {
                 "trial_id": trial_id,
                 "config": {key: result.config[key] for key in sorted(result.config)},
-                "val_auc_best": max(aucs) if aucs else None,
-                "val_auc_last": aucs[-1] if aucs else None,
+                "objective_best": max(aucs) if aucs else None,
+                "objective_last": aucs[-1] if aucs else None,
                 "epochs_run": epochs_run,
                 "status": status,
                 "seconds": round(float(metrics.get("time_total_s") or 0.0), 1),
@@ -576,8 +590,8 @@ def trials_csv(rows: Sequence[dict[str, Any]]) -> bytes:
         "trial_id",
         *[f"config/{k}" for k in keys],
         "augment_strength",
-        "val_auc_best",
-        "val_auc_last",
+        "objective_best",
+        "objective_last",
         "epochs_run",
         "status",
         "seconds",
@@ -604,12 +618,12 @@ def search_plot(rows: Sequence[dict[str, Any]]) -> bytes:
     points = [
         {
             "learning_rate": row["config"]["learning_rate"],
-            "val_auc": row["val_auc_best"],
+            "objective": row["objective_best"],
             "augment_strength": augment_strength(row["config"]),
             "epochs_run": row["epochs_run"],
         }
         for row in rows
-        if row["val_auc_best"] is not None
+        if row["objective_best"] is not None
     ]
     return search_results(points, LR_RANGE)
 
@@ -656,63 +670,27 @@ def publish_best(
     return {**published, "train_run": run_name}
 
 
-def promotion_decision(storage: Storage, version: str, candidate: dict[str, Any]) -> tuple[bool, str]:
-    """Whether the candidate becomes champion, and why.
-
-    Rule: promote when there is no champion; otherwise only when the candidate's test AUC is strictly
-    higher than the champion's test AUC on the SAME test split - the candidate's dataset version's. When
-    the champion was trained on that version its recorded test AUC is used; when it was trained on another
-    version it is re-scored on this version's test split (with its own preprocessing size) first. A
-    candidate without a test AUC (one-class test split) never replaces a champion.
-    """
-    current = registry.champion(storage)
-    new_auc = candidate["test"].get("auc")
-    if current is None:
-        return True, "no champion yet"
-    if current == candidate["model_version"]:
-        return False, f"{current} is already the champion"
-    card = registry.read_card(storage, current)
-    if card.get("dataset_version") == version:
-        champion_auc = card.get("test", {}).get("auc")
-        basis = f"its recorded test AUC on dataset {version}"
-    else:
-        champion_auc = rescore_test_auc(storage, current, version)
-        basis = (
-            f"re-scored on dataset {version}'s test split (it was trained on {card.get('dataset_version')})"
-        )
-    if new_auc is None:
-        return False, f"candidate has no test AUC (one-class test split); champion {current} kept"
-    if champion_auc is None or new_auc > champion_auc:
-        return True, (f"test AUC {new_auc:.4f} beats champion {current}'s {fmt(champion_auc)} ({basis})")
-    return False, (f"test AUC {new_auc:.4f} does not beat champion {current}'s {champion_auc:.4f} ({basis})")
-
-
-def rescore_test_auc(storage: Storage, model_version: str, version: str) -> float | None:
-    """A registered model's AUC on ``version``'s test split."""
-    from lxn_ray.metrics import roc_auc
-    from lxn_ray.train import score_registered
-
-    labels, scores, _ = score_registered(storage, model_version, version, "test")
-    return roc_auc(labels, scores)
-
-
 # -- the job --------------------------------------------------------------------------------------------
 def tune_job(
     storage: Storage,
     settings: TuneSettings,
-    source: str | None = None,
-    ref: str | None = None,
+    sources: Any = None,
     resume: bool = False,
     crash_once: dict[str, Any] | None = None,
 ) -> dict[str, Any]:
-    """Ingest when needed (empty store, or a ``source`` given), then search and publish."""
+    """Ingest when needed (empty store, or ``sources`` given: what :func:`lxn_ray.ingest.ingest` takes),
+    then search and publish."""
     ingested = None
-    if source is not None or dataset.latest_version(storage) is None:
+    if sources is not None or dataset.latest_version(storage) is None:
         from lxn_ray.ingest import ingest
         from lxn_ray.sources import open_source
 
-        log(f"ingesting {source or 'the upstream repository'} first")
-        report = ingest(open_source(source, ref), storage)
+        log(
+            "ingesting the sources first"
+            if sources is not None
+            else "ingesting the upstream repository first"
+        )
+        report = ingest(sources if sources is not None else open_source(None), storage)
         ingested = {"dataset_version": report["dataset_version"], "changed": report["changed"]}
     report = search(storage, settings, resume=resume, crash_once=crash_once)
     return {**report, "ingest": ingested}

@@ -25,7 +25,7 @@ def test_earlier_splits_are_frozen_and_groups_share_a_split():
 
 def test_publish_is_all_or_nothing(tmp_path, monkeypatch):
     storage = Storage.open(str(tmp_path / "store"))
-    tables = {"images": pa.table({"split": ["train"]})}
+    tables = {"images": pa.table({"split": ["train"], "finding": ["COVID-19"], "label": [1]})}
     dataset.publish(storage, "ds-1", tables, {"r": 1}, {"source_version": "s1"})
     assert dataset.latest_version(storage) == "ds-1"
 

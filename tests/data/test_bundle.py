@@ -73,7 +73,7 @@ def test_known_duplicates_found_and_few_dropped(grown, bundle_checkout):
     images = dataset.read_table(Storage.open(store), late["dataset_version"], "images").to_pylist()
     in_version = {row["filename"] for row in images}
     metadata = parse_metadata((bundle_checkout("2020-06-22") / "metadata.csv").read_bytes())
-    patient_of = {row.filename: row.patient_id for row in metadata}
+    patient_of = {row.filename: f"ieee8023:{row.patient_id}" for row in metadata}
     for entry in late["duplicates"]:
         assert entry["kept"] in in_version and entry["distance"] >= 0
     assert len({row["sha256"] for row in images}) == len(images)

@@ -121,7 +121,8 @@ def test_growth_then_no_change(source_builder, tmp_path):
     assert len(second["duplicates"]) == 1
     for patient, split in first["split_of_patient"].items():
         assert second["split_of_patient"][patient] == split
-    assert second["split_of_patient"]["p-other"] == second["split_of_patient"]["p3"]
+    # patient ids are qualified by their source's name (a lone --source is "ieee8023")
+    assert second["split_of_patient"]["ieee8023:p-other"] == second["split_of_patient"]["ieee8023:p3"]
 
     third = ingest(FolderSource(root), storage)
     assert third["changed"] is False and third["dataset_version"] == second["dataset_version"]

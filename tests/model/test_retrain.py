@@ -77,8 +77,8 @@ def test_decision_sequence_promoted_no_change_below_threshold_then_judged(replay
     assert first["decision"] == "promoted" and first["champion_before"] is None
     assert first["champion"] == first["challenger"] == registry.champion(storage)
     assert first["metrics"]["champion"] is None and first["metrics"]["challenger"]["auc"] is not None
-    assert first["new_images"] == first["ingest"]["usable"] > 0
-    assert "non-inferiority" in first["rule"] and "-0.05" in first["rule"]
+    assert first["new_images"] == first["changed_rows"] == first["ingest"]["usable"] > 0
+    assert "non-inferiority" in first["rule"] and "-0.05" in first["rule"] and "shortcut" in first["rule"]
     card = registry.read_card(storage, first["champion"])
     assert card["config"]["image_size"] == 32 and card["config"]["epochs"] == 1
 
@@ -105,10 +105,10 @@ def test_decision_sequence_promoted_no_change_below_threshold_then_judged(replay
         assert model["model_version"] == version and model["n"] == test_split.num_rows
         assert {"auc", "sensitivity", "specificity", "threshold"} <= set(model)
         assert model["threshold"] == registry.read_card(storage, version)["threshold"]
-    low, high = metrics["auc_difference_ci"]
-    assert low <= metrics["auc_difference"] <= high
-    assert metrics["auc_difference"] == pytest.approx(
-        metrics["challenger"]["auc"] - metrics["champion"]["auc"]
+    low, high = metrics["difference_ci"]
+    assert low <= metrics["difference"] <= high
+    assert metrics["difference"] == pytest.approx(
+        metrics["challenger"]["objective"] - metrics["champion"]["objective"]
     )
     assert (judged["decision"] == "promoted") == (low >= -0.05)
     expected = judged["challenger"] if judged["decision"] == "promoted" else first["champion"]
@@ -386,3 +386,53 @@ def test_champion_hyperparameters_with_flags_on_top():
     assert (config.image_size, config.learning_rate, config.epochs) == (64, 3e-4, 1)
     assert config.augment.rotation == 2.0
     assert train_config_from_card(None, TrainOverrides(image_size=32)).image_size == 32
+
+
+def _rewrite_metadata(root: Path, change) -> None:
+    """Apply ``change(row) -> row | None`` to every row of a checkout's metadata.csv (None drops it)."""
+    import csv
+    import io
+
+    text = (root / "metadata.csv").read_text(encoding="utf-8-sig")
+    reader = csv.DictReader(io.StringIO(text))
+    out = io.StringIO()
+    writer = csv.DictWriter(out, fieldnames=reader.fieldnames)
+    writer.writeheader()
+    for row in reader:
+        if (changed := change(dict(row))) is not None:
+            writer.writerow(changed)
+    (root / "metadata.csv").write_text(out.getvalue(), encoding="utf-8")
+
+
+def test_relabelled_and_removed_rows_make_a_tick_train_a_challenger(bundle_checkout, tmp_path):
+    """Metadata corrections on the bundle's first snapshot: three COVID-19 films relabelled, then two PA
+    films found to be lateral. Neither adds an image, and each must still train a challenger."""
+    import shutil
+
+    source = tmp_path / "source"
+    shutil.copytree(bundle_checkout("2020-03-15"), source)
+    storage = Storage.open(str(tmp_path / "store"))
+    argv = ["--source", str(source), "--storage", storage.uri, *TINY, "--once"]
+
+    def tick(name: str) -> dict:
+        path = tmp_path / f"{name}.json"
+        assert retrain_main([*argv, "--report", str(path)]) == 0
+        return json.loads(path.read_text())
+
+    assert tick("first")["decision"] == "promoted"
+    covid = [r for r in dataset.read_table(storage, dataset.latest_version(storage), "images").to_pylist()]
+    relabel = {row["filename"] for row in covid if row["finding"] == "COVID-19"}
+    relabel = set(sorted(relabel)[:3])
+    _rewrite_metadata(source, lambda row: {**row, "finding": "SARS"} if row["filename"] in relabel else row)
+    relabelled = tick("relabelled")
+    assert relabelled["changes"]["relabelled"] == 3 and relabelled["changes"]["added"] == 0
+    assert relabelled["decision"] in ("promoted", "rejected") and relabelled["challenger"]
+    assert "3 relabelled" in relabelled["reason"] or "3 relabelled" in json.dumps(relabelled["changes"])
+
+    lateral = {row["filename"] for row in covid if row["view"] == "PA"} - relabel
+    lateral = set(sorted(lateral)[:2])
+    _rewrite_metadata(source, lambda row: {**row, "view": "L"} if row["filename"] in lateral else row)
+    removed = tick("removed")
+    assert removed["changes"]["removed"] == 2 and removed["changes"]["added"] == 0
+    assert removed["decision"] in ("promoted", "rejected") and removed["challenger"]
+    assert removed["challenger"] not in (relabelled["challenger"], relabelled["champion_before"])

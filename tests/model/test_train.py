@@ -192,3 +192,96 @@ def test_evaluate_job_scores_a_folder_with_subgroups_and_overlap(store, tmp_path
     assert len(rows) == 22
     assert {"filename", "patient_id", "label", "probability", "predicted_label", "location"} <= set(rows[0])
     assert all(0.0 <= float(row["probability"]) <= 1.0 for row in rows)
+
+
+def _two_source_store(root: Path) -> Storage:
+    """ieee8023-like COVID-19 films (upstream layout) and an archive of no-finding films in class folders:
+    the mix in which a model can score by telling the archives apart."""
+    from lxn_ray.layouts import SourceSpec
+    from tests.helpers import SourceBuilder
+
+    builder = SourceBuilder(root / "ieee")
+    for i in range(30):
+        finding = "COVID-19" if i % 3 else "No Finding"
+        builder.add(f"c{i}.png", f"pc{i}", finding=finding, image=radiograph(2000 + i, size=(80, 80)))
+    builder.write()
+    archive = root / "archive"
+    for folder, count in (("No_findings", 24), ("Covid-19", 6)):
+        (archive / folder).mkdir(parents=True)
+        for i in range(count):
+            radiograph(3000 + i + 100 * len(folder), size=(72, 72)).save(
+                archive / folder / f"{i:08d}_000.png"
+            )
+    storage = Storage.open(str(root / "store"))
+    specs = [
+        SourceSpec("ieee8023", str(root / "ieee"), layout="upstream"),
+        SourceSpec("archive", str(archive), layout="class-folders", patient_id_pattern=r"^(\d{8})_"),
+    ]
+    ingest(specs, storage)
+    return storage
+
+
+@pytest.fixture(scope="module")
+def two_sources(tmp_path_factory) -> Storage:
+    return _two_source_store(tmp_path_factory.mktemp("two-sources"))
+
+
+def test_a_task_on_two_sources_records_per_source_metrics_and_the_shortcut_check(two_sources, tmp_path):
+    storage = two_sources
+    report_path = tmp_path / "t.json"
+    argv = [
+        "--storage",
+        storage.uri,
+        "--task",
+        "covid-vs-normal",
+        "--epochs",
+        "1",
+        "--report",
+        str(report_path),
+    ]
+    assert train_main([*argv, "--image-size", "32", "--width", "0.125", "--batch-size", "8"]) == 0
+    report = json.loads(report_path.read_text())
+    card = registry.read_card(storage, report["model_version"])
+    assert card["task"]["name"] == "covid-vs-normal" and card["label_names"] == {
+        "1": "COVID-19",
+        "0": "no finding",
+    }
+    test = card["sources"]["test"]
+    assert set(test["per_source"]) <= {"ieee8023", "archive"} and test["pooled"]["n"] == card["test"]["n"]
+    assert set(test["within_source"]) <= set(test["per_source"])
+    assert {"rule", "fired", "classes", "skipped"} <= set(test["shortcut"])
+    assert set(test["shortcut"]["classes"]) == {"COVID-19", "no finding"}
+    assert isinstance(card["test"]["no_better_than_chance"], bool)
+    counts = card["split_counts"]
+    assert sum(counts[s]["images"] for s in ("train", "val", "test")) == 30 + 30
+    assert any("(< 20)" in warning for warning in card["warnings"])  # tiny splits are flagged
+    # every film the task does not use (none here) and every film it does is in exactly one split
+    assert counts["train"]["by_source"]["archive"]["no finding"] > 0
+
+
+def test_leave_one_source_out_scores_each_source_with_a_model_that_never_saw_it(two_sources, tmp_path):
+    from lxn_ray.cli import loso_main
+
+    report_path = tmp_path / "loso.json"
+    argv = [
+        "--storage",
+        two_sources.uri,
+        "--task",
+        "covid-vs-normal",
+        "--epochs",
+        "1",
+        "--report",
+        str(report_path),
+    ]
+    assert loso_main([*argv, "--image-size", "32", "--width", "0.125", "--batch-size", "8"]) == 0
+    report = json.loads(report_path.read_text())
+    champion = registry.champion(two_sources)
+    assert [fold["held_out"] for fold in report["folds"]] == ["archive", "ieee8023"]
+    for fold in report["folds"]:
+        card = registry.read_card(two_sources, fold["model_version"])
+        assert card["config"]["sources"] == fold["trained_on"] and fold["held_out"] not in fold["trained_on"]
+        held = fold["held_out_metrics"]
+        every = dataset.read_split(two_sources, None, None, "covid-vs-normal", [fold["held_out"]])
+        assert held["n"] == every.num_rows and held["positives"] == sum(every.column("label").to_pylist())
+        assert set(card["sources"]["test"]["per_source"]) <= set(fold["trained_on"])
+        assert fold["model_version"] != champion  # never promoted

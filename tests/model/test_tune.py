@@ -13,13 +13,13 @@ import pytest
 from lxn_ray import dataset, registry
 from lxn_ray.cli import tune_main, tune_parser, tune_settings
 from lxn_ray.ingest import ingest
+from lxn_ray.promotion import decide, evaluate_pair
 from lxn_ray.sources import FolderSource
 from lxn_ray.storage import Storage
 from lxn_ray.train import registered_epoch
 from lxn_ray.tune import (
     TUNE,
     experiment_name,
-    promotion_decision,
     search,
     train_run_name,
 )
@@ -53,9 +53,10 @@ def test_search_ingests_registers_and_sets_a_champion(searched):
         best["config"]
     )
     assert 1e-5 <= best["config"]["learning_rate"] <= 1e-2
-    assert 0.0 <= best["val_auc"] <= 1.0
+    assert 0.0 <= best["val_objective"] <= 1.0
     assert set(report["test"]) >= {"auc", "auc_ci", "sensitivity", "specificity", "n"}
-    assert report["promoted"] is True and report["promotion_reason"] == "no champion yet"
+    assert report["promoted"] is True and report["promotion_reason"].startswith("no champion yet")
+    assert report["task"] == "covid-vs-rest" and report["promotion"]["shortcut"]["fired"] is False
     assert report["champion"] == best["model_version"] == registry.champion(storage)
     card = registry.read_card(storage, best["model_version"])
     assert (
@@ -72,8 +73,8 @@ def test_search_ingests_registers_and_sets_a_champion(searched):
     assert {
         "trial_id",
         "config/learning_rate",
-        "val_auc_best",
-        "val_auc_last",
+        "objective_best",
+        "objective_last",
         "epochs_run",
         "status",
         "seconds",
@@ -106,28 +107,26 @@ def test_rerunning_a_search_starts_a_new_one_and_resume_continues_the_latest(sea
     assert second["resources"]["placement_groups_held_after"] == []
 
 
-def test_promotion_rule_compares_on_the_same_test_split(searched):
+def test_promotion_compares_both_models_on_the_same_test_images(searched):
     storage, report, root = searched
-    # The current champion: an earlier test's search may have replaced the first one by the same rule.
-    version, champion = report["dataset_version"], registry.champion(storage)
-    champion_auc = registry.read_card(storage, champion)["test"]["auc"]
-    equal = {"model_version": "candidate", "test": {"auc": champion_auc}}
-    promoted, reason = promotion_decision(storage, version, equal)
-    assert not promoted and "does not beat" in reason and "recorded test AUC" in reason
-    better = {"model_version": "candidate", "test": {"auc": champion_auc + 0.01}}
-    promoted, reason = promotion_decision(storage, version, better)
-    assert promoted and "beats" in reason
+    champion = registry.champion(storage)
+    challenger = next(v for v in registry.list_versions(storage) if v != champion)
+    version = report["dataset_version"]
+    evaluation = evaluate_pair(storage, version, challenger, champion, resamples=200)
+    assert evaluation["n"] == evaluation["challenger"]["n"] == evaluation["champion"]["n"] > 0
+    assert evaluation["basis"].startswith(("pooled AUC", "mean within-source AUC"))
+    low, high = evaluation["difference_ci"]
+    assert low <= evaluation["difference"] <= high
+    promoted, reason = decide(evaluation, challenger, champion, margin=None)
+    assert promoted == (low > 0) and evaluation["basis"] in reason
 
     # A newer dataset version: the champion is re-scored on that version's test split before comparing.
     grown = labelled_source(SourceBuilder(root / "source"), patients=20, offset=60)
     new_version = ingest(FolderSource(grown), storage)["dataset_version"]
     assert new_version != version
-    promoted, reason = promotion_decision(storage, new_version, {"model_version": "c", "test": {"auc": 1.01}})
-    assert promoted and "re-scored" in reason and new_version in reason
-    promoted, reason = promotion_decision(
-        storage, new_version, {"model_version": "c", "test": {"auc": -0.01}}
-    )
-    assert not promoted and "re-scored" in reason
+    again = evaluate_pair(storage, new_version, challenger, champion, resamples=200)
+    assert again["dataset_version"] == new_version and again["n"] > evaluation["n"]
+    assert again["champion"]["trained_on"] != new_version
 
 
 def test_resume_finishes_a_search_with_a_crashed_trial(searched, tmp_path):

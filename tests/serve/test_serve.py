@@ -72,7 +72,9 @@ def publish_tiny_model(storage: Storage, version: str, image_size: int, threshol
             "model": "LxN (Umer et al., 2020)",
             "intended_use": "Research only. Not a diagnostic device; not validated for clinical use.",
             "dataset_version": "ds-test",
-            "config": {"image_size": image_size, "width": 0.125},
+            "config": {"image_size": image_size, "width": 0.125, "task": "covid-vs-normal"},
+            "task": {"name": "covid-vs-normal"},
+            "label_names": {"1": "COVID-19", "0": "no finding"},
             "conv_padding": config.conv_padding,
             "parameters": int(model.count_params()),
             "threshold": threshold,
@@ -152,14 +154,17 @@ def test_predict_matches_the_model_run_locally(endpoint, local_model, how):
         response = requests.post(endpoint.url + "/predict", files={"file": part}, timeout=TIMEOUT)
     assert response.status_code == 200, response.text
     answer = response.json()
-    assert set(answer) == {"probability", "label", "threshold", "model_version"}
+    assert set(answer) == {"probability", "label", "threshold", "model_version", "task"}
     version = answer["model_version"]
     assert response.headers["X-Model-Version"] == version
     assert answer["threshold"] == registry.read_card(endpoint.storage, version)["threshold"]
     # Same bytes, same preprocessing function, same weights: the same number (no train/serve skew).
     expected = local_probability(local_model(endpoint.storage, version), data)
     assert answer["probability"] == pytest.approx(expected, abs=1e-5)
-    assert answer["label"] == ("COVID-19" if answer["probability"] >= answer["threshold"] else "negative")
+    # the label names are the model's task's (its card's label_names)
+    names = registry.read_card(endpoint.storage, version)["label_names"]
+    assert answer["task"] == "covid-vs-normal"
+    assert answer["label"] == (names["1"] if answer["probability"] >= answer["threshold"] else names["0"])
 
 
 def test_predict_batch_answers_in_order(endpoint):
@@ -212,6 +217,7 @@ def test_health_model_card_and_docs(endpoint):
     assert card["serving"] == "champion" and card["intended_use"] == RESEARCH_NOTE
     assert card["card"]["model_version"] == card["model_version"]
     assert card["image_size"] == card["card"]["config"]["image_size"]
+    assert card["no_better_than_chance"] is True  # its test AUC interval [0.4, 0.6] includes 0.5
     pinned = requests.get(endpoint.pinned_url + "/model", timeout=TIMEOUT).json()
     assert pinned["serving"] == "pinned" and pinned["model_version"] == "lxn-a"
     docs = requests.get(endpoint.url + "/docs", timeout=TIMEOUT)

@@ -1,0 +1,267 @@
+"""Named sources and their layouts: how a location becomes labelled rows.
+
+A dataset version draws on one or more :class:`SourceSpec`: a name (the source's identity: patient ids
+are qualified by it, metrics are broken down by it), a location (any that :mod:`lxn_ray.sources` opens:
+folder, git, ``s3://``, ``https://``) and a layout:
+
+``upstream``
+    ``metadata.csv`` + ``images/`` (ieee8023), parsed by :mod:`lxn_ray.metadata` in any schema version.
+``class-folders``
+    ``<class>/<file>``: the class is the first folder, mapped to a finding (``classes:`` or the folder
+    name normalised, so ``No_findings`` is ``No Finding``) - Keras' ``image_dataset_from_directory``
+    layout. The patient is the first group of ``patient_id_pattern`` matched on the file name; without
+    a pattern each file is its own patient (the report says so).
+``manifest``
+    A CSV (``manifest:``, default ``manifest.csv``) naming file, finding and patient columns
+    (``columns:`` maps ``filename``/``finding``/``patient_id``/``view`` to this file's own names); paths
+    are relative to the source root.
+
+``auto`` (the default) picks upstream when ``metadata.csv`` exists, else manifest when the manifest file
+exists, else class folders.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import re
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from lxn_ray.metadata import (
+    DEFAULT_FRONTAL_VIEWS,
+    UNLABELLED,
+    UNSAFE_PATH,
+    MetadataRow,
+    label_of,
+    parse_metadata,
+)
+from lxn_ray.sources import (
+    METADATA_FILE,
+    UPSTREAM,
+    Snapshot,
+    Source,
+    SourceError,
+    is_plain_relative,
+    open_source,
+)
+from lxn_ray.tasks import normalise_finding
+
+LAYOUTS = ("auto", "upstream", "class-folders", "manifest")
+IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg")
+NAME_PATTERN = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,63}$")
+SPEC_KEYS = frozenset(
+    {"name", "uri", "ref", "layout", "patient_id_pattern", "classes", "manifest", "columns"}
+)
+MANIFEST_COLUMNS = frozenset({"filename", "finding", "patient_id", "view"})
+
+
+@dataclass(frozen=True)
+class SourceSpec:
+    """One named source of a dataset (an entry of a ``--sources`` file)."""
+
+    name: str
+    uri: str | None = None  # None: the upstream ieee8023 repository
+    ref: str | None = None  # git branch, tag or commit
+    layout: str = "auto"
+    patient_id_pattern: str | None = None  # class folders / manifests: the first group of a match
+    classes: dict[str, str] = field(default_factory=dict)  # class folder -> finding
+    manifest: str = "manifest.csv"
+    columns: dict[str, str] = field(default_factory=dict)  # canonical column -> the manifest's name
+
+    def __post_init__(self) -> None:
+        if not NAME_PATTERN.match(self.name):
+            raise SourceError(f"source name {self.name!r}: use letters, digits, '_', '.', '-' (max 64)")
+        if self.layout not in LAYOUTS:
+            raise SourceError(f"source {self.name}: layout {self.layout!r} is not one of {LAYOUTS}")
+        if self.patient_id_pattern is not None:
+            try:
+                groups = re.compile(self.patient_id_pattern).groups
+            except re.error as error:
+                raise SourceError(f"source {self.name}: patient_id_pattern: {error}") from None
+            if groups < 1:
+                raise SourceError(f"source {self.name}: patient_id_pattern needs a (group) for the id")
+        unknown = set(self.columns) - MANIFEST_COLUMNS
+        if unknown:
+            raise SourceError(f"source {self.name}: unknown manifest columns {sorted(unknown)}")
+        if not is_plain_relative(self.manifest):
+            raise SourceError(f"source {self.name}: manifest must be a path inside the source")
+
+    def open(self, cache_dir: Path | None = None) -> Source:
+        """The :class:`lxn_ray.sources.Source` this spec names (nothing is read yet)."""
+        marker = {"upstream": METADATA_FILE, "manifest": self.manifest}.get(self.layout)
+        if self.layout == "auto" and (self.uri or UPSTREAM).startswith(("http://", "https://")):
+            marker = METADATA_FILE  # a raw HTTP mirror cannot be listed: auto means upstream there
+        return open_source(self.uri, self.ref, cache_dir, marker=marker)
+
+    def as_dict(self) -> dict[str, Any]:
+        return {key: value for key, value in self.__dict__.items() if value not in (None, {}, "")}
+
+
+DEFAULT_SOURCE_NAME = "ieee8023"  # a lone --source is the upstream dataset or a copy of it
+
+
+def read_sources_file(path: str | Path) -> list[SourceSpec]:
+    """The sources of a ``--sources`` YAML file, in the order given (the order is the priority when copies
+    of one film sit in two sources). Relative locations resolve against the current directory.
+
+    Raises :class:`lxn_ray.sources.SourceError` for an unreadable file, unknown keys, a duplicate name or
+    a bad pattern.
+    """
+    import yaml
+
+    path = Path(path)
+    try:
+        document = yaml.safe_load(path.read_text(encoding="utf-8"))
+    except (OSError, UnicodeDecodeError, yaml.YAMLError) as error:
+        raise SourceError(f"{path}: not a readable sources file ({error})") from None
+    entries = document.get("sources") if isinstance(document, dict) else None
+    if not isinstance(entries, list) or not entries:
+        raise SourceError(f"{path}: expected a top-level 'sources:' list")
+    specs: list[SourceSpec] = []
+    for number, entry in enumerate(entries, 1):
+        if not isinstance(entry, dict) or "name" not in entry or "uri" not in entry:
+            raise SourceError(f"{path}: source {number} needs 'name' and 'uri'")
+        unknown = set(entry) - SPEC_KEYS
+        if unknown:
+            raise SourceError(f"{path}: source {entry['name']}: unknown keys {sorted(unknown)}")
+        for key, kind in (("uri", str), ("patient_id_pattern", (str, type(None)))):
+            if not isinstance(entry.get(key), kind) or str(entry.get(key)).strip() == "":
+                raise SourceError(f"{path}: source {entry['name']}: {key} must be a non-empty string")
+        for key in ("classes", "columns"):
+            if not isinstance(entry.get(key) or {}, dict):
+                raise SourceError(f"{path}: source {entry['name']}: {key} must be a mapping")
+        uri = entry["uri"]
+        if "://" not in uri and not re.match(r"^[\w.-]+@[\w.-]+:", uri):
+            uri = str(Path(uri).expanduser().resolve())
+        specs.append(
+            SourceSpec(
+                name=str(entry["name"]),
+                uri=uri,
+                ref=str(entry["ref"]) if entry.get("ref") is not None else None,
+                layout=str(entry.get("layout", "auto")),
+                patient_id_pattern=entry.get("patient_id_pattern"),
+                classes={str(k): str(v) for k, v in (entry.get("classes") or {}).items()},
+                manifest=str(entry.get("manifest", "manifest.csv")),
+                columns={str(k): str(v) for k, v in (entry.get("columns") or {}).items()},
+            )
+        )
+    names = [spec.name for spec in specs]
+    if len(set(names)) != len(names):
+        raise SourceError(f"{path}: source names must be unique ({names})")
+    return specs
+
+
+@dataclass(frozen=True)
+class SourceRows:
+    """What a layout read from one snapshot: rows, the bytes that describe them (hashed into the source
+    version) and notes for the report."""
+
+    rows: list[MetadataRow]
+    listing: bytes
+    layout: str
+    notes: dict[str, Any]
+
+
+def _exists(snapshot: Snapshot, relative_path: str) -> bool:
+    try:
+        snapshot.read_file(relative_path, 64 * 1024 * 1024)
+        return True
+    except (FileNotFoundError, ValueError, OSError):
+        return False
+
+
+def detect_layout(snapshot: Snapshot, spec: SourceSpec) -> str:
+    if spec.layout != "auto":
+        return spec.layout
+    if _exists(snapshot, METADATA_FILE):
+        return "upstream"
+    return "manifest" if _exists(snapshot, spec.manifest) else "class-folders"
+
+
+def read_rows(
+    snapshot: Snapshot, spec: SourceSpec, frontal_views: tuple[str, ...] = DEFAULT_FRONTAL_VIEWS
+) -> SourceRows:
+    """Every row of ``snapshot`` in the spec's layout, each with its exclusion (if metadata rules it out)."""
+    layout = detect_layout(snapshot, spec)
+    if layout == "upstream":
+        data = snapshot.read_metadata()
+        return SourceRows(parse_metadata(data, frontal_views, source=spec.name), data, layout, {})
+    if layout == "manifest":
+        data = snapshot.read_file(spec.manifest, 64 * 1024 * 1024)
+        renames = {theirs: canonical for canonical, theirs in spec.columns.items()}
+        rows = parse_metadata(data, frontal_views, source=spec.name, default_folder="", renames=renames)
+        rows = [_with_patient(row, spec) for row in rows]
+        return SourceRows(rows, data, layout, _patient_notes(rows, spec))
+    return _class_folder_rows(snapshot, spec)
+
+
+def _patient_from_name(filename: str, spec: SourceSpec) -> str:
+    if not spec.patient_id_pattern:
+        return ""
+    match = re.search(spec.patient_id_pattern, filename.rsplit("/", 1)[-1])
+    return match.group(1) if match and match.group(1) else ""
+
+
+def _with_patient(row: MetadataRow, spec: SourceSpec) -> MetadataRow:
+    if row.patient_id or not spec.patient_id_pattern:
+        return row
+    from dataclasses import replace
+
+    return replace(row, patient_id=_patient_from_name(row.filename, spec))
+
+
+def _patient_notes(rows: list[MetadataRow], spec: SourceSpec) -> dict[str, Any]:
+    usable = [row for row in rows if not row.exclusion]
+    without = sum(not row.patient_id for row in usable)
+    if not without:
+        return {}
+    rule = (
+        f"patient_id_pattern {spec.patient_id_pattern!r} did not match"
+        if spec.patient_id_pattern
+        else "no patient column and no patient_id_pattern"
+    )
+    return {
+        "files_without_patient": without,
+        "patients": f"{without} files have no patient id ({rule}): each is its own patient, so a "
+        "patient's films may land in two splits",
+    }
+
+
+def _class_folder_rows(snapshot: Snapshot, spec: SourceSpec) -> SourceRows:
+    files = snapshot.list_files()
+    rows, ignored = [], 0
+    for line, path in enumerate(files, 1):
+        folder, _, filename = path.partition("/")
+        if not filename or not path.casefold().endswith(IMAGE_SUFFIXES):
+            ignored += 1  # files at the root (README, licences) and non-images
+            continue
+        finding = normalise_finding(spec.classes.get(folder, folder))
+        label = label_of(finding)
+        exclusion, detail = None, ""
+        if not is_plain_relative(path):
+            exclusion, detail = UNSAFE_PATH, f"file name leaves the source root: {path!r}"
+        elif label is None:
+            exclusion, detail = UNLABELLED, f"class folder {folder!r}"
+        rows.append(
+            MetadataRow(
+                line=line,
+                filename=filename,
+                folder=folder,
+                patient_id=_patient_from_name(filename, spec),
+                finding=finding,
+                label=label,
+                view="",  # class folders say nothing of the view: frontal by assumption
+                modality="X-ray",
+                exclusion=exclusion,
+                detail=detail,
+                source=spec.name,
+            )
+        )
+    if not rows:
+        raise SourceError(f"source {spec.name}: no <class>/<image> files in {snapshot.description}")
+    described = {"classes": spec.classes, "pattern": spec.patient_id_pattern, "files": files}
+    listing = repr(sorted(described.items())).encode()
+    notes = {"files_ignored": ignored, "views": "not recorded by class folders: frontal by assumption"}
+    notes.update(_patient_notes(rows, spec))
+    return SourceRows(rows, hashlib.sha256(listing).hexdigest().encode(), "class-folders", notes)
