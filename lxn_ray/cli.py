@@ -189,6 +189,27 @@ def add_stall_flag(parser: argparse.ArgumentParser) -> None:
     )
 
 
+def train_config_from_args(args: argparse.Namespace):
+    """The :class:`lxn_ray.train.TrainConfig` of parsed training flags (train, loso); flags a job does not
+    have keep their defaults."""
+    from lxn_ray.preprocess import AugmentConfig
+    from lxn_ray.train import TrainConfig
+
+    return TrainConfig(
+        image_size=args.image_size,
+        width=args.width,
+        epochs=args.epochs,
+        batch_size=args.batch_size,
+        learning_rate=args.lr,
+        workers=getattr(args, "workers", 1),
+        use_gpu=getattr(args, "gpu", False),
+        mixed_precision=getattr(args, "mixed_precision", False),
+        seed=args.seed,
+        task=args.task,
+        **({"augment": AugmentConfig()} if getattr(args, "no_augment", False) else {}),
+    )
+
+
 def train_main(argv: Sequence[str] | None = None) -> int:
     parser = job_parser(
         "Train LxN data-parallel with Ray Train on a dataset version; publish a model version."
@@ -214,22 +235,9 @@ def train_main(argv: Sequence[str] | None = None) -> int:
     args = parser.parse_args(argv)
 
     def work(storage: Storage) -> dict[str, Any]:
-        from lxn_ray.preprocess import AugmentConfig
-        from lxn_ray.train import TrainConfig, train
+        from lxn_ray.train import train
 
-        config = TrainConfig(
-            image_size=args.image_size,
-            width=args.width,
-            epochs=args.epochs,
-            batch_size=args.batch_size,
-            learning_rate=args.lr,
-            workers=args.workers,
-            use_gpu=args.gpu,
-            mixed_precision=args.mixed_precision,
-            seed=args.seed,
-            task=args.task,
-            **({"augment": AugmentConfig()} if args.no_augment else {}),
-        )
+        config = train_config_from_args(args)
         report = train(
             storage, args.dataset_version, config, fresh=args.fresh, stall_timeout_s=args.stall_timeout_s
         )
@@ -311,17 +319,8 @@ def loso_main(argv: Sequence[str] | None = None) -> int:
 
     def work(storage: Storage) -> dict[str, Any]:
         from lxn_ray.loso import leave_one_source_out
-        from lxn_ray.train import TrainConfig
 
-        config = TrainConfig(
-            image_size=args.image_size,
-            width=args.width,
-            epochs=args.epochs,
-            batch_size=args.batch_size,
-            learning_rate=args.lr,
-            seed=args.seed,
-            task=args.task,
-        )
+        config = train_config_from_args(args)
         return leave_one_source_out(storage, args.dataset_version, config, args.stall_timeout_s)
 
     return run_job("loso", args, work, loso_summary)

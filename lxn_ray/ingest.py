@@ -1,20 +1,25 @@
-"""Ingest: source snapshot -> labelled, deduplicated, patient-split dataset version.
+"""Ingest: the snapshots of one or more named sources -> one labelled, deduplicated, patient-split
+dataset version.
 
 The steps, in order:
 
-1. Parse metadata.csv (any schema) and exclude rows metadata alone rules out.
-2. Read the remaining rows' files safely and hash their bytes (sha256). Together with the metadata this
-   gives the source version; when it and the config match the latest version, stop: nothing changed.
-   Remote sources (S3, HTTP) are fetched by Ray Data tasks on the workers, which also fingerprint and
-   store new contents as they go, so image bytes never pass through the driver.
+1. Read each source's rows in its layout (:mod:`lxn_ray.layouts`: metadata.csv of any schema, class
+   folders or a manifest) and exclude rows metadata alone rules out. Every row keeps its source's name.
+2. Read the remaining rows' files safely and hash their bytes (sha256). Together with the rows this
+   gives each source's version; when they and the config match the latest version, stop: nothing
+   changed. Remote sources (S3, HTTP) are fetched by Ray Data tasks on the workers, which also
+   fingerprint and store new contents as they go, so image bytes never pass through the driver.
 3. Decode and fingerprint, as Ray Data tasks spread over the cluster, only contents never seen before
    (fingerprints are cached in storage by sha256). Unreadable files are excluded with the reason.
-4. Drop duplicates: rows naming identical bytes, then the same radiograph published twice, found by
-   :mod:`lxn_ray.dedupe` comparing new images with each other and with the whole previous version.
-   Images of the previous version are always kept; otherwise the larger image, then the smaller file
-   name, is kept.
-5. Split by patient, patients joined by a duplicate radiograph sharing a split, earlier splits frozen.
-6. Store new image bytes by content and publish the version atomically (:mod:`lxn_ray.dataset`).
+4. Drop duplicates, within and across sources: rows naming identical bytes, then the same radiograph
+   published twice, found by :mod:`lxn_ray.dedupe` comparing new images with each other and with the
+   whole previous version (files of the same name in two sources are candidates too). Kept: an image of
+   the previous version; else the source listed first; else the larger image; else the smaller file
+   name. Copies whose findings disagree are reported.
+5. Split by patient (ids qualified by source), patients joined by a duplicate radiograph sharing a split
+   across sources, earlier splits frozen.
+6. Store new image bytes by content and publish the version atomically (:mod:`lxn_ray.dataset`), with
+   what changed against the parent version.
 """
 
 from __future__ import annotations

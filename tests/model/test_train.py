@@ -221,6 +221,23 @@ def _two_source_store(root: Path) -> Storage:
     return storage
 
 
+def _tiny_task_argv(storage: Storage, report_path: Path) -> list[str]:
+    """Flags of a one-epoch covid-vs-normal run of a tiny LxN."""
+    return [
+        *(
+            "--storage",
+            storage.uri,
+            "--task",
+            "covid-vs-normal",
+            "--epochs",
+            "1",
+            "--report",
+            str(report_path),
+        ),
+        *("--image-size", "32", "--width", "0.125", "--batch-size", "8"),
+    ]
+
+
 @pytest.fixture(scope="module")
 def two_sources(tmp_path_factory) -> Storage:
     return _two_source_store(tmp_path_factory.mktemp("two-sources"))
@@ -229,17 +246,7 @@ def two_sources(tmp_path_factory) -> Storage:
 def test_a_task_on_two_sources_records_per_source_metrics_and_the_shortcut_check(two_sources, tmp_path):
     storage = two_sources
     report_path = tmp_path / "t.json"
-    argv = [
-        "--storage",
-        storage.uri,
-        "--task",
-        "covid-vs-normal",
-        "--epochs",
-        "1",
-        "--report",
-        str(report_path),
-    ]
-    assert train_main([*argv, "--image-size", "32", "--width", "0.125", "--batch-size", "8"]) == 0
+    assert train_main(_tiny_task_argv(storage, report_path)) == 0
     report = json.loads(report_path.read_text())
     card = registry.read_card(storage, report["model_version"])
     assert card["task"]["name"] == "covid-vs-normal" and card["label_names"] == {
@@ -263,17 +270,7 @@ def test_leave_one_source_out_scores_each_source_with_a_model_that_never_saw_it(
     from lxn_ray.cli import loso_main
 
     report_path = tmp_path / "loso.json"
-    argv = [
-        "--storage",
-        two_sources.uri,
-        "--task",
-        "covid-vs-normal",
-        "--epochs",
-        "1",
-        "--report",
-        str(report_path),
-    ]
-    assert loso_main([*argv, "--image-size", "32", "--width", "0.125", "--batch-size", "8"]) == 0
+    assert loso_main(_tiny_task_argv(two_sources, report_path)) == 0
     report = json.loads(report_path.read_text())
     champion = registry.champion(two_sources)
     assert [fold["held_out"] for fold in report["folds"]] == ["archive", "ieee8023"]
