@@ -679,6 +679,8 @@ def retrain_summary(report: dict[str, Any]) -> str:
         + f" in {report.get('seconds', '?')} s",
         f"  {report.get('reason', '')}",
     ]
+    if report.get("challenger") and report.get("trigger"):
+        lines.append(f"  trained because: {report['trigger']}")
     evaluation = report.get("metrics") or {}
     for role in ("challenger", "champion"):
         m = evaluation.get(role)

@@ -327,6 +327,7 @@ def tick(
             "job": "retrain",
             "decision": decision,
             "reason": reason,
+            "trigger": reason,  # why this tick trained (or not); "reason" becomes the promotion's
             "dataset_version": version,
             "new_images": changes["added"],
             "changed_rows": changes["total"],

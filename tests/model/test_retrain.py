@@ -427,7 +427,7 @@ def test_relabelled_and_removed_rows_make_a_tick_train_a_challenger(bundle_check
     relabelled = tick("relabelled")
     assert relabelled["changes"]["relabelled"] == 3 and relabelled["changes"]["added"] == 0
     assert relabelled["decision"] in ("promoted", "rejected") and relabelled["challenger"]
-    assert "3 relabelled" in relabelled["reason"] or "3 relabelled" in json.dumps(relabelled["changes"])
+    assert "3 relabelled" in relabelled["trigger"] and "corrections always retrain" in relabelled["trigger"]
 
     lateral = {row["filename"] for row in covid if row["view"] == "PA"} - relabel
     lateral = set(sorted(lateral)[:2])

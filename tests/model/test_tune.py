@@ -110,22 +110,26 @@ def test_rerunning_a_search_starts_a_new_one_and_resume_continues_the_latest(sea
 def test_promotion_compares_both_models_on_the_same_test_images(searched):
     storage, report, root = searched
     champion = registry.champion(storage)
-    challenger = next(v for v in registry.list_versions(storage) if v != champion)
     version = report["dataset_version"]
-    evaluation = evaluate_pair(storage, version, challenger, champion, resamples=200)
+    # The champion against itself: the same images and scores, so the paired difference is exactly 0.
+    evaluation = evaluate_pair(storage, version, champion, champion, resamples=200)
     assert evaluation["n"] == evaluation["challenger"]["n"] == evaluation["champion"]["n"] > 0
     assert evaluation["basis"].startswith(("pooled AUC", "mean within-source AUC"))
-    low, high = evaluation["difference_ci"]
-    assert low <= evaluation["difference"] <= high
-    promoted, reason = decide(evaluation, challenger, champion, margin=None)
-    assert promoted == (low > 0) and evaluation["basis"] in reason
+    assert evaluation["difference"] == 0.0 and evaluation["difference_ci"] == [0.0, 0.0]
+    promoted, reason = decide(evaluation, champion, champion, margin=None)
+    assert not promoted and "already the champion" in reason
+    # A difference whose interval includes 0 is noise: tune keeps the champion, retrain's margin does not.
+    noisy = {**evaluation, "difference": 0.017, "difference_ci": [-0.05, 0.09]}
+    assert decide(noisy, "candidate", champion, margin=None)[0] is False
+    assert decide(noisy, "candidate", champion, margin=0.05)[0] is True
 
     # A newer dataset version: the champion is re-scored on that version's test split before comparing.
     grown = labelled_source(SourceBuilder(root / "source"), patients=20, offset=60)
     new_version = ingest(FolderSource(grown), storage)["dataset_version"]
     assert new_version != version
-    again = evaluate_pair(storage, new_version, challenger, champion, resamples=200)
-    assert again["dataset_version"] == new_version and again["n"] > evaluation["n"]
+    again = evaluate_pair(storage, new_version, champion, champion, resamples=200)
+    assert again["dataset_version"] == new_version
+    assert again["n"] == dataset.read_split(storage, new_version, "test").num_rows
     assert again["champion"]["trained_on"] != new_version
 
 
