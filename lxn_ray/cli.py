@@ -713,6 +713,10 @@ def serve_main(argv: Sequence[str] | None = None) -> int:
         default="champion",
         help="champion (follows promotions) or a model version id / .keras path (pinned)",
     )
+    parser.add_argument(
+        "--task",
+        help="serve only models of this task: a champion trained for another is refused (default: any)",
+    )
     parser.add_argument("--host", default=defaults.host, help="HTTP address (0.0.0.0 for all interfaces)")
     parser.add_argument("--port", type=int, default=defaults.port)
     parser.add_argument("--route-prefix", default=defaults.route_prefix)
@@ -744,6 +748,7 @@ def serve_main(argv: Sequence[str] | None = None) -> int:
         settings = ServeSettings(
             storage=args.storage,
             model=args.model,
+            task=args.task,
             host=args.host,
             port=args.port,
             app_name=args.app_name,

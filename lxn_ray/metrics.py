@@ -1,7 +1,8 @@
 """Binary-classifier metrics the way reviewers read them, and the checks that keep them honest.
 
-This module owns every number the service reports about a binary classifier (label 1 = COVID-19,
-label 0 = other findings; the score is the model's probability of label 1):
+This module owns every number the service reports about a binary classifier (label 1 = the task's
+positive class, e.g. COVID-19; label 0 = its negative class; the score is the model's probability of
+label 1):
 
 * AUC and the ROC curve (computed by scikit-learn), the operating threshold chosen on validation data
   (Youden's J), sensitivity, specificity, accuracy and the confusion matrix at that threshold;
@@ -119,8 +120,8 @@ def youden_threshold(labels, scores) -> float:
 class BinaryMetrics:
     auc: float | None
     accuracy: float
-    sensitivity: float | None  # recall of COVID-19; None without positives
-    specificity: float | None  # recall of other findings; None without negatives
+    sensitivity: float | None  # recall of the positive class; None without positives
+    specificity: float | None  # recall of the negative class; None without negatives
     threshold: float
     confusion: list[list[int]]  # [[TN, FP], [FN, TP]]: rows are the truth, columns the prediction
 

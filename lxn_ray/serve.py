@@ -72,6 +72,7 @@ class ServeSettings:
 
     storage: str
     model: str = "champion"  # "champion" follows promotions; a version id (or .keras path) stays pinned
+    task: str | None = None  # serve only models of this task (a champion of another is refused); None: any
     host: str = "127.0.0.1"  # HTTP proxy address (jobs/serve.py only; serve deploy uses http_options)
     port: int = 8000
     app_name: str = "lxn"
@@ -191,13 +192,21 @@ def label_for(probability: float, threshold: float, names: dict[str, str] | None
     return names["1"] if probability >= threshold else names["0"]
 
 
-def load_model_version(storage: Storage, reference: str) -> LoadedModel:
-    """Resolve, load (safe mode), trace and warm one model. Blocking: call it off the event loop."""
+def load_model_version(storage: Storage, reference: str, task: str | None = None) -> LoadedModel:
+    """Resolve, load (safe mode), trace and warm one model. Blocking: call it off the event loop.
+
+    Raises ValueError when ``task`` is given and the model was trained for another (a card made before
+    tasks existed is covid-vs-rest)."""
     import tensorflow as tf
 
     from lxn_ray.explain import GradCam
+    from lxn_ray.tasks import DEFAULT_TASK, resolve_task
 
     ref = registry.resolve(storage, reference)
+    if task is not None:
+        trained_for = (ref.card.get("task") or {}).get("name") or DEFAULT_TASK
+        if trained_for != resolve_task(task).name:
+            raise ValueError(f"model {ref.version or reference} is for task {trained_for}, not {task}")
     model = ref.load()
     shape = tuple(model.input_shape)
     if len(shape) != 4 or shape[1] != shape[2] or shape[3] != 3:
@@ -353,7 +362,8 @@ class LxnServer:
         self.storage = Storage.open(settings.storage)
         self.limits = settings.image_limits
         self.following = settings.model == "champion"
-        self.current: LoadedModel = load_model_version(self.storage, settings.model)  # once, at start-up
+        # once, at start-up
+        self.current: LoadedModel = load_model_version(self.storage, settings.model, settings.task)
         self._failed_version: str | None = None
         self._predictions = Counter(
             "lxn_predictions",
@@ -409,7 +419,7 @@ class LxnServer:
         if version is None or version in (self.current.version, self._failed_version):
             return False
         try:
-            loaded = await asyncio.to_thread(load_model_version, self.storage, version)
+            loaded = await asyncio.to_thread(load_model_version, self.storage, version, self.settings.task)
         except Exception:
             self._failed_version = version  # retried when the pointer moves again, not every poll
             raise

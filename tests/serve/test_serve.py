@@ -210,6 +210,14 @@ def test_explain_draws_the_heat_map_over_the_radiograph(endpoint, local_model):
     assert np.corrcoef(pixels.mean(axis=2).ravel(), film.ravel())[0, 1] > 0.5  # ...the film shows through
 
 
+def test_a_model_of_another_task_is_refused(endpoint):
+    from lxn_ray.serve import load_model_version
+
+    with pytest.raises(ValueError, match="is for task covid-vs-normal, not covid-vs-rest"):
+        load_model_version(endpoint.storage, "lxn-a", task="covid-vs-rest")
+    assert load_model_version(endpoint.storage, "lxn-a", task="covid-vs-normal").version == "lxn-a"
+
+
 def test_health_model_card_and_docs(endpoint):
     health = requests.get(endpoint.url + "/healthz", timeout=TIMEOUT)
     assert health.status_code == 200 and health.json()["status"] == "ok"
