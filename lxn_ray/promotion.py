@@ -111,7 +111,7 @@ def decide(
     """(promote?, why) by the module's rules; ``margin`` None is tune's superiority rule."""
     shortcut = evaluation.get("shortcut") or {}
     if shortcut.get("fired"):
-        return False, f"not promoted automatically: {shortcut.get('warning')}"
+        return False, f"{shortcut.get('warning')} (the guard: `registry promote` can still promote it)"
     if champion is None:
         return True, f"no champion yet: {challenger} is the first model to pass the shortcut guard"
     if challenger == champion:
