@@ -97,10 +97,7 @@ def evaluate(
     prefix = f"{EVALUATIONS}/{stamp}-{model_ref.version or 'file'}"
     predictions_key = f"{prefix}/predictions.csv"
     storage.write_text(predictions_key, _predictions_csv(scored, labels, probabilities, threshold, overlap))
-    curves = {"pooled": (labels, probabilities)}
-    for name in by_source["within_source"] if len(by_source["per_source"]) > 1 else ():
-        mask = np.array([group == name for group in groups])
-        curves[f"within {name}"] = (labels[mask], probabilities[mask])
+    curves = {"pooled": (labels, probabilities), **plots.within_source_curves(labels, probabilities, groups)}
     storage.write_bytes(f"{prefix}/roc.png", plots.roc(curves, threshold))
     storage.write_bytes(f"{prefix}/confusion.png", plots.confusion_matrix(overall.confusion, "folder"))
     report = {

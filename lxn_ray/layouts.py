@@ -163,32 +163,45 @@ class SourceRows:
     notes: dict[str, Any]
 
 
-def _exists(snapshot: Snapshot, relative_path: str) -> bool:
+MAX_LISTING_BYTES = 64 * 1024 * 1024  # metadata.csv or a manifest
+
+
+def _read_if_present(snapshot: Snapshot, relative_path: str) -> bytes | None:
+    """The file's bytes, or None when the source has no such file (any other failure is raised: a network
+    error must not pass for a missing file and switch the layout)."""
     try:
-        snapshot.read_file(relative_path, 64 * 1024 * 1024)
-        return True
-    except (FileNotFoundError, ValueError, OSError):
-        return False
+        return snapshot.read_file(relative_path, MAX_LISTING_BYTES)
+    except FileNotFoundError:
+        return None
+
+
+def _detect(snapshot: Snapshot, spec: SourceSpec) -> tuple[str, bytes | None]:
+    """(layout, the bytes of its metadata.csv or manifest - read once - or None for class folders)."""
+    if spec.layout == "upstream":
+        return "upstream", snapshot.read_metadata()
+    if spec.layout == "manifest":
+        return "manifest", snapshot.read_file(spec.manifest, MAX_LISTING_BYTES)
+    if spec.layout == "auto":
+        if (data := _read_if_present(snapshot, METADATA_FILE)) is not None:
+            return "upstream", data
+        if (data := _read_if_present(snapshot, spec.manifest)) is not None:
+            return "manifest", data
+    return "class-folders", None
 
 
 def detect_layout(snapshot: Snapshot, spec: SourceSpec) -> str:
-    if spec.layout != "auto":
-        return spec.layout
-    if _exists(snapshot, METADATA_FILE):
-        return "upstream"
-    return "manifest" if _exists(snapshot, spec.manifest) else "class-folders"
+    """The layout ``auto`` resolves to on this snapshot (or the spec's own)."""
+    return _detect(snapshot, spec)[0]
 
 
 def read_rows(
     snapshot: Snapshot, spec: SourceSpec, frontal_views: tuple[str, ...] = DEFAULT_FRONTAL_VIEWS
 ) -> SourceRows:
     """Every row of ``snapshot`` in the spec's layout, each with its exclusion (if metadata rules it out)."""
-    layout = detect_layout(snapshot, spec)
+    layout, data = _detect(snapshot, spec)
     if layout == "upstream":
-        data = snapshot.read_metadata()
         return SourceRows(parse_metadata(data, frontal_views, source=spec.name), data, layout, {})
     if layout == "manifest":
-        data = snapshot.read_file(spec.manifest, 64 * 1024 * 1024)
         renames = {theirs: canonical for canonical, theirs in spec.columns.items()}
         rows = parse_metadata(data, frontal_views, source=spec.name, default_folder="", renames=renames)
         rows = [_with_patient(row, spec) for row in rows]

@@ -171,3 +171,17 @@ def retrain_history(entries: Sequence[Mapping[str, object]]) -> bytes:
     axis.set_title(f"scheduled retraining: {len(evaluated)} evaluated ticks of {len(entries)}")
     axis.grid(alpha=0.3)
     return png_bytes(figure)
+
+
+def within_source_curves(labels, scores, sources, prefix: str = "") -> dict[str, tuple]:
+    """ROC inputs (``{"<prefix>within NAME": (labels, scores)}``) of each source holding both classes, to
+    draw beside the pooled curve with :func:`roc`; empty when all images come from one source."""
+    labels, scores, groups = np.asarray(labels), np.asarray(scores), np.asarray(sources)
+    if len(set(groups.tolist())) < 2:
+        return {}
+    curves = {}
+    for name in sorted(set(groups.tolist())):
+        mask = groups == name
+        if 0 < labels[mask].sum() < mask.sum():
+            curves[f"{prefix}within {name}"] = (labels[mask], scores[mask])
+    return curves

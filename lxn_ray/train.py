@@ -455,7 +455,7 @@ def publish_model_version(
             {
                 "val": (val_labels, val_scores),
                 "test": (test_labels, test_scores),
-                **_within_source_curves(test_labels, test_scores, test_sources),
+                **plots.within_source_curves(test_labels, test_scores, test_sources, prefix="test, "),
             },
             threshold,
         ),
@@ -555,10 +555,10 @@ def split_counts(
     :data:`MIN_IMAGES_PER_CLASS` images of a class (model selection on it is noise)."""
     counts: dict[str, Any] = {}
     warnings = []
+    table = dataset.read_split(storage, version, None, task, sources).select(["split", "label", "source"])
+    every = table.to_pylist()
     for split in dataset.SPLITS:
-        rows = (
-            dataset.read_split(storage, version, split, task, sources).select(["label", "source"]).to_pylist()
-        )
+        rows = [row for row in every if row["split"] == split]
         per_class = {task.label_name(label): sum(r["label"] == label for r in rows) for label in (1, 0)}
         by_source: dict[str, dict[str, int]] = {}
         for row in rows:
@@ -572,17 +572,6 @@ def split_counts(
                     f"its metrics are noise"
                 )
     return counts, warnings
-
-
-def _within_source_curves(labels: np.ndarray, scores: np.ndarray, sources: list[str]) -> dict[str, tuple]:
-    """ROC inputs of each source holding both classes in the test split, for the plot beside the pooled."""
-    groups = np.asarray(sources)
-    curves = {}
-    for name in sorted(set(sources)):
-        mask = groups == name
-        if 0 < labels[mask].sum() < mask.sum():
-            curves[f"test, within {name}"] = (labels[mask], scores[mask])
-    return curves if len(set(sources)) > 1 else {}
 
 
 def score_split(
