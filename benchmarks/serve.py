@@ -6,8 +6,10 @@
 
 Needs a model in ``--storage`` (the champion unless ``--model`` names a version). In one run it measures:
 - the in-process ceiling: the model loaded here exactly as a replica loads it (lxn_ray.serve's traced
-  forward pass), at the replica's batch size: forward pass only, and preprocessing + forward pass (the
-  per-image work a replica does),
+  forward pass, in the precision the model was validated in: bfloat16 for a model trained in it), at the
+  replica's batch size: forward pass only, and preprocessing + forward pass (the per-image work a
+  replica does); and the same weights in float32 (its "twin"), with the largest probability difference,
+  so a bfloat16 model's speed-up and cost are measured side by side,
 - requests/s and p50/p99 latency of ``POST /predict`` (raw image body) through Serve's HTTP proxy at
   concurrency 1, 8 and 32 (threads, one HTTP session each, ``--requests`` requests per level after a
   warm-up), with a fixed number of replicas so autoscaling does not move the numbers,
@@ -72,10 +74,31 @@ def in_process(storage: Storage, model: str, data: bytes, batch: int, seconds: f
         return best
 
     forward_only = rate(lambda: loaded.forward(images))
+    preprocessing = loaded.preprocessing
     with_preprocessing = rate(
-        lambda: loaded.forward(np.stack([preprocess_bytes(data, loaded.image_size) for _ in range(batch)]))
+        lambda: loaded.forward(
+            np.stack([preprocess_bytes(data, loaded.image_size, preprocessing=preprocessing)] * batch)
+        )
     )
-    return loaded, forward_only, with_preprocessing
+    twin = float32_twin(storage, model)
+    twin(images)
+    difference = float(np.max(np.abs(twin(images) - loaded.forward(images))))
+    return loaded, forward_only, with_preprocessing, rate(lambda: twin(images)), difference
+
+
+def float32_twin(storage: Storage, model: str):
+    """The same weights in float32 - the baseline for a model validated and served in bfloat16 (a float32
+    model's twin is itself): a traced forward ``(n, s, s, 3)`` -> ``(n,)`` like the replica's."""
+    import tensorflow as tf
+
+    from lxn_ray.train import TrainConfig, build_in_precision
+
+    reference = registry.resolve(storage, model)
+    keras_model = reference.load()
+    twin = build_in_precision(TrainConfig.from_dict(reference.card["config"]).model, "float32")
+    twin.set_weights(keras_model.get_weights())
+    graph = tf.function(lambda images: tf.reshape(twin(images, training=False), [-1]))
+    return lambda images: np.asarray(graph(tf.convert_to_tensor(images, dtype=tf.float32)))
 
 
 def http_level(url: str, data: bytes, concurrency: int, requests_total: int) -> tuple[float, np.ndarray]:
@@ -138,7 +161,10 @@ def main() -> None:
     with Image.open(io.BytesIO(data)) as probe:
         described = f"{probe.format} {probe.size[0]}x{probe.size[1]} {probe.mode}, {len(data) / 1024:.0f} KiB"
 
-    loaded, forward_rate, local_rate = in_process(storage, version, data, args.max_batch_size)
+    loaded, forward_rate, local_rate, twin_rate, difference = in_process(
+        storage, version, data, args.max_batch_size
+    )
+    precision = (loaded.card.get("precision") or {}).get("inference", "float32")
     ray.init(num_cpus=os.cpu_count(), include_dashboard=False, logging_level="ERROR", log_to_driver=False)
     settings = ServeSettings(
         storage=storage.uri,
@@ -168,10 +194,18 @@ def main() -> None:
         f"{args.cpus_per_replica} CPU, max batch {args.max_batch_size}, "
         f"batch wait {settings.batch_wait_timeout_s * 1000:.0f} ms; {args.requests} requests per level"
     )
+    print(
+        f"served in {precision} (the card's inference precision); max |probability difference| against "
+        f"the float32 twin: {difference:.2e}; {precision} forward is {forward_rate / twin_rate:.2f}x float32"
+    )
     print("| path | concurrency | images/s | p50 ms | p99 ms | vs forward | vs preprocess + forward |")
     print("| --- | ---: | ---: | ---: | ---: | ---: | ---: |")
     batch = args.max_batch_size
-    print(f"| in-process forward, batch {batch} | - | {forward_rate:.1f} | - | - | 1.00x | - |")
+    print(
+        f"| in-process forward, float32 twin of the model, batch {batch} | - | {twin_rate:.1f} | - | - | "
+        f"{twin_rate / forward_rate:.2f}x | - |"
+    )
+    print(f"| in-process forward ({precision}), batch {batch} | - | {forward_rate:.1f} | - | - | 1.00x | - |")
     print(
         f"| in-process preprocess + forward, batch {batch} | - | {local_rate:.1f} | - | - | "
         f"{local_rate / forward_rate:.2f}x | 1.00x |"

@@ -189,10 +189,52 @@ def add_stall_flag(parser: argparse.ArgumentParser) -> None:
     )
 
 
+def add_precision_flag(parser: argparse.ArgumentParser) -> None:
+    from lxn_ray.model import PRECISIONS
+
+    parser.add_argument(
+        "--precision",
+        choices=PRECISIONS,
+        default="auto",
+        help="training compute precision: auto = float16 on GPUs, bfloat16 on CPUs with AVX512-BF16 or AMX "
+        "(read from /proc/cpuinfo), float32 otherwise; weights, output layer and loss stay float32",
+    )
+
+
+def add_recipe_flags(parser: argparse.ArgumentParser) -> None:
+    """The training recipe of one run (train, loso); defaults are the paper's (lxn_ray.train.TrainConfig)."""
+    from lxn_ray.model import ARCHITECTURES, OPTIMIZERS, SCHEDULES
+    from lxn_ray.preprocess import EQUALIZATION_METHODS
+    from lxn_ray.train import SAMPLINGS
+
+    add_precision_flag(parser)
+    recipe = parser.add_argument_group("recipe (defaults: the paper's)")
+    recipe.add_argument("--lr", type=float, default=1e-4, help="learning rate (peak, with a schedule)")
+    recipe.add_argument("--optimizer", choices=OPTIMIZERS, default="rmsprop", help="rmsprop is the paper's")
+    recipe.add_argument("--schedule", choices=SCHEDULES, default="constant", help="learning-rate schedule")
+    recipe.add_argument("--warmup-epochs", type=int, default=0, help="linear warm-up before a cosine")
+    recipe.add_argument("--weight-decay", type=float, default=1e-4, help="AdamW's decoupled weight decay")
+    recipe.add_argument(
+        "--patience", type=int, default=0, help="stop after this many epochs without a better val objective"
+    )
+    recipe.add_argument(
+        "--sampling",
+        choices=SAMPLINGS,
+        default="weighted",
+        help="weighted: equation (1)'s loss weights; class-/source-balanced: balanced draws, plain loss",
+    )
+    recipe.add_argument("--architecture", choices=ARCHITECTURES, default="lxn", help="lxn is the paper's")
+    recipe.add_argument("--trim-borders", action="store_true", help="crop uniform borders and margins first")
+    recipe.add_argument(
+        "--equalization", choices=EQUALIZATION_METHODS, default="none", help="histogram or CLAHE"
+    )
+    recipe.add_argument("--no-augment", action="store_true", help="train without augmentation")
+
+
 def train_config_from_args(args: argparse.Namespace):
     """The :class:`lxn_ray.train.TrainConfig` of parsed training flags (train, loso); flags a job does not
     have keep their defaults."""
-    from lxn_ray.preprocess import AugmentConfig
+    from lxn_ray.preprocess import AugmentConfig, PreprocessConfig
     from lxn_ray.train import TrainConfig
 
     return TrainConfig(
@@ -203,10 +245,18 @@ def train_config_from_args(args: argparse.Namespace):
         learning_rate=args.lr,
         workers=getattr(args, "workers", 1),
         use_gpu=getattr(args, "gpu", False),
-        mixed_precision=getattr(args, "mixed_precision", False),
+        precision=args.precision,
         seed=args.seed,
         task=args.task,
-        **({"augment": AugmentConfig()} if getattr(args, "no_augment", False) else {}),
+        optimizer=args.optimizer,
+        schedule=args.schedule,
+        warmup_epochs=args.warmup_epochs,
+        weight_decay=args.weight_decay,
+        patience=args.patience,
+        sampling=args.sampling,
+        architecture=args.architecture,
+        preprocessing=PreprocessConfig(trim_borders=args.trim_borders, equalization=args.equalization),
+        **({"augment": AugmentConfig()} if args.no_augment else {}),
     )
 
 
@@ -216,14 +266,10 @@ def train_main(argv: Sequence[str] | None = None) -> int:
     )
     parser.add_argument("--dataset-version", default="latest", help="dataset version id, or latest")
     add_model_flags(parser)
-    parser.add_argument("--lr", type=float, default=1e-4, help="RMSprop learning rate")
-    parser.add_argument("--no-augment", action="store_true", help="train without augmentation")
+    add_recipe_flags(parser)
     parser.add_argument("--workers", type=int, default=1, help="Ray Train workers (data-parallel)")
     parser.add_argument(
         "--gpu", action="store_true", help="one GPU per worker (automatic when the cluster has GPUs)"
-    )
-    parser.add_argument(
-        "--mixed-precision", action="store_true", help="float16 compute on GPUs (float32 weights and output)"
     )
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument(
@@ -244,9 +290,11 @@ def train_main(argv: Sequence[str] | None = None) -> int:
         # The first model of a store becomes its champion (so it can be served at once); after that only
         # tune, retrain or `registry promote` replace a champion, by their stated rules.
         fired = report["sources"]["test"]["shortcut"]["fired"]
-        report["promoted"] = registry.champion(storage) is None and not fired
+        report["promoted"] = registry.champion(storage) is None and not fired and not report["collapsed"]
         if report["promoted"]:
             registry.promote(storage, report["model_version"], reason="the store's first model")
+        elif report["collapsed"]:
+            report["not_promoted_because"] = "the model collapsed to a constant output"
         elif fired:
             report["not_promoted_because"] = "the source-shortcut check fired (registry promote can still)"
         return report
@@ -290,6 +338,21 @@ def train_summary(report: dict[str, Any]) -> str:
     lines = [
         f"model {report['model_version']} for {report.get('task', 'covid-vs-rest')} on dataset "
         f"{report['dataset_version']} (best epoch {report['best_epoch']}, {report['seconds']} s)",
+        *(
+            [
+                f"  recipe: {report['recipe']}; trained in {report['precision']['training']} "
+                f"(inference {report['precision']['inference']}), "
+                f"{report['epochs_run']} epochs run"
+                + (f" (stopped: {report['stopped']})" if report["stopped"] else "")
+            ]
+            if "recipe" in report
+            else []
+        ),
+        *(
+            ["  COLLAPSED: the output is one constant (or not finite); lower the learning rate"]
+            if report.get("collapsed")
+            else []
+        ),
         f"  threshold {report['threshold']:.3f} (Youden's J on val)",
         f"  val:  AUC {fmt(val['auc'])}, sensitivity {fmt(val['sensitivity'])}, "
         f"specificity {fmt(val['specificity'])}",
@@ -312,7 +375,7 @@ def loso_main(argv: Sequence[str] | None = None) -> int:
     )
     parser.add_argument("--dataset-version", default="latest", help="dataset version id, or latest")
     add_model_flags(parser)
-    parser.add_argument("--lr", type=float, default=1e-4, help="RMSprop learning rate")
+    add_recipe_flags(parser)
     parser.add_argument("--seed", type=int, default=0)
     add_stall_flag(parser)
     args = parser.parse_args(argv)
@@ -441,8 +504,8 @@ def _sizes(text: str) -> tuple[int, ...]:
 
 def tune_parser() -> argparse.ArgumentParser:
     parser = job_parser(
-        "Search learning rate and augmentation with Ray Tune over Ray Train; register the best model and "
-        "promote it when it beats the champion on the same test split."
+        "Search learning rate, augmentation and the training recipe with Ray Tune over Ray Train; register "
+        "the best model and promote it when it beats the champion on the same test split."
     )
     add_source_flags(parser)  # ingest these first (default: only when the store is empty)
     parser.add_argument("--num-samples", type=int, default=8, help="trials to run")
@@ -461,6 +524,23 @@ def tune_parser() -> argparse.ArgumentParser:
         default="optuna",
         help="optuna (TPE; random when optuna is not installed) or random",
     )
+    add_precision_flag(parser)
+    parser.set_defaults(image_size=None, epochs=None)  # the search's own defaults: TUNE_DEFAULTS
+    parser.add_argument(
+        "--space",
+        choices=("full", "paper"),
+        help="full (default): search the recipe too (optimizer, schedule, architecture, sampling, "
+        "preprocessing); paper: the paper's recipe, learning rate and augmentation only",
+    )
+    parser.add_argument(
+        "--paper",
+        action="store_true",
+        help="the paper's settings: 200 px, 10 epochs, no early stopping, the paper space",
+    )
+    parser.add_argument("--patience", type=int, help="early stopping in each trial (default 5; 0: off)")
+    parser.add_argument(
+        "--repeats", type=int, default=0, help="retrain the best config with N more seeds; report the spread"
+    )
     parser.add_argument("--no-asha", action="store_true", help="let every trial run all epochs (FIFO)")
     parser.add_argument("--time-budget-s", type=float, help="stop the search after this many seconds")
     parser.add_argument("--seed", type=int, default=0, help="seeds the searcher and the trials' training")
@@ -473,14 +553,28 @@ def tune_parser() -> argparse.ArgumentParser:
     return parser
 
 
+# What `python jobs/tune.py` with no flags searches - sized to finish on a 2-core laptop within an hour
+# (bfloat16 where the CPU has it) - and what --paper searches instead.
+TUNE_DEFAULTS = {"image_size": 128, "epochs": 20, "patience": 5, "space": "full"}
+PAPER_DEFAULTS = {"image_size": 200, "epochs": 10, "patience": 0, "space": "paper"}
+
+
 def tune_settings(args: argparse.Namespace):
-    """The :class:`lxn_ray.tune.TuneSettings` of parsed ``tune`` flags."""
+    """The :class:`lxn_ray.tune.TuneSettings` of parsed ``tune`` flags (flags given win over the
+    defaults of :data:`TUNE_DEFAULTS` or, with ``--paper``, :data:`PAPER_DEFAULTS`)."""
     from lxn_ray.tune import TuneSettings
 
+    defaults = PAPER_DEFAULTS if args.paper else TUNE_DEFAULTS
+    given = {key: getattr(args, key) for key in defaults if getattr(args, key) is not None}
+    chosen = {**defaults, **given}
     return TuneSettings(
         num_samples=args.num_samples,
-        epochs=args.epochs,
-        image_size=args.image_size,
+        epochs=chosen["epochs"],
+        image_size=chosen["image_size"],
+        patience=chosen["patience"],
+        space=chosen["space"],
+        precision=args.precision,
+        repeats=args.repeats,
         image_sizes=args.image_sizes,
         width=args.width,
         batch_size=args.batch_size,
@@ -517,6 +611,17 @@ def tune_summary(report: dict[str, Any]) -> str:
         f"{k}={v:.3g}" if isinstance(v, float) else f"{k}={v}" for k, v in best["config"].items()
     )
     errored = f", {len(trials['errored'])} errored (--resume reruns them)" if trials["errored"] else ""
+    if trials.get("collapsed"):
+        errored += f", {trials['collapsed']} collapsed to a constant output (never chosen)"
+    repeats = ""
+    if report.get("repeats"):
+        for key, name in (("val_objective", "val objective"), ("test_auc", "test AUC")):
+            spread = report["repeats"][key]
+            if spread:
+                repeats += (
+                    f"  over {spread['n']} seeds of the best config: {name} {spread['mean']:.3f} "
+                    f"+- {spread['std']:.3f} (sd; {spread['min']:.3f}-{spread['max']:.3f})\n"
+                )
     return (
         f"search on dataset {report['dataset_version']}: {trials['count']} trials "
         f"({report['searcher']}, {report['scheduler']}; {trials['completed']} completed, "
@@ -525,6 +630,7 @@ def tune_summary(report: dict[str, Any]) -> str:
         f"  model {best['model_version']} ({report.get('task', 'covid-vs-rest')}): test AUC "
         f"{fmt(test.get('auc'))}{interval}, sensitivity {fmt(test.get('sensitivity'))}, "
         f"specificity {fmt(test.get('specificity'))}, n={test.get('n')}\n"
+        + repeats
         + "".join(f"{line}\n" for line in (source_lines(report["sources"]) if report.get("sources") else []))
         + "".join(
             f"  warning: {w}\n" for w in report.get("warnings", []) if not w.startswith("source shortcut")

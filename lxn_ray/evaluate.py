@@ -74,7 +74,9 @@ def evaluate(
     scored, inputs, fingerprints = [], [], {}
     for item in files:
         try:
-            inputs.append(preprocess_bytes(item.data, image_size, limits))
+            inputs.append(
+                preprocess_bytes(item.data, image_size, limits, preprocessing=model_ref.preprocessing)
+            )
             fingerprints[item.row.filename] = fingerprint(to_grayscale(decode_image(item.data, limits).image))
             scored.append(item)
         except ImageRejected as error:

@@ -79,7 +79,7 @@ def leave_one_source_out(
         reference = registry.resolve(storage, published["model_version"])
         model = reference.load()
         labels, scores, _ = score_split(
-            model, storage, version, None, config.image_size, config.task, (held_out,)
+            model, storage, version, None, config.image_size, config.task, (held_out,), config.preprocessing
         )
         folds.append(
             {

@@ -41,6 +41,14 @@ class ModelRef:
     def threshold(self) -> float:
         return float(self.card.get("threshold", 0.5))
 
+    @property
+    def preprocessing(self):
+        """The :class:`lxn_ray.preprocess.PreprocessConfig` the model was trained and validated with (its
+        card's; a card made before the setting existed used the default)."""
+        from lxn_ray.preprocess import PreprocessConfig
+
+        return PreprocessConfig.from_mapping((self.card.get("config") or {}).get("preprocessing"))
+
 
 def model_key(version: str, name: str) -> str:
     return f"{MODELS}/{version}/{name}"

@@ -227,19 +227,10 @@ def gate(
 
 def train_config_from_card(card: dict[str, Any] | None, overrides: TrainOverrides) -> TrainConfig:
     """The champion's :class:`TrainConfig` (its card's ``config``), with explicitly given flags on top."""
-    from lxn_ray.preprocess import AugmentConfig
     from lxn_ray.train import TrainConfig
 
-    settings: dict[str, Any] = {}
-    if card and isinstance(card.get("config"), dict):
-        known = {f.name for f in dataclasses.fields(TrainConfig)}
-        settings = {key: value for key, value in card["config"].items() if key in known}
-        if isinstance(settings.get("augment"), dict):
-            augment_fields = {f.name for f in dataclasses.fields(AugmentConfig)}
-            settings["augment"] = AugmentConfig(
-                **{k: v for k, v in settings["augment"].items() if k in augment_fields}
-            )
-    return dataclasses.replace(TrainConfig(**settings), **overrides.given())
+    settings = card["config"] if card and isinstance(card.get("config"), dict) else {}
+    return dataclasses.replace(TrainConfig.from_dict(settings), **overrides.given())
 
 
 def train_challenger(
@@ -260,6 +251,8 @@ def train_challenger(
             workers_per_trial=config.workers,
             stall_timeout_s=settings.stall_timeout_s,
             task=config.task,
+            precision=config.precision,
+            patience=config.patience,
         )
         # resume=True: a tick that crashed mid-search continues the same experiment (named after the
         # dataset version and settings), and a finished one is re-reported without a duplicate model.

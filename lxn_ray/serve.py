@@ -171,6 +171,7 @@ class LoadedModel:
     card: dict[str, Any]
     threshold: float
     image_size: int
+    preprocessing: Any  # lxn_ray.preprocess.PreprocessConfig, the card's: as trained and validated
     forward: Callable[[np.ndarray], np.ndarray]  # (n, s, s, 3) float32 -> (n,) probabilities
     explainer: Any  # lxn_ray.explain.GradCam, built once here rather than per request
     loaded_at: str = field(default_factory=lambda: datetime.now(timezone.utc).isoformat(timespec="seconds"))
@@ -231,6 +232,7 @@ def load_model_version(storage: Storage, reference: str, task: str | None = None
         card=ref.card,
         threshold=ref.threshold,
         image_size=size,
+        preprocessing=ref.preprocessing,
         forward=forward,
         explainer=explainer,
     )
@@ -340,10 +342,12 @@ async def read_body(request, limit: int) -> bytes:
 
 @dataclass(frozen=True)
 class _Item:
-    """One image waiting for a batch: its bytes (to redo preprocessing if the model's size changed)."""
+    """One image waiting for a batch: its bytes (to redo preprocessing if the model changed meanwhile)
+    and the model version it was preprocessed for."""
 
     data: bytes
     image: np.ndarray
+    prepared_for: LoadedModel
 
 
 # -- the replica --------------------------------------------------------------------------------------
@@ -430,10 +434,11 @@ class LxnServer:
         return True
 
     # -- inference ----------------------------------------------------------------------------------
-    def _preprocess(self, data: bytes, size: int) -> np.ndarray:
+    def _preprocess(self, data: bytes, model: LoadedModel) -> np.ndarray:
+        """The model's own preprocessing (its card's input size and settings), as in its validation."""
         from lxn_ray.preprocess import preprocess_bytes
 
-        return preprocess_bytes(data, size, self.limits)
+        return preprocess_bytes(data, model.image_size, self.limits, preprocessing=model.preprocessing)
 
     async def _forward_batch(self, items: list[_Item]) -> list[tuple[float, LoadedModel]]:
         """``@serve.batch`` target: one forward pass for every waiting image, with the model it used."""
@@ -442,9 +447,9 @@ class LxnServer:
         def run() -> np.ndarray:
             arrays = [
                 item.image
-                if item.image.shape[0] == model.image_size
-                # preprocessed for a model swapped out meanwhile, at another input size
-                else self._preprocess(item.data, model.image_size)
+                if item.prepared_for is model
+                # preprocessed for a model swapped out meanwhile (another input size or preprocessing)
+                else self._preprocess(item.data, model)
                 for item in items
             ]
             return model.forward(np.stack(arrays))
@@ -455,10 +460,11 @@ class LxnServer:
     async def predict_bytes(self, data: bytes, where: str = "") -> dict[str, Any]:
         """Decode and preprocess in a thread, then join a batch; raises InputError for bad bytes."""
         try:
-            image = await asyncio.to_thread(self._preprocess, data, self.current.image_size)
+            model = self.current
+            image = await asyncio.to_thread(self._preprocess, data, model)
         except ImageRejected as error:
             raise rejected_image(error, where) from None
-        probability, model = await self._batched(_Item(data, image))
+        probability, model = await self._batched(_Item(data, image, model))
         answer = model.prediction(probability)
         self._predictions.inc(tags={"label": answer["label"], "model_version": str(model.version)})
         return answer
@@ -470,7 +476,7 @@ class LxnServer:
 
         model = self.current
         try:
-            image = self._preprocess(data, model.image_size)
+            image = self._preprocess(data, model)
             radiograph = decode_image(data, self.limits).image
         except ImageRejected as error:
             raise rejected_image(error) from None

@@ -2,18 +2,24 @@
 
 Why a custom training step: Keras 3 ``model.fit`` fails under ``MultiWorkerMirroredStrategy`` with two
 workers (keras-team/keras#20585), so each step is ``strategy.run`` over a ``GradientTape``; the loss is
-the per-example weighted BCE of equation (1) divided by the global batch. The same
-:func:`train_loop_per_worker` serves ``jobs/train.py`` and every Ray Tune trial.
+the per-example weighted BCE of equation (1) (or plain BCE under balanced sampling) divided by the global
+batch. The same :func:`train_loop_per_worker` serves ``jobs/train.py`` and every Ray Tune trial, with the
+recipe of :class:`TrainConfig` (optimizer, schedule, early stopping, sampling, architecture,
+preprocessing, precision).
 
-Data comes from a dataset version through Ray Data: images are read from storage and preprocessed by
-Ray Data tasks with the one :func:`lxn_ray.preprocess.preprocess_bytes`, materialised once, and the
-training split is sharded equally over the workers (no worker holds the whole set). Every worker
-validates on the full (small) validation split so all ranks agree on the metrics.
+Data comes from a dataset version through Ray Data: images are read from storage and preprocessed by Ray
+Data tasks with the one :func:`lxn_ray.preprocess.preprocess_pixels` into one uint8 channel per image
+(a twelfth of float32 RGB), materialised once. Every worker holds the (small, uint8) training split in a fixed
+order and walks the same seeded epoch order, taking its rank's share of every global batch; every worker
+validates on the full validation split so all ranks agree on the metrics. Streaming a split too large
+for a worker is future work (see the issue on the data path at scale).
 
-Each epoch reports train/val loss, accuracy, AUC, sensitivity and specificity with a checkpoint from
-rank 0; a worker that dies is replaced and resumes from the latest checkpoint, and a rerun of the same
-job (same dataset version and config) resumes its run. Afterwards the best checkpoint by val AUC picks
-its threshold on val (Youden's J) and is scored once on test.
+Reproducible and exactly resumable: the epoch order is drawn from ``(seed, epoch)``, augmentation is
+reseeded from ``(seed, epoch, rank)``, initial weights come from the seed, and each epoch's checkpoint
+holds the weights, the optimizer's variables and the history; a worker that dies is replaced and the
+run continues from the latest checkpoint as if never stopped, and a rerun of the same job (same dataset
+version and config) resumes its run. Afterwards the best checkpoint by the validation objective picks
+its threshold on val (Youden's J) and is scored once on test, in its inference precision.
 """
 
 from __future__ import annotations
@@ -33,8 +39,8 @@ from typing import Any
 import numpy as np
 
 from lxn_ray import cluster, dataset, metrics, plots, registry
-from lxn_ray.model import ModelConfig
-from lxn_ray.preprocess import LIGHT_AUGMENT, AugmentConfig
+from lxn_ray.model import PRECISIONS, ModelConfig, OptimizerConfig
+from lxn_ray.preprocess import DEFAULT_PREPROCESSING, LIGHT_AUGMENT, AugmentConfig, PreprocessConfig
 from lxn_ray.resources import (
     DEFAULT_STALL_TIMEOUT_S,
     Watchdog,
@@ -50,9 +56,28 @@ RUNS = "runs"
 OBJECTIVE = "val_objective"
 
 
+SAMPLINGS = ("weighted", "class-balanced", "source-balanced")
+
+
 @dataclass(frozen=True)
 class TrainConfig:
-    """A training run. Defaults are the paper's: 200 px, batch 20, 10 epochs, RMSprop at 1e-4."""
+    """A training run. Defaults are the paper's network and loss (200 px, batch 20, RMSprop at 1e-4,
+    equation (1)'s class weights); every recipe switch below is recorded in the model card and searched by
+    Tune (:mod:`lxn_ray.tune`).
+
+    - ``epochs``: the maximum; ``patience`` > 0 stops a run after that many epochs without a better
+      validation objective (early stopping), 0 never stops early.
+    - ``optimizer`` rmsprop (the paper's) | adam | adamw; ``schedule`` constant | cosine (with
+      ``warmup_epochs`` of linear warm-up); see :class:`lxn_ray.model.OptimizerConfig`.
+    - ``sampling``: ``weighted`` draws every training image once per epoch in a seeded shuffled order and
+      weights the loss by equation (1); ``class-balanced`` draws as many images with replacement so each
+      class is half the draws (plain BCE: the sampling balances the classes instead of the weights);
+      ``source-balanced`` also gives every source an equal share of each class's draws.
+    - ``architecture`` lxn | lxn-bn (:class:`lxn_ray.model.ModelConfig`); ``preprocessing``: border
+      trimming and histogram equalisation/CLAHE, applied identically in training, evaluation and serving.
+    - ``precision`` auto | float32 | bfloat16 | float16 (:func:`lxn_ray.model.resolve_precision`): the
+      compute precision of training; the card records what ran. Evaluation and serving run float32.
+    """
 
     image_size: int = 200
     width: float = 1.0
@@ -62,18 +87,66 @@ class TrainConfig:
     augment: AugmentConfig = field(default_factory=lambda: LIGHT_AUGMENT)
     workers: int = 1
     use_gpu: bool = False  # also on whenever the cluster has GPUs
-    mixed_precision: bool = False  # float16 compute on GPUs (float32 weights and output); off by default
+    precision: str = "auto"
     seed: int = 0
     task: str = DEFAULT_TASK  # a built-in task name or a task file (lxn_ray.tasks)
     sources: tuple[str, ...] = ()  # train and validate on these sources only (empty: all); see loso.py
+    optimizer: str = "rmsprop"
+    schedule: str = "constant"
+    warmup_epochs: int = 0
+    weight_decay: float = 1e-4  # adamw only
+    patience: int = 0
+    sampling: str = "weighted"
+    architecture: str = "lxn"
+    preprocessing: PreprocessConfig = field(default_factory=PreprocessConfig)
+
+    def __post_init__(self) -> None:
+        # Checked at construction so a bad flag or Tune config fails before any worker starts.
+        self.model  # noqa: B018 - validates image size, width and architecture
+        self.optimizer_config(steps_per_epoch=1)
+        if self.precision not in PRECISIONS:
+            raise ValueError(f"precision must be one of {', '.join(PRECISIONS)}, got {self.precision!r}")
+        if self.sampling not in SAMPLINGS:
+            raise ValueError(f"sampling must be one of {', '.join(SAMPLINGS)}, got {self.sampling!r}")
+        if self.epochs < 1 or self.batch_size < 1 or self.patience < 0 or self.warmup_epochs < 0:
+            raise ValueError(f"epochs and batch_size must be >= 1, patience and warmup_epochs >= 0: {self}")
 
     @property
     def model(self) -> ModelConfig:
-        return ModelConfig(image_size=self.image_size, width=self.width)
+        return ModelConfig(image_size=self.image_size, width=self.width, architecture=self.architecture)
+
+    def optimizer_config(self, steps_per_epoch: int) -> OptimizerConfig:
+        """The optimizer of this run, its schedule laid over ``epochs`` x ``steps_per_epoch`` steps."""
+        total = max(1, self.epochs * steps_per_epoch)
+        return OptimizerConfig(
+            name=self.optimizer,
+            learning_rate=self.learning_rate,
+            schedule=self.schedule,
+            total_steps=total,
+            warmup_steps=min(total, self.warmup_epochs * steps_per_epoch) if self.schedule == "cosine" else 0,
+            weight_decay=self.weight_decay,
+        )
 
     def digest(self) -> str:
         settings = dataclasses.asdict(self)
         return hashlib.sha256(json.dumps(settings, sort_keys=True).encode()).hexdigest()[:10]
+
+    @classmethod
+    def from_dict(cls, settings: dict[str, Any]) -> TrainConfig:
+        """The config of ``dataclasses.asdict`` output (a model card's ``config``). Cards written before the
+        recipe switches existed read as the paper's recipe (``mixed_precision`` -> ``precision``)."""
+        settings = dict(settings)
+        if isinstance(settings.get("augment"), dict):
+            augment_fields = {f.name for f in dataclasses.fields(AugmentConfig)}
+            settings["augment"] = AugmentConfig(
+                **{key: value for key, value in settings["augment"].items() if key in augment_fields}
+            )
+        settings["preprocessing"] = PreprocessConfig.from_mapping(settings.get("preprocessing"))
+        if "mixed_precision" in settings:
+            settings.setdefault("precision", "float16" if settings.pop("mixed_precision") else "float32")
+        settings["sources"] = tuple(settings.get("sources", ()))
+        known = {f.name for f in dataclasses.fields(cls)}
+        return cls(**{key: value for key, value in settings.items() if key in known})
 
 
 def log(message: str) -> None:
@@ -81,69 +154,156 @@ def log(message: str) -> None:
 
 
 # -- data -------------------------------------------------------------------------------------------
-def _load_batch(batch: dict[str, np.ndarray], storage_uri: str, image_size: int) -> dict[str, np.ndarray]:
-    """Ray Data task: image bytes from storage -> the shared preprocessing -> float32 arrays."""
-    from lxn_ray.preprocess import preprocess_bytes
+def _load_batch(
+    batch: dict[str, np.ndarray], storage_uri: str, image_size: int, preprocessing: dict[str, Any]
+) -> dict[str, np.ndarray]:
+    """Ray Data task: image bytes from storage -> the shared preprocessing -> one uint8 channel per image
+    (``(n, s, s)``; the worker expands it to the model's float32 three channels exactly as
+    :func:`lxn_ray.preprocess.preprocess_bytes` would, at a twelfth of the memory)."""
+    from lxn_ray.preprocess import PreprocessConfig, preprocess_pixels
 
     storage = Storage.open(storage_uri)
-    images = [preprocess_bytes(storage.read_bytes(str(key)), image_size) for key in batch["image_key"]]
-    return {"image": np.stack(images), "label": batch["label"].astype(np.float32), "source": batch["source"]}
+    config = PreprocessConfig.from_mapping(preprocessing)
+    images = [
+        preprocess_pixels(storage.read_bytes(str(key)), image_size, preprocessing=config)
+        for key in batch["image_key"]
+    ]
+    return {
+        "image": np.stack(images),
+        "label": batch["label"].astype(np.float32),
+        "source": batch["source"],
+        "image_key": batch["image_key"],
+    }
 
 
 def split_dataset(storage: Storage, version: str, split: str, config: TrainConfig):
     """One split of a dataset version, the rows a run uses (its task's, from its sources), as a
-    materialised Ray Dataset of ``image`` (float32), ``label`` (float32, the task's) and ``source`` (str)."""
+    materialised Ray Dataset of ``image`` (uint8 ``(s, s)``), ``label`` (float32, the task's), ``source``
+    and ``image_key`` (str; the key that puts rows in a fixed order whatever Ray's block order)."""
     import ray
 
     table = dataset.read_split(storage, version, split, config.task, config.sources)
     table = table.select(["image_key", "label", "source"])
     if table.num_rows == 0:
         raise ValueError(f"split {split!r} of dataset {version} holds no image of task {config.task}")
-    image_size = config.image_size
     blocks = max(1, min(table.num_rows // 32, 32))
+    options = {
+        "storage_uri": storage.uri,
+        "image_size": config.image_size,
+        "preprocessing": dataclasses.asdict(config.preprocessing),
+    }
     return (
         ray.data.from_arrow(table)
         .repartition(blocks)
-        .map_batches(
-            _load_batch, fn_kwargs={"storage_uri": storage.uri, "image_size": image_size}, batch_size=32
-        )
+        .map_batches(_load_batch, fn_kwargs=options, batch_size=32)
         .materialize()
     )
 
 
+def collect(shard) -> dict[str, np.ndarray]:
+    """Every row of a Ray Data shard as arrays, sorted by ``image_key``: Ray Data does not promise a block
+    order, and the seeded epoch order below must start from the same list in every run."""
+    parts: dict[str, list[np.ndarray]] = {}
+    for batch in shard.iter_batches(batch_size=256, batch_format="numpy"):
+        for name, values in batch.items():
+            parts.setdefault(name, []).append(values)
+    arrays = {name: np.concatenate(values) for name, values in parts.items()}
+    order = np.argsort(arrays["image_key"].astype(str), kind="stable")
+    return {name: values[order] for name, values in arrays.items()}
+
+
+def epoch_order(labels: np.ndarray, sources: np.ndarray, sampling: str, seed: int, epoch: int) -> np.ndarray:
+    """Indices of the images one epoch trains on, in order: int64 ``(n,)``, a function of
+    ``(seed, epoch)`` only, so a rerun and a resumed run see exactly the uninterrupted run's batches.
+
+    ``weighted``: a permutation (every image once). ``class-balanced`` / ``source-balanced``: n draws with
+    replacement, each class drawn with probability 1/2 (within a class uniformly, or each source of the
+    class equally often) - the sampler of PyTorch's ``WeightedRandomSampler``, seeded.
+    """
+    rng = np.random.default_rng([seed, epoch])
+    n = len(labels)
+    if sampling == "weighted":
+        return rng.permutation(n)
+    cells = labels.astype(np.int64).astype(str)
+    if sampling == "source-balanced":
+        cells = np.char.add(np.char.add(cells, "|"), sources.astype(str))
+    weights = np.zeros(n)
+    for label in np.unique(labels):
+        in_class = labels == label
+        class_cells, counts = np.unique(cells[in_class], return_counts=True)
+        for cell, count in zip(class_cells, counts, strict=True):
+            weights[cells == cell] = 1.0 / (count * len(class_cells))
+    weights /= weights.sum()
+    return rng.choice(n, size=n, replace=True, p=weights)
+
+
+def is_collapsed(scores: np.ndarray, losses: np.ndarray) -> bool:
+    """A collapsed model: non-finite loss or scores, or (with more than one image) one constant output -
+    typically a learning rate too high for the sigmoid to recover from saturation."""
+    if not (np.all(np.isfinite(scores)) and np.all(np.isfinite(losses))):
+        return True
+    return len(scores) > 1 and float(np.ptp(scores)) < COLLAPSE_RANGE
+
+
+COLLAPSE_RANGE = 1e-6  # validation scores spanning less than this are one constant output
+
+
 # -- the training loop (runs on every Ray Train worker) -----------------------------------------------
 def train_loop_per_worker(loop_config: dict[str, Any]) -> None:
-    """One worker of a data-parallel run. ``loop_config``: TrainConfig fields plus class weights."""
+    """One worker of a data-parallel run. ``loop_config``: TrainConfig fields plus class weights.
+
+    Every worker holds the whole (uint8) training split and walks the same seeded epoch order
+    (:func:`epoch_order`); global batch ``b`` is split over the workers rank by rank and the loss is
+    averaged over the global batch, so N workers take exactly the steps one worker would (the
+    ``DistributedSampler`` scheme). Each epoch's checkpoint holds the weights, the optimizer's variables and
+    the history; shuffling and augmentation are reseeded from ``(seed, epoch, rank)`` at every epoch, so a
+    resumed run continues exactly as the uninterrupted one (float32; bfloat16 to rounding).
+    """
     import tensorflow as tf
 
     # Thread pools, GPU memory growth, then collective ops: all before any TF op runs in this process.
     cpus = int(loop_config.get("cpus_per_worker", 1))
     tf.config.threading.set_intra_op_parallelism_threads(cpus)
     tf.config.threading.set_inter_op_parallelism_threads(max(1, min(2, cpus)))
-    for gpu in tf.config.list_physical_devices("GPU"):
+    gpus = tf.config.list_physical_devices("GPU")
+    for gpu in gpus:
         tf.config.experimental.set_memory_growth(gpu, True)  # share the card; no up-front grab
     strategy = tf.distribute.MultiWorkerMirroredStrategy()
     import keras
     import ray.train
 
-    from lxn_ray.model import build_lxn, make_optimizer, weighted_bce
+    from lxn_ray.model import (
+        build_lxn,
+        make_optimizer,
+        optimizer_state,
+        precision_policy,
+        resolve_precision,
+        restore_optimizer_state,
+        weighted_bce,
+    )
     from lxn_ray.preprocess import build_augmenter
 
-    config = _config_from_dict(loop_config["train"])
-    if config.mixed_precision:
-        keras.mixed_precision.set_global_policy("mixed_float16")
+    config = TrainConfig.from_dict(loop_config["train"])
     context = ray.train.get_context()
     rank, world = context.get_world_rank(), context.get_world_size()
+    precision = resolve_precision(config.precision, on_gpu=bool(gpus))
     keras.utils.set_random_seed(config.seed)  # same initial weights on every rank
+    augmenter = build_augmenter(config.augment, seed=config.seed + rank)  # float32, before the policy
+    keras.mixed_precision.set_global_policy(precision_policy(precision))
 
+    train_data = collect(ray.train.get_dataset_shard("train"))
+    val_data = collect(ray.train.get_dataset_shard("val"))
+    n_train = len(train_data["label"])
+    steps_per_epoch = -(-n_train // config.batch_size)
     with strategy.scope():
         model = build_lxn(config.model)
-        optimizer = make_optimizer(config.learning_rate)
-        if config.mixed_precision:  # scales the loss so float16 gradients do not underflow
+        optimizer = make_optimizer(config.optimizer_config(steps_per_epoch))
+        if precision == "float16":  # scales the loss so float16 gradients do not underflow
             optimizer = keras.optimizers.LossScaleOptimizer(optimizer)
-    augmenter = build_augmenter(config.augment, seed=config.seed + rank)
-    w_pos, w_neg = float(loop_config["w_pos"]), float(loop_config["w_neg"])
-    local_batch = max(1, config.batch_size // world)
+    if config.sampling == "weighted":
+        w_pos, w_neg = float(loop_config["w_pos"]), float(loop_config["w_neg"])
+    else:  # the sampler balances the classes; equation (1)'s weights would balance them twice
+        w_pos = w_neg = 0.5
 
     history: list[dict[str, Any]] = []
     start_epoch, resumes = 1, 0
@@ -151,87 +311,139 @@ def train_loop_per_worker(loop_config: dict[str, Any]) -> None:
     if checkpoint:  # a replaced worker group, or a rerun of an interrupted job
         with checkpoint.as_directory() as folder:
             model.load_weights(Path(folder) / "model.weights.h5")
+            with np.load(Path(folder) / "optimizer.npz", allow_pickle=False) as saved, strategy.scope():
+                restore_optimizer_state(optimizer, model, {key: saved[key] for key in saved.files})
             state = json.loads((Path(folder) / "state.json").read_text())
         history, start_epoch, resumes = state["history"], state["epoch"] + 1, state.get("resumes", 0) + 1
         if rank == 0:
             print(f"[train] resuming after epoch {state['epoch']}", flush=True)
     crash = loop_config.get("crash_once")  # fault injection for tests: {"epoch", "rank", "marker"}
 
-    def replica_step(images, labels):
+    def to_model_input(pixels):
+        """uint8 ``(n, s, s)`` -> float32 ``(n, s, s, 3)`` in [0, 1]: preprocess_bytes's values exactly."""
+        images = tf.cast(pixels, tf.float32) / 255.0
+        return tf.repeat(images[..., tf.newaxis], 3, axis=-1)
+
+    def replica_step(pixels, labels, global_batch):
+        images = to_model_input(pixels)
         if augmenter is not None:
             images = augmenter(images, training=True)
         with tf.GradientTape() as tape:
             probabilities = model(images, training=True)
             per_example = weighted_bce(labels, probabilities, w_pos, w_neg)
-            loss = tf.nn.compute_average_loss(per_example, global_batch_size=tf.shape(images)[0] * world)
-            if config.mixed_precision:
+            loss = tf.nn.compute_average_loss(per_example, global_batch_size=global_batch)
+            if precision == "float16":
                 loss = optimizer.scale_loss(loss)  # apply_gradients unscales
         gradients = tape.gradient(loss, model.trainable_variables)
         optimizer.apply_gradients(zip(gradients, model.trainable_variables, strict=True))
         return per_example, tf.reshape(probabilities, [-1])
 
     @tf.function(reduce_retracing=True)
-    def train_step(images, labels):
-        return strategy.run(replica_step, args=(images, labels))
+    def train_step(pixels, labels, global_batch):
+        return strategy.run(replica_step, args=(pixels, labels, global_batch))
 
     @tf.function(reduce_retracing=True)
-    def predict(images):
-        return tf.reshape(model(images, training=False), [-1])
+    def predict(pixels):
+        return tf.reshape(model(to_model_input(pixels), training=False), [-1])
 
-    train_shard = ray.train.get_dataset_shard("train")
-    val_data = ray.train.get_dataset_shard("val")
     for epoch in range(start_epoch, config.epochs + 1):
         if crash and (epoch, rank) == (crash["epoch"], crash["rank"]) and not Path(crash["marker"]).exists():
             _wait_until_registered(crash["storage_uri"], crash["run_name"], epoch - 1)
             Path(crash["marker"]).touch()
             os._exit(1)  # the process dies as a lost node would: no exception, no cleanup
         started = time.monotonic()
+        reseed(augmenter, config.seed, epoch, rank)
+        order = epoch_order(train_data["label"], train_data["source"], config.sampling, config.seed, epoch)
         losses, scores, labels = [], [], []
-        for batch in train_shard.iter_batches(batch_size=local_batch, batch_format="numpy", drop_last=False):
-            per_example, probabilities = train_step(tf.constant(batch["image"]), tf.constant(batch["label"]))
+        for begin in range(0, len(order), config.batch_size):
+            batch = order[begin : begin + config.batch_size]
+            if len(batch) < world:  # too few to give every worker one: the epoch's last few images wait
+                break
+            mine = batch[rank::world]
+            per_example, probabilities = train_step(
+                tf.constant(train_data["image"][mine]),
+                tf.constant(train_data["label"][mine]),
+                tf.constant(len(batch)),
+            )
             losses.append(per_example.numpy())
             scores.append(probabilities.numpy())
-            labels.append(batch["label"])
+            labels.append(train_data["label"][mine])
         train_seconds = time.monotonic() - started
-        train = _epoch_metrics(np.concatenate(labels), np.concatenate(scores), np.concatenate(losses))
-        val_labels, val_scores, val_sources = [], [], []
-        for batch in val_data.iter_batches(batch_size=64, batch_format="numpy"):
-            val_scores.append(predict(tf.constant(batch["image"])).numpy())
-            val_labels.append(batch["label"])
-            val_sources.append(batch["source"])
-        y, p = np.concatenate(val_labels), np.concatenate(val_scores)
-        val_loss = weighted_bce(y, p, w_pos, w_neg).numpy()
-        val = _epoch_metrics(y, p, val_loss)
-        objective, _ = metrics.selection_objective(
-            y.astype(np.int64), p, np.concatenate(val_sources).tolist()
+        train_losses = np.concatenate(losses)
+        train = _epoch_metrics(np.concatenate(labels), np.concatenate(scores), train_losses)
+        y = val_data["label"]
+        p = np.concatenate(
+            [predict(tf.constant(val_data["image"][i : i + 64])).numpy() for i in range(0, len(y), 64)]
         )
+        val_losses = weighted_bce(y, p, w_pos, w_neg).numpy()
+        val = _epoch_metrics(y, p, val_losses)
+        collapsed = is_collapsed(p, np.concatenate([train_losses, val_losses]))
+        objective, _ = metrics.selection_objective(y.astype(np.int64), p, val_data["source"].tolist())
         entry = {
             "epoch": epoch,
             **{f"train_{k}": v for k, v in train.items()},
             **{f"val_{k}": v for k, v in val.items()},
             "val_objective": objective,
+            "collapsed": collapsed,
+            "batch_order": hashlib.sha256(order.tobytes()).hexdigest()[:12],  # which images, in which order
+            "precision": precision,
+            "learning_rate": float(keras.ops.convert_to_numpy(optimizer.learning_rate)),
             "train_seconds": train_seconds,
             "epoch_seconds": time.monotonic() - started,
         }
         history.append(entry)
+        stop = stop_reason(history, config)
+        entry["stop"] = stop
         if rank == 0:
             print(
                 f"[train] epoch {epoch}/{config.epochs}: loss {train['loss']:.4f} val_loss {val['loss']:.4f} "
                 f"val_auc {metrics.fmt(val['auc'])} val_acc {val['accuracy']:.3f} "
-                f"({entry['epoch_seconds']:.1f} s)",
+                f"({entry['epoch_seconds']:.1f} s, {precision}){f'; stopping: {stop}' if stop else ''}",
                 flush=True,
             )
-        undefined = {"val_auc": val["auc"], "val_objective": objective}  # a one-class val split: chance
-        report = {**entry, **{key: 0.5 if value is None else value for key, value in undefined.items()}}
+        report = {**entry, "val_auc": 0.5 if val["auc"] is None else val["auc"], "stop": stop or ""}
+        # What ranks epochs, checkpoints and trials: a collapsed epoch gets 0 so nothing prefers it over a
+        # model that learned something (its val AUC reads exactly 0.5, often above weak real ones).
+        report[OBJECTIVE] = 0.0 if collapsed else (0.5 if objective is None else objective)
         with tempfile.TemporaryDirectory() as folder:
             checkpoint = None
             if rank == 0:
                 model.save_weights(Path(folder) / "model.weights.h5")
+                np.savez(Path(folder) / "optimizer.npz", **optimizer_state(optimizer))
                 (Path(folder) / "state.json").write_text(
                     json.dumps({"epoch": epoch, "history": history, "resumes": resumes})
                 )
                 checkpoint = ray.train.Checkpoint.from_directory(folder)
             ray.train.report(report, checkpoint=checkpoint)
+        if stop:
+            break
+
+
+def reseed(augmenter, seed: int, epoch: int, rank: int) -> None:
+    """Put every random layer of ``augmenter`` at a state that depends on ``(seed, epoch, rank)`` only, so
+    an epoch's augmentation is the same in a run that resumed before it as in one that never stopped."""
+    if augmenter is None:
+        return
+    base = int(np.random.default_rng([seed, epoch, rank, 1]).integers(0, 2**31 - 1))
+    generators = [g for layer in augmenter.layers for g in getattr(layer, "_seed_generators", [])]
+    for index, generator in enumerate(generators):
+        generator.state.assign(np.array([base + index, 0], dtype=generator.state.dtype))
+
+
+def stop_reason(history: list[dict[str, Any]], config: TrainConfig) -> str | None:
+    """Why a run ends before ``config.epochs``: ``collapsed`` (see :func:`is_collapsed`), or ``early
+    stopping`` when ``patience`` epochs passed without a better validation objective; None to go on."""
+    latest = history[-1]
+    if latest["collapsed"]:
+        return "collapsed"
+    if config.patience and latest["epoch"] < config.epochs:
+        scored = [
+            (e["val_objective"] if e["val_objective"] is not None else 0.5, -e["epoch"]) for e in history
+        ]
+        best_epoch = -max(scored)[1]
+        if latest["epoch"] - best_epoch >= config.patience:
+            return "early stopping"
+    return None
 
 
 CHECKPOINT_SNAPSHOT = "checkpoint_manager_snapshot.json"  # where Ray Train records registered checkpoints
@@ -271,12 +483,6 @@ def _epoch_metrics(labels: np.ndarray, scores: np.ndarray, losses: np.ndarray) -
         "sensitivity": result.sensitivity,
         "specificity": result.specificity,
     }
-
-
-def _config_from_dict(settings: dict[str, Any]) -> TrainConfig:
-    settings = dict(settings)
-    settings["augment"] = AugmentConfig(**settings["augment"])
-    return TrainConfig(**settings)
 
 
 # -- the driver ---------------------------------------------------------------------------------------
@@ -322,7 +528,7 @@ def run_trainer(
         },
         scaling_config=scaling,
         datasets={"train": train, "val": val},
-        dataset_config=DataConfig(datasets_to_split=["train"]),
+        dataset_config=DataConfig(datasets_to_split=[]),  # each worker takes its rows (train_loop_per_worker)
         run_config=RunConfig(
             name=run_name,
             storage_path=storage.path(RUNS),
@@ -416,20 +622,25 @@ def publish_model_version(
     """Evaluate ``checkpoint`` (threshold on val, metrics on test) and write a model version.
 
     ``latest`` is the run's last saved state: the full history, which the best checkpoint may predate.
+    The model is evaluated, and saved, in its inference precision (:func:`inference_precision`): the
+    saved file carries the dtype policy, so evaluation jobs, promotion and the endpoint compute exactly
+    as the threshold and test metrics were validated.
     """
     history = latest["history"]
-    from lxn_ray.model import build_lxn, save_model
+    from lxn_ray.model import save_model
 
-    model = build_lxn(config.model)
     with checkpoint.as_directory() as folder:
-        model.load_weights(Path(folder) / "model.weights.h5")
         state = json.loads((Path(folder) / "state.json").read_text())
+        best_entry = next((e for e in history if e["epoch"] == state["epoch"]), {})
+        trained_in = best_entry.get("precision", "float32")
+        model = build_in_precision(config.model, inference_precision(trained_in))
+        model.load_weights(Path(folder) / "model.weights.h5")
     task = resolve_task(config.task)
     val_labels, val_scores, val_sources = score_split(
-        model, storage, version, "val", config.image_size, config.task, config.sources
+        model, storage, version, "val", config.image_size, config.task, config.sources, config.preprocessing
     )
     test_labels, test_scores, test_sources = score_split(
-        model, storage, version, "test", config.image_size, config.task, config.sources
+        model, storage, version, "test", config.image_size, config.task, config.sources, config.preprocessing
     )
     threshold = metrics.youden_threshold(val_labels, val_scores)
     val = metrics.binary_metrics(val_labels, val_scores, threshold)
@@ -478,6 +689,15 @@ def publish_model_version(
         model_version, version, config, state, latest, threshold, val_summary, test_summary, seconds, run_name
     )
     card.update(
+        precision={
+            "training": trained_in,
+            "inference": inference_precision(trained_in),
+            "note": "threshold and test metrics were computed in the inference precision; the saved "
+            "model computes in it wherever it is loaded (evaluation, promotion, serving)",
+        },
+        collapsed=bool(best_entry.get("collapsed", False)),
+        epochs_run=len(history),
+        stopped=history[-1].get("stop") if history else None,
         task=task.as_dict(),
         label_names={"1": task.positive_name, "0": task.negative_name},
         sources=evaluation,
@@ -492,6 +712,11 @@ def publish_model_version(
     return {
         "model_version": model_version,
         "dataset_version": version,
+        "collapsed": card["collapsed"],
+        "precision": card["precision"],
+        "recipe": recipe(config),
+        "epochs_run": card["epochs_run"],
+        "stopped": card["stopped"],
         "checkpoint": storage.uri_of(f"{prefix}/model.keras"),
         "threshold": threshold,
         "best_epoch": state["epoch"],
@@ -508,6 +733,41 @@ def publish_model_version(
         "warnings": card["warnings"],
         "seconds": round(seconds, 1),
     }
+
+
+def inference_precision(trained_in: str) -> str:
+    """The precision a model is validated and served in: bfloat16 when it trained in bfloat16 (a CPU that
+    computes it natively; ~3x float32's inference rate there, see benchmarks/RESULTS.md), else float32 -
+    a float16 model trained on GPUs is validated in float32, which every CPU and GPU runs exactly."""
+    return "bfloat16" if trained_in == "bfloat16" else "float32"
+
+
+def build_in_precision(model_config: ModelConfig, precision: str):
+    """:func:`lxn_ray.model.build_lxn` under ``precision``'s dtype policy (the global policy is restored)."""
+    import keras
+
+    from lxn_ray.model import build_lxn, precision_policy
+
+    previous = keras.mixed_precision.global_policy()
+    keras.mixed_precision.set_global_policy(precision_policy(precision))
+    try:
+        return build_lxn(model_config)
+    finally:
+        keras.mixed_precision.set_global_policy(previous)
+
+
+def recipe(config: TrainConfig) -> str:
+    """One line naming every recipe switch of ``config`` (job summaries and the search table)."""
+    preprocessing = config.preprocessing
+    prep = [name for name, on in (("trim", preprocessing.trim_borders),) if on]
+    if preprocessing.equalization != "none":
+        prep.append(preprocessing.equalization)
+    schedule = config.schedule + (f"+{config.warmup_epochs} warm-up" if config.schedule == "cosine" else "")
+    return (
+        f"{config.architecture}, {config.optimizer} lr {config.learning_rate:.2g} {schedule}, "
+        f"{config.sampling} sampling, preprocessing {'+'.join(prep) or 'none'}, "
+        f"{config.epochs} epochs max" + (f" (patience {config.patience})" if config.patience else "")
+    )
 
 
 MIN_IMAGES_PER_CLASS = 20  # a split with fewer images of a class gets a warning: its metrics are noise
@@ -582,28 +842,34 @@ def score_split(
     image_size: int,
     task: str = DEFAULT_TASK,
     sources: tuple[str, ...] = (),
+    preprocessing: PreprocessConfig = DEFAULT_PREPROCESSING,
 ) -> tuple[np.ndarray, np.ndarray, list[str]]:
     """(labels int64 (n,), probabilities float32 (n,), source names (n,)) of ``model`` on the rows of one
-    split (None: all splits) that ``task`` uses, from ``sources`` (empty: all)."""
+    split (None: all splits) that ``task`` uses, from ``sources`` (empty: all), through the model's
+    ``preprocessing``."""
     from lxn_ray.model import predict_probabilities
     from lxn_ray.preprocess import preprocess_bytes
 
     table = dataset.read_split(storage, version, split, task, sources)
     labels = np.asarray(table.column("label").to_pylist(), dtype=np.int64)
     images = [
-        preprocess_bytes(storage.read_bytes(key), image_size) for key in table.column("image_key").to_pylist()
+        preprocess_bytes(storage.read_bytes(key), image_size, preprocessing=preprocessing)
+        for key in table.column("image_key").to_pylist()
     ]
     return labels, predict_probabilities(model, images), table.column("source").to_pylist()
 
 
 def score_registered(storage: Storage, model_version: str, version: str, split: str, task: str | None = None):
     """(labels, scores, sources, ModelRef) of a registered model on one split of ``version`` for ``task``
-    (default: the model's own), at the model's own input size - how promotion rules compare two models on
-    the same images."""
+    (default: the model's own), at the model's own input size and preprocessing - how promotion rules
+    compare two models on the same images."""
     reference = registry.resolve(storage, model_version)
     model = reference.load()
-    task = task or reference.card.get("config", {}).get("task") or DEFAULT_TASK
-    labels, scores, sources = score_split(model, storage, version, split, int(model.input_shape[1]), task)
+    settings = reference.card.get("config", {})
+    task = task or settings.get("task") or DEFAULT_TASK
+    preprocessing = PreprocessConfig.from_mapping(settings.get("preprocessing"))
+    size = int(model.input_shape[1])
+    labels, scores, sources = score_split(model, storage, version, split, size, task, (), preprocessing)
     return labels, scores, sources, reference
 
 

@@ -45,7 +45,7 @@ from typing import Any
 from ray.tune import Callback
 
 from lxn_ray import dataset, registry
-from lxn_ray.preprocess import AugmentConfig
+from lxn_ray.preprocess import AugmentConfig, PreprocessConfig
 from lxn_ray.promotion import decide, evaluate_pair
 from lxn_ray.resources import (
     DEFAULT_STALL_TIMEOUT_S,
@@ -72,6 +72,17 @@ AUGMENT_RANGES: dict[str, float] = {
     "contrast": 0.2,
 }
 LR_RANGE = (1e-5, 1e-2)
+# The recipe's searched switches (space "full"); "paper" fixes each at its first value, the paper's.
+RECIPE_CHOICES: dict[str, tuple[Any, ...]] = {
+    "optimizer": ("rmsprop", "adam", "adamw"),
+    "schedule": ("constant", "cosine"),
+    "architecture": ("lxn", "lxn-bn"),
+    "sampling": ("weighted", "class-balanced", "source-balanced"),
+    "equalization": ("none", "histogram", "clahe"),
+    "trim_borders": (False, True),
+}
+SPACES = ("full", "paper")
+WARMUP_EPOCHS = 1  # of a cosine schedule in a trial
 
 
 def log(message: str) -> None:
@@ -97,12 +108,22 @@ class TuneSettings:
     time_budget_s: float | None = None  # stop the search after this long (resumable with --resume)
     stall_timeout_s: float = DEFAULT_STALL_TIMEOUT_S  # end a search stalled this long (0: never)
     task: str = DEFAULT_TASK  # which findings are positive, negative, unused (lxn_ray.tasks)
+    precision: str = "auto"  # every trial's training precision (lxn_ray.model.resolve_precision)
+    patience: int = 0  # early stopping in every trial (0: off; ASHA stops weak trials anyway)
+    space: str = "full"  # full: the recipe is searched too; paper: learning rate and augmentation only
+    repeats: int = 0  # retrain the best config with this many more seeds and report the spread
+
+    def __post_init__(self) -> None:
+        if self.space not in SPACES:
+            raise ValueError(f"space must be one of {', '.join(SPACES)}, got {self.space!r}")
+        if self.repeats < 0 or self.num_samples < 1 or self.epochs < 1:
+            raise ValueError(f"num_samples and epochs must be >= 1 and repeats >= 0: {self}")
 
     def digest(self) -> str:
-        """Digest of what decides the trials; concurrency, time budget and watchdog do not, so they may
-        change between a search and its --resume."""
+        """Digest of what decides the trials; concurrency, time budget, watchdog and repeats do not, so
+        they may change between a search and its --resume."""
         settings = dataclasses.asdict(self)
-        for key in ("max_concurrent", "time_budget_s", "stall_timeout_s"):
+        for key in ("max_concurrent", "time_budget_s", "stall_timeout_s", "repeats"):
             settings.pop(key)
         return hashlib.sha256(json.dumps(settings, sort_keys=True).encode()).hexdigest()[:8]
 
@@ -134,7 +155,8 @@ def choose_experiment(storage: Storage, base: str, resume: bool) -> str:
 
 # -- the search space -----------------------------------------------------------------------------------
 def search_space(settings: TuneSettings) -> dict[str, Any]:
-    """Learning rate (log-uniform) and augmentation strengths; batch and image size when choices are given."""
+    """Learning rate (log-uniform), augmentation strengths and, in the ``full`` space, the recipe
+    (:data:`RECIPE_CHOICES`); batch and image size when choices are given."""
     from ray import tune
 
     space: dict[str, Any] = {
@@ -142,6 +164,8 @@ def search_space(settings: TuneSettings) -> dict[str, Any]:
         **{name: tune.uniform(0.0, upper) for name, upper in AUGMENT_RANGES.items()},
         "horizontal_flip": tune.choice([True, False]),
     }
+    if settings.space == "full":
+        space.update({name: tune.choice(list(choices)) for name, choices in RECIPE_CHOICES.items()})
     if settings.batch_sizes:
         space["batch_size"] = tune.choice(list(settings.batch_sizes))
     if settings.image_sizes:
@@ -155,6 +179,7 @@ def trial_train_config(trial: dict[str, Any], settings: TuneSettings) -> TrainCo
         **{name: float(trial[name]) for name in AUGMENT_RANGES},
         horizontal_flip=bool(trial["horizontal_flip"]),
     )
+    recipe = {name: trial.get(name, choices[0]) for name, choices in RECIPE_CHOICES.items()}
     return TrainConfig(
         image_size=int(trial.get("image_size", settings.image_size)),
         width=settings.width,
@@ -165,6 +190,16 @@ def trial_train_config(trial: dict[str, Any], settings: TuneSettings) -> TrainCo
         workers=settings.workers_per_trial,
         seed=settings.seed,
         task=settings.task,
+        precision=settings.precision,
+        patience=settings.patience,
+        optimizer=recipe["optimizer"],
+        schedule=recipe["schedule"],
+        warmup_epochs=WARMUP_EPOCHS if recipe["schedule"] == "cosine" else 0,
+        sampling=recipe["sampling"],
+        architecture=recipe["architecture"],
+        preprocessing=PreprocessConfig(
+            trim_borders=bool(recipe["trim_borders"]), equalization=recipe["equalization"]
+        ),
     )
 
 
@@ -172,6 +207,42 @@ def augment_strength(trial: dict[str, Any]) -> float:
     """0 (no augmentation) .. 1 (every searched transform at its upper bound), flip not counted."""
     return sum(float(trial.get(name, 0.0)) / upper for name, upper in AUGMENT_RANGES.items()) / len(
         AUGMENT_RANGES
+    )
+
+
+# Training throughput of LxN per CPU core, in FLOP/s of a training step (3x the forward pass), with each
+# epoch's validation and checkpoint: measured on a 2-core AVX-512 + AMX machine (benchmarks/RESULTS.md:
+# 3.3e11 bfloat16 and 9.8e10 float32 at 200 px on a quiet machine, ~1e11 bfloat16 at 128 px beside other
+# work) and rounded down, so the plan's time is an upper bound.
+TRAIN_FLOPS_PER_CORE = {"bfloat16": 1e11, "float32": 4e10}
+TRAIN_FLOPS_PER_GPU = 5e12  # a conservative float16 figure for a data-centre GPU
+TRIAL_START_S = 30.0  # a trial's Ray Train worker and TensorFlow start-up on a small machine
+
+
+def plan(storage: Storage, version: str, settings: TuneSettings) -> str:
+    """The line a search prints before it starts: trials, epochs, image size, precision, expected time.
+
+    The time is an upper bound - every trial running every epoch - from :data:`TRAIN_FLOPS_PER_CORE` times
+    the cluster's CPUs (trials side by side share them), or one GPU per running trial; ASHA and early
+    stopping usually end the search sooner. A rough guide, printed so a user can stop and shrink a
+    search that would not fit their time."""
+    import ray
+
+    from lxn_ray.model import ModelConfig, flops_per_image, resolve_precision
+
+    total = ray.cluster_resources()
+    gpus, cpus = int(total.get("GPU", 0)), max(1, int(total.get("CPU", 1)))
+    precision = resolve_precision(settings.precision, on_gpu=gpus > 0)
+    sizes = settings.image_sizes or (settings.image_size,)
+    images = dataset.read_split(storage, version, "train", settings.task).num_rows
+    step = 3 * max(flops_per_image(ModelConfig(image_size=size, width=settings.width)) for size in sizes)
+    work = settings.num_samples * settings.epochs * images * step
+    seconds = work / (TRAIN_FLOPS_PER_GPU * gpus if gpus else TRAIN_FLOPS_PER_CORE[precision] * cpus)
+    seconds += settings.num_samples * TRIAL_START_S
+    return (
+        f"plan: {settings.num_samples} trials x up to {settings.epochs} epochs of {images} training images "
+        f"at {'/'.join(map(str, sizes))} px in {precision}; expected at most ~{seconds / 60:.0f} min "
+        "(ASHA and early stopping usually end sooner)"
     )
 
 
@@ -421,9 +492,11 @@ def build_tuner(
     )
     log(
         f"search {name}: {settings.num_samples} trials x {settings.epochs} epochs on dataset {version}, "
-        f"{searcher_name} search, {'ASHA' if settings.asha else 'FIFO'}, up to {max_concurrent} at once "
+        f"{searcher_name} search of the {settings.space} space, {'ASHA' if settings.asha else 'FIFO'}, "
+        f"up to {max_concurrent} at once "
         f"({settings.workers_per_trial} worker(s) x {cpus_per_worker} CPU each)"
     )
+    log(plan(storage, version, settings))
     return tuner, searcher_name, max_concurrent
 
 
@@ -454,10 +527,8 @@ def search(
     rows = trial_rows(results, settings)
     storage.write_bytes(f"{TUNE}/{name}/trials.csv", trials_csv(rows))
     storage.write_bytes(f"{TUNE}/{name}/search.png", search_plot(rows))
-    finished = [row for row in rows if row["objective_best"] is not None]
-    if not finished:
-        raise RuntimeError(f"no trial of search {name} reported a val AUC ({len(rows)} trials)")
-    best_row = max(finished, key=lambda row: (row["objective_best"], -row["seconds"]))
+    best_row = choose_best(rows, name)
+    collapsed = sum(row["status"] == "COLLAPSED" for row in rows)
     published = publish_best(storage, version, settings, name, best_row, time.monotonic() - started)
     promotion = None
     promoted, reason = False, "not asked"
@@ -469,6 +540,7 @@ def search(
     if promoted:
         registry.promote(storage, published["model_version"], reason=f"tune {name}: {reason}")
     errored = [row["trial_id"] for row in rows if row["status"] == "ERROR"]
+    repeats = repeat_best(storage, version, settings, best_row, published) if settings.repeats else None
     return {
         "job": "tune",
         "experiment": storage.uri_of(f"{TUNE}/{name}"),
@@ -486,6 +558,7 @@ def search(
             "count": len(rows),
             "completed": sum(row["status"] == "COMPLETED" for row in rows),
             "stopped_early": sum(row["status"] == "STOPPED" for row in rows),
+            "collapsed": collapsed,
             "errored": errored,
             "csv": storage.uri_of(f"{TUNE}/{name}/trials.csv"),
             "plot": storage.uri_of(f"{TUNE}/{name}/search.png"),
@@ -499,6 +572,7 @@ def search(
         },
         "test": published["test"],
         "threshold": published["threshold"],
+        "repeats": repeats,
         "champion": registry.champion(storage),
         "promoted": promoted,
         "promotion_reason": reason,
@@ -545,11 +619,16 @@ def trial_rows(results: Any, settings: TuneSettings) -> list[dict[str, Any]]:
         frame = result.metrics_dataframe
         metrics = result.metrics or {}
         history = frame.to_dict("records") if frame is not None and METRIC in frame else []
+        collapsed = any(_flag(r.get("collapsed")) for r in history)
+        # A collapsed epoch (lxn_ray.train.is_collapsed) never counts: its constant output scores 0.5.
+        history = [r for r in history if not _flag(r.get("collapsed"))]
         aucs = [float(r[METRIC]) for r in history if r.get(METRIC) is not None and not _isnan(r[METRIC])]
         epochs = [int(r["epoch"]) for r in history if r.get("epoch") is not None and not _isnan(r["epoch"])]
         epochs_run = max(epochs, default=0)
         if result.error is not None:
             status = "ERROR"
+        elif collapsed:
+            status = "COLLAPSED"
         elif epochs_run >= settings.epochs:
             status = "COMPLETED"
         else:
@@ -568,6 +647,24 @@ def trial_rows(results: Any, settings: TuneSettings) -> list[dict[str, Any]]:
             }
         )
     return sorted(rows, key=lambda row: row["trial_id"])
+
+
+def choose_best(rows: Sequence[dict[str, Any]], name: str = "the search") -> dict[str, Any]:
+    """The trial with the highest best val objective (ties: the faster). A trial that collapsed is never
+    the best, even by an epoch before it collapsed; raises RuntimeError when no trial is left."""
+    candidates = [row for row in rows if row["objective_best"] is not None and row["status"] != "COLLAPSED"]
+    if not candidates:
+        collapsed = sum(row["status"] == "COLLAPSED" for row in rows)
+        raise RuntimeError(
+            f"no trial of {name} has a usable val objective ({len(rows)} trials, {collapsed} collapsed to "
+            "a constant output: search lower learning rates)"
+        )
+    return max(candidates, key=lambda row: (row["objective_best"], -row["seconds"]))
+
+
+def _flag(value: Any) -> bool:
+    """A boolean metric as Tune's dataframe gives it back (bool, 0/1, NaN before it existed)."""
+    return bool(value) and not _isnan(value)
 
 
 def _isnan(value: Any) -> bool:
@@ -668,6 +765,59 @@ def publish_best(
     config = trial_train_config(best_row["config"], settings)
     published = publish_model_version(storage, version, config, checkpoint, latest, seconds, run_name)
     return {**published, "train_run": run_name}
+
+
+def repeat_best(
+    storage: Storage,
+    version: str,
+    settings: TuneSettings,
+    best_row: dict[str, Any],
+    published: dict[str, Any],
+) -> dict[str, Any]:
+    """``--repeats N``: train the best trial's config again with seeds ``seed+1 .. seed+N`` (each a model
+    version, never promoted) and report every run with the spread of its val objective and test AUC, so a
+    difference between trials can be read against the noise of one config. The spread is the sample
+    standard deviation (ddof=1) beside min and max; with N+1 runs it is a rough guide, not an interval."""
+    import numpy as np
+
+    from lxn_ray.train import train
+
+    config = trial_train_config(best_row["config"], settings)
+    runs = [
+        {
+            "seed": config.seed,
+            "val_objective": best_row["objective_best"],
+            "test_auc": published["test"]["auc"],
+            "model_version": published["model_version"],
+        }
+    ]
+    for offset in range(1, settings.repeats + 1):
+        seed = config.seed + offset
+        log(f"repeat {offset}/{settings.repeats}: the best config with seed {seed}")
+        published = train(storage, version, dataclasses.replace(config, seed=seed), fresh=False)
+        runs.append(
+            {
+                "seed": seed,
+                "val_objective": published["sources"]["val"]["objective"],
+                "test_auc": published["test"]["auc"],
+                "collapsed": published["collapsed"],
+                "model_version": published["model_version"],
+            }
+        )
+
+    def spread(key: str) -> dict[str, float] | None:
+        values = np.array([run[key] for run in runs if run.get(key) is not None], dtype=float)
+        if len(values) < 2:
+            return None
+        return {
+            "mean": round(float(values.mean()), 4),
+            "std": round(float(values.std(ddof=1)), 4),
+            "min": round(float(values.min()), 4),
+            "max": round(float(values.max()), 4),
+            "n": len(values),
+        }
+
+    return {"runs": runs, "val_objective": spread("val_objective"), "test_auc": spread("test_auc")}
 
 
 # -- the job --------------------------------------------------------------------------------------------

@@ -110,15 +110,47 @@ def test_train_job_two_workers_publishes_a_model_version(store, tmp_path):
     assert run_checkpoints  # per-epoch checkpoints live under storage
 
 
-def test_worker_death_and_interrupted_job_resume(store, tmp_path):
-    config = TrainConfig(**TINY, epochs=3, workers=2, augment=AugmentConfig(rotation=5))
-    # A worker process dies at the start of epoch 2: Ray Train replaces it and resumes from epoch 1.
-    survived = train(store, None, config, crash_once={"epoch": 2, "rank": 1, "marker": str(tmp_path / "a")})
-    card = registry.read_card(store, survived["model_version"])
-    assert [entry["epoch"] for entry in card["history"]] == [1, 2, 3]
-    assert card["resumes"] == 1
+# What resume must reproduce, epoch by epoch: losses and every score-based metric.
+COMPARED = ("train_loss", "train_auc", "val_loss", "val_auc", "val_accuracy", "batch_order")
 
-    # The whole job is interrupted (no retries left); rerunning the same job continues its run.
+
+def test_a_run_whose_worker_dies_continues_exactly_as_one_that_never_stopped(store, tmp_path):
+    """Float32, two workers, Adam with a cosine schedule and augmentation: everything resume must carry
+    (weights, optimizer moments and step, shuffling and augmentation streams) shows in epoch 2.
+
+    Tolerance 1e-6 absolute: both runs execute the same float32 kernels on the same inputs in the same
+    order, so they agree to the last bit here; the margin only allows for a kernel choosing another
+    reduction order between processes (oneDNN may, with several threads), which moves float32 losses
+    of order 1 by ~1e-7."""
+    config = TrainConfig(
+        **{**TINY, "learning_rate": 3e-3},
+        epochs=2,
+        workers=2,
+        precision="float32",
+        optimizer="adam",
+        schedule="cosine",
+        warmup_epochs=1,
+        augment=AugmentConfig(rotation=5, contrast=0.1),
+    )
+    never_stopped = train(store, None, config, fresh=True)
+    # A worker process dies at the start of epoch 2: Ray Train replaces it and resumes after epoch 1.
+    resumed = train(store, None, config, crash_once={"epoch": 2, "rank": 1, "marker": str(tmp_path / "a")})
+    cards = [registry.read_card(store, run["model_version"]) for run in (never_stopped, resumed)]
+    assert [card["resumes"] for card in cards] == [0, 1]
+    for epoch in (0, 1):
+        first, second = (card["history"][epoch] for card in cards)
+        for key in COMPARED:
+            if isinstance(first[key], str):
+                assert first[key] == second[key], (epoch + 1, key)
+            else:
+                assert abs(first[key] - second[key]) <= 1e-6, (epoch + 1, key, first[key], second[key])
+    # The epochs saw different orders, and the learning rate followed the schedule across the restart.
+    history = cards[1]["history"]
+    assert history[0]["batch_order"] != history[1]["batch_order"]
+    assert history[0]["learning_rate"] == cards[0]["history"][0]["learning_rate"]
+
+
+def test_an_interrupted_job_rerun_continues_its_run(store, tmp_path):
     other = TrainConfig(**TINY, epochs=3, workers=1, seed=1)
     with pytest.raises(Exception):  # noqa: B017 - Ray wraps the worker's death in its own error types
         train(
@@ -146,13 +178,53 @@ def test_workers_ask_for_one_gpu_each_when_the_cluster_has_gpus():
     assert forced.use_gpu and forced.resources_per_worker == {"CPU": 1, "GPU": 1}
 
 
-def test_mixed_precision_trains_and_publishes_a_float32_model(store):
-    published = train(store, None, TrainConfig(**TINY, epochs=1, mixed_precision=True))
+def test_bfloat16_trains_and_publishes_a_float32_model(store):
+    published = train(store, None, TrainConfig(**TINY, epochs=1, precision="bfloat16"))
     card = registry.read_card(store, published["model_version"])
-    assert card["config"]["mixed_precision"] is True and card["history"][0]["train_loss"] > 0
-    model = registry.resolve(store, published["model_version"]).load()
+    assert card["config"]["precision"] == "bfloat16" and card["history"][0]["precision"] == "bfloat16"
+    assert card["precision"]["training"] == "bfloat16" and card["precision"]["inference"] == "bfloat16"
+    assert card["history"][0]["train_loss"] > 0
+    model = registry.resolve(store, published["model_version"]).load()  # computes as it was validated
+    assert model.get_layer("block1_conv1").dtype_policy.name == "mixed_bfloat16"
     probabilities = model.predict(np.full((2, 32, 32, 3), 0.5, np.float32), verbose=0)
     assert probabilities.dtype == np.float32 and np.all((probabilities >= 0) & (probabilities <= 1))
+
+
+def test_a_searched_recipe_trains_is_recorded_and_scores_with_its_own_preprocessing(store):
+    from lxn_ray.preprocess import PreprocessConfig
+    from lxn_ray.train import score_registered
+
+    preprocessing = PreprocessConfig(trim_borders=True, equalization="clahe")
+    config = TrainConfig(
+        **TINY,
+        epochs=3,
+        optimizer="adamw",
+        schedule="cosine",
+        warmup_epochs=1,
+        patience=1,
+        sampling="source-balanced",
+        architecture="lxn-bn",
+        preprocessing=preprocessing,
+        precision="auto",
+    )
+    published = train(store, None, config)
+    card = registry.read_card(store, published["model_version"])
+    assert TrainConfig.from_dict(card["config"]) == config
+    assert "lxn-bn, adamw" in published["recipe"] and "trim+clahe" in published["recipe"]
+    assert card["precision"]["training"] in ("bfloat16", "float32") and not card["collapsed"]
+    assert 1 <= card["epochs_run"] <= 3 and card["history"][-1]["stop"] in (None, "early stopping")
+    rates = [entry["learning_rate"] for entry in card["history"]]
+    assert rates == sorted(rates, reverse=True)  # cosine decay after the warm-up epoch
+    reference = registry.resolve(store, published["model_version"])
+    assert reference.preprocessing == preprocessing
+    # Promotion rescoring sees the test split through the model's own preprocessing: the published
+    # test AUC is reproduced exactly.
+    labels, scores, _, _ = score_registered(
+        store, published["model_version"], card["dataset_version"], "test"
+    )
+    from lxn_ray import metrics
+
+    assert metrics.binary_metrics(labels, scores, card["threshold"]).auc == pytest.approx(card["test"]["auc"])
 
 
 def test_evaluate_job_scores_a_folder_with_subgroups_and_overlap(store, tmp_path, source_builder):

@@ -39,7 +39,7 @@ def searched(tmp_path_factory) -> tuple[Storage, dict, Path]:
     storage = Storage.open(str(root / "store"))
     report_path = root / "report.json"
     argv = ["--storage", storage.uri, "--source", str(source), "--num-samples", "2", "--epochs", "1", *TINY]
-    assert tune_main([*argv, "--report", str(report_path)]) == 0
+    assert tune_main([*argv, "--repeats", "1", "--report", str(report_path)]) == 0
     return storage, json.loads(report_path.read_text()), root
 
 
@@ -53,7 +53,17 @@ def test_search_ingests_registers_and_sets_a_champion(searched):
         best["config"]
     )
     assert 1e-5 <= best["config"]["learning_rate"] <= 1e-2
+    assert {"optimizer", "schedule", "architecture", "sampling", "equalization", "trim_borders"} <= set(
+        best["config"]
+    )  # the default (full) space searches the recipe
     assert 0.0 <= best["val_objective"] <= 1.0
+    # --repeats 1: the best config trained again with the next seed, the spread over both runs reported.
+    repeats = report["repeats"]
+    assert [run["seed"] for run in repeats["runs"]] == [0, 1]
+    assert repeats["runs"][0]["model_version"] == best["model_version"]
+    assert repeats["runs"][1]["model_version"] in registry.list_versions(storage)
+    assert repeats["test_auc"]["n"] == 2 and repeats["test_auc"]["min"] <= repeats["test_auc"]["max"]
+    assert report["trials"]["collapsed"] >= 0
     assert set(report["test"]) >= {"auc", "auc_ci", "sensitivity", "specificity", "n"}
     assert report["promoted"] is True and report["promotion_reason"].startswith("no champion yet")
     assert report["task"] == "covid-vs-rest" and report["promotion"]["shortcut"]["fired"] is False
