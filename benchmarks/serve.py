@@ -77,7 +77,9 @@ def in_process(storage: Storage, model: str, data: bytes, batch: int, seconds: f
     preprocessing = loaded.preprocessing
     with_preprocessing = rate(
         lambda: loaded.forward(
-            np.stack([preprocess_bytes(data, loaded.image_size, preprocessing=preprocessing)] * batch)
+            np.stack(
+                [preprocess_bytes(data, loaded.image_size, preprocessing=preprocessing) for _ in range(batch)]
+            )
         )
     )
     twin = float32_twin(storage, model)
