@@ -181,8 +181,6 @@ def class_weights(positives: int, negatives: int) -> tuple[float, float]:
 
 
 def weighted_bce(labels, probabilities, w_pos: float, w_neg: float) -> tf.Tensor:
-    import tensorflow as tf
-
     """Per-example weighted binary cross-entropy, shape ``[batch]``, float32.
 
     ``-(w_pos * y * log(p) + w_neg * (1 - y) * log(1 - p))``. Per example (not reduced) so that the
@@ -190,6 +188,8 @@ def weighted_bce(labels, probabilities, w_pos: float, w_neg: float) -> tf.Tensor
     here would be a per-replica mean and scale gradients wrongly across workers. ``labels`` may be
     ``[batch]`` or ``[batch, 1]``, any numeric dtype; ``probabilities`` is the model output.
     """
+    import tensorflow as tf
+
     probabilities = tf.reshape(tf.cast(probabilities, tf.float32), [-1])
     labels = tf.reshape(tf.cast(labels, tf.float32), [-1])
     probabilities = tf.clip_by_value(probabilities, PROBABILITY_EPSILON, 1.0 - PROBABILITY_EPSILON)
@@ -331,8 +331,6 @@ def save_model(model: keras.Model, path: str | Path) -> Path:
 
 
 def load_model(path: str | Path) -> keras.Model:
-    import keras
-
     """Load a ``.keras`` archive with ``safe_mode=True``.
 
     Safe mode refuses to deserialize Lambda layers or other embedded bytecode, so loading a model file
@@ -340,6 +338,8 @@ def load_model(path: str | Path) -> keras.Model:
     keeps us honest: LxN uses built-in layers only. ``compile=False``: the loop supplies its own loss and
     optimizer, and inference needs neither.
     """
+    import keras
+
     return keras.models.load_model(Path(path), compile=False, safe_mode=True)
 
 
@@ -366,7 +366,7 @@ def flops_per_image(config: ModelConfig = ModelConfig()) -> float:
 
 
 def predict_probabilities(model: keras.Model, images, batch_size: int = 32) -> np.ndarray:
-    """P(COVID-19) for a sequence of preprocessed ``(s, s, 3)`` arrays, in batches; shape ``(n,)``."""
+    """P(positive) for a sequence of preprocessed ``(s, s, 3)`` arrays, in batches; float32 ``(n,)``."""
     scores = [
         np.asarray(model.predict_on_batch(np.stack(images[start : start + batch_size]))).reshape(-1)
         for start in range(0, len(images), batch_size)
