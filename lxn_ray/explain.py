@@ -94,8 +94,9 @@ def render_overlay(
 ) -> bytes:
     """PNG: the radiograph in grayscale under a semi-transparent jet heat map, with a caption band.
 
-    ``heatmap`` is in model-input coordinates. Preprocessing is a plain resize of the whole film (no crop
-    or letterbox), so stretching the map back to the film's own aspect puts every cell where it belongs.
+    ``heatmap`` is in model-input coordinates. Preprocessing is a plain resize (no letterbox) of the film
+    or, for a model that trims borders, of :func:`lxn_ray.preprocess.film_region` - pass that region as
+    ``radiograph`` - so stretching the map back to its aspect puts every cell where it belongs.
     """
     if not 0.0 <= alpha <= 1.0:
         raise ValueError(f"alpha must be in [0, 1], got {alpha}")

@@ -233,9 +233,9 @@ def bootstrap_auc_ci(
     return _percentile_interval(aucs, confidence)
 
 
-def fmt(value: float | None) -> str:
-    """A metric for people: three decimals, or ``n/a`` when undefined (e.g. AUC on a one-class split)."""
-    return "n/a" if value is None else f"{value:.3f}"
+def fmt(value: float | None, digits: int = 3) -> str:
+    """A metric for people: ``digits`` decimals, or ``n/a`` when undefined (e.g. AUC on a one-class split)."""
+    return "n/a" if value is None else f"{value:.{digits}f}"
 
 
 def paired_bootstrap_auc_difference(

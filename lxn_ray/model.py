@@ -138,7 +138,9 @@ def build_lxn(config: ModelConfig = ModelConfig()) -> keras.Model:
                     use_bias=False,
                     name=f"{name}_linear",
                 )(x)
-                x = keras.layers.BatchNormalization(name=f"{name}_bn")(x)
+                # Synchronized: batch statistics over the global batch (all Ray Train workers), so every
+                # rank keeps the same moving statistics and scores validation identically.
+                x = keras.layers.BatchNormalization(synchronized=True, name=f"{name}_bn")(x)
                 x = keras.layers.ReLU(name=name)(x)
             else:
                 x = keras.layers.Conv2D(

@@ -290,6 +290,18 @@ def equalize(gray: np.ndarray, method: str, clip_limit: float = 0.01) -> np.ndar
     return np.clip(np.rint(np.asarray(result, dtype=np.float64) * 255.0), 0, 255).astype(np.uint8)
 
 
+def film_region(gray: Image.Image, preprocessing: PreprocessConfig = DEFAULT_PREPROCESSING) -> Image.Image:
+    """The part of a decoded grayscale film the model sees before resizing: the crop of
+    :func:`trim_borders` when ``preprocessing.trim_borders``, else the film itself. A Grad-CAM overlay is
+    drawn on this region, so its heat map sits where the model looked."""
+    if not preprocessing.trim_borders:
+        return gray
+    top, bottom, left, right = _trim_box(np.asarray(gray, dtype=np.uint8))
+    if (top, bottom, left, right) == (0, gray.height, 0, gray.width):
+        return gray
+    return gray.crop((left, top, right, bottom))
+
+
 def _check_arguments(image_size: int, preprocessing: PreprocessConfig) -> None:
     if not isinstance(image_size, int) or isinstance(image_size, bool) or image_size < 1:
         raise ValueError(f"image_size must be a positive int, got {image_size!r}")
@@ -321,11 +333,7 @@ def preprocess_pixels(
     _check_arguments(image_size, preprocessing)
     decoded = decode_image(data, limits)
     try:
-        gray = to_grayscale(decoded.image)
-        if preprocessing.trim_borders:
-            top, bottom, left, right = _trim_box(np.asarray(gray, dtype=np.uint8))
-            if (top, bottom, left, right) != (0, gray.height, 0, gray.width):
-                gray = gray.crop((left, top, right, bottom))
+        gray = film_region(to_grayscale(decoded.image), preprocessing)
         # Bilinear with PIL's support scaling is area-aware when shrinking (no aliasing from 20 MP films);
         # reducing_gap first box-reduces very large images, which is much faster and visually identical.
         resized = gray.resize((image_size, image_size), Image.Resampling.BILINEAR, reducing_gap=3.0)

@@ -13,7 +13,8 @@ classes, else the pooled AUC) and the comparison a paired bootstrap of its diffe
   must show it found something better, not noise - a constant-output model at AUC 0.500 does not "beat"
   0.483.
 * guard, both: a challenger whose source-shortcut check fires on the test split
-  (:func:`lxn_ray.metrics.shortcut_check`) is never promoted automatically (``registry promote`` still can).
+  (:func:`lxn_ray.metrics.shortcut_check`) is never promoted automatically (``registry promote`` still can),
+  nor one whose training run collapsed to a constant or non-finite output (its card's ``collapsed``).
 * a store without a champion takes the first model that passes the guard.
 """
 
@@ -72,7 +73,8 @@ def evaluate_pair(
     from lxn_ray import registry
     from lxn_ray.train import shortcut_check_for_task
 
-    task = registry.read_card(storage, challenger).get("config", {}).get("task")
+    card = registry.read_card(storage, challenger)
+    task = card.get("config", {}).get("task")
     labels, challenger_scores, sources, challenger_metrics = score_on_test(storage, challenger, version, task)
     evaluation: dict[str, Any] = {
         "split": "test",
@@ -87,6 +89,7 @@ def evaluate_pair(
         "difference_ci": None,
         "resamples": resamples,
         "shortcut": shortcut_check_for_task(labels, challenger_scores, sources, resolve_task(task), seed),
+        "collapsed": bool(card.get("collapsed", False)),
     }
     if champion is None:
         return evaluation
@@ -110,6 +113,8 @@ def decide(
 ) -> tuple[bool, str]:
     """(promote?, why) by the module's rules; ``margin`` None is tune's superiority rule."""
     shortcut = evaluation.get("shortcut") or {}
+    if evaluation.get("collapsed"):
+        return False, f"{challenger}'s training run collapsed to a constant or non-finite output"
     if shortcut.get("fired"):
         return False, f"{shortcut.get('warning')} (the guard: `registry promote` can still promote it)"
     if champion is None:

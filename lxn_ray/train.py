@@ -76,7 +76,8 @@ class TrainConfig:
     - ``architecture`` lxn | lxn-bn (:class:`lxn_ray.model.ModelConfig`); ``preprocessing``: border
       trimming and histogram equalisation/CLAHE, applied identically in training, evaluation and serving.
     - ``precision`` auto | float32 | bfloat16 | float16 (:func:`lxn_ray.model.resolve_precision`): the
-      compute precision of training; the card records what ran. Evaluation and serving run float32.
+      compute precision of training; the card records what ran. The model is validated and served in its
+      inference precision (:func:`inference_precision`).
     """
 
     image_size: int = 200
@@ -108,8 +109,13 @@ class TrainConfig:
             raise ValueError(f"precision must be one of {', '.join(PRECISIONS)}, got {self.precision!r}")
         if self.sampling not in SAMPLINGS:
             raise ValueError(f"sampling must be one of {', '.join(SAMPLINGS)}, got {self.sampling!r}")
-        if self.epochs < 1 or self.batch_size < 1 or self.patience < 0 or self.warmup_epochs < 0:
-            raise ValueError(f"epochs and batch_size must be >= 1, patience and warmup_epochs >= 0: {self}")
+        if self.epochs < 1 or self.patience < 0 or self.warmup_epochs < 0:
+            raise ValueError(f"epochs must be >= 1, patience and warmup_epochs >= 0: {self}")
+        if self.batch_size < max(1, self.workers):
+            raise ValueError(
+                f"batch_size {self.batch_size} is the global batch, split over {self.workers} workers: it "
+                "must give every worker at least one image"
+            )
 
     @property
     def model(self) -> ModelConfig:
@@ -143,7 +149,8 @@ class TrainConfig:
             )
         settings["preprocessing"] = PreprocessConfig.from_mapping(settings.get("preprocessing"))
         if "mixed_precision" in settings:
-            settings.setdefault("precision", "float16" if settings.pop("mixed_precision") else "float32")
+            # float16 then meant "on GPUs": auto still picks it there, and runs on CPUs as they can.
+            settings.setdefault("precision", "auto" if settings.pop("mixed_precision") else "float32")
         settings["sources"] = tuple(settings.get("sources", ()))
         known = {f.name for f in dataclasses.fields(cls)}
         return cls(**{key: value for key, value in settings.items() if key in known})
@@ -253,11 +260,13 @@ def train_loop_per_worker(loop_config: dict[str, Any]) -> None:
     """One worker of a data-parallel run. ``loop_config``: TrainConfig fields plus class weights.
 
     Every worker holds the whole (uint8) training split and walks the same seeded epoch order
-    (:func:`epoch_order`); global batch ``b`` is split over the workers rank by rank and the loss is
-    averaged over the global batch, so N workers take exactly the steps one worker would (the
-    ``DistributedSampler`` scheme). Each epoch's checkpoint holds the weights, the optimizer's variables and
-    the history; shuffling and augmentation are reseeded from ``(seed, epoch, rank)`` at every epoch, so a
-    resumed run continues exactly as the uninterrupted one (float32; bfloat16 to rounding).
+    (:func:`epoch_order`); global batch ``b`` is split over the workers rank by rank (image i to rank
+    i mod N) and the loss is averaged over the global batch - the ``DistributedSampler`` scheme: N workers
+    take the global batches one worker would, each with its own augmentation draws, and lxn-bn's batch
+    normalisation is synchronised over them. Each epoch's checkpoint holds the weights, the optimizer's
+    variables and the history; shuffling and augmentation are reseeded from ``(seed, epoch, rank)`` at
+    every epoch, so a resumed run continues exactly as the uninterrupted one (float32 on CPUs; bfloat16
+    to rounding; GPU kernels are not deterministic by default).
     """
     import tensorflow as tf
 
@@ -378,7 +387,9 @@ def train_loop_per_worker(loop_config: dict[str, Any]) -> None:
         val_losses = weighted_bce(y, p, w_pos, w_neg).numpy()
         val = _epoch_metrics(y, p, val_losses)
         collapsed = is_collapsed(p, np.concatenate([train_losses, val_losses]))
-        objective, _ = metrics.selection_objective(y.astype(np.int64), p, val_data["source"].tolist())
+        objective = None
+        if not collapsed:
+            objective, _ = metrics.selection_objective(y.astype(np.int64), p, val_data["source"].tolist())
         entry = {
             "epoch": epoch,
             **{f"train_{k}": v for k, v in train.items()},
@@ -396,8 +407,9 @@ def train_loop_per_worker(loop_config: dict[str, Any]) -> None:
         entry["stop"] = stop
         if rank == 0:
             print(
-                f"[train] epoch {epoch}/{config.epochs}: loss {train['loss']:.4f} val_loss {val['loss']:.4f} "
-                f"val_auc {metrics.fmt(val['auc'])} val_acc {val['accuracy']:.3f} "
+                f"[train] epoch {epoch}/{config.epochs}: loss {metrics.fmt(train['loss'], 4)} "
+                f"val_loss {metrics.fmt(val['loss'], 4)} val_auc {metrics.fmt(val['auc'])} "
+                f"val_acc {metrics.fmt(val['accuracy'])} "
                 f"({entry['epoch_seconds']:.1f} s, {precision}){f'; stopping: {stop}' if stop else ''}",
                 flush=True,
             )
@@ -474,7 +486,10 @@ def _wait_until_registered(storage_uri: str, run_name: str, epoch: int, timeout_
 
 
 def _epoch_metrics(labels: np.ndarray, scores: np.ndarray, losses: np.ndarray) -> dict[str, float | None]:
-    # 0.5 during training: the operating threshold is chosen once, on val, after training.
+    """Loss, accuracy, AUC, sensitivity, specificity at 0.5 (the operating threshold is chosen once, on
+    val, after training); all None when the scores or losses are not finite (a collapsed epoch)."""
+    if not (np.all(np.isfinite(scores)) and np.all(np.isfinite(losses))):
+        return dict.fromkeys(("loss", "accuracy", "auc", "sensitivity", "specificity"))
     result = metrics.binary_metrics(labels, scores, 0.5)
     return {
         "loss": float(np.mean(losses)),
@@ -583,7 +598,7 @@ def train(
     cluster.connect()
     started = time.monotonic()
     version = dataset.resolve_version(storage, dataset_version)
-    run_name = f"train-{version}-{config.digest()}"
+    run_name = run_name_of(version, config)
     if fresh:
         run_name += f"-{datetime.now(timezone.utc):%Y%m%d-%H%M%S}"
     result = run_watched(
@@ -603,6 +618,12 @@ def train(
     latest = read_checkpoint_state(result.checkpoint)  # holds every epoch's metrics and the resume count
     seconds = time.monotonic() - started
     return publish_model_version(storage, version, config, best, latest, seconds, run_name)
+
+
+def run_name_of(version: str, config: TrainConfig) -> str:
+    """The training run of ``config`` on dataset ``version`` (without ``fresh``): rerunning the same job
+    resumes it, and a model card's ``train_run`` names it."""
+    return f"train-{version}-{config.digest()}"
 
 
 def read_checkpoint_state(checkpoint) -> dict[str, Any]:
@@ -695,7 +716,7 @@ def publish_model_version(
             "note": "threshold and test metrics were computed in the inference precision; the saved "
             "model computes in it wherever it is loaded (evaluation, promotion, serving)",
         },
-        collapsed=bool(best_entry.get("collapsed", False)),
+        collapsed=any(entry.get("collapsed", False) for entry in history),  # the run, not only the best epoch
         epochs_run=len(history),
         stopped=history[-1].get("stop") if history else None,
         task=task.as_dict(),

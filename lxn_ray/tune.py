@@ -776,32 +776,39 @@ def repeat_best(
 ) -> dict[str, Any]:
     """``--repeats N``: train the best trial's config again with seeds ``seed+1 .. seed+N`` (each a model
     version, never promoted) and report every run with the spread of its val objective and test AUC, so a
-    difference between trials can be read against the noise of one config. The spread is the sample
-    standard deviation (ddof=1) beside min and max; with N+1 runs it is a rough guide, not an interval."""
+    difference between trials can be read against the noise of one config. Every run is measured the
+    same way, from its model card (the published model's val objective and test AUC); a repeat already
+    published (a ``--resume``) is reported, not trained again. The spread is the sample standard deviation
+    (ddof=1) beside min and max; with N+1 runs it is a rough guide, not an interval."""
     import numpy as np
 
-    from lxn_ray.train import train
+    from lxn_ray.train import run_name_of, train
 
     config = trial_train_config(best_row["config"], settings)
-    runs = [
-        {
-            "seed": config.seed,
-            "val_objective": best_row["objective_best"],
-            "test_auc": published["test"]["auc"],
-            "model_version": published["model_version"],
-        }
-    ]
+    versions = [(published["model_version"], config.seed)]
     for offset in range(1, settings.repeats + 1):
-        seed = config.seed + offset
-        log(f"repeat {offset}/{settings.repeats}: the best config with seed {seed}")
-        published = train(storage, version, dataclasses.replace(config, seed=seed), fresh=False)
+        repeat = dataclasses.replace(config, seed=config.seed + offset)
+        done = [
+            existing
+            for existing in registry.list_versions(storage)
+            if registry.read_card(storage, existing).get("train_run") == run_name_of(version, repeat)
+        ]
+        if done:
+            log(f"repeat {offset}/{settings.repeats} (seed {repeat.seed}) already published as {done[-1]}")
+            versions.append((done[-1], repeat.seed))
+            continue
+        log(f"repeat {offset}/{settings.repeats}: the best config with seed {repeat.seed}")
+        versions.append((train(storage, version, repeat)["model_version"], repeat.seed))
+    runs = []
+    for model_version, seed in versions:
+        card = registry.read_card(storage, model_version)
         runs.append(
             {
                 "seed": seed,
-                "val_objective": published["sources"]["val"]["objective"],
-                "test_auc": published["test"]["auc"],
-                "collapsed": published["collapsed"],
-                "model_version": published["model_version"],
+                "val_objective": ((card.get("sources") or {}).get("val") or {}).get("objective"),
+                "test_auc": card["test"]["auc"],
+                "collapsed": bool(card.get("collapsed", False)),
+                "model_version": model_version,
             }
         )
 

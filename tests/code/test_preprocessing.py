@@ -387,3 +387,18 @@ def test_scikit_image_is_imported_only_for_equalisation() -> None:
         [sys.executable, "-c", script], capture_output=True, text=True, timeout=120, cwd=repo_root
     )
     assert result.returncode == 0, result.stderr
+
+
+def test_film_region_is_what_the_model_sees_before_resizing():
+    """The Grad-CAM overlay is drawn on this region: the trimmed crop when the model trims, else the film."""
+    from PIL import Image
+
+    from lxn_ray.preprocess import PreprocessConfig, film_region, trim_borders
+
+    film = np.random.default_rng(0).integers(60, 200, (120, 100), dtype=np.uint8)
+    framed = np.zeros((160, 140), dtype=np.uint8)
+    framed[20:140, 20:120] = film
+    image = Image.fromarray(framed, mode="L")
+    assert film_region(image) is image
+    region = film_region(image, PreprocessConfig(trim_borders=True))
+    assert region.size[::-1] == trim_borders(framed).shape == (120, 100)

@@ -182,7 +182,11 @@ def test_train_config_checks_its_recipe_and_reads_old_cards():
     assert TrainConfig.from_dict(dataclasses.asdict(config)) == config
     old_card = {"image_size": 64, "mixed_precision": True, "augment": {"rotation": 5.0}, "sources": ["a"]}
     read = TrainConfig.from_dict(old_card)
-    assert read.precision == "float16" and read.sources == ("a",) and read.optimizer == "rmsprop"
+    assert (
+        read.precision == "auto" and read.sources == ("a",) and read.optimizer == "rmsprop"
+    )  # float16 meant GPUs
+    with pytest.raises(ValueError, match="at least one image"):
+        TrainConfig(batch_size=2, workers=4)
     assert read.preprocessing == PreprocessConfig()
 
 
@@ -258,3 +262,19 @@ def test_a_collapsed_trial_is_counted_and_never_the_best():
     assert choose_best(rows)["trial_id"] == "bbbbbbbb"
     with pytest.raises(RuntimeError, match="1 collapsed"):
         choose_best([by_id["aaaaaaaa"]])
+
+
+def test_a_collapsed_challenger_is_never_promoted():
+    from lxn_ray.promotion import decide
+
+    evaluation = {
+        "collapsed": True,
+        "shortcut": {"fired": False},
+        "difference": 0.3,
+        "difference_ci": [0.2, 0.4],
+        "basis": "pooled AUC",
+        "n": 100,
+    }
+    promoted, reason = decide(evaluation, "new", None, margin=None)
+    assert not promoted and "collapsed" in reason
+    assert decide({**evaluation, "collapsed": False}, "new", "old", margin=None)[0]

@@ -206,6 +206,7 @@ def test_a_searched_recipe_trains_is_recorded_and_scores_with_its_own_preprocess
         architecture="lxn-bn",
         preprocessing=preprocessing,
         precision="auto",
+        workers=2,  # lxn-bn's batch normalisation synchronised over two workers
     )
     published = train(store, None, config)
     card = registry.read_card(store, published["model_version"])
