@@ -178,7 +178,7 @@ def test_workers_ask_for_one_gpu_each_when_the_cluster_has_gpus():
     assert forced.use_gpu and forced.resources_per_worker == {"CPU": 1, "GPU": 1}
 
 
-def test_bfloat16_trains_and_publishes_a_float32_model(store):
+def test_bfloat16_trains_and_publishes_a_model_that_computes_as_validated(store):
     published = train(store, None, TrainConfig(**TINY, epochs=1, precision="bfloat16"))
     card = registry.read_card(store, published["model_version"])
     assert card["config"]["precision"] == "bfloat16" and card["history"][0]["precision"] == "bfloat16"
