@@ -330,18 +330,43 @@ def preprocess_pixels(
     bars whose width would encode each source's typical aspect ratio - a shortcut to telling hospitals
     apart on this multi-source dataset. Most chest films are near-square, so the distortion is small.
     """
+    return _pixels_and_region(data, image_size, limits, preprocessing)[0]
+
+
+def _pixels_and_region(
+    data: bytes, image_size: int, limits: ImageLimits, preprocessing: PreprocessConfig
+) -> tuple[np.ndarray, Image.Image]:
+    """:func:`preprocess_pixels` and the :func:`film_region` it was resized from, from one decode."""
     _check_arguments(image_size, preprocessing)
     decoded = decode_image(data, limits)
     try:
-        gray = film_region(to_grayscale(decoded.image), preprocessing)
+        region = film_region(to_grayscale(decoded.image), preprocessing)
         # Bilinear with PIL's support scaling is area-aware when shrinking (no aliasing from 20 MP films);
         # reducing_gap first box-reduces very large images, which is much faster and visually identical.
-        resized = gray.resize((image_size, image_size), Image.Resampling.BILINEAR, reducing_gap=3.0)
+        resized = region.resize((image_size, image_size), Image.Resampling.BILINEAR, reducing_gap=3.0)
         pixels = np.asarray(resized, dtype=np.uint8)
         pixels = equalize(pixels, preprocessing.equalization, preprocessing.clahe_clip_limit)
     except (OSError, ValueError, MemoryError) as error:
         raise ImageRejected(f"could not preprocess image: {error}") from None
-    return pixels
+    return pixels, region
+
+
+def as_model_input(pixels: np.ndarray) -> np.ndarray:
+    """``(s, s)`` uint8 from :func:`preprocess_pixels` -> ``(s, s, 3)`` float32 in [0, 1], channels equal."""
+    scaled = pixels.astype(np.float32) / np.float32(255.0)
+    return np.repeat(scaled[:, :, np.newaxis], MODEL_CHANNELS, axis=2)
+
+
+def preprocess_for_explanation(
+    data: bytes,
+    image_size: int,
+    limits: ImageLimits = DEFAULT_LIMITS,
+    preprocessing: PreprocessConfig = DEFAULT_PREPROCESSING,
+) -> tuple[np.ndarray, Image.Image]:
+    """(:func:`preprocess_bytes`'s model input, the grayscale :func:`film_region` it shows) from one
+    decode: Grad-CAM's heat map, in model-input coordinates, is drawn over that region."""
+    pixels, region = _pixels_and_region(data, image_size, limits, preprocessing)
+    return as_model_input(pixels), region
 
 
 def preprocess_bytes(
@@ -356,9 +381,7 @@ def preprocess_bytes(
     errors (only :class:`ImageRejected` for bad bytes) and why the resize is a plain square one. With the
     default ``preprocessing`` the output is exactly the plain decode -> grayscale -> resize -> /255.
     """
-    pixels = preprocess_pixels(data, image_size, limits, preprocessing)
-    scaled = pixels.astype(np.float32) / np.float32(255.0)
-    return np.repeat(scaled[:, :, np.newaxis], MODEL_CHANNELS, axis=2)
+    return as_model_input(preprocess_pixels(data, image_size, limits, preprocessing))
 
 
 def preprocess_batch(

@@ -472,14 +472,14 @@ class LxnServer:
     def explain_bytes(self, data: bytes) -> tuple[bytes, dict[str, Any]]:
         """Grad-CAM overlay PNG and the prediction it shows. Blocking (run in a thread)."""
         from lxn_ray.explain import render_overlay
-        from lxn_ray.imaging import decode_image, to_grayscale
-        from lxn_ray.preprocess import film_region
+        from lxn_ray.preprocess import preprocess_for_explanation
 
         model = self.current
         try:
-            image = self._preprocess(data, model)
             # The overlay covers what the model saw: the film after its border trimming, if it trims.
-            radiograph = film_region(to_grayscale(decode_image(data, self.limits).image), model.preprocessing)
+            image, radiograph = preprocess_for_explanation(
+                data, model.image_size, self.limits, model.preprocessing
+            )
         except ImageRejected as error:
             raise rejected_image(error) from None
         explanation = model.explainer(image)

@@ -780,7 +780,7 @@ def build_in_precision(model_config: ModelConfig, precision: str):
 def recipe(config: TrainConfig) -> str:
     """One line naming every recipe switch of ``config`` (job summaries and the search table)."""
     preprocessing = config.preprocessing
-    prep = [name for name, on in (("trim", preprocessing.trim_borders),) if on]
+    prep = ["trim"] if preprocessing.trim_borders else []
     if preprocessing.equalization != "none":
         prep.append(preprocessing.equalization)
     schedule = config.schedule + (f"+{config.warmup_epochs} warm-up" if config.schedule == "cosine" else "")
@@ -886,11 +886,11 @@ def score_registered(storage: Storage, model_version: str, version: str, split: 
     compare two models on the same images."""
     reference = registry.resolve(storage, model_version)
     model = reference.load()
-    settings = reference.card.get("config", {})
-    task = task or settings.get("task") or DEFAULT_TASK
-    preprocessing = PreprocessConfig.from_mapping(settings.get("preprocessing"))
+    task = task or reference.card.get("config", {}).get("task") or DEFAULT_TASK
     size = int(model.input_shape[1])
-    labels, scores, sources = score_split(model, storage, version, split, size, task, (), preprocessing)
+    labels, scores, sources = score_split(
+        model, storage, version, split, size, task, (), reference.preprocessing
+    )
     return labels, scores, sources, reference
 
 

@@ -393,12 +393,27 @@ def test_film_region_is_what_the_model_sees_before_resizing():
     """The Grad-CAM overlay is drawn on this region: the trimmed crop when the model trims, else the film."""
     from PIL import Image
 
-    from lxn_ray.preprocess import PreprocessConfig, film_region, trim_borders
+    from lxn_ray.preprocess import (
+        PreprocessConfig,
+        film_region,
+        preprocess_bytes,
+        preprocess_for_explanation,
+        trim_borders,
+    )
 
     film = np.random.default_rng(0).integers(60, 200, (120, 100), dtype=np.uint8)
     framed = np.zeros((160, 140), dtype=np.uint8)
     framed[20:140, 20:120] = film
     image = Image.fromarray(framed, mode="L")
     assert film_region(image) is image
-    region = film_region(image, PreprocessConfig(trim_borders=True))
+    trimming = PreprocessConfig(trim_borders=True)
+    region = film_region(image, trimming)
     assert region.size[::-1] == trim_borders(framed).shape == (120, 100)
+    # From one decode: the model input exactly as preprocess_bytes gives it, and the region it shows.
+    buffer = io.BytesIO()
+    image.save(buffer, format="PNG")
+    model_input, shown = preprocess_for_explanation(buffer.getvalue(), 32, preprocessing=trimming)
+    np.testing.assert_array_equal(
+        model_input, preprocess_bytes(buffer.getvalue(), 32, preprocessing=trimming)
+    )
+    assert shown.size == region.size
