@@ -6,6 +6,7 @@ import logging
 import signal
 import sys
 import threading
+from collections.abc import Callable
 from typing import Any
 
 
@@ -21,6 +22,18 @@ def connect() -> None:
     if ray.is_initialized():
         return
     ray.init(logging_level=logging.WARNING, configure_logging=True, log_to_driver=True)
+
+
+def map_chunks_on_ray(worker: Callable[[list], list], chunks: list[list]) -> list[list]:
+    """``worker(chunk)`` for every chunk as one Ray task each (spread over the cluster); results in order.
+
+    ``worker`` must be a picklable module-level function (a :data:`lxn_ray.dedupe.ChunkMapper`'s worker).
+    """
+    connect()
+    import ray
+
+    remote_worker = ray.remote(num_cpus=1)(worker)
+    return ray.get([remote_worker.remote(chunk) for chunk in chunks])
 
 
 def shutdown() -> None:

@@ -691,9 +691,11 @@ def _candidates(
     known: Mapping[str, Mapping[str, object]],
     new: Mapping[str, Mapping[str, object]],
     config: DedupeConfig,
+    within_new: bool = True,
 ) -> Iterator[tuple[str, str]]:
     """Candidate pairs (a < b) with at least one side in ``new``: BK-tree queries on two hashes, plus each
-    new key's ``lowres_top_k`` nearest neighbours by low-resolution appearance."""
+    new key's ``lowres_top_k`` nearest neighbours by low-resolution appearance. ``within_new=False``:
+    only pairs of a new key with a known one."""
     keys = sorted(set(known) | set(new))
     new_keys = sorted(new)
     fps = {**known, **new}
@@ -703,7 +705,7 @@ def _candidates(
         tree = BKTree((values[k], k) for k in keys)
         for k in new_keys:
             for _, other in tree.query(values[k], radius):
-                if other == k:
+                if other == k or (not within_new and other in new):
                     continue
                 # a new key meets another new key twice; count it once
                 pair = (k, other) if k < other else (other, k)
@@ -719,6 +721,8 @@ def _candidates(
         block = new_keys[start : start + 256]
         sims = vecs[[row[k] for k in block]] @ vecs.T
         sims[np.arange(len(block)), [row[k] for k in block]] = -np.inf  # not itself
+        if not within_new:
+            sims[:, [row[k] for k in new_keys]] = -np.inf
         # stable sort on (-similarity, key index): ties resolve the same way every run
         nearest = np.argsort(-sims, axis=1, kind="stable")[:, :top_k]
         for k, idx in zip(block, nearest, strict=True):
@@ -734,9 +738,10 @@ def candidate_pairs(
     known: Mapping[str, Mapping[str, object]],
     new: Mapping[str, Mapping[str, object]],
     config: DedupeConfig = DedupeConfig(),
+    within_new: bool = True,
 ) -> list[tuple[str, str]]:
     """The sorted candidate pairs ``(a, b)``, ``a < b``, that :func:`find_duplicates` verifies."""
-    return sorted(_candidates(known, new, config))
+    return sorted(_candidates(known, new, config, within_new))
 
 
 #: One verification task: the two thumbnails (bytes), their side, and the config.
@@ -771,12 +776,15 @@ def find_duplicates(
     map_chunks: ChunkMapper | None = None,
     chunk_size: int = 48,
     named_pairs: Iterable[tuple[str, str]] = (),
+    within_new: bool = True,
 ) -> list[DuplicatePair]:
     """Confirmed duplicate pairs among ``new`` and between ``new`` and ``known``, sorted by (a, b).
 
     Known-vs-known pairs are never compared.  A key present in both mappings is treated as new.
     ``named_pairs`` are extra candidates the caller has reason to suspect (the same file name in two
     sources); they are verified like the others, against ``config.same_name_max_residual``.
+    ``within_new=False`` compares new keys only with known ones (e.g. films under evaluation with a
+    model's training images), not with each other.
 
     Candidate search runs here; the verification of the candidate pairs is split into chunks of
     ``chunk_size`` :data:`VerifyTask` items and run as ``map_chunks(verify_chunk, chunks)``, which must
@@ -786,7 +794,7 @@ def find_duplicates(
     fps = {**known, **new}
     named = {(a, b) if a < b else (b, a) for a, b in named_pairs if a != b and a in fps and b in fps}
     named = {pair for pair in named if pair[0] in new or pair[1] in new}
-    candidates = sorted(set(candidate_pairs(known, new, config)) | named)
+    candidates = sorted(set(candidate_pairs(known, new, config, within_new)) | named)
     if not candidates:
         return []
     thumbs = {k: _thumb_bytes(fps[k]) for pair in candidates for k in pair}

@@ -608,7 +608,7 @@ def _drop_near_duplicates(
     known = {sha: fingerprints[sha] for sha in by_sha if sha in previous_shas}
     new = {sha: fingerprints[sha] for sha in by_sha if sha not in previous_shas}
     pairs = find_duplicates(
-        known, new, config, map_chunks=_map_on_ray if new else None, named_pairs=_same_name_pairs(items)
+        known, new, config, map_chunks=cluster.map_chunks_on_ray if new else None, named_pairs=_same_name_pairs(items)
     )
     edges: dict[str, dict[str, DuplicatePair]] = defaultdict(dict)
     for pair in pairs:
@@ -664,15 +664,6 @@ def _same_name_pairs(items: list[SourceFile]) -> list[tuple[str, str]]:
         for b in group[i + 1 :]
         if a.source != b.source and a.sha256 != b.sha256
     ]
-
-
-def _map_on_ray(worker: Callable[[list], list], chunks: list[list]) -> list[list]:
-    """Run the duplicate verification of candidate-pair chunks as Ray tasks across the cluster."""
-    cluster.connect()
-    import ray
-
-    remote_worker = ray.remote(num_cpus=1)(worker)
-    return ray.get([remote_worker.remote(chunk) for chunk in chunks])
 
 
 def _components(edges: Mapping[str, Mapping[str, Any]]) -> list[set[str]]:
