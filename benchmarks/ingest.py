@@ -2,6 +2,8 @@
 
     python benchmarks/ingest.py [--bundle ../shared/data/ieee8023.bundle] [--snapshot 2020-06-22]
                                 [--earlier 2020-04-10]
+    python benchmarks/ingest.py --film-size 1024,4500 [--film-count 200] [--batch-sizes 16,4]
+                                [--ray-cpus 1,2] [--workdir DIR]
 
 Prints, in one run:
 1. decode + fingerprint throughput of every image of ``--snapshot``: the plain loop (PIL + imagehash in
@@ -9,18 +11,43 @@ Prints, in one run:
    (Ray start-up, Ray Data tasks, dedupe, publication included), and against its decode stage alone;
 2. the incremental run: ``--earlier`` ingested first, then ``--snapshot`` (a few hundred new images);
 3. the unchanged-source run.
+
+With ``--film-size`` it measures full-size films instead (the bundle's images are at most 512 px; the NIH
+originals are 1024 px and upstream ieee8023 serves up to ~20 MP): the first ``--film-count`` frontal X-rays
+of ``--snapshot`` are upscaled (bicubic) so that their longer side is each given size, given Gaussian noise
+of sigma 2 gray levels (detector grain, so that files compress and decode like scans rather than like
+smooth upscales), and written once - in the original file's format and mode (JPEG quality 90 stays JPEG,
+PNG stays PNG, RGB stays RGB) - with a metadata.csv of their rows, under ``--workdir`` (default: a temp
+dir). For each size it times, on the same files:
+
+* the plain loop: ``decode_image`` + ``to_grayscale`` + ``fingerprint`` one file after another in this
+  process, files read from disk inside the timing (split into read / decode / grayscale / fingerprint);
+* the lxn_ray decode stage: the ``fingerprint`` entry of ``stage_seconds`` of a whole ingest of the
+  folder into an empty store (Ray Data tasks, the driver's reading and hashing of the bytes and their trip
+  through the object store included; Ray started once, outside the timings), once per
+  ``--batch-sizes`` value (``IngestConfig.decode_batch_size``: images per Ray Data batch) and per
+  ``--ray-cpus`` value (Ray restarted with that many CPUs - "faster with more cores");
+* the whole ingest's seconds beside it.
+
 Append the printed table to benchmarks/RESULTS.md with the machine it came from.
 """
 
 from __future__ import annotations
 
 import argparse
+import contextlib
+import csv
+import io
+import logging
 import os
 import platform
 import subprocess
 import tempfile
 import time
 from pathlib import Path
+
+import numpy as np
+from PIL import Image, ImageOps
 
 from lxn_ray import cluster
 from lxn_ray.dedupe import fingerprint
@@ -61,6 +88,164 @@ def timed_ingest(root: Path, storage: Storage) -> tuple[dict, float]:
     return report, time.perf_counter() - started
 
 
+# -- full-size films ---------------------------------------------------------------------------------------
+FRONTAL = ("PA", "AP", "AP Supine", "AP erect", "AP semi erect")
+FILM_COLUMNS = ("patientid", "finding", "view", "modality", "folder", "filename")
+
+
+def upscale_films(snapshot: Path, out: Path, side: int, count: int) -> Path:
+    """``count`` frontal X-rays of ``snapshot`` upscaled to ``side`` px (longer side) in ``out`` (kept: a
+    later run with the same ``out`` reuses them). See the module docstring."""
+    marker = out / "metadata.csv"
+    if marker.exists():
+        return out
+    (out / "images").mkdir(parents=True, exist_ok=True)
+    rng = np.random.default_rng(side)
+    written = []
+    with open(snapshot / "metadata.csv", encoding="utf-8", newline="") as stream:
+        for row in csv.DictReader(stream):
+            name = row.get("filename", "")
+            path = snapshot / "images" / name
+            if len(written) >= count:
+                break
+            if row.get("modality") != "X-ray" or row.get("view") not in FRONTAL or not path.is_file():
+                continue
+            if name in {w["filename"] for w in written}:
+                continue
+            with Image.open(path) as image:
+                fmt = image.format
+                mode = "L" if image.mode in ("L", "LA", "I", "I;16", "1") else "RGB"
+                image = ImageOps.exif_transpose(image).convert(mode)
+            scale = side / max(image.size)
+            big = image.resize(
+                (max(1, round(image.width * scale)), max(1, round(image.height * scale))),
+                Image.Resampling.BICUBIC,
+            )
+            pixels = np.asarray(big, dtype=np.int16)
+            noise = rng.standard_normal(pixels.shape[:2], dtype=np.float32) * 2.0
+            if pixels.ndim == 3:
+                noise = noise[..., None]
+            big = Image.fromarray(np.clip(pixels + noise.round(), 0, 255).astype(np.uint8), mode)
+            buffer = io.BytesIO()
+            if fmt == "PNG":
+                big.save(buffer, format="PNG", compress_level=6)
+            else:
+                big.save(buffer, format="JPEG", quality=90)
+            (out / "images" / name).write_bytes(buffer.getvalue())
+            written.append({**{c: row.get(c, "") for c in FILM_COLUMNS}, "folder": "images"})
+    with open(marker.with_suffix(".part"), "w", encoding="utf-8", newline="") as stream:
+        writer = csv.DictWriter(stream, FILM_COLUMNS)
+        writer.writeheader()
+        writer.writerows(written)
+    marker.with_suffix(".part").replace(marker)
+    return out
+
+
+def plain_loop_split(root: Path) -> dict[str, float]:
+    """The plain loop over ``root``'s films, with its time split into read / decode / grayscale /
+    fingerprint."""
+    rows = [row for row in parse_metadata((root / "metadata.csv").read_bytes()) if not row.exclusion]
+    split = {"read": 0.0, "decode": 0.0, "grayscale": 0.0, "fingerprint": 0.0}
+    done, pixels = 0, 0
+    started = time.perf_counter()
+    for row in rows:
+        t0 = time.perf_counter()
+        data = (root / row.image_path).read_bytes()
+        t1 = time.perf_counter()
+        decoded = decode_image(data)
+        t2 = time.perf_counter()
+        gray = to_grayscale(decoded.image)
+        t3 = time.perf_counter()
+        fingerprint(gray)
+        t4 = time.perf_counter()
+        for key, seconds in zip(split, (t1 - t0, t2 - t1, t3 - t2, t4 - t3), strict=True):
+            split[key] += seconds
+        done += 1
+        pixels += decoded.width * decoded.height
+    return {**split, "seconds": time.perf_counter() - started, "images": done, "pixels": pixels}
+
+
+def start_ray(num_cpus: int | None, temp_dir: Path) -> None:
+    """A local Ray instance of this process (never another session's cluster), ``num_cpus`` CPUs."""
+    import ray
+
+    if ray.is_initialized():
+        ray.shutdown()
+    ray.init(
+        address="local",
+        num_cpus=num_cpus,
+        _temp_dir=str(temp_dir),
+        include_dashboard=False,
+        logging_level=logging.WARNING,
+    )
+
+
+def full_size(args: argparse.Namespace) -> None:
+    sizes = [int(s) for s in args.film_size.split(",")]
+    batch_sizes = [int(b) for b in args.batch_sizes.split(",")]
+    cpus = [None if c == "all" else int(c) for c in args.ray_cpus.split(",")]
+    rows = []
+    with contextlib.ExitStack() as stack:
+        work = args.workdir or Path(stack.enter_context(tempfile.TemporaryDirectory(prefix="lxn-films-")))
+        snapshot = work / f"snapshot-{args.snapshot}"
+        if not (snapshot / "metadata.csv").exists():
+            checkout(args.bundle, args.snapshot, snapshot)
+        ray_tmp = Path(stack.enter_context(tempfile.TemporaryDirectory(prefix="lxnray-", dir="/tmp")))
+        stack.callback(cluster.shutdown)
+        for side in sizes:
+            started = time.perf_counter()
+            films = upscale_films(snapshot, work / f"films-{side}-{args.film_count}", side, args.film_count)
+            files = sorted((films / "images").iterdir())
+            megabytes = sum(f.stat().st_size for f in files) / 2**20
+            formats = sorted({f.suffix.lower().lstrip(".").replace("jpeg", "jpg") for f in files})
+            print(
+                f"# {side} px: {len(files)} films, {megabytes:.0f} MiB ({', '.join(formats)}), "
+                f"ready in {time.perf_counter() - started:.0f}s",
+                flush=True,
+            )
+            plain = plain_loop_split(films)
+            rows.append((side, "plain loop (1 process)", plain["images"], plain["seconds"], None, plain))
+            for n_cpus in cpus:
+                start_ray(n_cpus, ray_tmp)
+                import ray
+
+                total_cpus = int(ray.cluster_resources().get("CPU", 0))
+                for batch in batch_sizes:
+                    with tempfile.TemporaryDirectory(prefix="store-", dir=work) as store:
+                        began = time.perf_counter()
+                        report = ingest(
+                            FolderSource(films), Storage.open(store), IngestConfig(decode_batch_size=batch)
+                        )
+                        whole = time.perf_counter() - began
+                    name = f"lxn_ray decode stage, {total_cpus} CPU, batch {batch}"
+                    stage = report["stage_seconds"]["fingerprint"]
+                    rows.append((side, name, report["images_hashed"], stage, whole, report["stage_seconds"]))
+    print(
+        f"machine: {platform.node()} {platform.machine()}, {os.cpu_count()} cores, Python "
+        f"{platform.python_version()}; load average {os.getloadavg()[0]:.1f} at the end"
+    )
+    print("| film size | run | images | seconds | images/s | ratio to plain | whole ingest s |")
+    print("| ---: | --- | ---: | ---: | ---: | ---: | ---: |")
+    plain_rate = {}
+    for side, name, images, seconds, whole, _ in rows:
+        rate = images / seconds if seconds else 0.0
+        plain_rate.setdefault(side, rate)
+        whole_text = f"{whole:.1f}" if whole is not None else "-"
+        print(
+            f"| {side} | {name} | {images} | {seconds:.2f} | {rate:.2f} | {rate / plain_rate[side]:.2f}x "
+            f"| {whole_text} |"
+        )
+    print()
+    print("where the time goes (seconds): plain loop read / decode / grayscale / fingerprint; lxn_ray stages")
+    for side, name, _, _, _, detail in rows:
+        parts = ", ".join(
+            f"{k} {v:.2f}" for k, v in detail.items() if k not in ("images", "pixels", "seconds")
+        )
+        if "pixels" in detail:
+            parts += f" (mean {detail['pixels'] / max(detail['images'], 1) / 1e6:.1f} MP per film)"
+        print(f"- {side} px, {name}: {parts}")
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(
         description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
@@ -68,7 +253,15 @@ def main() -> None:
     parser.add_argument("--bundle", type=Path, default=REPO.parent / "shared" / "data" / "ieee8023.bundle")
     parser.add_argument("--snapshot", default="2020-06-22")
     parser.add_argument("--earlier", default="2020-04-10")
+    parser.add_argument("--film-size", default=None, help="comma-separated longer sides, e.g. 1024,4500")
+    parser.add_argument("--film-count", type=int, default=200, help="films per size")
+    parser.add_argument("--batch-sizes", default="16", help="IngestConfig.decode_batch_size values")
+    parser.add_argument("--ray-cpus", default="all", help="comma-separated Ray CPU counts, e.g. 1,2")
+    parser.add_argument("--workdir", type=Path, default=None, help="keep upscaled films here for reruns")
     args = parser.parse_args()
+    if args.film_size:
+        full_size(args)
+        return
 
     with tempfile.TemporaryDirectory() as tmp:
         work = Path(tmp)
