@@ -7,12 +7,16 @@ batch. The same :func:`train_loop_per_worker` serves ``jobs/train.py`` and every
 recipe of :class:`TrainConfig` (optimizer, schedule, early stopping, sampling, architecture,
 preprocessing, precision).
 
-Data comes from a dataset version through Ray Data: images are read from storage and preprocessed by Ray
-Data tasks with the one :func:`lxn_ray.preprocess.preprocess_pixels` into one uint8 channel per image
-(a twelfth of float32 RGB), materialised once. Every worker holds the (small, uint8) training split in a fixed
-order and walks the same seeded epoch order, taking its rank's share of every global batch; every worker
-validates on the full validation split so all ranks agree on the metrics. Streaming a split too large
-for a worker is future work (see the issue on the data path at scale).
+Data streams (:class:`PixelCache`): each split a run uses is preprocessed once, by Ray Data tasks, with the
+one :func:`lxn_ray.preprocess.preprocess_pixels` into one uint8 channel per image at the model's size (a
+twelfth of float32 RGB) and stored under ``cache/pixels/`` in storage, where later runs and Tune trials
+with the same task, sources, size and preprocessing find it. Every epoch, rank 0 draws the epoch's plan
+(:func:`epoch_order`: row indices from the small label/source arrays), makes it a Ray Dataset whose tasks
+read the planned rows from the cache (:func:`stream_rows`), and hands it to the workers through Ray Data's
+``streaming_split`` (:func:`epoch_shard`); each worker pulls batches as it trains and expands them to float32
+RGB on its device. No split is ever held whole (as pixels, let alone float32) by a worker, the driver or
+the object store, so a training set larger than memory trains. Every worker streams the full
+validation split from its cache so all ranks agree on the metrics.
 
 Reproducible and exactly resumable: the epoch order is drawn from ``(seed, epoch)``, augmentation is
 reseeded from ``(seed, epoch, rank)``, initial weights come from the seed, and each epoch's checkpoint
@@ -161,62 +165,223 @@ def log(message: str) -> None:
 
 
 # -- data -------------------------------------------------------------------------------------------
-def _load_batch(
-    batch: dict[str, np.ndarray], storage_uri: str, image_size: int, preprocessing: dict[str, Any]
+PIXEL_CACHE = (
+    "cache/pixels"  # under storage: <version>/<digest>/<split>/{chunk-NNNNNN.u8, index.parquet, cache.json}
+)
+CACHE_FORMAT = 1  # bump when the stored layout changes: older caches are then ignored, not misread
+CACHE_CHUNK_ROWS = 64  # images per cache file: one Ray Data task preprocesses and writes one file
+STREAM_BLOCK_ROWS = 64  # rows per block of an epoch's stream (what the streaming split hands out)
+VAL_BATCH = 64
+
+
+@dataclass(frozen=True)
+class PixelCache:
+    """One split of a dataset version for one run's task, sources, image size and preprocessing, stored once
+    as uint8, one channel per image, at the model's size: row ``i`` (rows sorted by ``image_key``) is the
+    ``s * s`` bytes at offset ``(i % chunk_rows) * s * s`` of file ``chunk-{i // chunk_rows:06d}.u8``.
+
+    The worker expands a batch to the model's float32 three channels on the device (``to_model_input``),
+    so nothing holds a split as float32 - a twelfth of the memory and I/O - and reading a row is one
+    ranged read (local file or S3 object), so a split larger than memory streams. ``labels`` (float32
+    ``(n,)``, the task's), ``sources`` (str ``(n,)``) and ``image_keys`` (str ``(n,)``) are the small arrays
+    the epoch order is drawn from.
+    """
+
+    storage_uri: str
+    key: str  # the cache's folder in storage
+    image_size: int
+    chunk_rows: int
+    image_keys: np.ndarray
+    labels: np.ndarray
+    sources: np.ndarray
+
+    def __len__(self) -> int:
+        return len(self.labels)
+
+    def without_index(self) -> PixelCache:
+        """This cache's location alone (empty arrays): what a reading task needs, whatever the split size."""
+        empty = np.empty(0, dtype=str)
+        return dataclasses.replace(self, image_keys=empty, labels=np.empty(0, np.float32), sources=empty)
+
+    @classmethod
+    def open(cls, storage: Storage, key: str) -> PixelCache:
+        """The cache at ``key`` (its ``cache.json`` is the commit marker: written after every other file)."""
+        meta = storage.read_json(f"{key}/cache.json")
+        index = storage.read_table(f"{key}/index.parquet")
+        return cls(
+            storage_uri=storage.uri,
+            key=key,
+            image_size=int(meta["image_size"]),
+            chunk_rows=int(meta["chunk_rows"]),
+            image_keys=np.asarray(index.column("image_key").to_pylist(), dtype=str),
+            labels=np.asarray(index.column("label").to_pylist(), dtype=np.float32),
+            sources=np.asarray(index.column("source").to_pylist(), dtype=str),
+        )
+
+
+def cache_key(version: str, split: str, config: TrainConfig) -> str:
+    """Where the pixel cache of ``split`` lives for ``config``: runs (and Tune trials) that differ only in
+    their recipe share it; a task, source selection, image size or preprocessing of their own gets its own,
+    and so does a change to the preprocessing code (the source of the modules that make the pixels)."""
+    import inspect
+
+    from lxn_ray import imaging, preprocess
+
+    code = inspect.getsource(preprocess) + inspect.getsource(imaging)  # a change to the pixels: a new cache
+    what = {
+        "format": CACHE_FORMAT,
+        "code": hashlib.sha256(code.encode()).hexdigest(),
+        "task": config.task,
+        "sources": sorted(config.sources),
+        "image_size": config.image_size,
+        "preprocessing": dataclasses.asdict(config.preprocessing),
+    }
+    digest = hashlib.sha256(json.dumps(what, sort_keys=True).encode()).hexdigest()[:12]
+    return f"{PIXEL_CACHE}/{version}/{digest}/{split}"
+
+
+def _write_cache_chunks(
+    batch: dict[str, np.ndarray], storage_uri: str, key: str, image_size: int, preprocessing: dict[str, Any]
 ) -> dict[str, np.ndarray]:
-    """Ray Data task: image bytes from storage -> the shared preprocessing -> one uint8 channel per image
-    (``(n, s, s)``; the worker expands it to the model's float32 three channels exactly as
-    :func:`lxn_ray.preprocess.preprocess_bytes` would, at a twelfth of the memory)."""
+    """Ray Data task: for each chunk (``chunk`` int64, ``image_keys`` a list of str), image bytes from
+    storage -> the shared :func:`lxn_ray.preprocess.preprocess_pixels` -> uint8 ``(rows, s, s)`` written
+    as one cache file. Returns the chunks' row counts; no pixel passes through the object store."""
     from lxn_ray.preprocess import PreprocessConfig, preprocess_pixels
 
     storage = Storage.open(storage_uri)
     config = PreprocessConfig.from_mapping(preprocessing)
-    images = [
-        preprocess_pixels(storage.read_bytes(str(key)), image_size, preprocessing=config)
-        for key in batch["image_key"]
-    ]
-    return {
-        "image": np.stack(images),
-        "label": batch["label"].astype(np.float32),
-        "source": batch["source"],
-        "image_key": batch["image_key"],
-    }
+    rows = []
+    for chunk, keys in zip(batch["chunk"], batch["image_keys"], strict=True):
+        pixels = np.stack(
+            [preprocess_pixels(storage.read_bytes(str(k)), image_size, preprocessing=config) for k in keys]
+        ).astype(np.uint8)
+        storage.write_bytes(f"{key}/chunk-{int(chunk):06d}.u8", np.ascontiguousarray(pixels).tobytes())
+        rows.append(len(pixels))
+    return {"chunk": batch["chunk"], "rows": np.asarray(rows, dtype=np.int64)}
 
 
-def split_dataset(storage: Storage, version: str, split: str, config: TrainConfig):
-    """One split of a dataset version, the rows a run uses (its task's, from its sources), as a
-    materialised Ray Dataset of ``image`` (uint8 ``(s, s)``), ``label`` (float32, the task's), ``source``
-    and ``image_key`` (str; the key that puts rows in a fixed order whatever Ray's block order)."""
+def pixel_cache(storage: Storage, version: str, split: str, config: TrainConfig) -> PixelCache:
+    """The uint8 pixel cache of one split (:class:`PixelCache`), built on first use by Ray Data tasks that
+    each decode, preprocess and write one chunk of images, in parallel over the cluster; later runs and
+    Tune trials with the same task, sources, size and preprocessing read it as it is. Two runs building
+    the same cache at once write identical files (each write is atomic)."""
     import ray
 
+    key = cache_key(version, split, config)
+    if storage.exists(f"{key}/cache.json"):
+        return PixelCache.open(storage, key)
     table = dataset.read_split(storage, version, split, config.task, config.sources)
-    table = table.select(["image_key", "label", "source"])
     if table.num_rows == 0:
         raise ValueError(f"split {split!r} of dataset {version} holds no image of task {config.task}")
-    blocks = max(1, min(table.num_rows // 32, 32))
+    table = table.select(["image_key", "label", "source"]).sort_by("image_key")
+    keys = table.column("image_key").to_pylist()
+    chunks = [
+        {"chunk": c, "image_keys": keys[start : start + CACHE_CHUNK_ROWS]}
+        for c, start in enumerate(range(0, len(keys), CACHE_CHUNK_ROWS))
+    ]
     options = {
         "storage_uri": storage.uri,
+        "key": key,
         "image_size": config.image_size,
         "preprocessing": dataclasses.asdict(config.preprocessing),
     }
-    return (
-        ray.data.from_arrow(table)
-        .repartition(blocks)
-        .map_batches(_load_batch, fn_kwargs=options, batch_size=32)
-        .materialize()
+    written = (
+        ray.data.from_items(chunks, override_num_blocks=len(chunks))
+        .map_batches(_write_cache_chunks, fn_kwargs=options, batch_size=1)
+        .take_all()
+    )
+    if sum(int(row["rows"]) for row in written) != table.num_rows:
+        raise RuntimeError(f"pixel cache {key}: {len(written)} chunk(s) do not hold {table.num_rows} images")
+    storage.write_table(f"{key}/index.parquet", table)
+    meta = {"format": CACHE_FORMAT, "rows": table.num_rows, "image_size": config.image_size}
+    storage.write_json(f"{key}/cache.json", {**meta, "chunk_rows": CACHE_CHUNK_ROWS})
+    return PixelCache.open(storage, key)
+
+
+def read_cached_rows(cache: PixelCache, rows: np.ndarray) -> np.ndarray:
+    """uint8 ``(len(rows), s, s)``: the cached images of ``rows`` (int64 ``(m,)``, any order, repeats
+    allowed), each one ranged read of ``s * s`` bytes; every chunk file is opened once per call."""
+    storage = Storage.open(cache.storage_uri)
+    size = cache.image_size * cache.image_size
+    images = np.empty((len(rows), cache.image_size, cache.image_size), dtype=np.uint8)
+    rows = np.asarray(rows, dtype=np.int64)
+    for chunk in np.unique(rows // cache.chunk_rows):
+        where = np.flatnonzero(rows // cache.chunk_rows == chunk)
+        with storage.filesystem.open_input_file(storage.path(f"{cache.key}/chunk-{chunk:06d}.u8")) as file:
+            for i in where:
+                data = file.read_at(size, int(rows[i] % cache.chunk_rows) * size)
+                images[i] = np.frombuffer(data, dtype=np.uint8).reshape(cache.image_size, cache.image_size)
+    return images
+
+
+def _fetch_pixels(batch: dict[str, np.ndarray], cache: PixelCache) -> dict[str, np.ndarray]:
+    """Ray Data task: blocks of an epoch's plan (per block ``row`` int64, ``label`` float32 and ``source``
+    str lists) -> one row per image: ``row``, ``label``, ``source`` and its cached ``image`` (uint8
+    ``(m, s, s)``), in plan order."""
+    rows = np.concatenate([np.asarray(part, dtype=np.int64) for part in batch["row"]])
+    return {
+        "row": rows,
+        "label": np.concatenate([np.asarray(part, dtype=np.float32) for part in batch["label"]]),
+        "source": np.concatenate([np.asarray(part, dtype=str) for part in batch["source"]]),
+        "image": read_cached_rows(cache, rows),
+    }
+
+
+def stream_rows(cache: PixelCache, rows: np.ndarray):
+    """A streaming Ray Dataset of ``rows`` of ``cache`` in that order (int64 ``(n,)``; an epoch's plan from
+    :func:`epoch_order`): an index dataset built from the small label/source arrays (one item per
+    :data:`STREAM_BLOCK_ROWS` rows, put in the object store by this process: no task, so no CPU is
+    needed while training workers hold every CPU), mapped to the cached uint8 images by tasks that run
+    as the consumers pull. Never materialised; the reads are I/O and reserve no CPU either."""
+    import ray
+
+    rows = np.asarray(rows, dtype=np.int64)
+    items = [
+        {
+            "row": part.tolist(),
+            "label": cache.labels[part].tolist(),
+            "source": cache.sources[part].tolist(),
+        }
+        for part in (
+            rows[start : start + STREAM_BLOCK_ROWS] for start in range(0, len(rows), STREAM_BLOCK_ROWS)
+        )
+    ]
+    return ray.data.from_items(items, override_num_blocks=len(items)).map_batches(
+        _fetch_pixels, fn_kwargs={"cache": cache.without_index()}, batch_size=1, num_cpus=0
     )
 
 
-def collect(shard) -> dict[str, np.ndarray]:
-    """Every row of a Ray Data shard as arrays, sorted by ``image_key``: Ray Data does not promise a block
-    order, and the seeded epoch order below must start from the same list in every run."""
-    parts: dict[str, list[np.ndarray]] = {}
-    for batch in shard.iter_batches(batch_size=256, batch_format="numpy"):
-        for name, values in batch.items():
-            parts.setdefault(name, []).append(values)
-    arrays = {name: np.concatenate(values) for name, values in parts.items()}
-    order = np.argsort(arrays["image_key"].astype(str), kind="stable")
-    return {name: values[order] for name, values in arrays.items()}
+def iter_cache(cache: PixelCache, batch_rows: int = VAL_BATCH):
+    """Every row of ``cache`` in order, ``batch_rows`` at a time, read in this process: (uint8 ``(m, s, s)``,
+    float32 labels ``(m,)``, str sources ``(m,)``) - how every worker streams the validation split."""
+    for start in range(0, len(cache), batch_rows):
+        rows = np.arange(start, min(start + batch_rows, len(cache)))
+        yield read_cached_rows(cache, rows), cache.labels[rows], cache.sources[rows]
+
+
+def epoch_shard(cache: PixelCache, plan: np.ndarray, rank: int, world: int):
+    """This worker's share of one epoch: rank 0 builds the epoch's stream (:func:`stream_rows` of ``plan``)
+    and splits it with Ray Data's ``streaming_split(world, equal=True)``; every rank gets its iterator.
+    Each rank receives ``len(plan) // world`` rows (the remainder waits for the next epoch's draw), in plan
+    order. With ``preserve_order`` (set in the worker) the split hands the ordered blocks to the
+    consumer with the fewest rows so far, so which rank trains on which rows is a function of the plan
+    alone - a resumed run sees exactly the uninterrupted run's batches."""
+    import logging
+
+    import ray.train.collective
+
+    splits = None
+    if rank == 0:
+        splits = stream_rows(cache, plan).streaming_split(world, equal=True)
+    # The iterators (a handle on the split's coordinator actor each) pickle to a few kB, over the 1 kB the
+    # broadcast warns about at every call; they travel through the object store, so the size is harmless.
+    broadcast_log = logging.getLogger("ray.train.v2._internal.execution.collective_impl")
+    level = broadcast_log.level
+    broadcast_log.setLevel(logging.ERROR)
+    try:
+        return ray.train.collective.broadcast_from_rank_zero(splits)[rank]
+    finally:
+        broadcast_log.setLevel(level)
 
 
 def epoch_order(labels: np.ndarray, sources: np.ndarray, sampling: str, seed: int, epoch: int) -> np.ndarray:
@@ -259,14 +424,15 @@ COLLAPSE_RANGE = 1e-6  # validation scores spanning less than this are one const
 def train_loop_per_worker(loop_config: dict[str, Any]) -> None:
     """One worker of a data-parallel run. ``loop_config``: TrainConfig fields plus class weights.
 
-    Every worker holds the whole (uint8) training split and walks the same seeded epoch order
-    (:func:`epoch_order`); global batch ``b`` is split over the workers rank by rank (image i to rank
-    i mod N) and the loss is averaged over the global batch - the ``DistributedSampler`` scheme: N workers
-    take the global batches one worker would, each with its own augmentation draws, and lxn-bn's batch
-    normalisation is synchronised over them. Each epoch's checkpoint holds the weights, the optimizer's
-    variables and the history; shuffling and augmentation are reseeded from ``(seed, epoch, rank)`` at
-    every epoch, so a resumed run continues exactly as the uninterrupted one (float32 on CPUs; bfloat16
-    to rounding; GPU kernels are not deterministic by default).
+    Every epoch's plan (:func:`epoch_order`, a function of ``(seed, epoch)``) streams through Ray Data's
+    ``streaming_split`` (:func:`epoch_shard`): each rank receives ``n // world`` of the planned rows, in
+    plan order and the same rows in every run, and trains on global batches of ``world`` x
+    ``batch_size // world`` images, one share per rank, the loss averaged over the global batch - the
+    ``DistributedSampler`` scheme: N workers take global batches as one worker would, each with its own
+    augmentation draws, and lxn-bn's batch normalisation is synchronised over them. Each epoch's
+    checkpoint holds the weights, the optimizer's variables and the history; shuffling and augmentation
+    are reseeded from ``(seed, epoch, rank)`` at every epoch, so a resumed run continues exactly as the
+    uninterrupted one (float32 on CPUs; bfloat16 to rounding; GPU kernels are not deterministic by default).
     """
     import tensorflow as tf
 
@@ -300,10 +466,15 @@ def train_loop_per_worker(loop_config: dict[str, Any]) -> None:
     augmenter = build_augmenter(config.augment, seed=config.seed + rank)  # float32, before the policy
     keras.mixed_precision.set_global_policy(precision_policy(precision))
 
-    train_data = collect(ray.train.get_dataset_shard("train"))
-    val_data = collect(ray.train.get_dataset_shard("val"))
-    n_train = len(train_data["label"])
-    steps_per_epoch = -(-n_train // config.batch_size)
+    import ray.data
+
+    # Ordered blocks: the streaming split then hands rows to ranks as a function of the epoch plan alone.
+    ray.data.DataContext.get_current().execution_options.preserve_order = True
+    storage = Storage.open(loop_config["storage_uri"])
+    train_cache = PixelCache.open(storage, loop_config["train_cache"])
+    val_cache = PixelCache.open(storage, loop_config["val_cache"])
+    local_batch = max(1, config.batch_size // world)  # every rank's share of a global batch
+    steps_per_epoch = -(-(len(train_cache) // world) // local_batch)
     with strategy.scope():
         model = build_lxn(config.model)
         optimizer = make_optimizer(config.optimizer_config(steps_per_epoch))
@@ -362,34 +533,30 @@ def train_loop_per_worker(loop_config: dict[str, Any]) -> None:
             os._exit(1)  # the process dies as a lost node would: no exception, no cleanup
         started = time.monotonic()
         reseed(augmenter, config.seed, epoch, rank)
-        order = epoch_order(train_data["label"], train_data["source"], config.sampling, config.seed, epoch)
+        order = epoch_order(train_cache.labels, train_cache.sources, config.sampling, config.seed, epoch)
         losses, scores, labels = [], [], []
-        for begin in range(0, len(order), config.batch_size):
-            batch = order[begin : begin + config.batch_size]
-            if len(batch) < world:  # too few to give every worker one: the epoch's last few images wait
-                break
-            mine = batch[rank::world]
+        shard = epoch_shard(train_cache, order, rank, world)
+        for batch in shard.iter_batches(batch_size=local_batch, batch_format="numpy"):
+            # Every rank holds len(order) // world rows cut into the same batch sizes: the global batch of
+            # this step is world times this rank's.
             per_example, probabilities = train_step(
-                tf.constant(train_data["image"][mine]),
-                tf.constant(train_data["label"][mine]),
-                tf.constant(len(batch)),
+                tf.constant(batch["image"]),
+                tf.constant(batch["label"]),
+                tf.constant(world * len(batch["label"])),
             )
             losses.append(per_example.numpy())
             scores.append(probabilities.numpy())
-            labels.append(train_data["label"][mine])
+            labels.append(batch["label"])
         train_seconds = time.monotonic() - started
         train_losses = np.concatenate(losses)
         train = _epoch_metrics(np.concatenate(labels), np.concatenate(scores), train_losses)
-        y = val_data["label"]
-        p = np.concatenate(
-            [predict(tf.constant(val_data["image"][i : i + 64])).numpy() for i in range(0, len(y), 64)]
-        )
+        y, p, val_sources = validate(predict, val_cache)
         val_losses = weighted_bce(y, p, w_pos, w_neg).numpy()
         val = _epoch_metrics(y, p, val_losses)
         collapsed = is_collapsed(p, np.concatenate([train_losses, val_losses]))
         objective = None
         if not collapsed:
-            objective, _ = metrics.selection_objective(y.astype(np.int64), p, val_data["source"].tolist())
+            objective, _ = metrics.selection_objective(y.astype(np.int64), p, val_sources.tolist())
         entry = {
             "epoch": epoch,
             **{f"train_{k}": v for k, v in train.items()},
@@ -429,6 +596,20 @@ def train_loop_per_worker(loop_config: dict[str, Any]) -> None:
             ray.train.report(report, checkpoint=checkpoint)
         if stop:
             break
+
+
+def validate(predict, cache: PixelCache) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """(labels float32 ``(n,)``, probabilities float32 ``(n,)``, sources str ``(n,)``) of the whole validation
+    split, streamed from its cache :data:`VAL_BATCH` images at a time through ``predict`` (uint8
+    ``(m, s, s)`` -> float32 ``(m,)``); every rank scores every image, so all ranks agree on the metrics."""
+    import tensorflow as tf
+
+    labels, scores, sources = [], [], []
+    for images, batch_labels, batch_sources in iter_cache(cache, VAL_BATCH):
+        scores.append(predict(tf.constant(images)).numpy())
+        labels.append(batch_labels)
+        sources.append(batch_sources)
+    return np.concatenate(labels), np.concatenate(scores), np.concatenate(sources)
 
 
 def reseed(augmenter, seed: int, epoch: int, rank: int) -> None:
@@ -518,7 +699,7 @@ def run_trainer(
     to (:func:`lxn_ray.resources.point_ray_train_at_this_cluster`).
     """
     import ray
-    from ray.train import CheckpointConfig, DataConfig, FailureConfig, RunConfig
+    from ray.train import CheckpointConfig, FailureConfig, RunConfig
     from ray.train.tensorflow import TensorflowTrainer
 
     point_ray_train_at_this_cluster()
@@ -528,8 +709,8 @@ def run_trainer(
     from lxn_ray.model import class_weights
 
     w_pos, w_neg = class_weights(positives, negatives)
-    train = split_dataset(storage, version, "train", config)
-    val = split_dataset(storage, version, "val", config)
+    train = pixel_cache(storage, version, "train", config)
+    val = pixel_cache(storage, version, "val", config)
     scaling = scaling_config(config, ray.cluster_resources(), cpus_per_worker)
     use_gpu, cpus = scaling.use_gpu, int(scaling.resources_per_worker["CPU"])
     trainer = TensorflowTrainer(
@@ -539,11 +720,12 @@ def run_trainer(
             "w_pos": w_pos,
             "w_neg": w_neg,
             "cpus_per_worker": cpus,
+            "storage_uri": storage.uri,
+            "train_cache": train.key,
+            "val_cache": val.key,
             "crash_once": crash_once and {**crash_once, "storage_uri": storage.uri, "run_name": run_name},
         },
         scaling_config=scaling,
-        datasets={"train": train, "val": val},
-        dataset_config=DataConfig(datasets_to_split=[]),  # each worker takes its rows (train_loop_per_worker)
         run_config=RunConfig(
             name=run_name,
             storage_path=storage.path(RUNS),
@@ -556,8 +738,9 @@ def run_trainer(
         ),
     )
     log(
-        f"training {config.workers} worker(s){' on GPU' if use_gpu else ''}: {train.count()} train / "
-        f"{val.count()} val images, class weights w+={w_pos:.3f} w-={w_neg:.3f}"
+        f"training {config.workers} worker(s){' on GPU' if use_gpu else ''}: {len(train)} train / "
+        f"{len(val)} val images streamed from the uint8 cache {storage.uri_of(train.key.rsplit('/', 1)[0])}"
+        f", class weights w+={w_pos:.3f} w-={w_neg:.3f}"
     )
     return trainer.fit()
 
@@ -867,17 +1050,25 @@ def score_split(
 ) -> tuple[np.ndarray, np.ndarray, list[str]]:
     """(labels int64 (n,), probabilities float32 (n,), source names (n,)) of ``model`` on the rows of one
     split (None: all splits) that ``task`` uses, from ``sources`` (empty: all), through the model's
-    ``preprocessing``."""
+    ``preprocessing``; images are decoded and scored :data:`SCORE_BATCH` at a time (the same batches
+    :func:`lxn_ray.model.predict_probabilities` would make of the whole split)."""
     from lxn_ray.model import predict_probabilities
     from lxn_ray.preprocess import preprocess_bytes
 
     table = dataset.read_split(storage, version, split, task, sources)
     labels = np.asarray(table.column("label").to_pylist(), dtype=np.int64)
-    images = [
-        preprocess_bytes(storage.read_bytes(key), image_size, preprocessing=preprocessing)
-        for key in table.column("image_key").to_pylist()
-    ]
-    return labels, predict_probabilities(model, images), table.column("source").to_pylist()
+    keys = table.column("image_key").to_pylist()
+    scores = [np.zeros(0, dtype=np.float32)]
+    for start in range(0, len(keys), SCORE_BATCH):  # a batch of float32 images at a time, never the split
+        images = [
+            preprocess_bytes(storage.read_bytes(key), image_size, preprocessing=preprocessing)
+            for key in keys[start : start + SCORE_BATCH]
+        ]
+        scores.append(predict_probabilities(model, images, batch_size=SCORE_BATCH))
+    return labels, np.concatenate(scores), table.column("source").to_pylist()
+
+
+SCORE_BATCH = 32  # images decoded, preprocessed and scored at a time by score_split
 
 
 def score_registered(storage: Storage, model_version: str, version: str, split: str, task: str | None = None):
