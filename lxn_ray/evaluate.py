@@ -14,16 +14,20 @@ from __future__ import annotations
 import csv
 import io
 import sys
+import time
 from collections import Counter
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass
 from datetime import datetime, timezone
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 
-from lxn_ray import dataset, metrics, plots
-from lxn_ray.dedupe import FINGERPRINT_VERSION, find_duplicates, fingerprint
+from lxn_ray import cluster, dataset, metrics, plots
+from lxn_ray.dedupe import FINGERPRINT_VERSION, ChunkMapper, find_duplicates, fingerprint
 from lxn_ray.imaging import ImageLimits, ImageRejected, decode_image, to_grayscale
-from lxn_ray.ingest import Exclusion, read_files
+from lxn_ray.ingest import Exclusion, SourceFile, read_files
 from lxn_ray.layouts import SourceSpec, read_rows
 from lxn_ray.metadata import UNREADABLE
 from lxn_ray.model import predict_probabilities
@@ -33,6 +37,15 @@ from lxn_ray.tasks import resolve_task
 
 EVALUATIONS = "evaluations"
 SUBGROUP_COLUMNS = ("view", "sex", "location", "source")
+PROGRESS_EVERY_S = 15.0  # at most one "decoded i/n" line this often
+#: Candidate pairs from which duplicate verification runs as Ray tasks instead of in this process. A pair
+#: costs ~30-45 ms of CPU (measured on the 2020-06-22 snapshot), while starting a local Ray and its workers
+#: costs ~10-15 s and, on a 2-core machine, at best halves the verification: Ray pays off from ~1000 pairs
+#: (30 s serial); 2000 (about a minute serial) keeps small checks - a folder mostly made of the model's
+#: own dataset, a few new films - in this process, where they take seconds.
+RAY_VERIFY_MIN_PAIRS = 2000
+#: Candidate pairs per verification chunk (one Ray task each when on Ray).
+VERIFY_CHUNK_SIZE = 48
 
 
 def log(message: str) -> None:
@@ -49,8 +62,6 @@ def evaluate(
     """Score ``sources`` (a folder in the upstream layout, or the specs of a sources file) with the model
     named by ``model_reference`` for ``task`` (default: the model's own); returns the report."""
     limits = limits or ImageLimits()
-    from lxn_ray.preprocess import preprocess_bytes
-
     model_ref = resolve(storage, model_reference)
     model = model_ref.load()
     image_size = int(model.input_shape[1])  # the model says what it was trained on
@@ -71,29 +82,30 @@ def evaluate(
         files += found
         exclusions += unreadable
 
-    scored, inputs, fingerprints = [], [], {}
-    for item in files:
-        try:
-            inputs.append(
-                preprocess_bytes(item.data, image_size, limits, preprocessing=model_ref.preprocessing)
-            )
-            fingerprints[item.row.filename] = fingerprint(to_grayscale(decode_image(item.data, limits).image))
-            scored.append(item)
-        except ImageRejected as error:
-            exclusions.append(Exclusion(item.row, UNREADABLE, str(error)))
+    training = _training_images(storage, model_ref)
+    scored, inputs, fingerprints, rejected = _decode(files, image_size, limits, model_ref, training)
+    exclusions += rejected
     if not scored:
         raise ValueError(
             f"{', '.join(descriptions)}: no usable image to score ({len(exclusions)} rows excluded)"
         )
+    started = time.monotonic()
     log(f"scoring {len(scored)} images with model {model_ref.version or model_reference} at {image_size} px")
     probabilities = predict_probabilities(model, inputs)
+    log(f"scored {len(scored)} images in {time.monotonic() - started:.1f} s")
     labels = np.array([task_of.label_of(item.row.finding) for item in scored], dtype=np.int64)
     groups = [item.row.source for item in scored]
     threshold = model_ref.threshold
     overall = metrics.binary_metrics(labels, probabilities, threshold)
     by_source = metrics.group_metrics(labels, probabilities, groups, threshold)
     shortcut = metrics.shortcut_check(labels, probabilities, groups)
-    overlap = _overlap_with_training(storage, model_ref, fingerprints)
+    overlap = (
+        _overlap_with_training(
+            storage, training, {item.row.filename: item.sha256 for item in scored}, fingerprints
+        )
+        if training is not None
+        else {}
+    )
 
     stamp = f"{datetime.now(timezone.utc):%Y%m%d-%H%M%S}"
     prefix = f"{EVALUATIONS}/{stamp}-{model_ref.version or 'file'}"
@@ -132,31 +144,157 @@ def evaluate(
     return report
 
 
-def _overlap_with_training(
-    storage: Storage, model_ref: ModelRef, fingerprints: dict[str, dict]
-) -> dict[str, str]:
-    """Folder images that duplicate an image the model was trained on: {folder file: training sha256}."""
+@dataclass(frozen=True)
+class TrainingImages:
+    """What the overlap check needs of the dataset version a model was trained on."""
+
+    version: str
+    #: sha256 of every content in the version's training split.
+    shas: frozenset[str]
+    #: sha256 of every image of the version, any split. Ingest publishes a version only after its duplicate
+    #: detection judged its images distinct from each other (a confirmed duplicate is dropped; images of
+    #: earlier versions were judged when they came), so a folder file with one of these contents that is
+    #: not a training image is, by the version's own record, no duplicate of one: it is not checked again.
+    published: frozenset[str]
+    #: sha256 -> fingerprint ingest stored for the version's images, current
+    #: :data:`~lxn_ray.dedupe.FINGERPRINT_VERSION` only: training images are not decoded again.
+    fingerprints: dict[str, dict[str, Any]]
+
+
+def _training_images(storage: Storage, model_ref: ModelRef) -> TrainingImages | None:
+    """The model's training images as :class:`TrainingImages`, or None when its dataset version is not in
+    ``storage`` (a model file from elsewhere): then overlap with training is not checked."""
     version = model_ref.card.get("dataset_version")
     if not version or not storage.exists(dataset.version_key(version, "manifest.json")):
         log("model's training dataset not in this storage: overlap with training not checked")
-        return {}
+        return None
     train = dataset.read_split(storage, version, "train")
-    train_shas = set(train.column("sha256").to_pylist())
-    known = {
+    stored = {
         row["sha256"]: row
         for row in dataset.read_table(storage, version, "fingerprints").to_pylist()
-        if row["sha256"] in train_shas and row.get("dedupe_version") == FINGERPRINT_VERSION
+        if row.get("dedupe_version") == FINGERPRINT_VERSION
     }
-    for sha in train_shas - set(known):  # made by an older dedupe: fingerprint the stored bytes again
-        image = decode_image(storage.read_bytes(dataset.blob_key(sha))).image
-        known[sha] = fingerprint(to_grayscale(image))
-    new = {f"folder:{name}": fp for name, fp in fingerprints.items()}
-    overlap: dict[str, str] = {}
-    for pair in find_duplicates(known, new):
-        a_new, b_new = pair.a.startswith("folder:"), pair.b.startswith("folder:")
-        if a_new != b_new:  # one folder image, one training image
-            folder_key, train_key = (pair.a, pair.b) if a_new else (pair.b, pair.a)
-            overlap.setdefault(folder_key.removeprefix("folder:"), train_key)
+    published = frozenset(dataset.read_table(storage, version, "images").column("sha256").to_pylist())
+    return TrainingImages(version, frozenset(train.column("sha256").to_pylist()), published, stored)
+
+
+def _decode(
+    files: list[SourceFile],
+    image_size: int,
+    limits: ImageLimits,
+    model_ref: ModelRef,
+    training: TrainingImages | None,
+) -> tuple[list[SourceFile], list[np.ndarray], dict[str, dict[str, Any]], list[Exclusion]]:
+    """Each file's model input, and the fingerprints the overlap check needs, decoding each file once:
+    (scored files, model inputs, sha256 -> fingerprint, exclusions of undecodable files).
+
+    No fingerprint is needed for a file whose bytes are an image of the model's dataset version (a
+    training image, or one ingest judged distinct from them: see :class:`TrainingImages`) nor when there
+    is no training set to compare with; any other is computed from the same decode as the model input
+    (the untrimmed grayscale film is what :func:`~lxn_ray.preprocess.preprocess_for_explanation` returns
+    when the model does not trim borders; a model that trims needs a second decode for those files).
+    """
+    from lxn_ray.preprocess import preprocess_bytes, preprocess_for_explanation
+
+    preprocessing = model_ref.preprocessing
+    published = training.published if training is not None else frozenset()
+    scored: list[SourceFile] = []
+    inputs: list[np.ndarray] = []
+    fingerprints: dict[str, dict[str, Any]] = {}
+    exclusions: list[Exclusion] = []
+    fingerprinted = {item.sha256 for item in files if item.sha256 not in published}
+    log(
+        f"decoding {len(files)} images at {image_size} px"
+        + (
+            f"; {len(fingerprinted)} contents not in {training.version} also fingerprinted"
+            if training is not None
+            else ""
+        )
+    )
+    started = last = time.monotonic()
+    for done, item in enumerate(files, 1):
+        sha = item.sha256
+        needs_fingerprint = training is not None and sha not in published and sha not in fingerprints
+        try:
+            if needs_fingerprint and not preprocessing.trim_borders:
+                model_input, film = preprocess_for_explanation(item.data, image_size, limits, preprocessing)
+                fingerprints[sha] = fingerprint(to_grayscale(film))  # untrimmed: the whole film, one decode
+            else:
+                model_input = preprocess_bytes(item.data, image_size, limits, preprocessing)
+                if needs_fingerprint:  # the model saw a trimmed film; a fingerprint is of the whole one
+                    fingerprints[sha] = fingerprint(to_grayscale(decode_image(item.data, limits).image))
+        except ImageRejected as error:
+            exclusions.append(Exclusion(item.row, UNREADABLE, str(error)))
+            continue
+        inputs.append(model_input)
+        scored.append(item)
+        if time.monotonic() - last > PROGRESS_EVERY_S and done < len(files):
+            last = time.monotonic()
+            log(f"decoded {done}/{len(files)} images")
+    log(f"decoded {len(scored)} images in {time.monotonic() - started:.1f} s ({len(exclusions)} undecodable)")
+    return scored, inputs, fingerprints, exclusions
+
+
+def _verification_mapper(worker: Callable[[Any], list], chunks: list[Any]) -> list[list]:
+    """A :data:`~lxn_ray.dedupe.ChunkMapper` that verifies candidate pairs as Ray tasks when there are
+    enough of them to repay starting Ray, else here (chunks of up to :data:`VERIFY_CHUNK_SIZE` pairs)."""
+    pairs = f"up to {len(chunks) * VERIFY_CHUNK_SIZE} candidate pairs ({len(chunks)} chunks)"
+    if len(chunks) * VERIFY_CHUNK_SIZE < RAY_VERIFY_MIN_PAIRS:
+        log(f"verifying {pairs} in this process")
+        return [worker(chunk) for chunk in chunks]
+    try:
+        cluster.connect()
+    except Exception as error:  # the result does not depend on where pairs are verified
+        log(f"Ray unavailable ({type(error).__name__}: {error}); verifying {pairs} in this process")
+        return [worker(chunk) for chunk in chunks]
+    log(f"verifying {pairs} as Ray tasks")
+    return cluster.map_chunks_on_ray(worker, chunks)
+
+
+def _overlap_with_training(
+    storage: Storage,
+    training: TrainingImages,
+    folder: Mapping[str, str],
+    fingerprints: Mapping[str, Mapping[str, Any]],
+    map_chunks: ChunkMapper | None = _verification_mapper,
+) -> dict[str, str]:
+    """Folder images that duplicate an image the model was trained on: {folder file: training sha256}.
+
+    ``folder``: folder file -> sha256 of its bytes; ``fingerprints``: sha256 -> fingerprint of every
+    folder content that is not an image of the version. A file with a training image's bytes is that image
+    and counts without verification; one with the bytes of another image of the version does not (ingest
+    judged it distinct, see :class:`TrainingImages`); the others are compared with the training images
+    only (never with each other) by ingest's duplicate detection, verifying candidate pairs through
+    ``map_chunks``.
+    """
+    overlap = {name: sha for name, sha in folder.items() if sha in training.shas}
+    judged = {sha for sha in folder.values() if sha in training.published and sha not in training.shas}
+    others = sorted({sha for sha in folder.values() if sha not in training.published})
+    log(
+        f"duplicate check: {len(overlap)} of {len(folder)} files are byte-identical to training images, "
+        f"{len(judged)} contents are other images of {training.version} (judged distinct at ingest); "
+        f"{len(others)} other contents to compare with {len(training.shas)} training images"
+    )
+    if not others:
+        return overlap
+    started = time.monotonic()
+    known = {sha: training.fingerprints[sha] for sha in training.shas if sha in training.fingerprints}
+    missing = sorted(training.shas - set(known))
+    if missing:  # made by an older dedupe: fingerprint the stored bytes again
+        log(f"fingerprinting {len(missing)} training images whose stored fingerprints are outdated")
+    for sha in missing:
+        known[sha] = fingerprint(to_grayscale(decode_image(storage.read_bytes(dataset.blob_key(sha))).image))
+    new = {f"folder:{sha}": fingerprints[sha] for sha in others}
+    duplicates: dict[str, str] = {}
+    pairs = find_duplicates(known, new, map_chunks=map_chunks, chunk_size=VERIFY_CHUNK_SIZE, within_new=False)
+    for pair in pairs:  # sorted, so each folder content keeps its first training match
+        folder_key, train_key = (pair.a, pair.b) if pair.a.startswith("folder:") else (pair.b, pair.a)
+        duplicates.setdefault(folder_key.removeprefix("folder:"), train_key)
+    overlap.update({name: duplicates[sha] for name, sha in folder.items() if sha in duplicates})
+    log(
+        f"duplicate check: {len(duplicates)} contents near-duplicate training images "
+        f"({len(pairs)} confirmed pairs) in {time.monotonic() - started:.1f} s; {len(overlap)} images overlap"
+    )
     return overlap
 
 
