@@ -70,6 +70,12 @@ KNOWN_REAL_DUPLICATES: tuple[tuple[str, str], ...] = (
 
 TRANSFORMS = ("resize", "crop", "border", "brightness", "contrast", "gamma", "annotate", "bitdepth")
 
+#: Republication errors the random copies above never make, each tested on its own (``make_kind_copy``):
+#: a left-right mirror (a common figure error), an eighth cut from every side, an off-centre crop (a fifth
+#: from the left, an eighth from the top), and the film at 60% inside a white figure panel with a caption
+#: and a scale bar.
+KINDS = ("mirror", "crop-eighth", "crop-off-centre", "panel")
+
 
 # ----------------------------------------------------------------------------------------------------------
 # Source images
@@ -211,6 +217,46 @@ def make_copy(img: Image.Image, rng: random.Random) -> tuple[Image.Image, list[s
     return Image.open(buf).convert("L"), ops
 
 
+def _panel(img: Image.Image, rng: random.Random) -> Image.Image:
+    """The film at 60% of a white figure panel's width, placed off-centre, with a caption line below it
+    and a scale bar with its label beside it (as journals print figures)."""
+    w, h = img.size
+    film = img.resize((round(w * 0.6), round(h * 0.6)), Image.Resampling.LANCZOS)
+    panel = Image.new("L", (w, round(h * 0.85)), 255)
+    x0 = rng.randint(round(0.04 * w), w - film.width - round(0.04 * w))
+    y0 = rng.randint(round(0.02 * h), round(0.06 * h))
+    panel.paste(film, (x0, y0))
+    draw = ImageDraw.Draw(panel)
+    size = max(8, round(0.035 * h))
+    font = ImageFont.load_default(size=size)
+    caption = rng.choice(("Figure 2. Chest radiograph, day 3", "Fig. 1: AP view on admission (arrows)"))
+    draw.text((round(0.04 * w), y0 + film.height + size // 2), caption, fill=0, font=font)
+    bar_x = x0 + film.width + round(0.02 * w) if x0 < w / 2 else max(2, x0 - round(0.18 * w))
+    bar_y = y0 + film.height - 3 * size
+    draw.rectangle((bar_x, bar_y, bar_x + round(0.12 * w), bar_y + max(2, size // 3)), fill=0)
+    draw.text((bar_x, bar_y + size // 2), "5 cm", fill=0, font=font)
+    return panel
+
+
+def make_kind_copy(img: Image.Image, kind: str, rng: random.Random) -> Image.Image:
+    """One copy of ``img`` made by one of :data:`KINDS`, saved as JPEG (quality 60-95) as a figure is."""
+    w, h = img.size
+    if kind == "mirror":
+        out = ImageOps.mirror(img)
+    elif kind == "crop-eighth":
+        out = img.crop((round(w / 8), round(h / 8), w - round(w / 8), h - round(h / 8)))
+    elif kind == "crop-off-centre":
+        out = img.crop((round(w / 5), round(h / 8), w, h))
+    elif kind == "panel":
+        out = _panel(img, rng)
+    else:
+        raise ValueError(kind)
+    buf = io.BytesIO()
+    out.save(buf, format="JPEG", quality=rng.randint(60, 95))
+    buf.seek(0)
+    return Image.open(buf).convert("L")
+
+
 # ----------------------------------------------------------------------------------------------------------
 # Evaluation
 # ----------------------------------------------------------------------------------------------------------
@@ -254,6 +300,54 @@ def dump_pairs(pairs: list[tuple[str, str]], images: dict[str, Image.Image], out
         canvas.save(out / f"{tag}_{i:02d}.png")
 
 
+def kinds_run(
+    args: argparse.Namespace,
+    originals: list[tuple[str, str]],
+    images: dict[str, Image.Image],
+    patient: dict[str, str],
+    group: dict[str, str],
+    config: DedupeConfig,
+) -> None:
+    """Recall per kind of :data:`KINDS` and precision on a pool of the originals and those copies.
+
+    Its own random stream (seed + 1000), so the classic pool above is the same as before the kinds
+    existed; ``args.kinds`` originals each get one copy of every kind.
+    """
+    rng = random.Random(args.seed + 1000)
+    chosen = sorted(rng.sample([name for name, _ in originals], min(args.kinds, len(originals))))
+    pool = {name: images[name] for name, _ in originals}
+    kind_group = {name: group[name] for name, _ in originals}
+    kind_patient = dict(patient)
+    for name in chosen:
+        for kind in KINDS:
+            key = f"{kind}:{name}"
+            pool[key] = make_kind_copy(images[name], kind, rng)
+            kind_group[key], kind_patient[key] = group[name], patient[name]
+    truth = positives(kind_group)
+    fps = {k: fingerprint(img) for k, img in pool.items()}
+    t0 = time.perf_counter()
+    found = {pair(p.a, p.b) for p in find_duplicates({}, fps, config)}
+    seconds = time.perf_counter() - t0
+    known = {k: v for k, v in fps.items() if ":" not in k}
+    copies = {k: v for k, v in fps.items() if ":" in k}
+    inc = {pair(p.a, p.b) for p in find_duplicates(known, copies, config)}
+    print(f"new kinds: {len(chosen)} originals x {len(KINDS)} kinds, pool of {len(fps)} ({seconds:.1f}s)")
+    report("kinds batch (all pairs)", found, truth, kind_patient)
+    truth_inc = {p for p in truth if ":" in p[0] or ":" in p[1]}
+    report("kinds incremental (copies new)", inc, truth_inc, kind_patient)
+    candidates = set(candidate_pairs({}, fps, config))
+    for kind in KINDS:
+        kind_truth = {pair(f"{kind}:{name}", name) for name in chosen}
+        print(
+            f"  {kind:<16} recall {len(found & kind_truth) / len(kind_truth):.3f} "
+            f"(candidates {len(candidates & kind_truth) / len(kind_truth):.3f})"
+        )
+    if args.dump:
+        misses = sorted(truth - found)
+        dump_pairs(misses[:30], pool, args.dump, "kinds_miss")
+        dump_pairs(sorted(found - truth)[:30], pool, args.dump, "kinds_fp")
+
+
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--source", type=Path, required=True, help="dataset checkout (metadata.csv + images/)")
@@ -261,6 +355,9 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--n", type=int, default=300, help="number of originals")
     ap.add_argument("--dump", type=Path, default=None, help="save side-by-side PNGs of errors here")
     ap.add_argument("--real", action="store_true", help="also run on all X-rays of the source and list pairs")
+    ap.add_argument(
+        "--kinds", type=int, default=100, help="originals given one copy of each of KINDS (0: skip)"
+    )
     args = ap.parse_args(argv)
     config = DedupeConfig()
     rng = random.Random(args.seed)
@@ -372,6 +469,9 @@ def main(argv: list[str] | None = None) -> int:
             )
         for s, a, b in neg[:10]:
             print(f"  near-negative {s:.4f} {a} | {b} same-patient={patient[a] == patient[b]}")
+
+    if args.kinds:
+        kinds_run(args, originals, images, patient, group, config)
 
     if args.real:
         real = {name: fingerprint(open_gray(image_dir / name)) for name, _ in sources}

@@ -24,7 +24,7 @@ def connect() -> None:
     ray.init(logging_level=logging.WARNING, configure_logging=True, log_to_driver=True)
 
 
-def map_chunks_on_ray(worker: Callable[[list], list], chunks: list[list]) -> list[list]:
+def map_chunks_on_ray(worker: Callable[[Any], list], chunks: list[Any]) -> list[list]:
     """``worker(chunk)`` for every chunk as one Ray task each (spread over the cluster); results in order.
 
     ``worker`` must be a picklable module-level function (a :data:`lxn_ray.dedupe.ChunkMapper`'s worker).

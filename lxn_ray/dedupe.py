@@ -5,27 +5,26 @@ What this module owns
 * ``fingerprint(image)``: a small, Parquet-friendly summary of one decoded grayscale image (perceptual
   hashes plus a normalized thumbnail).  It is computed once per image and cached, so it carries
   everything the pair decision needs; verification never sees the full image again.
-* ``find_duplicates(known, new)``: confirmed duplicate pairs among ``new`` and between ``new`` and
-  ``known``.  Grouping pairs into components, choosing which copy to keep and splitting are done by the
-  caller.
-* ``BKTree``: the Hamming-distance index used for the candidate search.
+* ``find_duplicates(known, new)`` / ``search_duplicates``: confirmed duplicate pairs among ``new`` and
+  between ``new`` and ``known`` (with counts and timings).  Grouping pairs into components, choosing
+  which copy to keep and splitting are done by the caller.
+* the verification of one pair (``verify_pair``) or of a chunk of pairs (``verify_chunk``).
 
 Why two stages
 --------------
 A perceptual hash alone cannot separate "the same radiograph, re-encoded" from "another radiograph of the
 same patient a day later": serial films share anatomy and positioning, so their hashes are as close as
 those of a cropped or padded copy (at phash distance 10 about one reported pair in three is wrong).
-So the hashes only propose *candidates*, searched with BK-trees and a deliberately loose radius (crops
-and borders move a 64-bit hash by 10-20 bits; two hashes are indexed and their candidates unioned).  A
-third channel needs no threshold: each new image's ``lowres_top_k`` nearest neighbours by low-resolution
-appearance (cosine similarity of the rank-equalized thumbnail averaged to 8x8, one matrix product).  It
-catches copies whose hashes moved too far - heavy white clipping from a brightness change, or crop +
-border + strong JPEG together - because the true copy is still among the most alike images.  Each
-candidate pair is then *verified* on the stored 128 px thumbnails:
+So hashes and low-resolution appearance only propose *candidates*: each new image's k nearest images
+in several channels (:mod:`lxn_ray.dedupe_index`: two hashes, the 8x8 appearance vector plain and
+mirrored, and sub-windows for heavy crops), a bounded number per image however large the collection.
+Each candidate pair is then *verified* on the stored 128 px thumbnails (a mirrored candidate against the
+flipped thumbnail):
 
 0. borders (uniform rows/columns, e.g. black or white padding) were trimmed before the thumbnail was
-   taken, and every thumbnail is stretched to the same square, so what remains between two copies is an
-   axis-aligned scale + translation per axis (crop, untrimmed pad, resize);
+   taken - and a film printed inside a figure panel (a page carrying a caption or a scale bar) was cut
+   out of it - and every thumbnail is stretched to the same square, so what remains between two copies is
+   an axis-aligned scale + translation per axis (crop, untrimmed pad, resize);
 1. at 64 px, row/column profiles give the best 1-D alignments (stage 0 rejects pairs whose profiles do
    not correlate), alternating x/y searches restricted to the overlap align the pair, and a rank
    residual rejects clearly different pairs (stage 1);
@@ -46,34 +45,40 @@ spot: a film that differs ONLY by a local change covering less than ``ignore_fra
 Parallel verification
 ---------------------
 Candidate search is cheap and runs in the calling process; verification (milliseconds per pair) is split
-into chunks of self-contained tasks - ``(thumb_a, thumb_b, thumb_size, config)`` - and handed to an
-optional ``map_chunks(verify_chunk, chunks)`` (e.g. Ray tasks).  ``verify_chunk`` is a module-level pure
-function, so the result does not depend on where or in which order the chunks run.
+into self-contained chunks (:class:`VerifyChunk`: the chunk's thumbnails once, and index pairs) handed to
+an optional ``map_chunks(verify_chunk, chunks)`` (e.g. Ray tasks).  Stage 0 runs vectorised over a whole
+chunk before any pair is aligned.  ``verify_chunk`` is a module-level pure function, so the result does not
+depend on where or in which order the chunks run.
 """
 
 from __future__ import annotations
 
 import functools
 import math
-from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
-from dataclasses import dataclass
+import time
+from collections.abc import Callable, Iterable, Mapping, Sequence
+from dataclasses import dataclass, field
 from typing import TypeVar
 
 import imagehash
 import numpy as np
 from PIL import Image
+from threadpoolctl import threadpool_limits
+
+from lxn_ray.dedupe_index import Candidate, CandidateIndex, SearchConfig, vectors_of
 
 __all__ = [
-    "BKTree",
     "DedupeConfig",
     "DuplicatePair",
     "FINGERPRINT_COLUMNS",
     "FINGERPRINT_VERSION",
     "find_duplicates",
+    "DuplicateSearch",
+    "search_duplicates",
     "fingerprint",
     "hamming",
     "ChunkMapper",
-    "VerifyTask",
+    "VerifyChunk",
     "candidate_pairs",
     "verify_chunk",
     "verify_pair",
@@ -83,11 +88,11 @@ T = TypeVar("T")
 R = TypeVar("R")
 
 #: ``map_chunks(worker, chunks) -> results``: applies a picklable module-level ``worker`` to every chunk
-#: (a list) and returns the per-chunk result lists in the order of ``chunks`` (e.g. as Ray tasks).
-ChunkMapper = Callable[[Callable[[list[T]], list[R]], list[list[T]]], list[list[R]]]
+#: and returns the per-chunk result lists in the order of ``chunks`` (e.g. as Ray tasks).
+ChunkMapper = Callable[[Callable[[T], list[R]], list[T]], list[list[R]]]
 
 #: Bump when the meaning of any fingerprint field changes, so cached fingerprints can be invalidated.
-FINGERPRINT_VERSION = 1
+FINGERPRINT_VERSION = 2
 
 #: Side of the square thumbnail stored in the fingerprint (THUMB_SIZE**2 bytes).
 THUMB_SIZE = 128
@@ -103,6 +108,8 @@ FINGERPRINT_COLUMNS: tuple[str, ...] = (
     "trim_box",  # str: "left,top,right,bottom" of the content box in input pixels
     "thumb_size",  # int: side of the square thumbnail
     "thumb",  # bytes: thumb_size*thumb_size uint8, row-major, trimmed content stretched to a square
+    "lowres",  # bytes: 64 float16, the thumbnail's appearance vector (dedupe_index.vectors_of)
+    "windows",  # bytes: N_WINDOWS x 64 float16, its sub-windows' vectors (dedupe_index.vectors_of)
 )
 
 
@@ -119,19 +126,17 @@ class DedupeConfig:
     trim_max_std: float = 4.0
     #: Never trim more than this fraction of the width/height from one side.
     trim_max_fraction: float = 0.15
+    #: Figure panels (``_figure_box``): the outer frame counts as a page when this share of its pixels is
+    #: within ``figure_tolerance`` gray levels of its median; a row or column holds film when at least
+    #: ``figure_content`` of its pixels differ from the page.
+    figure_frame_uniform: float = 0.95
+    figure_tolerance: int = 12
+    figure_content: float = 0.25
 
     # --- candidate search ---
-    #: BK-tree radius on ``phash_trim`` (bits out of 64).  Loose on purpose: verification decides.
-    phash_radius: int = 16
-    #: BK-tree radius on the whole-image ``phash`` (catches copies whose border trimming went differently,
-    #: e.g. a brightened copy with a clipped-white margin); unioned with the ``phash_trim`` candidates.
-    whole_phash_radius: int = 10
-    #: Each new image's this many nearest neighbours by low-resolution appearance (cosine similarity of the
-    #: rank-equalized 8x8 thumbnail, see ``_lowres_vectors``) are also candidates.  A nearest-neighbour list
-    #: has no threshold to fit: it catches copies whose hashes moved too far (heavy clipping from a
-    #: brightness change, crop + border + recompression together), because the true copy is still the most
-    #: alike image.  0 disables the channel.
-    lowres_top_k: int = 4
+    #: How many nearest neighbours each channel of the candidate index proposes per new image
+    #: (:mod:`lxn_ray.dedupe_index`): bounded, so candidates per image do not grow with the collection.
+    search: SearchConfig = field(default_factory=SearchConfig)
 
     # --- verification: alignment search ---
     #: Largest relative scale change per axis between the two content boxes (crop/pad not trimmed).
@@ -190,6 +195,7 @@ class DuplicatePair:
     b: str
     distance: int
     score: float
+    mirrored: bool = False  # ``b`` is ``a`` flipped left-right
 
 
 # ----------------------------------------------------------------------------------------------------------
@@ -200,59 +206,6 @@ class DuplicatePair:
 def hamming(x: int, y: int) -> int:
     """Number of differing bits between two 64-bit hashes."""
     return (x ^ y).bit_count()
-
-
-class BKTree:
-    """Burkhard-Keller tree over integer hashes with the Hamming metric.
-
-    A query with radius ``r`` only descends into children whose edge distance ``d`` satisfies
-    ``|d - dist(query, node)| <= r`` (triangle inequality), so it visits far fewer nodes than a scan.
-    Several items may share one hash; insertion order is kept for deterministic query results.
-    """
-
-    def __init__(self, items: Iterable[tuple[int, str]] = ()) -> None:
-        # node = [hash, list_of_keys, {edge_distance: child_node}]
-        self._root: list | None = None
-        self._size = 0
-        for value, key in items:
-            self.add(value, key)
-
-    def __len__(self) -> int:
-        return self._size
-
-    def add(self, value: int, key: str) -> None:
-        """Insert ``key`` with 64-bit hash ``value``."""
-        self._size += 1
-        if self._root is None:
-            self._root = [value, [key], {}]
-            return
-        node = self._root
-        while True:
-            d = hamming(value, node[0])
-            if d == 0:
-                node[1].append(key)
-                return
-            child = node[2].get(d)
-            if child is None:
-                node[2][d] = [value, [key], {}]
-                return
-            node = child
-
-    def query(self, value: int, radius: int) -> list[tuple[int, str]]:
-        """All ``(distance, key)`` with ``hamming(value, hash(key)) <= radius``, sorted."""
-        found: list[tuple[int, str]] = []
-        if self._root is None:
-            return found
-        stack = [self._root]
-        while stack:
-            node = stack.pop()
-            d = hamming(value, node[0])
-            if d <= radius:
-                found.extend((d, key) for key in node[1])
-            lo, hi = d - radius, d + radius
-            stack.extend(child for edge, child in node[2].items() if lo <= edge <= hi)
-        found.sort()
-        return found
 
 
 # ----------------------------------------------------------------------------------------------------------
@@ -269,7 +222,7 @@ def _flat_extent(std: np.ndarray, max_std: float, limit: int) -> tuple[int, int]
     return min(lead, limit), min(trail, limit)
 
 
-def _trim_box(arr: np.ndarray, config: DedupeConfig) -> tuple[int, int, int, int]:
+def _std_trim_box(arr: np.ndarray, config: DedupeConfig) -> tuple[int, int, int, int]:
     """Content box (left, top, right, bottom) after removing uniform border rows/columns.
 
     Rows are trimmed first, then columns on the row-trimmed band, then rows again on the column-trimmed
@@ -289,6 +242,60 @@ def _trim_box(arr: np.ndarray, config: DedupeConfig) -> tuple[int, int, int, int
     return left, top, right, bottom
 
 
+def _longest_run(mask: np.ndarray, max_gap: int) -> tuple[int, int]:
+    """(start, end) of the longest stretch of ``mask`` that is True apart from gaps of <= ``max_gap``."""
+    idx = np.flatnonzero(mask)
+    if len(idx) == 0:
+        return 0, len(mask)
+    breaks = np.flatnonzero(np.diff(idx) > max_gap + 1)
+    starts = np.concatenate([[idx[0]], idx[breaks + 1]])
+    ends = np.concatenate([idx[breaks], [idx[-1]]]) + 1
+    i = int(np.argmax(ends - starts))
+    return int(starts[i]), int(ends[i])
+
+
+def _figure_box(arr: np.ndarray, config: DedupeConfig) -> tuple[int, int, int, int] | None:
+    """Box of a film printed inside a uniform figure panel (a white or black page around it carrying a
+    caption, a scale bar or labels), or None when the image's outer frame is not one uniform colour.
+
+    A row (then a column, twice) holds film when at least ``figure_content`` of its pixels differ from the
+    frame's colour by more than ``figure_tolerance``; the film is the longest run of such rows, so a
+    caption or a scale bar separated from it by a strip of page is left out.
+    """
+    h, w = arr.shape
+    ring = np.concatenate([arr[0], arr[-1], arr[:, 0], arr[:, -1]]).astype(np.int16)
+    page = int(np.median(ring))
+    if np.mean(np.abs(ring - page) <= config.figure_tolerance) < config.figure_frame_uniform:
+        return None
+    content = np.abs(arr.astype(np.int16) - page) > config.figure_tolerance
+    top, bottom, left, right = 0, h, 0, w
+    for _ in range(2):
+        rows = content[top:bottom, left:right].mean(axis=1) >= config.figure_content
+        t, b = _longest_run(rows, max(1, (bottom - top) // 50))
+        top, bottom = top + t, top + b
+        cols = content[top:bottom, left:right].mean(axis=0) >= config.figure_content
+        l_, r_ = _longest_run(cols, max(1, (right - left) // 50))
+        left, right = left + l_, left + r_
+    if bottom - top < max(8, h // 4) or right - left < max(8, w // 4):
+        return None
+    return left, top, right, bottom
+
+
+def _trim_box(arr: np.ndarray, config: DedupeConfig) -> tuple[int, int, int, int]:
+    """Content box (left, top, right, bottom): uniform borders removed (:func:`_std_trim_box`), or the
+    film of a figure panel (:func:`_figure_box`) where that cuts further into a side than border trimming
+    may (more than ``trim_max_fraction`` of it)."""
+    box = _std_trim_box(arr, config)
+    figure = _figure_box(arr, config)
+    if figure is None:
+        return box
+    h, w = arr.shape
+    cut = max(
+        (figure[0] - box[0]) / w, (figure[1] - box[1]) / h, (box[2] - figure[2]) / w, (box[3] - figure[3]) / h
+    )
+    return figure if cut > config.trim_max_fraction else box
+
+
 def fingerprint(image: Image.Image, config: DedupeConfig = DedupeConfig()) -> dict[str, object]:
     """Fingerprint one decoded image (mode "L"; other modes are converted) for :func:`find_duplicates`.
 
@@ -301,6 +308,7 @@ def fingerprint(image: Image.Image, config: DedupeConfig = DedupeConfig()) -> di
     content = image.crop(box) if box != (0, 0, image.width, image.height) else image
     # BOX = area averaging: antialiased, so a 4x larger copy gives (almost) the same thumbnail.
     thumb = content.resize((THUMB_SIZE, THUMB_SIZE), Image.Resampling.BOX)
+    lowres, windows = vectors_of(np.asarray(thumb))
     return {
         "dedupe_version": FINGERPRINT_VERSION,
         "phash": str(imagehash.phash(image)),
@@ -311,6 +319,8 @@ def fingerprint(image: Image.Image, config: DedupeConfig = DedupeConfig()) -> di
         "trim_box": ",".join(str(v) for v in box),
         "thumb_size": THUMB_SIZE,
         "thumb": thumb.tobytes(),
+        "lowres": lowres.tobytes(),
+        "windows": windows.tobytes(),
     }
 
 
@@ -620,34 +630,72 @@ def _trimmed_gap(av: np.ndarray, bv: np.ndarray, ignore_fraction: float, flat_ma
     return float(gap[:keep].mean())
 
 
-def verify_pair(
-    fa: Mapping[str, object], fb: Mapping[str, object], config: DedupeConfig = DedupeConfig()
-) -> float:
-    """Verification score between two fingerprints (see :class:`DuplicatePair`); lower = more alike.
+@dataclass(frozen=True)
+class _Thumb:
+    """One thumbnail as verification uses it: raw (n, n) float32, its 2x2-averaged rank-equalised half
+    (n/2, n/2) and that half's column (x) and row (y) mean profiles."""
 
-    Stage 1 (64 px, cheap): profile alignment and a rank residual; clearly different pairs stop here.
-    Stage 2 (full thumbnail): 2-D refinement of the alignment and the rank-interval gap score.
-    Returns ``inf`` when no alignment gives enough overlap.
-    """
-    a_raw, b_raw = _thumb_array(fa), _thumb_array(fb)
-    if a_raw.shape != b_raw.shape:
-        raise ValueError("fingerprints with different thumb_size cannot be compared")
-    n = a_raw.shape[0]
-    half = n // 2
-    a = _equalize(a_raw.reshape(half, 2, half, 2).mean(axis=(1, 3)))
-    b = _equalize(b_raw.reshape(half, 2, half, 2).mean(axis=(1, 3)))
-    # Stage 0: the best 1-D profile correlation per axis; cheap, and rejects most hash candidates.
-    x_starts = _coarse_axis(a.mean(axis=0), b.mean(axis=0), config)
-    if not x_starts:
-        return math.inf
-    if x_starts[0][2] < config.min_profile_corr:  # rejected on x alone; y cannot raise the minimum
-        return 2.0 - x_starts[0][2]
-    y_starts = _coarse_axis(a.mean(axis=1), b.mean(axis=1), config)
-    if not y_starts:
-        return math.inf
-    corr = min(x_starts[0][2], y_starts[0][2])
-    if corr < config.min_profile_corr:
-        return 2.0 - corr  # clearly not a duplicate; > any stage-1/2 score
+    raw: np.ndarray
+    half: np.ndarray
+    profile_x: np.ndarray
+    profile_y: np.ndarray
+
+    @classmethod
+    def of(cls, raw: np.ndarray) -> _Thumb:
+        n = raw.shape[0]
+        half = _equalize(raw.reshape(n // 2, 2, n // 2, 2).mean(axis=(1, 3)))
+        return cls(raw, half, half.mean(axis=0), half.mean(axis=1))
+
+
+def _best_profile_corr(pa: np.ndarray, pb: np.ndarray, config: DedupeConfig) -> np.ndarray:
+    """Best coarse-grid profile correlation of each row pair: (P, m) and (P, m) -> (P,), -2 when no
+    hypothesis gives enough overlap. Vectorised over pairs (in blocks, to bound memory)."""
+    m = pa.shape[1]
+    _, _, (i0, i1, frac, w, cnt_safe, ok) = _coarse_grid(
+        m, m, config.max_scale, config.max_offset, config.scale_steps, config.offset_steps, config.min_overlap
+    )
+    out = np.empty(len(pa), dtype=np.float32)
+    for start in range(0, len(pa), 32):
+        a, b = pa[start : start + 32], pb[start : start + 32]
+        sampled = a[:, i0] + (a[:, i1] - a[:, i0]) * frac  # (P, S, O, m)
+        ma = (sampled * w).sum(axis=-1) / cnt_safe
+        mb = np.einsum("som,pm->pso", w, b) / cnt_safe
+        da = (sampled - ma[..., None]) * w
+        db = (b[:, None, None, :] - mb[..., None]) * w
+        corr = (da * db).sum(axis=-1) / np.sqrt((da * da).sum(axis=-1) * (db * db).sum(axis=-1) + 1e-12)
+        out[start : start + 32] = np.where(ok, corr, -2.0).reshape(len(a), -1).max(axis=1)
+    return out
+
+
+def _screen(pairs: Sequence[tuple[_Thumb, _Thumb]], config: DedupeConfig) -> list[float | None]:
+    """Stage 0 for many pairs at once: the score of each pair rejected by its best 1-D profile correlation
+    (``2 - corr`` of the failing axis, x first; ``inf`` with no overlapping hypothesis), or None for a pair
+    that goes on to stages 1 and 2. Cheap (no alignment), and it rejects most candidates."""
+    if not pairs:
+        return []
+    corr_x = _best_profile_corr(
+        np.stack([a.profile_x for a, _ in pairs]), np.stack([b.profile_x for _, b in pairs]), config
+    )
+    corr_y = _best_profile_corr(
+        np.stack([a.profile_y for a, _ in pairs]), np.stack([b.profile_y for _, b in pairs]), config
+    )
+    scores: list[float | None] = []
+    for cx, cy in zip(corr_x.tolist(), corr_y.tolist(), strict=True):
+        if cx < -1.5 or cy < -1.5:
+            scores.append(math.inf)
+        elif cx < config.min_profile_corr:  # rejected on x alone; y cannot raise the minimum
+            scores.append(2.0 - cx)
+        elif cy < config.min_profile_corr:
+            scores.append(2.0 - min(cx, cy))  # clearly not a duplicate; > any stage-1/2 score
+        else:
+            scores.append(None)
+    return scores
+
+
+def _align_and_score(ta: _Thumb, tb: _Thumb, config: DedupeConfig) -> float:
+    """Stages 1 and 2 of a pair that passed :func:`_screen` (see :func:`verify_pair`)."""
+    a, b = ta.half, tb.half
+    x_starts = _coarse_axis(ta.profile_x, tb.profile_x, config)
     coarse, best = math.inf, None
     for x_start in x_starts:
         aligned = _align(a, b, x_start, config)
@@ -659,10 +707,50 @@ def verify_pair(
         return math.inf
     if coarse > config.prefilter_residual:
         return 1.0 + coarse  # clearly not a duplicate
+    n = ta.raw.shape[0]
     blur = _blur_matrix(n, config.blur_sigma)
-    a_raw, b_raw = blur @ a_raw @ blur.T, blur @ b_raw @ blur.T
+    a_raw, b_raw = blur @ ta.raw @ blur.T, blur @ tb.raw @ blur.T
     y_hyp, x_hyp = _refine_2d(_equalize(a_raw), _equalize(b_raw), best[0], best[1], config)
+    a_raw, b_raw = _match_resolution(a_raw, b_raw, y_hyp[0], x_hyp[0], config.blur_sigma)
     return _gap_residual(a_raw, b_raw, y_hyp, x_hyp, config)
+
+
+def verify_pair(
+    fa: Mapping[str, object], fb: Mapping[str, object], config: DedupeConfig = DedupeConfig()
+) -> float:
+    """Verification score between two fingerprints (see :class:`DuplicatePair`); lower = more alike.
+
+    Stage 0 (64 px profiles, :func:`_screen`): the best 1-D alignment's correlation per axis; clearly
+    different pairs stop here. Stage 1 (64 px): profile alignment and a rank residual. Stage 2 (full
+    thumbnail): 2-D refinement of the alignment and the rank-interval gap score.
+    Returns ``inf`` when no alignment gives enough overlap; raises ValueError for thumbnails of different
+    sizes.
+    """
+    a_raw, b_raw = _thumb_array(fa), _thumb_array(fb)
+    if a_raw.shape != b_raw.shape:
+        raise ValueError("fingerprints with different thumb_size cannot be compared")
+    ta, tb = _Thumb.of(a_raw), _Thumb.of(b_raw)
+    rejected = _screen([(ta, tb)], config)[0]
+    return rejected if rejected is not None else _align_and_score(ta, tb, config)
+
+
+def _match_resolution(
+    a: np.ndarray, b: np.ndarray, scale_y: float, scale_x: float, sigma: float
+) -> tuple[np.ndarray, np.ndarray]:
+    """Blur the sharper side of each axis so both carry the same detail once A is warped onto B's grid.
+
+    Both thumbnails are ``sigma``-blurred; with scale ``s`` (B pixels per A pixel = 1/s), a crop (s < 1)
+    shows its content with 1/s times the pixels of A's thumbnail, so A's blur becomes sigma/s in B's
+    pixels and B gets sqrt((sigma/s)^2 - sigma^2) more; s > 1 blurs A the other way. Without this a heavy
+    crop (an eighth off every side) scores like a different film from its lost detail alone.
+    """
+    n = a.shape[0]
+    blur_a, blur_b = [np.eye(n, dtype=np.float32)] * 2, [np.eye(n, dtype=np.float32)] * 2
+    for axis, s in enumerate((scale_y, scale_x)):
+        extra = sigma * math.sqrt(abs(1.0 / (s * s) - 1.0)) if s < 1 else sigma * math.sqrt(s * s - 1.0)
+        if extra > 0.1:
+            (blur_b if s < 1 else blur_a)[axis] = _blur_matrix(n, extra)
+    return blur_a[0] @ a @ blur_a[1].T, blur_b[0] @ b @ blur_b[1].T
 
 
 # ----------------------------------------------------------------------------------------------------------
@@ -670,68 +758,17 @@ def verify_pair(
 # ----------------------------------------------------------------------------------------------------------
 
 
-def _lowres_vectors(fps: Sequence[Mapping[str, object]]) -> np.ndarray:
-    """Unit-norm, zero-mean 64-vectors: each rank-equalized thumbnail averaged down to 8x8 (one row each).
-
-    16 px blocks of the (border-trimmed, square-stretched) thumbnail barely move under a crop of a few
-    percent, and equalization removes brightness/contrast/gamma, so a copy's vector stays close to the
-    original's; the cosine similarity is one matrix product for all pairs.
-    """
-    out = np.empty((len(fps), 64), dtype=np.float64)
-    for i, fp in enumerate(fps):
-        t = _equalize(_thumb_array(fp))
-        k = t.shape[0] // 8
-        v = t[: 8 * k, : 8 * k].reshape(8, k, 8, k).mean(axis=(1, 3)).ravel()
-        v = v - v.mean()
-        out[i] = v / (np.linalg.norm(v) + 1e-9)
-    return out
-
-
 def _candidates(
     known: Mapping[str, Mapping[str, object]],
     new: Mapping[str, Mapping[str, object]],
     config: DedupeConfig,
     within_new: bool = True,
-) -> Iterator[tuple[str, str]]:
-    """Candidate pairs (a < b) with at least one side in ``new``: BK-tree queries on two hashes, plus each
-    new key's ``lowres_top_k`` nearest neighbours by low-resolution appearance. ``within_new=False``:
-    only pairs of a new key with a known one."""
-    keys = sorted(set(known) | set(new))
-    new_keys = sorted(new)
-    fps = {**known, **new}
-    seen: set[tuple[str, str]] = set()
-    for column, radius in (("phash_trim", config.phash_radius), ("phash", config.whole_phash_radius)):
-        values = {k: int(str(fps[k][column]), 16) for k in keys}
-        tree = BKTree((values[k], k) for k in keys)
-        for k in new_keys:
-            for _, other in tree.query(values[k], radius):
-                if other == k or (not within_new and other in new):
-                    continue
-                # a new key meets another new key twice; count it once
-                pair = (k, other) if k < other else (other, k)
-                if pair not in seen:
-                    seen.add(pair)
-                    yield pair
-    top_k = min(config.lowres_top_k, len(keys) - 1)
-    if top_k <= 0 or not new_keys:
-        return
-    vecs = _lowres_vectors([fps[k] for k in keys])
-    row = {k: i for i, k in enumerate(keys)}
-    for start in range(0, len(new_keys), 256):  # bounded memory for a large known set
-        block = new_keys[start : start + 256]
-        sims = vecs[[row[k] for k in block]] @ vecs.T
-        sims[np.arange(len(block)), [row[k] for k in block]] = -np.inf  # not itself
-        if not within_new:
-            sims[:, [row[k] for k in new_keys]] = -np.inf
-        # stable sort on (-similarity, key index): ties resolve the same way every run
-        nearest = np.argsort(-sims, axis=1, kind="stable")[:, :top_k]
-        for k, idx in zip(block, nearest, strict=True):
-            for j in idx:
-                other = keys[int(j)]
-                pair = (k, other) if k < other else (other, k)
-                if pair not in seen:
-                    seen.add(pair)
-                    yield pair
+) -> tuple[list[Candidate], CandidateIndex]:
+    """Candidate pairs with at least one side in ``new`` (``within_new=False``: the other side in
+    ``known``), from a :class:`~lxn_ray.dedupe_index.CandidateIndex` over both; and the index (timings)."""
+    index = CandidateIndex.from_fingerprints({**known, **new})
+    searchable = None if within_new else [k for k in known if k not in new]
+    return index.candidates(sorted(new), searchable, config.search), index
 
 
 def candidate_pairs(
@@ -741,26 +778,54 @@ def candidate_pairs(
     within_new: bool = True,
 ) -> list[tuple[str, str]]:
     """The sorted candidate pairs ``(a, b)``, ``a < b``, that :func:`find_duplicates` verifies."""
-    return sorted(_candidates(known, new, config, within_new))
+    return sorted({(c.a, c.b) for c in _candidates(known, new, config, within_new)[0]})
 
 
-#: One verification task: the two thumbnails (bytes), their side, and the config.
-VerifyTask = tuple[bytes, bytes, int, DedupeConfig]
+@dataclass(frozen=True)
+class VerifyChunk:
+    """A self-contained batch of pairs for :func:`verify_chunk`: only the thumbnails it uses travel.
 
-
-def verify_chunk(tasks: list[VerifyTask]) -> list[float]:
-    """Chunk worker for ``find_duplicates(map_chunks=...)``: :func:`verify_pair` score of every task.
-
-    Module-level and free of state, so it pickles by reference (Ray tasks, process pools).  A task is
-    ``(thumb_a, thumb_b, thumb_size, config)``: only the thumbnails travel, about 32 KiB per pair.
+    ``thumbs``: (u, n, n) uint8; ``pairs``: (P, 2) int64 rows of ``thumbs`` (a, b); ``mirrored``: (P,) bool,
+    compare ``a`` with ``b`` flipped left-right.
     """
-    return [
-        verify_pair({"thumb": ta, "thumb_size": n}, {"thumb": tb, "thumb_size": n}, config)
-        for ta, tb, n, config in tasks
-    ]
+
+    thumbs: np.ndarray
+    pairs: np.ndarray
+    mirrored: np.ndarray
+    config: DedupeConfig
 
 
-def _serial_map(worker: Callable[[list[T]], list[R]], chunks: list[list[T]]) -> list[list[R]]:
+def verify_chunk(chunk: VerifyChunk) -> list[float]:
+    """Chunk worker for ``search_duplicates(map_chunks=...)``: the :func:`verify_pair` score of every pair.
+
+    Module-level and free of state, so it pickles by reference (Ray tasks, process pools). Each thumbnail
+    is prepared once per chunk and stage 0 runs vectorised over all pairs before any pair is aligned.
+    """
+    # 128 px matrix products gain nothing from BLAS threads, and on a busy host threads that spin waiting
+    # for cores cost 10-100x; parallelism comes from running chunks side by side (Ray tasks).
+    with threadpool_limits(limits=1):
+        plain: dict[int, _Thumb] = {}
+        flipped: dict[int, _Thumb] = {}
+
+        def thumb(row: int, mirror: bool) -> _Thumb:
+            cache = flipped if mirror else plain
+            if row not in cache:
+                raw = chunk.thumbs[row].astype(np.float32)
+                cache[row] = _Thumb.of(np.ascontiguousarray(raw[:, ::-1]) if mirror else raw)
+            return cache[row]
+
+        pairs = [
+            (thumb(int(a), False), thumb(int(b), bool(m)))
+            for (a, b), m in zip(chunk.pairs, chunk.mirrored, strict=True)
+        ]
+        screened = _screen(pairs, chunk.config)
+        return [
+            score if score is not None else _align_and_score(ta, tb, chunk.config)
+            for (ta, tb), score in zip(pairs, screened, strict=True)
+        ]
+
+
+def _serial_map(worker: Callable[[T], list[R]], chunks: list[T]) -> list[list[R]]:
     return [worker(chunk) for chunk in chunks]
 
 
@@ -769,53 +834,101 @@ def _thumb_bytes(fp: Mapping[str, object]) -> bytes:
     return data if isinstance(data, bytes) else bytes(data)  # type: ignore[arg-type]
 
 
+@dataclass(frozen=True)
+class DuplicateSearch:
+    """What :func:`search_duplicates` found and what it cost (seconds of wall time in this process)."""
+
+    pairs: list[DuplicatePair]
+    candidates: int  # pairs verified (a pair checked plain and mirrored counts twice)
+    new_images: int
+    index_seconds: float  # building the candidate index from stored vectors
+    query_seconds: float  # the k-nearest-neighbour queries
+    verify_seconds: float  # verification, wherever ``map_chunks`` ran it
+
+
 def find_duplicates(
     known: Mapping[str, Mapping[str, object]],
     new: Mapping[str, Mapping[str, object]],
     config: DedupeConfig = DedupeConfig(),
     map_chunks: ChunkMapper | None = None,
-    chunk_size: int = 48,
+    chunk_size: int = 256,
     named_pairs: Iterable[tuple[str, str]] = (),
     within_new: bool = True,
 ) -> list[DuplicatePair]:
-    """Confirmed duplicate pairs among ``new`` and between ``new`` and ``known``, sorted by (a, b).
+    """Confirmed duplicate pairs among ``new`` and between ``new`` and ``known``, sorted by (a, b): the
+    ``pairs`` of :func:`search_duplicates` (same arguments)."""
+    return search_duplicates(known, new, config, map_chunks, chunk_size, named_pairs, within_new).pairs
+
+
+def search_duplicates(
+    known: Mapping[str, Mapping[str, object]],
+    new: Mapping[str, Mapping[str, object]],
+    config: DedupeConfig = DedupeConfig(),
+    map_chunks: ChunkMapper | None = None,
+    chunk_size: int = 256,
+    named_pairs: Iterable[tuple[str, str]] = (),
+    within_new: bool = True,
+) -> DuplicateSearch:
+    """Confirmed duplicate pairs among ``new`` and between ``new`` and ``known``, with counts and timings.
 
     Known-vs-known pairs are never compared.  A key present in both mappings is treated as new.
     ``named_pairs`` are extra candidates the caller has reason to suspect (the same file name in two
     sources); they are verified like the others, against ``config.same_name_max_residual``.
     ``within_new=False`` compares new keys only with known ones (e.g. films under evaluation with a
-    model's training images), not with each other.
+    model's training images), not with each other. A mirrored candidate is verified against ``b``
+    flipped left-right; a pair confirmed both ways keeps its better score.
 
-    Candidate search runs here; the verification of the candidate pairs is split into chunks of
-    ``chunk_size`` :data:`VerifyTask` items and run as ``map_chunks(verify_chunk, chunks)``, which must
-    return one list of scores per chunk, in order (``None``: sequentially in this process).  The result is
-    identical whichever mapper runs the chunks.
+    Candidate search (:mod:`lxn_ray.dedupe_index`) runs here; the verification of the candidate pairs is
+    split into :class:`VerifyChunk` s of ``chunk_size`` pairs and run as
+    ``map_chunks(verify_chunk, chunks)``, which must return one list of scores per chunk, in order
+    (``None``: sequentially in this process).  The result is identical whichever mapper runs the chunks.
+    Raises ValueError for fingerprints of different ``thumb_size``.
     """
     fps = {**known, **new}
     named = {(a, b) if a < b else (b, a) for a, b in named_pairs if a != b and a in fps and b in fps}
     named = {pair for pair in named if pair[0] in new or pair[1] in new}
-    candidates = sorted(set(candidate_pairs(known, new, config, within_new)) | named)
+    found, index = _candidates(known, new, config, within_new)
+    candidates = sorted(set(found) | {Candidate(a, b) for a, b in named})
     if not candidates:
-        return []
-    thumbs = {k: _thumb_bytes(fps[k]) for pair in candidates for k in pair}
-    sizes = {int(fps[k]["thumb_size"]) for k in thumbs}  # type: ignore[arg-type]
+        return DuplicateSearch([], 0, len(new), index.build_seconds, index.query_seconds, 0.0)
+    started = time.perf_counter()
+    keys = sorted({k for c in candidates for k in (c.a, c.b)})
+    sizes = {int(fps[k]["thumb_size"]) for k in keys}  # type: ignore[arg-type]
     if len(sizes) != 1:
         raise ValueError("fingerprints with different thumb_size cannot be compared")
     size = sizes.pop()
-    tasks: list[VerifyTask] = [(thumbs[a], thumbs[b], size, config) for a, b in candidates]
-    chunks = [tasks[i : i + chunk_size] for i in range(0, len(tasks), chunk_size)]
+    chunks = []
+    for start in range(0, len(candidates), chunk_size):
+        part = candidates[start : start + chunk_size]
+        used = sorted({k for c in part for k in (c.a, c.b)})
+        row = {k: i for i, k in enumerate(used)}
+        thumbs = np.stack([np.frombuffer(_thumb_bytes(fps[k]), np.uint8).reshape(size, size) for k in used])
+        chunks.append(
+            VerifyChunk(
+                thumbs=thumbs,
+                pairs=np.array([(row[c.a], row[c.b]) for c in part], dtype=np.int64),
+                mirrored=np.array([c.mirrored for c in part], dtype=bool),
+                config=config,
+            )
+        )
     results = (map_chunks or _serial_map)(verify_chunk, chunks)
     scores = [score for chunk_scores in results for score in chunk_scores]
     if len(scores) != len(candidates):
         raise RuntimeError(f"map_chunks returned {len(scores)} scores for {len(candidates)} pairs")
-    pairs: list[DuplicatePair] = []
-    for (a, b), score in zip(candidates, scores, strict=True):
-        limit = (
-            max(config.max_residual, config.same_name_max_residual)
-            if (a, b) in named
-            else config.max_residual
-        )
-        if score <= limit:
-            distance = hamming(int(str(fps[a]["phash"]), 16), int(str(fps[b]["phash"]), 16))
-            pairs.append(DuplicatePair(a=a, b=b, distance=distance, score=round(float(score), 6)))
-    return pairs
+    best: dict[tuple[str, str], DuplicatePair] = {}
+    for c, score in zip(candidates, scores, strict=True):
+        limit = config.max_residual
+        if (c.a, c.b) in named:
+            limit = max(config.max_residual, config.same_name_max_residual)
+        score = round(float(score), 6)
+        if score <= limit and ((c.a, c.b) not in best or score < best[(c.a, c.b)].score):
+            distance = hamming(int(str(fps[c.a]["phash"]), 16), int(str(fps[c.b]["phash"]), 16))
+            best[(c.a, c.b)] = DuplicatePair(c.a, c.b, distance, score, c.mirrored)
+    return DuplicateSearch(
+        pairs=[best[k] for k in sorted(best)],
+        candidates=len(candidates),
+        new_images=len(new),
+        index_seconds=index.build_seconds,
+        query_seconds=index.query_seconds,
+        verify_seconds=time.perf_counter() - started,
+    )

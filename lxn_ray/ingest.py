@@ -31,7 +31,7 @@ import json
 import sys
 import time
 from collections import Counter, defaultdict
-from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
+from collections.abc import Iterable, Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
 from datetime import datetime, timezone
 from typing import Any
@@ -46,8 +46,9 @@ from lxn_ray.dedupe import (
     FINGERPRINT_VERSION,
     DedupeConfig,
     DuplicatePair,
-    find_duplicates,
+    DuplicateSearch,
     fingerprint,
+    search_duplicates,
 )
 from lxn_ray.imaging import ImageLimits, ImageRejected, decode_image, to_grayscale
 from lxn_ray.layouts import DEFAULT_SOURCE_NAME, SourceRows, SourceSpec, read_rows
@@ -84,6 +85,7 @@ DUPLICATES_SCHEMA = pa.schema(
         ("sha256", pa.string()),
         ("dropped_source", pa.string()),
         ("kept_source", pa.string()),
+        ("mirrored", pa.bool_()),  # the dropped film is the kept one flipped left-right
     ]
 )
 PATIENTS_SCHEMA = pa.schema([("patient_id", pa.string()), ("split", pa.string())])
@@ -265,7 +267,7 @@ def ingest(
 
     log(f"comparing {len(readable)} images for duplicates ({len(previous.usable_shas)} already published)")
     with stages("dedupe"):
-        kept, near = _drop_near_duplicates(
+        kept, near, search = _drop_near_duplicates(
             readable, fingerprints, previous.usable_shas, config.dedupe, priority
         )
     duplicates += near
@@ -304,6 +306,7 @@ def ingest(
             }
             for read in reads
         }
+        report["dedupe"] = _search_summary(search)
         report["label_disagreements"] = _label_disagreements(duplicates, by_key)
         report["changes"] = dataset.changes_between(previous.images, images)
         manifest = {
@@ -566,7 +569,7 @@ def _drop_identical(
 
 
 def _duplicate_entry(
-    dropped: SourceFile, kept: SourceFile, distance: int, score: float | None
+    dropped: SourceFile, kept: SourceFile, distance: int, score: float | None, mirrored: bool = False
 ) -> dict[str, Any]:
     return {
         "dropped": dropped.row.filename,
@@ -578,6 +581,7 @@ def _duplicate_entry(
         "sha256": dropped.sha256,
         "dropped_source": dropped.source,
         "kept_source": kept.source,
+        "mirrored": mirrored,
     }
 
 
@@ -595,8 +599,9 @@ def _drop_near_duplicates(
     previous_shas: frozenset[str],
     config: DedupeConfig,
     priority: Mapping[str, int] | None = None,
-) -> tuple[list[SourceFile], list[dict[str, Any]]]:
-    """Split ``items`` into the kept ones and drop records ``{dropped, kept, distance, ...}``.
+) -> tuple[list[SourceFile], list[dict[str, Any]], DuplicateSearch]:
+    """Split ``items`` into the kept ones and drop records ``{dropped, kept, distance, ...}``; and the
+    duplicate search's counts and timings.
 
     Confirmed pairs form components. In each, images of the previous version are kept (they were judged
     distinct then); if there are none, the image of the source listed first (``priority``: a curated
@@ -607,11 +612,15 @@ def _drop_near_duplicates(
     by_sha = {item.sha256: item for item in items}
     known = {sha: fingerprints[sha] for sha in by_sha if sha in previous_shas}
     new = {sha: fingerprints[sha] for sha in by_sha if sha not in previous_shas}
-    pairs = find_duplicates(
-        known, new, config, map_chunks=cluster.map_chunks_on_ray if new else None, named_pairs=_same_name_pairs(items)
+    search = search_duplicates(
+        known,
+        new,
+        config,
+        map_chunks=cluster.map_chunks_on_ray if new else None,
+        named_pairs=_same_name_pairs(items),
     )
     edges: dict[str, dict[str, DuplicatePair]] = defaultdict(dict)
-    for pair in pairs:
+    for pair in search.pairs:
         edges[pair.a][pair.b] = pair
         edges[pair.b][pair.a] = pair
 
@@ -644,11 +653,24 @@ def _drop_near_duplicates(
             )
             dropped_shas.add(sha)
             score = float(pair.score) if pair else None
-            dropped.append(_duplicate_entry(by_sha[sha], by_sha[kept_sha], distance, score))
+            mirrored = bool(pair and pair.mirrored)
+            dropped.append(_duplicate_entry(by_sha[sha], by_sha[kept_sha], distance, score, mirrored))
     kept = [item for item in items if item.sha256 not in dropped_shas]
-    return kept, sorted(
-        dropped, key=lambda d: (d["kept_source"], d["kept"], d["dropped_source"], d["dropped"])
-    )
+    dropped.sort(key=lambda d: (d["kept_source"], d["kept"], d["dropped_source"], d["dropped"]))
+    return kept, dropped, search
+
+
+def _search_summary(search: DuplicateSearch) -> dict[str, Any]:
+    """The report's ``dedupe`` entry: how many pairs were verified per new image and where time went."""
+    return {
+        "new_images": search.new_images,
+        "candidate_pairs": search.candidates,
+        "candidates_per_new_image": round(search.candidates / max(search.new_images, 1), 2),
+        "duplicate_pairs": len(search.pairs),
+        "index_seconds": round(search.index_seconds, 3),
+        "query_seconds": round(search.query_seconds, 3),
+        "verify_seconds": round(search.verify_seconds, 3),
+    }
 
 
 def _same_name_pairs(items: list[SourceFile]) -> list[tuple[str, str]]:

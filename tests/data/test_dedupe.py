@@ -23,15 +23,16 @@ from PIL import Image, ImageDraw, ImageEnhance, ImageFont, ImageOps
 
 from lxn_ray.dedupe import (
     FINGERPRINT_COLUMNS,
-    BKTree,
     DedupeConfig,
     DuplicatePair,
+    VerifyChunk,
     find_duplicates,
     fingerprint,
     hamming,
     verify_chunk,
     verify_pair,
 )
+from lxn_ray.dedupe_index import CandidateIndex, SearchConfig
 
 SIZE = (240, 280)  # width, height
 
@@ -259,7 +260,7 @@ def test_map_chunks_gives_identical_output(originals: dict[str, Image.Image], fp
     seen_chunks: list[int] = []
 
     def reversed_mapper(fn, chunks):
-        seen_chunks.extend(len(c) for c in chunks)
+        seen_chunks.extend(len(c.pairs) for c in chunks)
         return [fn(c) for c in reversed(chunks)][::-1]
 
     def thread_mapper(fn, chunks):
@@ -274,32 +275,97 @@ def test_map_chunks_gives_identical_output(originals: dict[str, Image.Image], fp
     assert find_duplicates(known, new, map_chunks=thread_mapper) == find_duplicates(known, new)
 
 
-def test_verify_chunk_is_picklable_and_matches_verify_pair(fps) -> None:
+def test_verify_chunk_is_picklable_and_matches_verify_pair(originals, fps) -> None:
     worker = pickle.loads(pickle.dumps(verify_chunk))  # by reference: what Ray/process pools need
-    a, b = fps["patient0"], fps["patient1"]
-    task = (a["thumb"], b["thumb"], a["thumb_size"], DedupeConfig())
-    assert worker(pickle.loads(pickle.dumps([task, task]))) == [verify_pair(a, b)] * 2
-
-
-def test_bktree_query_equals_brute_force() -> None:
-    rng = random.Random(0)
-    base = [rng.getrandbits(64) for _ in range(40)]
-    # clustered hashes (like real images) plus exact repeats
-    values = [
-        b ^ sum(1 << rng.randrange(64) for _ in range(rng.randrange(12))) for b in base for _ in range(10)
+    copy = fingerprint(TRANSFORMS["crop_asym"](originals["patient0"]))
+    keys = ["patient0", "patient1", "copy"]
+    thumbs = np.stack(
+        [
+            np.frombuffer(f["thumb"], np.uint8).reshape(128, 128)
+            for f in (fps["patient0"], fps["patient1"], copy)
+        ]
+    )
+    chunk = VerifyChunk(
+        thumbs, np.array([(0, 1), (0, 2), (2, 0), (0, 2)]), np.array([0, 0, 0, 1], bool), DedupeConfig()
+    )
+    scores = worker(pickle.loads(pickle.dumps(chunk)))
+    by_key = {"patient0": fps["patient0"], "patient1": fps["patient1"], "copy": copy}
+    mirror = dict(copy, thumb=np.ascontiguousarray(thumbs[2][:, ::-1]).tobytes())
+    assert scores == [
+        verify_pair(by_key[keys[0]], by_key[keys[1]]),
+        verify_pair(by_key[keys[0]], by_key[keys[2]]),
+        verify_pair(by_key[keys[2]], by_key[keys[0]]),
+        verify_pair(by_key[keys[0]], mirror),
     ]
-    values += values[:15]
-    tree = BKTree()
-    for i, v in enumerate(values):
-        tree.add(v, f"k{i:04d}")
-    assert len(tree) == len(values)
-    for radius in (0, 3, 8, 16, 24):
-        for q in values[::37] + [rng.getrandbits(64) for _ in range(5)]:
-            brute = sorted(
-                (hamming(q, v), f"k{i:04d}") for i, v in enumerate(values) if hamming(q, v) <= radius
-            )
-            assert tree.query(q, radius) == brute
-    assert BKTree().query(123, 64) == []
+    assert scores[1] <= DedupeConfig().max_residual < scores[0]
+
+
+def test_candidates_per_new_image_are_bounded_and_the_nearest(originals, fps) -> None:
+    """The index proposes each new image's k nearest (never itself), however large the collection; the
+    hash channel's neighbours are exactly the brute-force Hamming nearest."""
+    rng = random.Random(0)
+    known = {
+        f"k{i:03d}": dict(fps[f"patient{i % 6}"], phash_trim=f"{rng.getrandbits(64):016x}")
+        for i in range(120)
+    }
+    new = {"n0": fps["patient0"], "n1": fps["patient1"]}
+    index = CandidateIndex.from_fingerprints({**known, **new})
+    config = SearchConfig()
+    candidates = index.candidates(sorted(new), config=config)
+    per_new = {k: sum(k in (c.a, c.b) for c in candidates) for k in new}
+    bound = (
+        config.phash_trim_k
+        + config.phash_k
+        + config.lowres_k
+        + config.mirror_k
+        + config.crop_of_k
+        + config.window_k
+    )
+    assert all(0 < n <= bound for n in per_new.values())
+    assert all(c.a != c.b and c.a < c.b for c in candidates)
+    hashes = {k: int(str(v["phash_trim"]), 16) for k, v in {**known, **new}.items()}
+    for key in new:
+        by_distance = sorted((hamming(hashes[key], h), k) for k, h in hashes.items() if k != key)
+        cutoff = by_distance[config.phash_trim_k - 1][0]
+        partners = {c.b if c.a == key else c.a for c in candidates if key in (c.a, c.b)}
+        assert {k for d, k in by_distance if d < cutoff} <= partners
+    only_known = index.candidates(sorted(new), searchable=sorted(known), config=config)
+    assert not any({c.a, c.b} == {"n0", "n1"} for c in only_known)
+    # the same search over a collection ten times larger proposes as many pairs per new image
+    more = {
+        f"m{i:04d}": dict(fps[f"patient{i % 6}"], phash_trim=f"{rng.getrandbits(64):016x}")
+        for i in range(1200)
+    }
+    larger = CandidateIndex.from_fingerprints({**known, **more, **new}).candidates(sorted(new))
+    assert len(larger) <= bound * len(new)
+
+
+def test_republication_errors_are_found(originals, fps) -> None:
+    """A mirrored figure, an eighth cut from every side, an off-centre crop and the film at 60% inside a
+    white figure panel with a caption and a scale bar are each found, and serial films are not."""
+    film = originals["patient2"]
+    w, h = film.size
+    panel = Image.new("L", (w * 5 // 3, h * 3 // 2), 255)
+    panel.paste(film, (w // 3, h // 12))
+    draw = ImageDraw.Draw(panel)
+    font = ImageFont.load_default(size=14)
+    draw.text((10, h + h // 12 + 12), "Figure 3. Chest radiograph on day 2", fill=0, font=font)
+    draw.rectangle((w // 3 + w + 10, h // 2, w // 3 + w + 50, h // 2 + 5), fill=0)
+    draw.text((w // 3 + w + 10, h // 2 + 10), "5 cm", fill=0, font=font)
+    copies = {
+        "mirror": _reencode(ImageOps.mirror(film), "JPEG", 80),
+        "crop_eighth": _reencode(film.crop((w // 8, h // 8, w - w // 8, h - h // 8)), "JPEG", 80),
+        "crop_off_centre": _reencode(film.crop((w // 5, h // 8, w, h)), "JPEG", 80),
+        "panel": _reencode(panel, "JPEG", 85),  # the film is 60% of the panel's width
+        "serial": radiograph(2, angle_deg=3.0, shift=(0.03, -0.02), opacity=(0.3, 0.1, 0.15)),
+    }
+    new = {name: fingerprint(img) for name, img in copies.items()}
+    found = {(p.a, p.b): p for p in find_duplicates(fps, new, within_new=False)}
+    for name in ("mirror", "crop_eighth", "crop_off_centre", "panel"):
+        assert (name, "patient2") in found, name
+    assert found[("mirror", "patient2")].mirrored
+    assert not any("serial" in pair for pair in found)
+    assert all("patient2" in pair for pair in found)
 
 
 REPO_ROOT = Path(__file__).resolve().parents[2]
