@@ -26,7 +26,9 @@ dir). For each size it times, on the same files:
   folder into an empty store (Ray Data tasks, the driver's reading and hashing of the bytes and their trip
   through the object store included; Ray started once, outside the timings), once per
   ``--batch-sizes`` value (``IngestConfig.decode_batch_size``: images per Ray Data batch) and per
-  ``--ray-cpus`` value (Ray restarted with that many CPUs - "faster with more cores");
+  ``--ray-cpus`` value (Ray restarted with that many CPUs - "faster with more cores"); Ray's workers run at
+  nice 0 like the plain loop (``--ray-niceness``; Ray's default of 15 hands a shared machine's CPU to
+  everything else);
 * the whole ingest's seconds beside it.
 
 Append the printed table to benchmarks/RESULTS.md with the machine it came from.
@@ -100,6 +102,18 @@ def upscale_films(snapshot: Path, out: Path, side: int, count: int) -> Path:
     if marker.exists():
         return out
     (out / "images").mkdir(parents=True, exist_ok=True)
+    for larger in sorted(out.parent.glob(f"films-{side}-*")):  # the first films of a larger set, linked
+        if larger != out and (larger / "metadata.csv").exists():
+            with open(larger / "metadata.csv", encoding="utf-8", newline="") as stream:
+                rows = list(csv.DictReader(stream))
+            if len(rows) >= count:
+                for row in rows[:count]:
+                    os.link(larger / "images" / row["filename"], out / "images" / row["filename"])
+                with open(marker, "w", encoding="utf-8", newline="") as stream:
+                    writer = csv.DictWriter(stream, FILM_COLUMNS)
+                    writer.writeheader()
+                    writer.writerows(rows[:count])
+                return out
     rng = np.random.default_rng(side)
     written = []
     with open(snapshot / "metadata.csv", encoding="utf-8", newline="") as stream:
@@ -165,19 +179,29 @@ def plain_loop_split(root: Path) -> dict[str, float]:
     return {**split, "seconds": time.perf_counter() - started, "images": done, "pixels": pixels}
 
 
-def start_ray(num_cpus: int | None, temp_dir: Path) -> None:
-    """A local Ray instance of this process (never another session's cluster), ``num_cpus`` CPUs."""
+def start_ray(num_cpus: int | None, temp_dir: Path, niceness: int) -> None:
+    """A local Ray instance of this process (never another session's cluster), ``num_cpus`` CPUs, workers
+    at ``niceness``."""
     import ray
 
     if ray.is_initialized():
         ray.shutdown()
-    ray.init(
-        address="local",
-        num_cpus=num_cpus,
-        _temp_dir=str(temp_dir),
-        include_dashboard=False,
-        logging_level=logging.WARNING,
-    )
+    os.environ["RAY_worker_niceness"] = str(niceness)  # noqa: SIM112 (Ray reads this name)
+    for attempt in range(5):  # a loaded machine can miss Ray's fixed 30 s start-up wait
+        try:
+            ray.init(
+                address="local",
+                num_cpus=num_cpus,
+                _temp_dir=str(temp_dir),
+                include_dashboard=False,
+                logging_level=logging.WARNING,
+                log_to_driver=False,  # workers' log lines would land in the printed table
+            )
+            return
+        except Exception:
+            ray.shutdown()
+            if attempt == 4:
+                raise
 
 
 def full_size(args: argparse.Namespace) -> None:
@@ -204,9 +228,10 @@ def full_size(args: argparse.Namespace) -> None:
                 flush=True,
             )
             plain = plain_loop_split(films)
+            print(f"# plain loop: {plain['images']} films in {plain['seconds']:.2f}s", flush=True)
             rows.append((side, "plain loop (1 process)", plain["images"], plain["seconds"], None, plain))
             for n_cpus in cpus:
-                start_ray(n_cpus, ray_tmp)
+                start_ray(n_cpus, ray_tmp, args.ray_niceness)
                 import ray
 
                 total_cpus = int(ray.cluster_resources().get("CPU", 0))
@@ -219,6 +244,7 @@ def full_size(args: argparse.Namespace) -> None:
                         whole = time.perf_counter() - began
                     name = f"lxn_ray decode stage, {total_cpus} CPU, batch {batch}"
                     stage = report["stage_seconds"]["fingerprint"]
+                    print(f"# {name}: {stage:.2f}s (whole ingest {whole:.1f}s)", flush=True)
                     rows.append((side, name, report["images_hashed"], stage, whole, report["stage_seconds"]))
     print(
         f"machine: {platform.node()} {platform.machine()}, {os.cpu_count()} cores, Python "
@@ -258,6 +284,13 @@ def main() -> None:
     parser.add_argument("--batch-sizes", default="16", help="IngestConfig.decode_batch_size values")
     parser.add_argument("--ray-cpus", default="all", help="comma-separated Ray CPU counts, e.g. 1,2")
     parser.add_argument("--workdir", type=Path, default=None, help="keep upscaled films here for reruns")
+    parser.add_argument(
+        "--ray-niceness",
+        type=int,
+        default=0,
+        help="--film-size: nice level of Ray's workers (Ray's default, 15, yields the CPU to any other work "
+        "on a shared machine while the plain loop runs at 0)",
+    )
     args = parser.parse_args()
     if args.film_size:
         full_size(args)
