@@ -53,8 +53,9 @@ descendant (the Ray processes it started: GCS, raylet, workers, object store), s
 each ingest.
 
 Growth exponents are least-squares slopes of log(value) against log(N) over the sizes that ran. Sizes that
-do not fit (``--budget-minutes``: a size whose predicted time exceeds what is left is skipped, and a running
-size is interrupted at the deadline) and 100k are extrapolated from those fits, and marked so.
+do not fit (``--budget-minutes``: a size whose predicted time - the last size's build seconds per added film
+times the films to add, plus its incremental run - exceeds what is left is skipped, and a running size is
+interrupted at the deadline) and 100k are extrapolated from those fits (two sizes or more), marked so.
 
 The plain baseline, on the same fingerprints (read back from the store's fingerprint cache): today's
 radius candidate search done by brute force - every new film's two 64-bit phashes XOR-ed with every stored
@@ -800,11 +801,11 @@ def main() -> None:
         previous = 0
         for size in args.sizes:
             if results:
+                # build time per added film and the incremental run's time as at the last size (the
+                # candidate index bounds the candidates per image); the deadline stops a size that overruns
                 last = results[-1]
-                spent = last["build"]["seconds"] + last["inc"]["seconds"]
-                costs = [r["build"]["seconds"] + r["inc"]["seconds"] for r in results]
-                e = slope([r["size"] for r in results], costs) or 1.0
-                predicted = spent * (size / last["size"]) ** max(e, 1.0)
+                per_film = last["build"]["seconds"] / last["added"]
+                predicted = per_film * (size - previous) + last["inc"]["seconds"]
                 if predicted > deadline.left():
                     log(f"size {size}: predicted {predicted:.0f}s, {deadline.left():.0f}s left: skipped")
                     skipped.append(size)
