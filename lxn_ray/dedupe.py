@@ -271,10 +271,10 @@ def _figure_box(arr: np.ndarray, config: DedupeConfig) -> tuple[int, int, int, i
     top, bottom, left, right = 0, h, 0, w
     for _ in range(2):
         rows = content[top:bottom, left:right].mean(axis=1) >= config.figure_content
-        t, b = _longest_run(rows, max(1, (bottom - top) // 50))
+        t, b = _longest_run(rows, max(1, (bottom - top) // 200))
         top, bottom = top + t, top + b
         cols = content[top:bottom, left:right].mean(axis=0) >= config.figure_content
-        l_, r_ = _longest_run(cols, max(1, (right - left) // 50))
+        l_, r_ = _longest_run(cols, max(1, (right - left) // 200))
         left, right = left + l_, left + r_
     if bottom - top < max(8, h // 4) or right - left < max(8, w // 4):
         return None

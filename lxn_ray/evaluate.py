@@ -25,7 +25,7 @@ from typing import Any
 import numpy as np
 
 from lxn_ray import cluster, dataset, metrics, plots
-from lxn_ray.dedupe import FINGERPRINT_VERSION, ChunkMapper, find_duplicates, fingerprint
+from lxn_ray.dedupe import FINGERPRINT_VERSION, ChunkMapper, VerifyChunk, find_duplicates, fingerprint
 from lxn_ray.imaging import ImageLimits, ImageRejected, decode_image, to_grayscale
 from lxn_ray.ingest import Exclusion, SourceFile, read_files
 from lxn_ray.layouts import SourceSpec, read_rows
@@ -44,8 +44,6 @@ PROGRESS_EVERY_S = 15.0  # at most one "decoded i/n" line this often
 #: (30 s serial); 2000 (about a minute serial) keeps small checks - a folder mostly made of the model's
 #: own dataset, a few new films - in this process, where they take seconds.
 RAY_VERIFY_MIN_PAIRS = 2000
-#: Candidate pairs per verification chunk (one Ray task each when on Ray).
-VERIFY_CHUNK_SIZE = 48
 
 
 def log(message: str) -> None:
@@ -235,11 +233,12 @@ def _decode(
     return scored, inputs, fingerprints, exclusions
 
 
-def _verification_mapper(worker: Callable[[Any], list], chunks: list[Any]) -> list[list]:
+def _verification_mapper(worker: Callable[[Any], list], chunks: list[VerifyChunk]) -> list[list]:
     """A :data:`~lxn_ray.dedupe.ChunkMapper` that verifies candidate pairs as Ray tasks when there are
-    enough of them to repay starting Ray, else here (chunks of up to :data:`VERIFY_CHUNK_SIZE` pairs)."""
-    pairs = f"up to {len(chunks) * VERIFY_CHUNK_SIZE} candidate pairs ({len(chunks)} chunks)"
-    if len(chunks) * VERIFY_CHUNK_SIZE < RAY_VERIFY_MIN_PAIRS:
+    enough of them to repay starting Ray, else here."""
+    count = sum(len(chunk.pairs) for chunk in chunks)
+    pairs = f"{count} candidate pairs ({len(chunks)} chunks)"
+    if count < RAY_VERIFY_MIN_PAIRS:
         log(f"verifying {pairs} in this process")
         return [worker(chunk) for chunk in chunks]
     try:
@@ -286,7 +285,7 @@ def _overlap_with_training(
         known[sha] = fingerprint(to_grayscale(decode_image(storage.read_bytes(dataset.blob_key(sha))).image))
     new = {f"folder:{sha}": fingerprints[sha] for sha in others}
     duplicates: dict[str, str] = {}
-    pairs = find_duplicates(known, new, map_chunks=map_chunks, chunk_size=VERIFY_CHUNK_SIZE, within_new=False)
+    pairs = find_duplicates(known, new, map_chunks=map_chunks, within_new=False)
     for pair in pairs:  # sorted, so each folder content keeps its first training match
         folder_key, train_key = (pair.a, pair.b) if pair.a.startswith("folder:") else (pair.b, pair.a)
         duplicates.setdefault(folder_key.removeprefix("folder:"), train_key)
