@@ -28,6 +28,7 @@ its threshold on val (Youden's J) and is scored once on test, in its inference p
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import hashlib
 import json
@@ -260,6 +261,21 @@ def _write_cache_chunks(
     return {"chunk": batch["chunk"], "rows": np.asarray(rows, dtype=np.int64)}
 
 
+@contextlib.contextmanager
+def _no_progress_bars():
+    """Ray Data datasets created inside draw no progress bars (their cursor-moving redraws, forwarded from
+    a worker, land in the middle of the job's own lines)."""
+    import ray
+
+    context = ray.data.DataContext.get_current()
+    before = context.enable_progress_bars
+    context.enable_progress_bars = False
+    try:
+        yield
+    finally:
+        context.enable_progress_bars = before
+
+
 def pixel_cache(storage: Storage, version: str, split: str, config: TrainConfig) -> PixelCache:
     """The uint8 pixel cache of one split (:class:`PixelCache`), built on first use by Ray Data tasks that
     each decode, preprocess and write one chunk of images, in parallel over the cluster; later runs and
@@ -285,11 +301,12 @@ def pixel_cache(storage: Storage, version: str, split: str, config: TrainConfig)
         "image_size": config.image_size,
         "preprocessing": dataclasses.asdict(config.preprocessing),
     }
-    written = (
-        ray.data.from_items(chunks, override_num_blocks=len(chunks))
-        .map_batches(_write_cache_chunks, fn_kwargs=options, batch_size=1)
-        .take_all()
-    )
+    with _no_progress_bars():  # drawn in a watched actor, they only garble the job's own output
+        written = (
+            ray.data.from_items(chunks, override_num_blocks=len(chunks))
+            .map_batches(_write_cache_chunks, fn_kwargs=options, batch_size=1)
+            .take_all()
+        )
     if sum(int(row["rows"]) for row in written) != table.num_rows:
         raise RuntimeError(f"pixel cache {key}: {len(written)} chunk(s) do not hold {table.num_rows} images")
     storage.write_table(f"{key}/index.parquet", table)
@@ -346,9 +363,10 @@ def stream_rows(cache: PixelCache, rows: np.ndarray):
             rows[start : start + STREAM_BLOCK_ROWS] for start in range(0, len(rows), STREAM_BLOCK_ROWS)
         )
     ]
-    return ray.data.from_items(items, override_num_blocks=len(items)).map_batches(
-        _fetch_pixels, fn_kwargs={"cache": cache.without_index()}, batch_size=1, num_cpus=0
-    )
+    with _no_progress_bars():  # a dataset keeps the context it was made in
+        return ray.data.from_items(items, override_num_blocks=len(items)).map_batches(
+            _fetch_pixels, fn_kwargs={"cache": cache.without_index()}, batch_size=1, num_cpus=0
+        )
 
 
 def iter_cache(cache: PixelCache, batch_rows: int = VAL_BATCH):
