@@ -29,7 +29,7 @@ from __future__ import annotations
 
 import time
 from collections.abc import Iterable, Mapping, Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 
 import numpy as np
 from PIL import Image
@@ -130,7 +130,7 @@ class CandidateIndex:
     lowres: np.ndarray  # (n, 64) float32, unit norm
     windows: np.ndarray  # (n * N_WINDOWS, 64) float32, unit norm; rows i*N_WINDOWS.. belong to key i
     build_seconds: float = 0.0
-    query_seconds: float = field(default=0.0)
+    query_seconds: float = 0.0
 
     @classmethod
     def from_fingerprints(cls, fingerprints: Mapping[str, Mapping[str, object]]) -> CandidateIndex:
@@ -164,7 +164,6 @@ class CandidateIndex:
 
         Raises KeyError for a key of ``new`` that is not indexed.
         """
-
         import faiss
 
         # exact flat scans are cheap single-threaded; threads spinning for cores on a busy host are not
