@@ -2,10 +2,11 @@
 
 Usage::
 
-    python benchmarks/dedupe_quality.py --source DIR [--seed 0] [--n 300] [--dump /tmp/dd-fp]
+    python benchmarks/dedupe_quality.py [--source DIR] [--seed 0] [--n 300] [--kinds 100] [--dump /tmp/dd-fp]
 
-``DIR`` is a checkout of the ieee8023 covid-chestxray-dataset (``metadata.csv`` + ``images/``), or any
-folder of images (then every file is its own patient and there are no hard negatives).
+``DIR`` is a checkout of the ieee8023 covid-chestxray-dataset (``metadata.csv`` + ``images/``; by default
+the 2020-06-22 snapshot of the shared data's bundle, cloned into a temp dir), or any folder of images (then
+every file is its own patient and there are no hard negatives).
 
 It picks ``n`` X-ray originals (whole patients at a time, so same-patient serial films - the hard
 negatives - are plentiful), makes one or two transformed copies of each with random combinations of the
@@ -28,6 +29,7 @@ import io
 import itertools
 import random
 import sys
+import tempfile
 import time
 from collections import defaultdict
 from dataclasses import replace
@@ -37,6 +39,8 @@ import numpy as np
 from PIL import Image, ImageDraw, ImageEnhance, ImageFont, ImageOps
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+from common import BUNDLE, checkout  # noqa: E402 (benchmarks/common.py)
 
 from lxn_ray.dedupe import (  # noqa: E402
     DedupeConfig,
@@ -350,7 +354,13 @@ def kinds_run(
 
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    ap.add_argument("--source", type=Path, required=True, help="dataset checkout (metadata.csv + images/)")
+    ap.add_argument(
+        "--source",
+        type=Path,
+        default=None,
+        help="dataset checkout (default: the bundle's 2020-06-22 snapshot)",
+    )
+    ap.add_argument("--bundle", type=Path, default=BUNDLE, help="git bundle of ieee8023 (without --source)")
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--n", type=int, default=300, help="number of originals")
     ap.add_argument("--dump", type=Path, default=None, help="save side-by-side PNGs of errors here")
@@ -359,6 +369,13 @@ def main(argv: list[str] | None = None) -> int:
         "--kinds", type=int, default=100, help="originals given one copy of each of KINDS (0: skip)"
     )
     args = ap.parse_args(argv)
+    with tempfile.TemporaryDirectory(prefix="lxn-dedupe-quality-") as tmp:
+        if args.source is None:
+            args.source = checkout(args.bundle, "2020-06-22", Path(tmp) / "ieee8023")
+        return run(args)
+
+
+def run(args: argparse.Namespace) -> int:
     config = DedupeConfig()
     rng = random.Random(args.seed)
     image_dir = args.source / "images" if (args.source / "images").is_dir() else args.source

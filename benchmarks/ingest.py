@@ -40,15 +40,14 @@ import argparse
 import contextlib
 import csv
 import io
-import logging
 import os
 import platform
-import subprocess
 import tempfile
 import time
 from pathlib import Path
 
 import numpy as np
+from common import BUNDLE, checkout, start_ray  # benchmarks/common.py: this folder is on sys.path
 from PIL import Image, ImageOps
 
 from lxn_ray import cluster
@@ -58,14 +57,6 @@ from lxn_ray.ingest import IngestConfig, ingest
 from lxn_ray.metadata import parse_metadata
 from lxn_ray.sources import FolderSource
 from lxn_ray.storage import Storage
-
-REPO = Path(__file__).resolve().parent.parent
-
-
-def checkout(bundle: Path, tag: str, into: Path) -> Path:
-    subprocess.run(["git", "clone", "-q", str(bundle), str(into)], check=True)
-    subprocess.run(["git", "-C", str(into), "checkout", "-q", f"snapshot-{tag}"], check=True)
-    return into
 
 
 def plain_loop(root: Path) -> tuple[int, float]:
@@ -179,31 +170,6 @@ def plain_loop_split(root: Path) -> dict[str, float]:
     return {**split, "seconds": time.perf_counter() - started, "images": done, "pixels": pixels}
 
 
-def start_ray(num_cpus: int | None, temp_dir: Path, niceness: int) -> None:
-    """A local Ray instance of this process (never another session's cluster), ``num_cpus`` CPUs, workers
-    at ``niceness``."""
-    import ray
-
-    if ray.is_initialized():
-        ray.shutdown()
-    os.environ["RAY_worker_niceness"] = str(niceness)  # noqa: SIM112 (Ray reads this name)
-    for attempt in range(5):  # a loaded machine can miss Ray's fixed 30 s start-up wait
-        try:
-            ray.init(
-                address="local",
-                num_cpus=num_cpus,
-                _temp_dir=str(temp_dir),
-                include_dashboard=False,
-                logging_level=logging.WARNING,
-                log_to_driver=False,  # workers' log lines would land in the printed table
-            )
-            return
-        except Exception:
-            ray.shutdown()
-            if attempt == 4:
-                raise
-
-
 def full_size(args: argparse.Namespace) -> None:
     sizes = [int(s) for s in args.film_size.split(",")]
     batch_sizes = [int(b) for b in args.batch_sizes.split(",")]
@@ -212,8 +178,7 @@ def full_size(args: argparse.Namespace) -> None:
     with contextlib.ExitStack() as stack:
         work = args.workdir or Path(stack.enter_context(tempfile.TemporaryDirectory(prefix="lxn-films-")))
         snapshot = work / f"snapshot-{args.snapshot}"
-        if not (snapshot / "metadata.csv").exists():
-            checkout(args.bundle, args.snapshot, snapshot)
+        checkout(args.bundle, args.snapshot, snapshot)
         ray_tmp = Path(stack.enter_context(tempfile.TemporaryDirectory(prefix="lxnray-", dir="/tmp")))
         stack.callback(cluster.shutdown)
         for side in sizes:
@@ -231,7 +196,7 @@ def full_size(args: argparse.Namespace) -> None:
             print(f"# plain loop: {plain['images']} films in {plain['seconds']:.2f}s", flush=True)
             rows.append((side, "plain loop (1 process)", plain["images"], plain["seconds"], None, plain))
             for n_cpus in cpus:
-                start_ray(n_cpus, ray_tmp, args.ray_niceness)
+                start_ray(ray_tmp, args.ray_niceness, num_cpus=n_cpus)
                 import ray
 
                 total_cpus = int(ray.cluster_resources().get("CPU", 0))
@@ -276,7 +241,7 @@ def main() -> None:
     parser = argparse.ArgumentParser(
         description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
     )
-    parser.add_argument("--bundle", type=Path, default=REPO.parent / "shared" / "data" / "ieee8023.bundle")
+    parser.add_argument("--bundle", type=Path, default=BUNDLE)
     parser.add_argument("--snapshot", default="2020-06-22")
     parser.add_argument("--earlier", default="2020-04-10")
     parser.add_argument("--film-size", default=None, help="comma-separated longer sides, e.g. 1024,4500")

@@ -1,6 +1,6 @@
 """Scale benchmark: ingest and duplicate detection as the collection grows (1k ... 100k films).
 
-    python benchmarks/scale.py [--sizes 1000,5000,20000] [--source /tmp/src] [--new 1000] [--planted 200]
+    python benchmarks/scale.py [--sizes 1000,5000,20000] [--source DIR] [--new 1000] [--planted 200]
                                [--workdir DIR] [--seed 0] [--jobs 2] [--budget-minutes M]
 
 What it builds
@@ -102,6 +102,8 @@ from PIL import Image, ImageOps
 
 REPO = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(REPO))
+
+from common import BUNDLE, checkout, start_ray  # noqa: E402 (benchmarks/common.py)
 
 from lxn_ray.dedupe import FINGERPRINT_VERSION  # noqa: E402
 from lxn_ray.ingest import IngestConfig, ingest  # noqa: E402
@@ -737,7 +739,15 @@ def main() -> None:
         description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
     )
     parser.add_argument("--sizes", default="1000,5000,20000", help="comma-separated store sizes (films)")
-    parser.add_argument("--source", type=Path, default=Path("/tmp/src"), help="ieee8023 checkout")
+    parser.add_argument(
+        "--source",
+        type=Path,
+        default=None,
+        help="ieee8023 checkout (default: the bundle's 2020-06-22 snapshot)",
+    )
+    parser.add_argument(
+        "--bundle", type=Path, default=BUNDLE, help="git bundle of ieee8023 (without --source)"
+    )
     parser.add_argument("--new", type=int, default=1000, help="films in each incremental run")
     parser.add_argument("--planted", type=int, default=200, help="of which near-duplicates of stored films")
     parser.add_argument("--workdir", type=Path, default=None, help="cache of films (default: a temp dir)")
@@ -769,31 +779,16 @@ def main() -> None:
             args.workdir = Path(stack.enter_context(tempfile.TemporaryDirectory(prefix="lxn-scale-")))
         args.workdir.mkdir(parents=True, exist_ok=True)
         pool = args.workdir / f"films-v{SYNTH_VERSION}-seed{args.seed}"
+        if args.source is None:
+            args.source = checkout(args.bundle, "2020-06-22", args.workdir / "snapshot-2020-06-22")
         args.copy_ops = {}
         # per-run state (stores, sources) lives in a fresh folder; the pool is shared
         work = Path(stack.enter_context(tempfile.TemporaryDirectory(prefix="run-", dir=args.workdir)))
         (work / "pool").symlink_to(pool)
         ray_tmp = Path(stack.enter_context(tempfile.TemporaryDirectory(prefix="lxnray-", dir="/tmp")))
-        import logging
-
         import ray
 
-        os.environ["RAY_worker_niceness"] = str(args.ray_niceness)  # noqa: SIM112 (Ray reads this name)
-        for attempt in range(5):  # a loaded machine can miss Ray's fixed 30 s start-up wait
-            try:
-                ray.init(
-                    address="local",
-                    _temp_dir=str(ray_tmp),
-                    object_store_memory=args.object_store_mb * 2**20,
-                    include_dashboard=False,
-                    logging_level=logging.WARNING,
-                    log_to_driver=False,  # workers' log lines would land in the printed tables
-                )
-                break
-            except Exception:
-                ray.shutdown()
-                if attempt == 4:
-                    raise
+        start_ray(ray_tmp, args.ray_niceness, object_store_mb=args.object_store_mb)
         stack.callback(ray.shutdown)
         sampler = MemorySampler()
         results: list[dict[str, Any]] = []

@@ -26,16 +26,18 @@ flipped thumbnail):
    out of it - and every thumbnail is stretched to the same square, so what remains between two copies is
    an axis-aligned scale + translation per axis (crop, untrimmed pad, resize);
 1. at 64 px, row/column profiles give the best 1-D alignments (stage 0 rejects pairs whose profiles do
-   not correlate), alternating x/y searches restricted to the overlap align the pair, and a rank
-   residual rejects clearly different pairs (stage 1);
-2. at 128 px, blurred and rank-equalized, a coordinate descent polishes the alignment, and the score is
-   the mean gap between the two images' rank intervals over the overlap after dropping the worst
-   ``ignore_fraction`` of pixels (stage 2).  Ranks make brightness/contrast/gamma (clipping included)
-   free; dropping the worst pixels makes drawn arrows, letters and markers free.  Pixels that lie in a
-   uniform mass on BOTH sides (a gray level holding more than ``flat_mass`` of the overlap in each image:
-   flat black/white background, saturation) are left out of the score: they match for any two films on
-   the same background, so counting them would dilute the residual of two different films (e.g. two
-   lateral views of one patient on a large black background) down to a duplicate's.
+   not correlate; each axis's profile is also taken over the central band of the other axis, so a copy
+   cropped along that axis still correlates), alternating x/y searches restricted to the overlap align
+   the pair, and a rank residual rejects clearly different pairs (stage 1);
+2. at 128 px, blurred and rank-equalized, two coordinate descents polish the alignment (one on the absolute
+   difference, one on the correlation, which also recovers the alignment of a heavy crop), and the score,
+   the lower of the two, is the mean gap between the two images' rank intervals over the overlap after
+   dropping the worst ``ignore_fraction`` of pixels (stage 2). Ranks make brightness/contrast/gamma
+   (clipping included) free; dropping the worst pixels makes drawn arrows, letters and markers free. Pixels
+   that lie in a uniform mass on BOTH sides (a gray level holding more than ``flat_mass`` of the overlap in
+   each image: flat black/white background, saturation) are left out of the score: they match for any two
+   films on the same background, so counting them would dilute the residual of two different films (e.g.
+   two lateral views of one patient on a large black background) down to a duplicate's.
 
 A re-encoded copy leaves only compression/resampling noise; a serial film leaves residual everywhere
 (breathing, rotation, tubes, changed opacities), which translation + scale cannot explain.  Known blind
@@ -58,7 +60,7 @@ import math
 import time
 from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
-from typing import TypeVar
+from typing import Literal, TypeVar
 
 import imagehash
 import numpy as np
@@ -92,7 +94,8 @@ R = TypeVar("R")
 ChunkMapper = Callable[[Callable[[T], list[R]], list[T]], list[list[R]]]
 
 #: Bump when the meaning of any fingerprint field changes, so cached fingerprints can be invalidated.
-FINGERPRINT_VERSION = 2
+#: 3: figure panels cut out when they keep <= figure_max_area; films over max_side reduced first.
+FINGERPRINT_VERSION = 3
 
 #: Side of the square thumbnail stored in the fingerprint (THUMB_SIZE**2 bytes).
 THUMB_SIZE = 128
@@ -132,6 +135,10 @@ class DedupeConfig:
     figure_frame_uniform: float = 0.95
     figure_tolerance: int = 12
     figure_content: float = 0.25
+    #: ... and the film's box replaces the border-trimmed one when it keeps at most this share of its area.
+    figure_max_area: float = 0.8
+    #: Images with a longer side above this are reduced before fingerprinting (see :func:`fingerprint`).
+    max_side: int = 1024
 
     # --- candidate search ---
     #: How many nearest neighbours each channel of the candidate index proposes per new image
@@ -139,19 +146,22 @@ class DedupeConfig:
     search: SearchConfig = field(default_factory=SearchConfig)
 
     # --- verification: alignment search ---
-    #: Largest relative scale change per axis between the two content boxes (crop/pad not trimmed).
-    max_scale: float = 1.35
+    #: Largest relative scale change per axis between the two content boxes (crop/pad not trimmed): an
+    #: eighth cut from every side whose new flat margin is then trimmed leaves ~0.66 of the side.
+    max_scale: float = 1.5
     #: Largest offset of one box's origin inside the other, as a fraction of the side.
     max_offset: float = 0.25
-    #: Scale steps and offset steps of the coarse 1-D profile search.
-    scale_steps: int = 21
+    #: Scale steps and offset steps of the coarse 1-D profile search (scale steps ~3% apart: coarser
+    #: steps let a broad wrong peak of an ambiguous profile win over a narrow right one).
+    scale_steps: int = 29
     offset_steps: int = 31
     #: Stage 0: both axes' best profile correlations must reach this.
     min_profile_corr: float = 0.9
     #: How many best 1-D x hypotheses are each aligned and scored.
     top_k: int = 2
-    #: Minimum fraction of each thumbnail that must lie in the overlap.
-    min_overlap: float = 0.55
+    #: Minimum fraction of each thumbnail that must lie in the overlap (that heavy crop covers ~0.5 of
+    #: the original's area).
+    min_overlap: float = 0.45
 
     #: Stage 1 (64 px): pairs whose trimmed rank residual exceeds this are rejected without stage 2.
     prefilter_residual: float = 0.07
@@ -283,8 +293,9 @@ def _figure_box(arr: np.ndarray, config: DedupeConfig) -> tuple[int, int, int, i
 
 def _trim_box(arr: np.ndarray, config: DedupeConfig) -> tuple[int, int, int, int]:
     """Content box (left, top, right, bottom): uniform borders removed (:func:`_std_trim_box`), or the
-    film of a figure panel (:func:`_figure_box`) where that cuts further into a side than border trimming
-    may (more than ``trim_max_fraction`` of it)."""
+    film of a figure panel (:func:`_figure_box`) where that leaves out a real part of the border-trimmed
+    box: it cuts more than ``trim_max_fraction`` from a side, or keeps at most ``figure_max_area`` of the
+    area (a caption below and a scale bar beside a film each stop border trimming short of the film)."""
     box = _std_trim_box(arr, config)
     figure = _figure_box(arr, config)
     if figure is None:
@@ -293,30 +304,43 @@ def _trim_box(arr: np.ndarray, config: DedupeConfig) -> tuple[int, int, int, int
     cut = max(
         (figure[0] - box[0]) / w, (figure[1] - box[1]) / h, (box[2] - figure[2]) / w, (box[3] - figure[3]) / h
     )
-    return figure if cut > config.trim_max_fraction else box
+    area = (figure[2] - figure[0]) * (figure[3] - figure[1]) / max(1, (box[2] - box[0]) * (box[3] - box[1]))
+    return figure if cut > config.trim_max_fraction or area <= config.figure_max_area else box
 
 
 def fingerprint(image: Image.Image, config: DedupeConfig = DedupeConfig()) -> dict[str, object]:
     """Fingerprint one decoded image (mode "L"; other modes are converted) for :func:`find_duplicates`.
 
+    An image larger than ``config.max_side`` is first reduced by the smallest integer factor that brings it
+    within (box averaging, :meth:`PIL.Image.Image.reduce`): every field is computed at most at that size
+    (the 32 px hashes and the 128 px thumbnail lose nothing), which makes a 20 MP film cost about what a
+    1 MP one does. ``width``, ``height`` and ``trim_box`` stay in input pixels.
+
     Returns only str/int/bytes values keyed by :data:`FINGERPRINT_COLUMNS`.  Deterministic.
     """
     if image.mode != "L":
         image = image.convert("L")
-    arr = np.asarray(image)
-    box = _trim_box(arr, config)
-    content = image.crop(box) if box != (0, 0, image.width, image.height) else image
+    factor = max(1, math.ceil(max(image.size) / config.max_side))
+    work = image.reduce(factor) if factor > 1 else image
+    box = _trim_box(np.asarray(work), config)
+    content = work.crop(box) if box != (0, 0, work.width, work.height) else work
     # BOX = area averaging: antialiased, so a 4x larger copy gives (almost) the same thumbnail.
     thumb = content.resize((THUMB_SIZE, THUMB_SIZE), Image.Resampling.BOX)
     lowres, windows = vectors_of(np.asarray(thumb))
+    input_box = (
+        box[0] * factor,
+        box[1] * factor,
+        min(box[2] * factor, image.width),
+        min(box[3] * factor, image.height),
+    )
     return {
         "dedupe_version": FINGERPRINT_VERSION,
-        "phash": str(imagehash.phash(image)),
+        "phash": str(imagehash.phash(work)),
         "phash_trim": str(imagehash.phash(content)),
         "dhash_trim": str(imagehash.dhash(content)),
         "width": int(image.width),
         "height": int(image.height),
-        "trim_box": ",".join(str(v) for v in box),
+        "trim_box": ",".join(str(v) for v in input_box),
         "thumb_size": THUMB_SIZE,
         "thumb": thumb.tobytes(),
         "lowres": lowres.tobytes(),
@@ -449,6 +473,21 @@ def _coarse_axis(pa: np.ndarray, pb: np.ndarray, config: DedupeConfig) -> list[t
     return picks
 
 
+def _coarse_starts(pa: np.ndarray, pb: np.ndarray, config: DedupeConfig) -> list[tuple[float, float, float]]:
+    """The ``top_k`` best, mutually distinct hypotheses of :func:`_coarse_axis` over rows of profile pairs
+    ((k, m) each, e.g. :func:`_band_pairs`)."""
+    ranked = sorted(
+        (c for a, b in zip(pa, pb, strict=True) for c in _coarse_axis(a, b, config)), key=lambda c: -c[2]
+    )
+    picks: list[tuple[float, float, float]] = []
+    for cand in ranked:
+        if all(abs(cand[0] - s) > 0.04 or abs(cand[1] - o) > 0.04 for s, o, _ in picks):
+            picks.append(cand)
+            if len(picks) >= config.top_k:
+                break
+    return picks
+
+
 def _refine_axis(pa: np.ndarray, pb: np.ndarray, start: tuple[float, float], config: DedupeConfig):
     """Local coarse-to-fine search around ``start``: 7x7 grids with halving spans."""
     s0, o0 = start[0], start[1]
@@ -554,32 +593,43 @@ def _warp2(a: np.ndarray, y_hyp, x_hyp) -> np.ndarray:
     return _interp_matrix(n, y_hyp) @ a @ _interp_matrix(n, x_hyp).T
 
 
-def _refine_2d(a: np.ndarray, b: np.ndarray, y_hyp, x_hyp, config: DedupeConfig):
-    """Coordinate descent on (sy, oy, sx, ox) minimizing the mean |A - B| of the equalized, blurred images.
+def _refine_2d(
+    a: np.ndarray, b: np.ndarray, y_hyp, x_hyp, config: DedupeConfig, criterion: Literal["abs", "corr"]
+):
+    """Coordinate descent on (sy, oy, sx, ox) over the overlap of the equalised, blurred images A and B.
 
-    The profile search is good to about half a pixel at 64 px; this polishes the alignment at full
-    thumbnail resolution, where a residual misalignment would otherwise look like a difference.
+    ``criterion="abs"``: minimise their mean absolute difference, steps 1 to 1/4 thumbnail pixel. The
+    profile search is good to about half a pixel at 64 px; this polishes it at full resolution.
+    ``criterion="corr"``: maximise their Pearson correlation, steps 4 to 1/4 pixel. For a heavy crop, the
+    two images were equalised over different extents, so their rank maps differ; the profiles' optimum
+    then drifts by several pixels and so does the absolute difference's. Correlation is blind to the
+    affine part of that difference, and the coarse steps reach the true alignment.
     """
     n = a.shape[0]
     params = [y_hyp[0], y_hyp[1], x_hyp[0], x_hyp[1]]
+    steps, rounds = ((4.0, 2.0, 1.0, 0.5, 0.25), 4) if criterion == "corr" else ((1.0, 0.5, 0.25), 3)
 
     def cost(p: list[float]) -> float:
         yh, xh = (p[0], p[1]), (p[2], p[3])
         mask = _overlap_mask(yh, xh, n)
         if not _overlap_ok(mask, yh, xh, config):
             return math.inf
-        return float(np.abs(_warp2(a, yh, xh) - b)[mask].mean())
+        wa, wb = _warp2(a, yh, xh)[mask], b[mask]
+        if criterion == "abs":
+            return float(np.abs(wa - wb).mean())
+        wa, wb = wa - wa.mean(), wb - wb.mean()
+        return 1.0 - float((wa * wb).sum() / math.sqrt(float((wa * wa).sum() * (wb * wb).sum()) + 1e-12))
 
     best = cost(params)
-    for step in (1.0 / n, 0.5 / n, 0.25 / n):
-        for _ in range(3):
+    for step in steps:
+        for _ in range(rounds):
             improved = False
             for dim in range(4):
                 for sign in (-1.0, 1.0):
                     trial = list(params)
-                    trial[dim] += sign * step
+                    trial[dim] += sign * step / n
                     c = cost(trial)
-                    if c < best - 1e-7:
+                    if c < best - 1e-9:
                         best, params, improved = c, trial, True
             if not improved:
                 break
@@ -630,72 +680,124 @@ def _trimmed_gap(av: np.ndarray, bv: np.ndarray, ignore_fraction: float, flat_ma
     return float(gap[:keep].mean())
 
 
+#: The spans of the other axis over which a thumbnail's profiles are averaged: whole, and an eighth off both
+#: ends. A copy cropped along y has column means over only part of the rows, and its x profile matches the
+#: original's over the central band better than over all rows (and likewise for x). Each band costs one
+#: more stage-0 correlation per pair and axis.
+PROFILE_BANDS: tuple[tuple[float, float], ...] = ((0.0, 1.0), (0.125, 0.875))
+
+
 @dataclass(frozen=True)
 class _Thumb:
     """One thumbnail as verification uses it: raw (n, n) float32, its 2x2-averaged rank-equalised half
-    (n/2, n/2) and that half's column (x) and row (y) mean profiles."""
+    (n/2, n/2), and that half's column (x) and row (y) mean profiles, one per band of
+    :data:`PROFILE_BANDS`: (len(PROFILE_BANDS), n/2) each, the whole-image profile first."""
 
     raw: np.ndarray
     half: np.ndarray
-    profile_x: np.ndarray
-    profile_y: np.ndarray
+    bands_x: np.ndarray
+    bands_y: np.ndarray
 
     @classmethod
     def of(cls, raw: np.ndarray) -> _Thumb:
         n = raw.shape[0]
         half = _equalize(raw.reshape(n // 2, 2, n // 2, 2).mean(axis=(1, 3)))
-        return cls(raw, half, half.mean(axis=0), half.mean(axis=1))
+        spans = [(round(lo * n / 2), round(hi * n / 2)) for lo, hi in PROFILE_BANDS]
+        bands_x = np.stack([half[i0:i1].mean(axis=0) for i0, i1 in spans])
+        bands_y = np.stack([half[:, i0:i1].mean(axis=1) for i0, i1 in spans])
+        return cls(raw, half, bands_x, bands_y)
+
+
+def _band_pairs(a: np.ndarray, b: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """The profile pairs compared for one axis: A's whole profile with each of B's bands and each of A's
+    other bands with B's whole profile; (2 * len(PROFILE_BANDS) - 1, m) each."""
+    nb = len(PROFILE_BANDS)
+    return np.concatenate([np.repeat(a[:1], nb, axis=0), a[1:]]), np.concatenate(
+        [b, np.repeat(b[:1], nb - 1, axis=0)]
+    )
+
+
+@functools.lru_cache(maxsize=8)
+def _coarse_sampler(
+    m: int, max_scale: float, max_offset: float, scale_steps: int, offset_steps: int, min_overlap: float
+) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
+    """The coarse grid of :func:`_coarse_grid` as one matrix: ``a @ sampler`` is profile ``a`` (m,)
+    resampled at every hypothesis h and B sample j, zero outside A: (m, H * m) float32 (~11 MB at m=64).
+    Also the inside weights (H, m), the sample counts (H,) and the overlap test (H,)."""
+    _, _, (i0, i1, frac, w, cnt_safe, ok) = _coarse_grid(
+        m, m, max_scale, max_offset, scale_steps, offset_steps, min_overlap
+    )
+    n_hyp = i0.shape[0] * i0.shape[1]
+    i0, i1, frac, w = (x.reshape(n_hyp, m) for x in (i0, i1, frac, w))
+    hyp, sample = np.meshgrid(np.arange(n_hyp), np.arange(m), indexing="ij")
+    sampler = np.zeros((m, n_hyp, m), dtype=np.float32)
+    np.add.at(sampler, (i0, hyp, sample), (1.0 - frac) * w)
+    np.add.at(sampler, (i1, hyp, sample), frac * w)
+    return sampler.reshape(m, n_hyp * m), w, cnt_safe.reshape(n_hyp), ok.reshape(n_hyp)
 
 
 def _best_profile_corr(pa: np.ndarray, pb: np.ndarray, config: DedupeConfig) -> np.ndarray:
-    """Best coarse-grid profile correlation of each row pair: (P, m) and (P, m) -> (P,), -2 when no
-    hypothesis gives enough overlap. Vectorised over pairs (in blocks, to bound memory)."""
-    m = pa.shape[1]
-    _, _, (i0, i1, frac, w, cnt_safe, ok) = _coarse_grid(
-        m, m, config.max_scale, config.max_offset, config.scale_steps, config.offset_steps, config.min_overlap
+    """Best coarse-grid profile correlation of each row pair: (P, m) and (P, m) -> (P,) float32, -2 when
+    no hypothesis gives enough overlap. Vectorised over pairs: one matrix product resamples a block of A
+    profiles at every hypothesis (:func:`_coarse_sampler`), and the correlations follow from sums."""
+    sampler, w, cnt, ok = _coarse_sampler(
+        pa.shape[1],
+        config.max_scale,
+        config.max_offset,
+        config.scale_steps,
+        config.offset_steps,
+        config.min_overlap,
     )
+    # centred first, so the sums below do not cancel in float32
+    pa = (pa - pa.mean(axis=1, keepdims=True)).astype(np.float32)
+    pb = (pb - pb.mean(axis=1, keepdims=True)).astype(np.float32)
     out = np.empty(len(pa), dtype=np.float32)
-    for start in range(0, len(pa), 32):
-        a, b = pa[start : start + 32], pb[start : start + 32]
-        sampled = a[:, i0] + (a[:, i1] - a[:, i0]) * frac  # (P, S, O, m)
-        ma = (sampled * w).sum(axis=-1) / cnt_safe
-        mb = np.einsum("som,pm->pso", w, b) / cnt_safe
-        da = (sampled - ma[..., None]) * w
-        db = (b[:, None, None, :] - mb[..., None]) * w
-        corr = (da * db).sum(axis=-1) / np.sqrt((da * da).sum(axis=-1) * (db * db).sum(axis=-1) + 1e-12)
-        out[start : start + 32] = np.where(ok, corr, -2.0).reshape(len(a), -1).max(axis=1)
+    for start in range(0, len(pa), 64):
+        a, b = pa[start : start + 64], pb[start : start + 64]
+        sampled = (a @ sampler).reshape(len(a), len(cnt), -1)  # (P, H, m)
+        sum_a, sum_b = sampled.sum(axis=-1), b @ w.T
+        cov = np.einsum("phj,pj->ph", sampled, b) - sum_a * sum_b / cnt
+        var_a = np.einsum("phj,phj->ph", sampled, sampled) - sum_a * sum_a / cnt
+        var_b = (b * b) @ w.T - sum_b * sum_b / cnt
+        corr = cov / np.sqrt(np.maximum(var_a * var_b, 0.0) + 1e-12)
+        out[start : start + 64] = np.where(ok, corr, -2.0).max(axis=1)
     return out
 
 
 def _screen(pairs: Sequence[tuple[_Thumb, _Thumb]], config: DedupeConfig) -> list[float | None]:
     """Stage 0 for many pairs at once: the score of each pair rejected by its best 1-D profile correlation
     (``2 - corr`` of the failing axis, x first; ``inf`` with no overlapping hypothesis), or None for a pair
-    that goes on to stages 1 and 2. Cheap (no alignment), and it rejects most candidates."""
+    that goes on to stages 1 and 2. An axis's correlation is the best over :func:`_band_pairs`, so a copy
+    cropped along the other axis is not rejected. Cheap (no alignment), and it rejects most candidates."""
     if not pairs:
         return []
-    corr_x = _best_profile_corr(
-        np.stack([a.profile_x for a, _ in pairs]), np.stack([b.profile_x for _, b in pairs]), config
-    )
-    corr_y = _best_profile_corr(
-        np.stack([a.profile_y for a, _ in pairs]), np.stack([b.profile_y for _, b in pairs]), config
-    )
-    scores: list[float | None] = []
-    for cx, cy in zip(corr_x.tolist(), corr_y.tolist(), strict=True):
-        if cx < -1.5 or cy < -1.5:
-            scores.append(math.inf)
-        elif cx < config.min_profile_corr:  # rejected on x alone; y cannot raise the minimum
-            scores.append(2.0 - cx)
-        elif cy < config.min_profile_corr:
-            scores.append(2.0 - min(cx, cy))  # clearly not a duplicate; > any stage-1/2 score
-        else:
-            scores.append(None)
+
+    def best_corr(axis: str, rows: list[int]) -> np.ndarray:
+        stacked = [_band_pairs(getattr(pairs[i][0], axis), getattr(pairs[i][1], axis)) for i in rows]
+        corr = _best_profile_corr(
+            np.concatenate([a for a, _ in stacked]), np.concatenate([b for _, b in stacked]), config
+        )
+        return corr.reshape(len(rows), -1).max(axis=1)
+
+    corr_x = best_corr("bands_x", list(range(len(pairs))))
+    scores: list[float | None] = [
+        math.inf if cx < -1.5 else 2.0 - cx if cx < config.min_profile_corr else None
+        for cx in corr_x.tolist()
+    ]
+    passed_x = [i for i, score in enumerate(scores) if score is None]  # y is computed for these only
+    if passed_x:
+        corr_y = best_corr("bands_y", passed_x)
+        for i, cx, cy in zip(passed_x, corr_x[passed_x].tolist(), corr_y.tolist(), strict=True):
+            # the grid is the same on both axes, so y has an overlapping hypothesis where x has one
+            if cy < config.min_profile_corr:
+                scores[i] = 2.0 - min(cx, cy)  # clearly not a duplicate; > any stage-1/2 score
     return scores
 
 
 def _align_and_score(ta: _Thumb, tb: _Thumb, config: DedupeConfig) -> float:
     """Stages 1 and 2 of a pair that passed :func:`_screen` (see :func:`verify_pair`)."""
     a, b = ta.half, tb.half
-    x_starts = _coarse_axis(ta.profile_x, tb.profile_x, config)
+    x_starts = _coarse_starts(*_band_pairs(ta.bands_x, tb.bands_x), config)
     coarse, best = math.inf, None
     for x_start in x_starts:
         aligned = _align(a, b, x_start, config)
@@ -710,9 +812,13 @@ def _align_and_score(ta: _Thumb, tb: _Thumb, config: DedupeConfig) -> float:
     n = ta.raw.shape[0]
     blur = _blur_matrix(n, config.blur_sigma)
     a_raw, b_raw = blur @ ta.raw @ blur.T, blur @ tb.raw @ blur.T
-    y_hyp, x_hyp = _refine_2d(_equalize(a_raw), _equalize(b_raw), best[0], best[1], config)
-    a_raw, b_raw = _match_resolution(a_raw, b_raw, y_hyp[0], x_hyp[0], config.blur_sigma)
-    return _gap_residual(a_raw, b_raw, y_hyp, x_hyp, config)
+    a_eq, b_eq = _equalize(a_raw), _equalize(b_raw)
+    score = math.inf
+    for criterion in ("abs", "corr"):  # each finds alignments the other misses (see _refine_2d)
+        y_hyp, x_hyp = _refine_2d(a_eq, b_eq, best[0], best[1], config, criterion)
+        a_res, b_res = _match_resolution(a_raw, b_raw, y_hyp[0], x_hyp[0], config.blur_sigma)
+        score = min(score, _gap_residual(a_res, b_res, y_hyp, x_hyp, config))
+    return score
 
 
 def verify_pair(
@@ -722,7 +828,8 @@ def verify_pair(
 
     Stage 0 (64 px profiles, :func:`_screen`): the best 1-D alignment's correlation per axis; clearly
     different pairs stop here. Stage 1 (64 px): profile alignment and a rank residual. Stage 2 (full
-    thumbnail): 2-D refinement of the alignment and the rank-interval gap score.
+    thumbnail): 2-D refinements of the alignment (:func:`_refine_2d`) and the lower rank-interval gap
+    score of the two.
     Returns ``inf`` when no alignment gives enough overlap; raises ValueError for thumbnails of different
     sizes.
     """

@@ -52,7 +52,7 @@ class SearchConfig:
 
     phash_trim_k: int = 6
     phash_k: int = 3
-    lowres_k: int = 4
+    lowres_k: int = 6
     mirror_k: int = 2
     #: A new image's whole vector among others' windows: this many distinct images.
     crop_of_k: int = 3

@@ -28,6 +28,7 @@ import contextlib
 import dataclasses
 import hashlib
 import json
+import math
 import sys
 import time
 from collections import Counter, defaultdict
@@ -408,7 +409,9 @@ def fetch_on_ray(
     fingerprinted = frozenset(_load_cache(storage))
     log(f"fetching {len(rows)} files from {snapshot.description} on Ray Data")
     items = [{"line": row.line, "image_path": row.image_path} for row in rows]
-    results = ray.data.from_items(items, override_num_blocks=max(1, min(len(items) // 16, 64))).map_batches(
+    results = ray.data.from_items(
+        items, override_num_blocks=_block_count(len(items), 16, _cluster_cpus())
+    ).map_batches(
         fetch_batch,
         fn_kwargs={
             "snapshot": snapshot,
@@ -506,12 +509,25 @@ def _fingerprint_on_ray(
         if hashlib.sha256(data).hexdigest() != item.sha256:
             raise RuntimeError(f"{item.row.image_path} changed while ingest was reading the source")
         items.append({"sha256": item.sha256, "data": data})
-    blocks = max(1, min(len(items) // config.decode_batch_size, 64))
+    blocks = _block_count(len(items), config.decode_batch_size, _cluster_cpus())
     images = ray.data.from_items(items, override_num_blocks=blocks)
     results = images.map_batches(
         fingerprint_batch, fn_kwargs={"limits": config.limits}, batch_size=config.decode_batch_size
     )
     return [dict(row) for row in results.take_all()]
+
+
+def _block_count(n_items: int, batch_size: int, cpus: int, max_blocks: int = 64) -> int:
+    """Ray Data blocks for ``n_items`` rows: one per ``batch_size`` rows (at most ``max_blocks``), but never
+    fewer than ``cpus`` while there are rows for them, so that a few large films (a chunk is bounded by
+    bytes, not by count) still spread over every core."""
+    return max(1, min(n_items, max(min(math.ceil(n_items / batch_size), max_blocks), cpus)))
+
+
+def _cluster_cpus() -> int:
+    import ray
+
+    return int(ray.cluster_resources().get("CPU", 1))
 
 
 def _chunks(items: list[SourceFile], max_bytes: int) -> Iterable[list[SourceFile]]:

@@ -159,3 +159,16 @@ def test_job_prints_one_line_error(tmp_path, capsys):
     assert ingest_main(["--source", str(tmp_path / "nowhere"), "--storage", str(tmp_path / "s")]) == 1
     err = own_stderr_lines(capsys.readouterr().err)
     assert len(err) == 1 and err[0].startswith("error: ingest failed")
+
+
+def test_a_few_large_films_spread_over_every_cpu():
+    """Ray Data blocks: one per decode batch, but at least one per CPU while there are films for them
+    (a byte-bounded chunk of a few 20 MP films was one block on one core)."""
+    from lxn_ray.ingest import _block_count
+
+    assert _block_count(30, 16, cpus=8) == 8
+    assert _block_count(3, 16, cpus=8) == 3
+    assert _block_count(1000, 16, cpus=2) == 63
+    assert _block_count(100_000, 16, cpus=2) == 64
+    assert _block_count(100_000, 16, cpus=256) == 256
+    assert _block_count(0, 16, cpus=2) == 1

@@ -1,0 +1,58 @@
+"""What several benchmarks share: a checkout of the shared data's bundle, a local Ray instance of their own.
+
+Imported as ``common`` by the scripts of this folder (run as ``python benchmarks/NAME.py``, so the folder is
+on ``sys.path``).
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import subprocess
+from pathlib import Path
+
+REPO = Path(__file__).resolve().parent.parent
+#: The shared data's git bundle of the ieee8023 dataset (nine dated snapshots, tags ``snapshot-YYYY-MM-DD``).
+BUNDLE = REPO.parent / "shared" / "data" / "ieee8023.bundle"
+
+
+def checkout(bundle: Path, tag: str, into: Path) -> Path:
+    """``into``, a clone of ``bundle`` at tag ``snapshot-{tag}`` (cloned once: an existing checkout is kept).
+
+    Raises SystemExit naming the bundle when it is missing, CalledProcessError when git fails."""
+    if (into / "metadata.csv").exists():
+        return into
+    if not bundle.exists():
+        raise SystemExit(f"{bundle}: no such bundle; pass a checkout of the dataset with --source")
+    subprocess.run(["git", "clone", "-q", str(bundle), str(into)], check=True)
+    subprocess.run(["git", "-C", str(into), "checkout", "-q", f"snapshot-{tag}"], check=True)
+    return into
+
+
+def start_ray(
+    temp_dir: Path, niceness: int, num_cpus: int | None = None, object_store_mb: int | None = None
+) -> None:
+    """A local Ray instance of this process (never another session's cluster), with its own ``temp_dir``,
+    ``num_cpus`` CPUs (all when None) and workers at ``niceness`` (Ray's default of 15 would hand most of a
+    shared machine's CPU to other work). Retries: a loaded machine can miss Ray's fixed 30 s start-up wait."""
+    import ray
+
+    if ray.is_initialized():
+        ray.shutdown()
+    os.environ["RAY_worker_niceness"] = str(niceness)  # noqa: SIM112 (Ray reads this name)
+    for attempt in range(5):
+        try:
+            ray.init(
+                address="local",
+                num_cpus=num_cpus,
+                _temp_dir=str(temp_dir),
+                object_store_memory=None if object_store_mb is None else object_store_mb * 2**20,
+                include_dashboard=False,
+                logging_level=logging.WARNING,
+                log_to_driver=False,  # workers' log lines would land in the printed tables
+            )
+            return
+        except Exception:
+            ray.shutdown()
+            if attempt == 4:
+                raise
