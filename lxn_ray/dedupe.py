@@ -460,15 +460,23 @@ def _coarse_axis(pa: np.ndarray, pb: np.ndarray, config: DedupeConfig) -> list[t
         config.min_overlap,
     )
     corr = _profile_corr_grid(pa, pb, grid)
-    picks: list[tuple[float, float, float]] = []
+    ranked = []
     for idx in np.argsort(-corr.ravel(), kind="stable"):
         si, oi = divmod(int(idx), len(offsets))
         if corr[si, oi] < -1.5:
             break
-        cand = (float(scales[si]), float(offsets[oi]), float(corr[si, oi]))
+        ranked.append((float(scales[si]), float(offsets[oi]), float(corr[si, oi])))
+    return _distinct(ranked, config.top_k)
+
+
+def _distinct(ranked: Iterable[tuple[float, float, float]], top_k: int) -> list[tuple[float, float, float]]:
+    """The first ``top_k`` (scale, offset, correlation) hypotheses of ``ranked`` (best first) that differ
+    from every earlier pick by more than 0.04 in scale or in offset."""
+    picks: list[tuple[float, float, float]] = []
+    for cand in ranked:
         if all(abs(cand[0] - s) > 0.04 or abs(cand[1] - o) > 0.04 for s, o, _ in picks):
             picks.append(cand)
-            if len(picks) >= config.top_k:
+            if len(picks) >= top_k:
                 break
     return picks
 
@@ -479,13 +487,7 @@ def _coarse_starts(pa: np.ndarray, pb: np.ndarray, config: DedupeConfig) -> list
     ranked = sorted(
         (c for a, b in zip(pa, pb, strict=True) for c in _coarse_axis(a, b, config)), key=lambda c: -c[2]
     )
-    picks: list[tuple[float, float, float]] = []
-    for cand in ranked:
-        if all(abs(cand[0] - s) > 0.04 or abs(cand[1] - o) > 0.04 for s, o, _ in picks):
-            picks.append(cand)
-            if len(picks) >= config.top_k:
-                break
-    return picks
+    return _distinct(ranked, config.top_k)
 
 
 def _refine_axis(pa: np.ndarray, pb: np.ndarray, start: tuple[float, float], config: DedupeConfig):

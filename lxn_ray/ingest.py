@@ -410,7 +410,7 @@ def fetch_on_ray(
     log(f"fetching {len(rows)} files from {snapshot.description} on Ray Data")
     items = [{"line": row.line, "image_path": row.image_path} for row in rows]
     results = ray.data.from_items(
-        items, override_num_blocks=_block_count(len(items), 16, _cluster_cpus())
+        items, override_num_blocks=_block_count(len(items), config.decode_batch_size, _cluster_cpus())
     ).map_batches(
         fetch_batch,
         fn_kwargs={
