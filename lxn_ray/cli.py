@@ -72,7 +72,8 @@ def add_source_flags(parser: argparse.ArgumentParser, default_source: str | None
     group.add_argument(
         "--source",
         default=default_source,
-        help="a folder with metadata.csv + images/, or a git URL, path or bundle"
+        help="a folder with metadata.csv + images/, or a git URL, path or bundle; LAYOUT=LOCATION for "
+        "another layout, e.g. dicom=DIR (a folder of DICOM films with a manifest.csv or class folders)"
         + (f" (default: {default_source})" if default_source else ""),
     )
     group.add_argument(
@@ -82,21 +83,29 @@ def add_source_flags(parser: argparse.ArgumentParser, default_source: str | None
     )
     parser.add_argument("--ref", help="git branch, tag or commit of --source (default: the remote's HEAD)")
     parser.add_argument(
-        "--source-name", default="ieee8023", help="the name of a lone --source (default: ieee8023)"
+        "--source-name",
+        help="the name of a lone --source (default: ieee8023, or the layout's name for LAYOUT=LOCATION)",
     )
 
 
 def sources_from_args(args: argparse.Namespace):
     """What ``ingest`` takes: the specs of ``--sources``, or ``--source`` as a lone named source; None
     when neither was given."""
-    from lxn_ray.layouts import SourceSpec, read_sources_file
+    from lxn_ray.layouts import DEFAULT_SOURCE_NAME, LAYOUTS, SourceSpec, read_sources_file
 
     if args.sources:
         if args.ref:
             raise ValueError("--ref goes with --source; in a sources file give each source its own ref:")
         return read_sources_file(args.sources)
     if args.source:
-        return [SourceSpec(name=args.source_name, uri=args.source, ref=args.ref, layout="upstream")]
+        layout, uri = "upstream", args.source
+        prefix, equals, rest = args.source.partition("=")
+        if equals and prefix in LAYOUTS and prefix != "auto" and "/" not in prefix:
+            layout, uri = prefix, rest
+            if "://" not in uri:
+                uri = str(Path(uri).expanduser().resolve())
+        name = args.source_name or (DEFAULT_SOURCE_NAME if layout == "upstream" else layout)
+        return [SourceSpec(name=name, uri=uri, ref=args.ref, layout=layout)]
     return None
 
 
@@ -813,7 +822,10 @@ def serve_main(argv: Sequence[str] | None = None) -> int:
     from lxn_ray.serve import ServeSettings
 
     defaults = ServeSettings(storage="-")
-    parser = job_parser("Serve LxN over HTTP with Ray Serve: /predict, /predict/batch, /explain, /docs.")
+    parser = job_parser(
+        "Serve LxN over HTTP with Ray Serve: the page at /, /predict, /predict/batch, /explain, /model, "
+        "/docs. Prediction, explanation and model routes need an API key (Authorization: Bearer KEY)."
+    )
     parser.add_argument(
         "--model",
         default="champion",
@@ -843,6 +855,25 @@ def serve_main(argv: Sequence[str] | None = None) -> int:
     parser.add_argument(
         "--poll-seconds", type=float, default=defaults.poll_seconds, help="champion pointer poll period"
     )
+    keys = parser.add_argument_group("API keys (kept in storage as SHA-256 digests, never logged)")
+    keys.add_argument(
+        "--mint-key",
+        metavar="NAME",
+        help="mint a key named NAME, save it to --key-out (mode 600) and exit; running endpoints accept it "
+        "within --poll-seconds",
+    )
+    keys.add_argument(
+        "--key-out",
+        type=Path,
+        help="where --mint-key saves the key (default: "
+        "$LXN_CONFIG/api-keys/NAME.key, $LXN_CONFIG defaulting to ~/.config/lxn_ray)",
+    )
+    keys.add_argument("--revoke-key", metavar="NAME", help="remove the key named NAME and exit")
+    keys.add_argument(
+        "--no-auth",
+        action="store_true",
+        help="serve without API keys: anyone who can reach the port can call every route (local use only)",
+    )
     parser.add_argument(
         "--detach",
         action="store_true",
@@ -850,7 +881,12 @@ def serve_main(argv: Sequence[str] | None = None) -> int:
         "started by this job ends with it)",
     )
     args = parser.parse_args(argv)
+    if args.mint_key or args.revoke_key:
+        return _manage_key(args)
+    from lxn_ray import auth
+
     try:
+        digests = tuple(auth.env_digests()) if not args.no_auth else ()
         settings = ServeSettings(
             storage=args.storage,
             model=args.model,
@@ -868,6 +904,8 @@ def serve_main(argv: Sequence[str] | None = None) -> int:
             max_batch_size=args.max_batch_size,
             batch_wait_timeout_s=args.batch_wait_timeout_s,
             poll_seconds=args.poll_seconds,
+            auth=not args.no_auth,
+            api_key_digests=digests,
         )
     except ValueError as error:
         parser.error(str(error))
@@ -886,7 +924,10 @@ def serve_main(argv: Sequence[str] | None = None) -> int:
         cluster.connect()
         stop.arm()
         report = deploy(dataclasses.replace(settings, storage=storage.uri))
-        return {**report, "detached": args.detach}
+        keys = auth.describe(storage, settings.api_key_digests)
+        mint = f"python jobs/serve.py --storage {args.storage} --mint-key NAME"
+        access = {"on": settings.auth, "keys": keys, "mint": mint}
+        return {**report, "auth": access, "detached": args.detach}
 
     with stop:
         code = run_job("serve", args, work, serve_summary)
@@ -903,13 +944,49 @@ def serve_main(argv: Sequence[str] | None = None) -> int:
     return 0
 
 
+def _manage_key(args: argparse.Namespace) -> int:
+    """``--mint-key NAME`` / ``--revoke-key NAME``: change the key file in storage, then exit."""
+    from lxn_ray import auth
+
+    try:
+        storage = Storage.open(args.storage)
+        where = storage.uri_of(auth.KEY_FILE)
+        if args.revoke_key:
+            if not auth.revoke(storage, args.revoke_key):
+                raise auth.ApiKeyError(f"no key named {args.revoke_key!r} in {where}")
+            print(f"revoked API key {args.revoke_key!r} ({where}); endpoints refuse it within a poll")
+            return 0
+        path = args.key_out or auth.default_key_path(args.mint_key)
+        if path.expanduser().exists():
+            raise auth.ApiKeyError(f"{path} exists: pick another --key-out or key name")
+        key = auth.mint(storage, args.mint_key)
+        saved = auth.save_key(key, path)
+    except (OSError, ValueError) as error:
+        print(f"error: serve failed: {type(error).__name__}: {error}", file=sys.stderr)
+        return 1
+    print(f"minted API key {args.mint_key!r}: saved to {saved} (mode 600; it is shown nowhere else)")
+    print(f"  its SHA-256 digest is in {where}; running endpoints accept it within a poll")
+    print(f'  use it: curl -H "Authorization: Bearer $(cat {saved})" --data-binary @film.dcm URL/predict')
+    return 0
+
+
 def serve_summary(report: dict[str, Any]) -> str:
     following = "follows the champion" if report["model"] == "champion" else "pinned"
     lines = [
         f"serving model {report['model_version']} ({following}) at {report['url']}",
-        f"  POST /predict, /predict/batch, /explain; GET /healthz, /model; docs {report['docs']}",
+        f"  page {report['url']}/ ; POST /predict, /predict/batch, /explain (PNG, JPEG or DICOM); "
+        f"GET /healthz, /model; docs {report['docs']}",
         f"  threshold {report['threshold']:.3f}, input {report['image_size']} px",
     ]
+    access = report.get("auth") or {}
+    if not access.get("on", True):
+        lines.append(f"  auth: OFF (--no-auth): anyone who can reach {report['url']} can call every route")
+    else:
+        lines.append(f"  auth: on - send 'Authorization: Bearer KEY'; keys: {access.get('keys', '?')}")
+        lines.append(
+            f"  get a key: {access.get('mint')} (or set LXN_API_KEYS before starting); "
+            "/healthz and the page need none"
+        )
     if report.get("detached"):
         lines.append(f"  detached: stop it with `serve delete {report['app_name']}` or `serve shutdown`")
     lines.append("  research use only - not a diagnostic device")

@@ -54,6 +54,34 @@ def version_key(version: str, name: str = "") -> str:
     return f"{DATASETS}/{version}/{name}".rstrip("/")
 
 
+PATIENT_SALT_KEY = "secrets/patient-id-salt"
+PATIENT_SALT_ENV = "LXN_PATIENT_ID_SALT"
+
+
+def patient_id_salt(storage: Storage) -> bytes:
+    """The secret that pseudonymises this store's patient ids (:func:`lxn_ray.layouts.pseudonymise`).
+
+    ``$LXN_PATIENT_ID_SALT`` when set (keep it apart from a store others read), else
+    ``secrets/patient-id-salt`` in storage, created once from 32 random bytes. The same salt must be
+    used for every ingest into a store: ingest refuses a salt whose check differs from the last version's
+    (:func:`salt_check`), since new pseudonyms would make every patient new."""
+    import os
+    import secrets
+
+    if value := os.environ.get(PATIENT_SALT_ENV, "").strip():
+        if len(value) < 16:
+            raise ValueError(f"{PATIENT_SALT_ENV} must have at least 16 characters")
+        return value.encode("utf-8")
+    if not storage.exists(PATIENT_SALT_KEY):
+        storage.write_bytes(PATIENT_SALT_KEY, secrets.token_hex(32).encode())
+    return storage.read_bytes(PATIENT_SALT_KEY).strip()
+
+
+def salt_check(salt: bytes) -> str:
+    """A short digest that tells salts apart without revealing one (recorded in the manifest)."""
+    return hashlib.sha256(b"lxn_ray patient-id salt check:" + salt).hexdigest()[:16]
+
+
 def new_version_id(source_version: str, config_hash: str, now: datetime | None = None) -> str:
     """A sortable, unique id: creation time plus a digest of what the version was made from."""
     now = now or datetime.now(timezone.utc)

@@ -2,9 +2,10 @@
 
 Every image lxn_ray touches (ingest, training, serving) is decoded here, so the guards live in one place:
 size caps checked from the header *before* pixels are decoded (decompression bombs), truncated and
-empty files, non-images with image names, and formats outside PNG/JPEG. Decoding also normalises the
-many shapes of the upstream data: PNG in L/LA/RGB/RGBA/P and 16-bit, JPEG in L/RGB/CMYK, and EXIF
-orientation.
+empty files, non-images with image names, and formats outside PNG, JPEG and DICOM. The format is decided
+by the file's magic number (:func:`image_format`), never by its name or a declared content type. Decoding
+also normalises the many shapes of the data: PNG in L/LA/RGB/RGBA/P and 16-bit, JPEG in L/RGB/CMYK, EXIF
+orientation, and DICOM films rendered as a viewer shows them (:mod:`lxn_ray.dicom`).
 """
 
 from __future__ import annotations
@@ -16,7 +17,11 @@ from dataclasses import dataclass
 import numpy as np
 from PIL import Image, ImageOps
 
-ALLOWED_FORMATS = frozenset({"PNG", "JPEG"})
+ALLOWED_FORMATS = frozenset({"PNG", "JPEG", "DICOM"})
+# Magic numbers: PNG's 8-byte signature (RFC 2083 3.1), JPEG's SOI marker followed by a marker's 0xFF
+# (ITU T.81 B.1.1.2), DICOM's "DICM" after a 128-byte preamble (PS3.10 7.1).
+PNG_SIGNATURE = b"\x89PNG\r\n\x1a\n"
+JPEG_SIGNATURE = b"\xff\xd8\xff"
 
 
 @dataclass(frozen=True)
@@ -25,6 +30,9 @@ class ImageLimits:
 
     max_file_bytes: int = 64 * 1024 * 1024
     max_pixels: int = 50_000_000  # 50 megapixels; upstream's largest radiographs are ~20 MP
+
+
+NOT_AN_IMAGE = "not a PNG, JPEG or DICOM file"
 
 
 class ImageRejected(ValueError):
@@ -36,22 +44,42 @@ class DecodedImage:
     """A decoded radiograph and what it was before decoding."""
 
     image: Image.Image  # mode "L" or "RGB", 8 bits per channel, orientation applied
-    source_format: str  # "PNG" or "JPEG"
+    source_format: str  # "PNG", "JPEG" or "DICOM"
     source_mode: str  # PIL mode of the file, e.g. "I;16", "CMYK", "RGBA"
     width: int
     height: int
 
 
+def image_format(data: bytes) -> str | None:
+    """ "PNG", "JPEG" or "DICOM" from the first bytes of ``data`` (its magic number), else None."""
+    if data.startswith(PNG_SIGNATURE):
+        return "PNG"
+    if data.startswith(JPEG_SIGNATURE):
+        return "JPEG"
+    from lxn_ray.dicom import is_dicom
+
+    return "DICOM" if is_dicom(data) else None
+
+
 def decode_image(data: bytes, limits: ImageLimits = ImageLimits()) -> DecodedImage:
-    """Decode ``data`` or raise :class:`ImageRejected` - never anything else for bad input."""
+    """Decode ``data`` (PNG, JPEG or DICOM, told by its magic number) or raise :class:`ImageRejected` -
+    never anything else for bad input. DICOM objects that are not chest films raise its subclass
+    :class:`lxn_ray.dicom.UnsupportedDicom`."""
     if not data:
         raise ImageRejected("empty file")
     if len(data) > limits.max_file_bytes:
         raise ImageRejected(f"file is {len(data)} bytes, over the {limits.max_file_bytes}-byte cap")
+    kind = image_format(data)
+    if kind is None:
+        raise ImageRejected(NOT_AN_IMAGE)
+    if kind == "DICOM":
+        from lxn_ray.dicom import decode
+
+        return decode(data, limits)
     try:
         with warnings.catch_warnings():
             warnings.simplefilter("error", Image.DecompressionBombWarning)
-            image = Image.open(io.BytesIO(data), formats=sorted(ALLOWED_FORMATS))
+            image = Image.open(io.BytesIO(data), formats=[kind])
             width, height = image.size
             if width * height > limits.max_pixels:
                 raise ImageRejected(
@@ -63,7 +91,7 @@ def decode_image(data: bytes, limits: ImageLimits = ImageLimits()) -> DecodedIma
     except ImageRejected:
         raise
     except Image.UnidentifiedImageError:
-        raise ImageRejected("not a PNG or JPEG image") from None
+        raise ImageRejected(f"corrupt {kind} file: not decodable") from None
     except (Image.DecompressionBombError, Image.DecompressionBombWarning) as error:
         raise ImageRejected(f"decompression bomb: {error}") from None
     except (OSError, ValueError, SyntaxError) as error:  # PIL reports truncation and corruption so

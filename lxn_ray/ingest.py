@@ -27,6 +27,7 @@ from __future__ import annotations
 import contextlib
 import dataclasses
 import hashlib
+import io
 import json
 import math
 import sys
@@ -61,7 +62,7 @@ from lxn_ray.metadata import (
     UNSAFE_PATH,
     MetadataRow,
 )
-from lxn_ray.sources import Snapshot, Source, UnsafePath
+from lxn_ray.sources import Snapshot, Source, SourceError, UnsafePath
 from lxn_ray.storage import Storage
 from lxn_ray.tasks import category
 
@@ -188,6 +189,24 @@ class _Read:
     version: str
 
 
+def _patient_salt(storage: Storage, specs: Sequence[SourceSpec]) -> bytes | None:
+    """The store's patient-id salt when a source pseudonymises its ids, checked against the salt the
+    latest version was made with (a new salt would make every such patient new, and move their splits)."""
+    if not any(spec.pseudonymised for spec in specs):
+        return None
+    salt = dataset.patient_id_salt(storage)
+    latest = dataset.latest_version(storage)
+    if latest is not None:
+        for entry in dataset.read_manifest(storage, latest).get("sources", []):
+            recorded = entry.get("patient_id_salt_check")
+            if recorded and recorded != dataset.salt_check(salt):
+                raise SourceError(
+                    f"source {entry.get('name')}: the patient-id salt differs from the one {latest} was "
+                    f"made with; set {dataset.PATIENT_SALT_ENV} back (or unset it to use the store's own)"
+                )
+    return salt
+
+
 def named_sources(
     sources: Source | SourceSpec | Sequence[SourceSpec], name: str = DEFAULT_SOURCE_NAME
 ) -> list[tuple[SourceSpec, Source]]:
@@ -215,11 +234,13 @@ def ingest(
     stages = _Stopwatch()
     reads: list[_Read] = []
     exclusions: list[Exclusion] = []
+    named = named_sources(sources)
+    salt = _patient_salt(storage, [spec for spec, _ in named])
     with stages("read"):
-        for spec, source in named_sources(sources):
+        for spec, source in named:
             snapshot = source.open()
             log(f"source {spec.name}: {snapshot.description}")
-            found = read_rows(snapshot, spec, config.frontal_views)
+            found = read_rows(snapshot, spec, config.frontal_views, salt)
             exclusions += [Exclusion(row, row.exclusion, row.detail) for row in found.rows if row.exclusion]
             wanted = [row for row in found.rows if not row.exclusion]
             fetched: dict[str, dict[str, Any]] = {}
@@ -284,7 +305,7 @@ def ingest(
     with stages("publish"):
         version = dataset.new_version_id(source_version, config_hash)
         log(f"storing images and publishing {version}")
-        _store_blobs(snapshots, storage, kept, previous.usable_shas)
+        _store_blobs(snapshots, storage, kept, previous.usable_shas, config.limits)
         images = _images_table(kept, fingerprints, splits)
         tables = {
             "images": images,
@@ -316,7 +337,16 @@ def ingest(
             "created_at": datetime.now(timezone.utc).isoformat(timespec="seconds"),
             "source": ", ".join(read.snapshot.description for read in reads),
             "source_version": source_version,
-            "sources": [{**read.spec.as_dict(), "source_version": read.version} for read in reads],
+            "sources": [
+                {
+                    **read.spec.as_dict(),
+                    "source_version": read.version,
+                    **(
+                        {"patient_id_salt_check": dataset.salt_check(salt)} if read.spec.pseudonymised else {}
+                    ),
+                }
+                for read in reads
+            ],
             "config_hash": config_hash,
             "config": dataclasses.asdict(config),
             "counts": {
@@ -390,7 +420,7 @@ def fetch_batch(
                 record.update(_fingerprint_one(sha256, data, limits), fetched=True)
             blob = dataset.blob_key(sha256)
             if not record.get("error") and sha256 not in stored and not storage.exists(blob):
-                storage.write_bytes(blob, data)
+                storage.write_bytes(blob, storable(data, limits))
         for column in ("line", "reason", "detail", "size", "fetched", *RECORD_COLUMNS):
             out[column].append(record.get(column))
     return dict(out)
@@ -805,7 +835,11 @@ class _Previous:
 
 
 def _store_blobs(
-    snapshots: Mapping[str, Snapshot], storage: Storage, kept: list[SourceFile], stored: frozenset[str]
+    snapshots: Mapping[str, Snapshot],
+    storage: Storage,
+    kept: list[SourceFile],
+    stored: frozenset[str],
+    limits: ImageLimits,
 ) -> None:
     todo = [
         item
@@ -819,7 +853,21 @@ def _store_blobs(
         data = snapshots[item.source].read_file(item.row.image_path, item.size)
         if hashlib.sha256(data).hexdigest() != item.sha256:
             raise RuntimeError(f"{item.row.image_path} changed while ingest was reading the source")
-        storage.write_bytes(dataset.blob_key(item.sha256), data)
+        storage.write_bytes(dataset.blob_key(item.sha256), storable(data, limits))
+
+
+def storable(data: bytes, limits: ImageLimits) -> bytes:
+    """What a blob holds for a source file: PNG and JPEG bytes as they are; a DICOM file as the PNG of
+    its film as a viewer shows it (:func:`lxn_ray.dicom.decode`), so no header field - names, dates,
+    ids - is ever stored. The blob keeps the source file's sha256 as its key: a film's identity is the
+    file the source holds."""
+    from lxn_ray.dicom import decode, is_dicom
+
+    if not is_dicom(data):
+        return data
+    buffer = io.BytesIO()
+    decode(data, limits).image.save(buffer, format="PNG")  # no text chunks: pixels only
+    return buffer.getvalue()
 
 
 def _images_table(

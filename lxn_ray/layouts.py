@@ -15,6 +15,12 @@ folder, git, ``s3://``, ``https://``) and a layout:
     A CSV (``manifest:``, default ``manifest.csv``) naming file, finding and patient columns
     (``columns:`` maps ``filename``/``finding``/``patient_id``/``view`` to this file's own names); paths
     are relative to the source root.
+``dicom``
+    DICOM films (:mod:`lxn_ray.dicom`): the finding from the manifest when there is one, else from class
+    folders; the patient from the header's Patient ID (a manifest ``patient_id`` column overrides it),
+    the view from View Position, the modality from Modality. Only those header fields are read. Objects
+    that are not single-frame CR/DX chest films are excluded with the reason. Patient ids are
+    pseudonymised (:func:`pseudonymise`) and no other manifest column is kept.
 
 ``auto`` (the default) picks upstream when ``metadata.csv`` exists, else manifest when the manifest file
 exists, else class folders.
@@ -23,17 +29,23 @@ exists, else class folders.
 from __future__ import annotations
 
 import hashlib
+import hmac
 import re
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
+from lxn_ray.imaging import ImageRejected
 from lxn_ray.metadata import (
     DEFAULT_FRONTAL_VIEWS,
+    MISSING_FILE,
+    NON_FRONTAL,
     UNLABELLED,
+    UNREADABLE,
     UNSAFE_PATH,
     MetadataRow,
     label_of,
+    normalise_view,
     parse_metadata,
 )
 from lxn_ray.sources import (
@@ -47,11 +59,14 @@ from lxn_ray.sources import (
 )
 from lxn_ray.tasks import normalise_finding
 
-LAYOUTS = ("auto", "upstream", "class-folders", "manifest")
+LAYOUTS = ("auto", "upstream", "class-folders", "manifest", "dicom")
 IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg")
+DICOM_SUFFIXES = (".dcm", ".dicom")  # and files without a suffix, as PACS exports name them
+DICOM_HEADER_BYTES = 256 * 1024  # read this much of a DICOM file for its header; the whole file if short
 NAME_PATTERN = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,63}$")
 SPEC_KEYS = frozenset(
     {"name", "uri", "ref", "layout", "patient_id_pattern", "classes", "manifest", "columns"}
+    | {"hash_patient_ids"}
 )
 MANIFEST_COLUMNS = frozenset({"filename", "finding", "patient_id", "view"})
 
@@ -68,6 +83,12 @@ class SourceSpec:
     classes: dict[str, str] = field(default_factory=dict)  # class folder -> finding
     manifest: str = "manifest.csv"
     columns: dict[str, str] = field(default_factory=dict)  # canonical column -> the manifest's name
+    hash_patient_ids: bool | None = None  # None: for the dicom layout only
+
+    @property
+    def pseudonymised(self) -> bool:
+        """Whether this source's patient ids are stored as salted hashes (:func:`pseudonymise`)."""
+        return self.layout == "dicom" if self.hash_patient_ids is None else self.hash_patient_ids
 
     def __post_init__(self) -> None:
         if not NAME_PATTERN.match(self.name):
@@ -144,12 +165,31 @@ def read_sources_file(path: str | Path) -> list[SourceSpec]:
                 classes={str(k): str(v) for k, v in (entry.get("classes") or {}).items()},
                 manifest=str(entry.get("manifest", "manifest.csv")),
                 columns={str(k): str(v) for k, v in (entry.get("columns") or {}).items()},
+                hash_patient_ids=_optional_bool(entry, "hash_patient_ids", path),
             )
         )
     names = [spec.name for spec in specs]
     if len(set(names)) != len(names):
         raise SourceError(f"{path}: source names must be unique ({names})")
     return specs
+
+
+def _optional_bool(entry: dict[str, Any], key: str, path: Path) -> bool | None:
+    value = entry.get(key)
+    if value is not None and not isinstance(value, bool):
+        raise SourceError(f"{path}: source {entry['name']}: {key} must be true or false")
+    return value
+
+
+def pseudonymise(patient_id: str, salt: bytes) -> str:
+    """The stored form of a patient id: ``p-`` and the first 20 hex digits of HMAC-SHA-256(salt, id).
+
+    A keyed hash (RFC 2104), so ids cannot be recovered by hashing candidate ids without the salt, and
+    the same id always maps to the same pseudonym within a store (patient-level splits stay stable). An
+    empty id stays empty (the film is then its own patient)."""
+    if not patient_id:
+        return ""
+    return "p-" + hmac.new(salt, patient_id.encode("utf-8"), hashlib.sha256).hexdigest()[:20]
 
 
 @dataclass(frozen=True)
@@ -195,9 +235,27 @@ def detect_layout(snapshot: Snapshot, spec: SourceSpec) -> str:
 
 
 def read_rows(
-    snapshot: Snapshot, spec: SourceSpec, frontal_views: tuple[str, ...] = DEFAULT_FRONTAL_VIEWS
+    snapshot: Snapshot,
+    spec: SourceSpec,
+    frontal_views: tuple[str, ...] = DEFAULT_FRONTAL_VIEWS,
+    patient_salt: bytes | None = None,
 ) -> SourceRows:
-    """Every row of ``snapshot`` in the spec's layout, each with its exclusion (if metadata rules it out)."""
+    """Every row of ``snapshot`` in the spec's layout, each with its exclusion (if metadata rules it out).
+
+    For a :attr:`SourceSpec.pseudonymised` source the patient ids are replaced by :func:`pseudonymise`
+    with ``patient_salt`` before the rows leave this function; raises :class:`SourceError` without one."""
+    if spec.pseudonymised and not patient_salt:
+        raise SourceError(f"source {spec.name}: pseudonymised patient ids need a salt")
+    found = _read_rows(snapshot, spec, frontal_views)
+    if spec.pseudonymised:
+        rows = [replace(row, patient_id=pseudonymise(row.patient_id, patient_salt)) for row in found.rows]
+        found = replace(found, rows=rows, notes={**found.notes, "patient_ids": "salted hashes"})
+    return found
+
+
+def _read_rows(snapshot: Snapshot, spec: SourceSpec, frontal_views: tuple[str, ...]) -> SourceRows:
+    if spec.layout == "dicom":
+        return _dicom_rows(snapshot, spec, frontal_views)
     layout, data = _detect(snapshot, spec)
     if layout == "upstream":
         return SourceRows(parse_metadata(data, frontal_views, source=spec.name), data, layout, {})
@@ -241,12 +299,16 @@ def _patient_notes(rows: list[MetadataRow], spec: SourceSpec) -> dict[str, Any]:
     }
 
 
-def _class_folder_rows(snapshot: Snapshot, spec: SourceSpec) -> SourceRows:
+def _is_image_name(path: str) -> bool:
+    return path.casefold().endswith(IMAGE_SUFFIXES)
+
+
+def _class_folder_rows(snapshot: Snapshot, spec: SourceSpec, wanted=_is_image_name) -> SourceRows:
     files = snapshot.list_files()
     rows, ignored = [], 0
     for line, path in enumerate(files, 1):
         folder, _, filename = path.partition("/")
-        if not filename or not path.casefold().endswith(IMAGE_SUFFIXES):
+        if not filename or not wanted(path):
             ignored += 1  # files at the root (README, licences) and non-images
             continue
         finding = normalise_finding(spec.classes.get(folder, folder))
@@ -278,3 +340,89 @@ def _class_folder_rows(snapshot: Snapshot, spec: SourceSpec) -> SourceRows:
     notes = {"files_ignored": ignored, "views": "not recorded by class folders: frontal by assumption"}
     notes.update(_patient_notes(rows, spec))
     return SourceRows(rows, hashlib.sha256(listing).hexdigest().encode(), "class-folders", notes)
+
+
+# -- DICOM --------------------------------------------------------------------------------------------
+def _read_head(snapshot: Snapshot, relative_path: str) -> bytes:
+    """The first :data:`DICOM_HEADER_BYTES` of a file where the snapshot can read a prefix (local
+    folders), else the whole file (capped like any image)."""
+    from lxn_ray.imaging import ImageLimits
+
+    read_head = getattr(snapshot, "read_head", None)
+    if read_head is not None:
+        return read_head(relative_path, DICOM_HEADER_BYTES)
+    return snapshot.read_file(relative_path, ImageLimits().max_file_bytes)
+
+
+def _dicom_header(snapshot: Snapshot, relative_path: str):
+    """The file's :class:`lxn_ray.dicom.DicomHeader`; a prefix too short for the header is read whole."""
+    from lxn_ray.dicom import read_header
+    from lxn_ray.imaging import ImageLimits
+
+    data = _read_head(snapshot, relative_path)
+    try:
+        return read_header(data)
+    except ImageRejected:
+        if len(data) < DICOM_HEADER_BYTES:
+            raise
+    return read_header(snapshot.read_file(relative_path, ImageLimits().max_file_bytes))
+
+
+def _is_dicom_name(path: str) -> bool:
+    name = path.rsplit("/", 1)[-1]
+    return name.casefold().endswith(DICOM_SUFFIXES) or ("." not in name and name.upper() != "DICOMDIR")
+
+
+def _dicom_listing(snapshot: Snapshot, spec: SourceSpec) -> tuple[list[MetadataRow], bytes, dict[str, Any]]:
+    """Rows naming file, finding and (optionally) patient and view, from the manifest or class folders."""
+    manifest = _read_if_present(snapshot, spec.manifest)
+    if manifest is not None:
+        renames = {theirs: canonical for canonical, theirs in spec.columns.items()}
+        rows = parse_metadata(manifest, source=spec.name, default_folder="", renames=renames)
+        return rows, manifest, {"findings_from": spec.manifest}
+    described = _class_folder_rows(snapshot, spec, _is_dicom_name)
+    return described.rows, described.listing, {"findings_from": "class folders"}
+
+
+def _dicom_rows(snapshot: Snapshot, spec: SourceSpec, frontal_views: tuple[str, ...]) -> SourceRows:
+    """The dicom layout: each listed file's header gives patient, view and modality, or its exclusion."""
+    from lxn_ray.dicom import refusal
+
+    listed, listing, notes = _dicom_listing(snapshot, spec)
+    frontal = {normalise_view(view) for view in frontal_views}
+    rows, views_assumed = [], 0
+    for row in listed:
+        exclusion, detail, header = row.exclusion, row.detail, None
+        if exclusion is None:
+            try:
+                header = _dicom_header(snapshot, row.image_path)
+            except FileNotFoundError:
+                exclusion, detail = MISSING_FILE, "no such file in the source"
+            except (ImageRejected, ValueError) as error:  # not DICOM, corrupt, over the byte cap
+                exclusion, detail = UNREADABLE, str(error)
+        if header is not None and (problem := refusal(header)) is not None:
+            exclusion, detail = problem.reason, str(problem)
+        view = row.view or (header.view if header else "")
+        if exclusion is None and view and normalise_view(view) not in frontal:
+            exclusion, detail = NON_FRONTAL, f"view {view!r}"
+        views_assumed += exclusion is None and not view
+        rows.append(
+            MetadataRow(
+                line=row.line,
+                filename=row.filename,
+                folder=row.folder,
+                patient_id=row.patient_id or (header.patient_id if header else ""),
+                finding=row.finding,
+                label=row.label,
+                view=view,
+                modality=header.modality if header else "",
+                extra={},  # no other manifest column or header field is kept
+                exclusion=exclusion,
+                detail=detail,
+                source=spec.name,
+            )
+        )
+    if views_assumed:
+        notes["views"] = f"{views_assumed} films state no View Position: frontal by assumption"
+    notes.update(_patient_notes(rows, spec))
+    return SourceRows(rows, listing, "dicom", notes)

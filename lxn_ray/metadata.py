@@ -88,7 +88,7 @@ def label_of(finding: str) -> int | None:
     return None if kind is None else int(kind == "covid")
 
 
-def _normalise_view(view: str) -> str:
+def normalise_view(view: str) -> str:
     return " ".join(view.split()).casefold()
 
 
@@ -128,7 +128,7 @@ def parse_metadata(
     columns = _column_index(_apply_renames(header, renames or {}))
     if "filename" not in columns:
         raise MetadataError(f"metadata.csv has no filename column (header: {header[:8]}...)")
-    frontal = {_normalise_view(view) for view in frontal_views}
+    frontal = {normalise_view(view) for view in frontal_views}
     named = [name.strip() for name in header]
 
     rows: list[MetadataRow] = []
@@ -216,7 +216,7 @@ def _row(
             extra[canonical] = get(canonical)
 
     label = label_of(finding)
-    is_ct = modality.casefold() == "ct" or _normalise_view(view) == "ct" or filename.endswith(".nii.gz")
+    is_ct = modality.casefold() == "ct" or normalise_view(view) == "ct" or filename.endswith(".nii.gz")
     if not filename:
         exclusion, detail = MALFORMED_ROW, "no filename"
     elif not is_plain_relative(filename) or (folder and not is_plain_relative(folder)):
@@ -227,7 +227,7 @@ def _row(
         exclusion, detail = CT, "CT, not a radiograph"
     elif folder.casefold() == "volumes":
         exclusion, detail = VOLUMES, "volumes folder (CT volumes)"
-    elif "view" in columns and _normalise_view(view) not in frontal:
+    elif "view" in columns and normalise_view(view) not in frontal:
         exclusion, detail = NON_FRONTAL, f"view {view!r}"
     else:
         exclusion, detail = None, ""

@@ -1,9 +1,10 @@
 """The LxN endpoint on Ray Serve: one FastAPI ingress deployment, batched inference, hot model reload.
 
-``POST /predict`` (one image, raw ``image/png``/``image/jpeg`` body or multipart field ``file``),
+``POST /predict`` (one film - PNG, JPEG or DICOM - as the raw body or multipart field ``file``),
 ``POST /predict/batch`` (multipart, fields ``files`` or ``file``, answers in order), ``POST /explain``
-(Grad-CAM overlay PNG), ``GET /healthz``, ``GET /model`` (the model card) and the OpenAPI docs at
-``/docs``. Research use only - not a diagnostic device.
+(Grad-CAM overlay PNG), ``GET /model`` (the model card) - each behind an API key (``Authorization: Bearer
+KEY``, :mod:`lxn_ray.auth`) - and, open, ``GET /healthz`` for probes, the page at ``/`` to try a film, and
+the OpenAPI docs at ``/docs``. Research use only - not a diagnostic device.
 
 Why it is built this way:
 
@@ -17,10 +18,15 @@ Why it is built this way:
   the replica's model reference is replaced in one assignment. A batch holds the reference it started
   with, and every answer names the ``model_version`` that computed it. Polling needs no coordinator and
   works the same under ``python jobs/serve.py`` and ``serve deploy``. A pinned version never moves.
-- **Hostile input is a 4xx, never a crash.** Content type is checked first (415), then the declared
+- **Uploads are judged by their bytes.** Clients label files every which way (``image/jpg``,
+  ``application/octet-stream``, no type, a part carrying the outer ``multipart/form-data``), so declared
+  types are ignored: the magic number says PNG, JPEG or DICOM, and only bytes that are none of them get
+  415.
+- **Hostile input is a 4xx, never a crash.** The API key is checked first (401), then the declared
   Content-Length (413) before reading, and the body is capped while it streams in (chunked uploads, 413).
   Decoding uses :mod:`lxn_ray.imaging`'s guards (50-megapixel cap checked from the header: 413; empty,
-  truncated or non-image bytes: 400). Every error body is ``{"error": "..."}`` and counted by reason.
+  truncated or corrupt bytes: 400; a DICOM object that is not a chest film: 422). Every error body is
+  ``{"error": "..."}`` and counted by reason.
 - **Safe loading.** Models load with Keras safe mode through :meth:`lxn_ray.registry.ModelRef.load`;
   nothing from a request or the store is ever unpickled or evaluated.
 
@@ -42,8 +48,8 @@ from typing import Any
 
 import numpy as np
 
-from lxn_ray import registry
-from lxn_ray.imaging import ImageLimits, ImageRejected
+from lxn_ray import auth, registry
+from lxn_ray.imaging import NOT_AN_IMAGE, ImageLimits, ImageRejected, image_format
 from lxn_ray.metrics import no_better_than_chance
 from lxn_ray.storage import Storage
 
@@ -52,10 +58,9 @@ logger = logging.getLogger("ray.serve")
 RESEARCH_NOTE = "research use only - not a diagnostic device"
 POSITIVE_LABEL = "COVID-19"
 NEGATIVE_LABEL = "negative"
-RAW_IMAGE_TYPES = frozenset({"image/png", "image/jpeg"})
+# The types /docs offers for a raw body; any other label is accepted too, and ignored (judged by bytes).
+RAW_IMAGE_TYPES = ("image/png", "image/jpeg", "application/dicom")
 MULTIPART_TYPE = "multipart/form-data"
-# A multipart part may say what it carries; clients that do not know send octet-stream or nothing.
-PART_TYPES = RAW_IMAGE_TYPES | {"application/octet-stream"}
 SINGLE_FIELD = "file"
 BATCH_FIELDS = ("files", "file")
 DEPLOYMENT_NAME = "LxnServer"
@@ -94,6 +99,9 @@ class ServeSettings:
     max_body_bytes: int = 20 * 1024 * 1024
     max_pixels: int = 50_000_000
     max_batch_images: int = 32  # images in one /predict/batch request
+    auth: bool = True  # False only with --no-auth: anyone who reaches the port may call every route
+    # SHA-256 digests of the LXN_API_KEYS that jobs/serve.py saw (the keys themselves never leave it)
+    api_key_digests: tuple[str, ...] = ()
 
     def __post_init__(self) -> None:
         if not self.storage:
@@ -133,7 +141,13 @@ class ServeSettings:
         coerced: dict[str, Any] = {}
         for name, value in values.items():
             kind = known[name].type
-            coerced[name] = kind(value) if kind in (int, float, str) else value
+            if kind is bool and not isinstance(value, bool):
+                value = str(value).strip().lower() in ("1", "true", "yes", "on")
+            elif kind in (int, float, str):
+                value = kind(value)
+            elif isinstance(value, list):
+                value = tuple(value)
+            coerced[name] = value
         return cls(**coerced)
 
     @property
@@ -252,17 +266,22 @@ def media_type(content_type: str | None) -> str:
 
 
 def rejected_image(error: ImageRejected, where: str = "") -> InputError:
-    """Map :class:`ImageRejected` to a status: too many pixels is 413 (too large), anything else 400."""
+    """Map :class:`ImageRejected` to a status: too many pixels or bytes 413, bytes that are no image format
+    415, a DICOM object that is not a chest film 422 (its reason), anything else 400."""
+    from lxn_ray.dicom import UnsupportedDicom
+
     message = str(error)
     prefix = f"{where}: " if where else ""
+    if isinstance(error, UnsupportedDicom):
+        return InputError(422, error.reason, prefix + message)
     if "pixel cap" in message or "decompression bomb" in message:
         return InputError(413, "too_many_pixels", prefix + message)
     if "byte cap" in message:
         return InputError(413, "too_large", prefix + message)
     if message == "empty file":
         return InputError(400, "empty", prefix + message)
-    if message.startswith("not a PNG"):
-        return InputError(400, "not_image", prefix + message)
+    if message == NOT_AN_IMAGE:
+        return InputError(415, "unsupported_media_type", prefix + message)
     return InputError(400, "corrupt_image", prefix + message)
 
 
@@ -369,6 +388,7 @@ class LxnServer:
         # once, at start-up
         self.current: LoadedModel = load_model_version(self.storage, settings.model, settings.task)
         self._failed_version: str | None = None
+        self.keys = self._load_keys()
         self._predictions = Counter(
             "lxn_predictions",
             description="Images classified, by predicted label and model version.",
@@ -392,9 +412,15 @@ class LxnServer:
             loop = asyncio.get_running_loop()  # Serve runs constructors on the replica's event loop
         except RuntimeError:
             loop = None
-        if self.following and loop is not None:
-            self._poller = loop.create_task(self._follow_champion())
-        logger.info("lxn: serving model %s (%s)", self.current.version, settings.model)
+        if loop is not None:
+            self._poller = loop.create_task(self._poll())
+        logger.info(
+            "lxn: serving model %s (%s); auth %s, %d keys",
+            self.current.version,
+            settings.model,
+            "on" if settings.auth else "OFF",
+            len(self.keys),
+        )
 
     def __del__(self) -> None:
         poller = getattr(self, "_poller", None)
@@ -406,16 +432,24 @@ class LxnServer:
         if self.current is None:
             raise RuntimeError("no model loaded")
 
-    # -- hot reload ---------------------------------------------------------------------------------
-    async def _follow_champion(self) -> None:
+    # -- hot reload: the champion and the API keys --------------------------------------------------
+    def _load_keys(self) -> auth.KeyRing:
+        return auth.KeyRing.load(self.storage, dict.fromkeys(self.settings.api_key_digests, auth.ENV_KEYS))
+
+    async def _poll(self) -> None:
+        """Every ``poll_seconds``: re-read the key file (minted and revoked keys apply without a restart),
+        then, when following, the champion pointer."""
         while True:
             await asyncio.sleep(self.settings.poll_seconds)
             try:
-                await self.reload_if_changed()
+                if self.settings.auth:
+                    self.keys = await asyncio.to_thread(self._load_keys)
+                if self.following:
+                    await self.reload_if_changed()
             except asyncio.CancelledError:
                 raise
             except Exception:  # a broken store or model must not stop the replica from answering
-                logger.exception("lxn: champion check failed; still serving %s", self.current.version)
+                logger.exception("lxn: poll failed; still serving %s", self.current.version)
 
     async def reload_if_changed(self) -> bool:
         """Load the champion when it moved; the swap is one reference assignment after a full load."""
@@ -505,22 +539,29 @@ class LxnServer:
         }
 
     # -- HTTP ---------------------------------------------------------------------------------------
-    async def read_images(self, request, many: bool) -> list[tuple[str, bytes]]:
-        """``(name, bytes)`` of the request's images; raw bodies are one image, multipart may be several."""
-        content_type = request.headers.get("content-type")
-        kind = media_type(content_type)
-        if kind not in RAW_IMAGE_TYPES and kind != MULTIPART_TYPE:
+    def authorise(self, request) -> None:
+        """Refuse (401) a request without a known API key, unless auth is off (``--no-auth``)."""
+        if self.settings.auth and self.keys.name_of(request.headers.get("authorization")) is None:
+            reason = "no API key is configured yet" if not len(self.keys) else "missing or unknown API key"
             raise InputError(
-                415,
-                "unsupported_media_type",
-                f"unsupported Content-Type {kind or '(none)'!r}: send image/png or image/jpeg as the body, "
-                f"or multipart/form-data with a '{SINGLE_FIELD}' field",
+                401,
+                "unauthorised",
+                f"{reason}: send 'Authorization: Bearer KEY' (mint a key: python jobs/serve.py "
+                "--storage URI --mint-key NAME)",
             )
+
+    async def read_images(self, request, many: bool) -> list[tuple[str, bytes]]:
+        """``(name, bytes)`` of the request's images; raw bodies are one image, multipart may be several.
+
+        A multipart/form-data request is parsed into parts; any other body is one image, whatever its
+        Content-Type says. Each image's type is then judged by its magic number (415 when it is not PNG,
+        JPEG or DICOM); declared types, the request's or a part's, are ignored."""
+        content_type = request.headers.get("content-type")
         body = await read_body(request, self.settings.max_body_bytes)
         if not body:
             raise InputError(400, "empty", "empty body")
-        if kind in RAW_IMAGE_TYPES:
-            return [("body", body)]
+        if media_type(content_type) != MULTIPART_TYPE:
+            return [_judged("body", body)]
         fields = BATCH_FIELDS if many else (SINGLE_FIELD,)
         parts = [part for part in parse_multipart(body, content_type or "") if part.name in fields]
         if not parts:
@@ -534,13 +575,9 @@ class LxnServer:
         images = []
         for index, part in enumerate(parts):
             name = f"image {index} ({part.filename or part.name})"
-            if part.content_type and media_type(part.content_type) not in PART_TYPES:
-                raise InputError(
-                    415, "unsupported_media_type", f"{name}: unsupported Content-Type {part.content_type!r}"
-                )
             if not part.data:
                 raise InputError(400, "empty", f"{name}: empty file")
-            images.append((name, part.data))
+            images.append(_judged(name, part.data))
         return images
 
     async def answer(self, work: Callable[[], Awaitable[Any]]):
@@ -560,7 +597,19 @@ class LxnServer:
         from fastapi.responses import JSONResponse
 
         self._rejections.inc(tags={"reason": error.reason, "status": str(error.status)})
-        return JSONResponse({"error": error.message}, status_code=error.status)
+        headers = {"WWW-Authenticate": "Bearer"} if error.status == 401 else None
+        return JSONResponse({"error": error.message}, status_code=error.status, headers=headers)
+
+
+def _judged(name: str, data: bytes) -> tuple[str, bytes]:
+    """``(name, data)`` when the bytes are PNG, JPEG or DICOM by their magic number; else 415."""
+    if image_format(data) is None:
+        raise InputError(
+            415,
+            "unsupported_media_type",
+            ("" if name == "body" else f"{name}: ") + f"{NOT_AN_IMAGE} (judged by its bytes, not its label)",
+        )
+    return name, data
 
 
 # -- the HTTP API -------------------------------------------------------------------------------------
@@ -570,22 +619,32 @@ def _binary(description: str) -> dict[str, Any]:
 
 def _image_body(many: bool) -> dict[str, Any]:
     """OpenAPI request body for /docs: our routes read the raw request, so FastAPI cannot infer it."""
+    film = "PNG, JPEG or DICOM (told by its bytes)"
     multipart = (
-        {"type": "object", "properties": {"files": {"type": "array", "items": _binary("PNG or JPEG")}}}
+        {"type": "object", "properties": {"files": {"type": "array", "items": _binary(film)}}}
         if many
-        else {"type": "object", "properties": {"file": _binary("PNG or JPEG")}, "required": ["file"]}
+        else {"type": "object", "properties": {"file": _binary(film)}, "required": ["file"]}
     )
     content: dict[str, Any] = {"multipart/form-data": {"schema": multipart}}
     if not many:
-        content.update({kind: {"schema": _binary("the image file")} for kind in sorted(RAW_IMAGE_TYPES)})
+        content.update({kind: {"schema": _binary(film)} for kind in RAW_IMAGE_TYPES})
     return {"requestBody": {"required": True, "content": content}}
+
+
+@functools.cache
+def page_html() -> str:
+    """The page at ``/`` (``lxn_ray/static/index.html``): plain HTML and a little JavaScript."""
+    from importlib.resources import files
+
+    return files("lxn_ray").joinpath("static", "index.html").read_text(encoding="utf-8")
 
 
 def create_api():
     """The FastAPI app, built on each replica after its constructor (``serve.ingress`` builder form)."""
-    from fastapi import FastAPI, Request
+    from fastapi import Depends, FastAPI, Request
     from fastapi.exceptions import RequestValidationError
-    from fastapi.responses import JSONResponse, Response
+    from fastapi.responses import HTMLResponse, JSONResponse, Response
+    from fastapi.security import HTTPBearer
     from pydantic import BaseModel
     from ray import serve
     from starlette.exceptions import HTTPException
@@ -601,16 +660,20 @@ def create_api():
     class Error(BaseModel):
         error: str
 
-    errors = {status: {"model": Error} for status in (400, 413, 415, 500)}
+    errors = {status: {"model": Error} for status in (400, 401, 413, 415, 422, 500)}
     app = FastAPI(
         title="LxN COVID-19 chest X-ray classifier",
         version=__version__,
         description=(
-            f"**{RESEARCH_NOTE}.** P(COVID-19) for a frontal chest radiograph (PNG or JPEG, at most "
-            "20 MB and 50 megapixels) from LxN, with the decision threshold chosen on the model's "
-            'validation split. Errors are JSON `{"error": "..."}`.'
+            f"**{RESEARCH_NOTE}.** P(COVID-19) for a frontal chest radiograph (PNG, JPEG or DICOM - told "
+            "by its bytes -, at most 20 MB and 50 megapixels) from LxN, with the decision threshold chosen "
+            "on the model's validation split. Prediction, explanation and model routes need "
+            '`Authorization: Bearer KEY`. Errors are JSON `{"error": "..."}`.'
         ),
     )
+    # Declares the Bearer scheme in the OpenAPI document (the Authorize button of /docs); the replica
+    # checks the key itself, so a missing key is the endpoint's JSON 401, not FastAPI's.
+    bearer = [Depends(HTTPBearer(auto_error=False, description="an API key from jobs/serve.py --mint-key"))]
 
     def server() -> LxnServer:
         return serve.get_replica_context().servable_object
@@ -623,12 +686,19 @@ def create_api():
     async def validation_error(request: Request, error: RequestValidationError) -> JSONResponse:
         return JSONResponse({"error": str(error.errors())[:500]}, status_code=422)
 
-    @app.post("/predict", response_model=Prediction, responses=errors, openapi_extra=_image_body(many=False))
+    @app.post(
+        "/predict",
+        response_model=Prediction,
+        responses=errors,
+        openapi_extra=_image_body(many=False),
+        dependencies=bearer,
+    )
     async def predict(request: Request):
         """Classify one radiograph (raw image body or multipart field `file`)."""
         replica = server()
 
         async def work():
+            replica.authorise(request)
             ((name, data),) = await replica.read_images(request, many=False)
             answer = await replica.predict_bytes(data)
             return JSONResponse(answer, headers={"X-Model-Version": str(answer["model_version"])})
@@ -640,6 +710,7 @@ def create_api():
         response_model=list[Prediction],
         responses=errors,
         openapi_extra=_image_body(many=True),
+        dependencies=bearer,
     )
     async def predict_batch(request: Request):
         """Classify several radiographs (multipart fields `files`); answers in the order sent.
@@ -647,6 +718,7 @@ def create_api():
         replica = server()
 
         async def work():
+            replica.authorise(request)
             images = await replica.read_images(request, many=True)
             answers = await asyncio.gather(*(replica.predict_bytes(data, name) for name, data in images))
             return JSONResponse(list(answers))
@@ -658,18 +730,21 @@ def create_api():
         response_class=Response,
         responses={200: {"content": {"image/png": {}}}, **errors},
         openapi_extra=_image_body(many=False),
+        dependencies=bearer,
     )
     async def explain(request: Request):
         """Grad-CAM heat map of the COVID-19 score over the radiograph, as a PNG."""
         replica = server()
 
         async def work():
+            replica.authorise(request)
             ((name, data),) = await replica.read_images(request, many=False)
             png, answer = await asyncio.to_thread(replica.explain_bytes, data)
             headers = {
                 "X-Model-Version": str(answer["model_version"]),
                 "X-Probability": f"{answer['probability']:.6f}",
                 "X-Label": answer["label"],
+                "X-Threshold": f"{answer['threshold']:.6f}",
             }
             return Response(png, media_type="image/png", headers=headers)
 
@@ -683,10 +758,21 @@ def create_api():
             return JSONResponse({"error": "no model loaded"}, status_code=503)
         return {"status": "ok", "model_version": model.version}
 
-    @app.get("/model")
-    async def model_card():
+    @app.get("/model", responses=errors, dependencies=bearer)
+    async def model_card(request: Request):
         """The loaded model's card, threshold and input size, and whether it follows the champion."""
-        return server().describe()
+        replica = server()
+
+        async def work():
+            replica.authorise(request)
+            return replica.describe()
+
+        return await replica.answer(work)
+
+    @app.get("/", response_class=HTMLResponse, include_in_schema=False)
+    async def page():
+        """A page to try a film: pick or drop one, see the probability, the label and the Grad-CAM."""
+        return HTMLResponse(page_html())
 
     return app
 
@@ -731,7 +817,8 @@ def deploy(settings: ServeSettings) -> dict[str, Any]:
         "model_version": described["model_version"],
         "threshold": described["threshold"],
         "image_size": described["image_size"],
-        "settings": dataclasses.asdict(settings),
+        # the report is stored: key digests are replaced by their count
+        "settings": {**dataclasses.asdict(settings), "api_key_digests": len(settings.api_key_digests)},
         "note": RESEARCH_NOTE,
     }
 

@@ -112,6 +112,15 @@ class FolderSnapshot:
             raise ValueError(f"file is over the {max_bytes}-byte cap")
         return data
 
+    def read_head(self, relative_path: str, max_bytes: int) -> bytes:
+        """The first ``max_bytes`` bytes of a file (a DICOM header), with :meth:`read_file`'s path checks."""
+        path = self.resolve(relative_path)
+        if not path.is_file():
+            raise FileNotFoundError(relative_path)
+        descriptor = os.open(path, os.O_RDONLY | getattr(os, "O_NOFOLLOW", 0))
+        with os.fdopen(descriptor, "rb") as stream:
+            return stream.read(max_bytes)
+
     def version(self, content_digest: str) -> str:
         return f"git:{self.commit}" if self.commit else f"sha256:{content_digest}"
 

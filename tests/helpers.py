@@ -112,6 +112,102 @@ def radiograph(seed: int, size: tuple[int, int] = (320, 384)) -> Image.Image:
     return Image.fromarray(np.clip(image, 0, 255).astype(np.uint8), mode="L")
 
 
+# Header fields a real film carries that lxn_ray must never store: the PHI tests look for these values.
+PHI_FIELDS = {
+    "PatientName": "Doe^Jane",
+    "PatientBirthDate": "19610203",
+    "PatientAddress": "12 Harbour Street",
+    "InstitutionName": "St Example Hospital",
+    "ReferringPhysicianName": "House^Gregory",
+    "AccessionNumber": "ACC7781234",
+    "StudyDate": "20200412",
+}
+
+
+def dicom_film(
+    image: Image.Image | np.ndarray,
+    *,
+    photometric: str = "MONOCHROME2",
+    bits: int = 8,
+    patient_id: str = "MRN-0001",
+    modality: str = "DX",
+    view: str = "PA",
+    body_part: str | None = "CHEST",
+    window: bool = True,
+    rescale: tuple[float, float] | None = None,
+    frames: int = 1,
+    compression: str | None = None,
+    extra: dict[str, str] | None = None,
+) -> bytes:
+    """A DICOM Part 10 file (pydicom) holding ``image``'s pixels as a CR/DX film would.
+
+    8 bits: stored as is (``MONOCHROME1``: inverted). 16 bits: stored as 12-bit values ``16 * v + 8``
+    (inverted for ``MONOCHROME1``) with a window over the whole 12-bit range, or none (``window=False``);
+    ``rescale=(slope, intercept)`` stores ``(value - intercept) / slope`` instead, as signed CR data can.
+    ``compression``: None, ``"rle"`` or ``"jpeg2000"`` (lossless). The header carries :data:`PHI_FIELDS`.
+    """
+    from pydicom.dataset import Dataset, FileMetaDataset
+    from pydicom.uid import (
+        DigitalXRayImageStorageForPresentation,
+        ExplicitVRLittleEndian,
+        JPEG2000Lossless,
+        RLELossless,
+        generate_uid,
+    )
+
+    pixels = np.asarray(image.convert("L") if isinstance(image, Image.Image) else image).astype(np.int64)
+    if bits == 8:
+        stored = 255 - pixels if photometric == "MONOCHROME1" else pixels
+    else:
+        twelve = pixels * 16 + 8
+        stored = 4095 - twelve if photometric == "MONOCHROME1" else twelve
+    ds = Dataset()
+    ds.file_meta = FileMetaDataset()
+    ds.file_meta.MediaStorageSOPClassUID = DigitalXRayImageStorageForPresentation
+    ds.file_meta.MediaStorageSOPInstanceUID = generate_uid()
+    ds.file_meta.TransferSyntaxUID = ExplicitVRLittleEndian
+    ds.SOPClassUID = DigitalXRayImageStorageForPresentation
+    ds.SOPInstanceUID = ds.file_meta.MediaStorageSOPInstanceUID
+    ds.PatientID = patient_id
+    ds.Modality = modality
+    ds.ViewPosition = view
+    if body_part is not None:
+        ds.BodyPartExamined = body_part
+    for keyword, value in {**PHI_FIELDS, **(extra or {})}.items():
+        setattr(ds, keyword, value)
+    ds.SamplesPerPixel = 1
+    ds.PhotometricInterpretation = photometric
+    ds.Rows, ds.Columns = stored.shape
+    ds.PixelRepresentation = 0
+    if bits == 8:
+        ds.BitsAllocated, ds.BitsStored, ds.HighBit = 8, 8, 7
+        array = stored.astype(np.uint8)
+    else:
+        ds.BitsAllocated, ds.BitsStored, ds.HighBit = 16, 12, 11
+        array = stored.astype(np.uint16)
+        if window:
+            ds.WindowCenter, ds.WindowWidth = 2048, 4096
+        if rescale is not None:
+            slope, intercept = rescale
+            ds.RescaleSlope, ds.RescaleIntercept = slope, intercept
+            ds.PixelRepresentation = 1
+            ds.BitsStored, ds.HighBit = 16, 15
+            array = np.rint((stored - intercept) / slope).astype(np.int16)
+            if window:  # the same window in rescaled units: the same display
+                ds.WindowCenter, ds.WindowWidth = 2048, 4096
+    if frames > 1:
+        array = np.stack([array] * frames)
+        ds.NumberOfFrames = frames
+    ds.PixelData = array.tobytes()
+    if compression == "rle":
+        ds.compress(RLELossless)
+    elif compression == "jpeg2000":
+        ds.compress(JPEG2000Lossless)
+    buffer = io.BytesIO()
+    ds.save_as(buffer, enforce_file_format=True)
+    return buffer.getvalue()
+
+
 class SourceBuilder:
     """Writes a folder in the upstream layout: ``metadata.csv`` plus ``images/``."""
 

@@ -35,9 +35,9 @@ def test_exif_orientation_is_applied():
     ("data", "reason"),
     [
         (b"", "empty"),
-        (b"this is a text file, not a picture\n", "not a PNG or JPEG"),
+        (b"this is a text file, not a picture\n", "not a PNG, JPEG or DICOM"),
         (encode(Image.new("L", (64, 64), 128), "JPEG")[:300], "corrupt"),
-        (encode(Image.new("L", (8, 8)), "GIF"), "not a PNG or JPEG"),
+        (encode(Image.new("L", (8, 8)), "GIF"), "not a PNG, JPEG or DICOM"),
     ],
     ids=["empty", "text", "truncated-jpeg", "gif"],
 )

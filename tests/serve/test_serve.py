@@ -2,8 +2,9 @@
 
 Tiny LxN models (32 and 36 px, untrained) are published straight into a temporary store, as
 jobs/train.py would publish them, so no training runs here. One module-scoped Serve instance holds a
-champion-following application at ``/`` and a pinned one at ``/pinned``; it is shut down at the end so
-other test modules see a plain Ray instance.
+champion-following application at ``/`` (API keys on, one key minted into the store) and a pinned one
+at ``/pinned`` (``auth=False``, as ``--no-auth`` deploys it); it is shut down at the end so other test
+modules see a plain Ray instance.
 """
 
 from __future__ import annotations
@@ -28,7 +29,7 @@ import requests
 import yaml
 from PIL import Image
 
-from lxn_ray import registry
+from lxn_ray import auth, registry
 from lxn_ray.cli import serve_main
 from lxn_ray.explain import display_size, jet
 from lxn_ray.imaging import ImageRejected
@@ -42,7 +43,7 @@ from lxn_ray.serve import (
     rejected_image,
 )
 from lxn_ray.storage import Storage
-from tests.helpers import encode, free_port, huge_png, own_stderr_lines, radiograph
+from tests.helpers import dicom_film, encode, free_port, huge_png, own_stderr_lines, radiograph
 
 pytestmark = pytest.mark.usefixtures("ray_local")
 
@@ -51,6 +52,8 @@ TIMEOUT = 120  # seconds for any single HTTP request (a 2-core CI machine under 
 SWITCH_DEADLINE = 60  # seconds for a replica to move to a new champion (polls every 0.5 s)
 # (version, image size, threshold): b has another input size, so a swap also changes preprocessing.
 MODELS = (("lxn-a", 32, 0.5), ("lxn-b", 36, 0.45), ("lxn-c", 32, 0.55))
+# Every request of this module goes through this session; the endpoint fixture gives it a minted key.
+API = requests.Session()
 
 
 def publish_tiny_model(storage: Storage, version: str, image_size: int, threshold: float, seed: int) -> None:
@@ -101,11 +104,13 @@ def endpoint(tmp_path_factory) -> Iterator[Endpoint]:
     for seed, (version, size, threshold) in enumerate(MODELS):
         publish_tiny_model(storage, version, size, threshold, seed)
     registry.promote(storage, "lxn-a")
+    API.headers["Authorization"] = f"Bearer {auth.mint(storage, 'tests')}"
     port = free_port()
     small = dict(storage=storage.uri, port=port, cpus_per_replica=0, max_replicas=1, poll_seconds=0.5)
     try:
         deploy(ServeSettings(**small))
-        deploy(ServeSettings(**small, model="lxn-a", app_name="lxn-pinned", route_prefix="/pinned"))
+        pinned = dict(model="lxn-a", app_name="lxn-pinned", route_prefix="/pinned", auth=False)
+        deploy(ServeSettings(**small, **pinned))
         yield Endpoint(storage, port, f"http://127.0.0.1:{port}", f"http://127.0.0.1:{port}/pinned")
     finally:
         serve.shutdown()
@@ -124,13 +129,15 @@ def local_model() -> Callable[[Storage, str], object]:
     return load
 
 
-def post_image(url: str, data: bytes, content_type: str = "image/png", path: str = "/predict"):
-    return requests.post(url + path, data=data, headers={"Content-Type": content_type}, timeout=TIMEOUT)
+def post_image(
+    url: str, data: bytes, content_type: str = "image/png", path: str = "/predict", session=API
+) -> requests.Response:
+    return session.post(url + path, data=data, headers={"Content-Type": content_type}, timeout=TIMEOUT)
 
 
-def assert_answers(url: str) -> dict:
+def assert_answers(url: str, session: requests.Session = API) -> dict:
     """A normal request right after anything else: the replica still answers."""
-    response = post_image(url, encode(radiograph(7), "PNG"))
+    response = post_image(url, encode(radiograph(7), "PNG"), session=session)
     assert response.status_code == 200, response.text
     return response.json()
 
@@ -151,7 +158,7 @@ def test_predict_matches_the_model_run_locally(endpoint, local_model, how):
         response = post_image(endpoint.url, data, "image/jpeg" if "jpeg" in how else "image/png")
     else:
         part = ("x.png", data, "image/png") if how == "multipart-png" else ("x.jpg", data)
-        response = requests.post(endpoint.url + "/predict", files={"file": part}, timeout=TIMEOUT)
+        response = API.post(endpoint.url + "/predict", files={"file": part}, timeout=TIMEOUT)
     assert response.status_code == 200, response.text
     answer = response.json()
     assert set(answer) == {"probability", "label", "threshold", "model_version", "task"}
@@ -170,7 +177,7 @@ def test_predict_matches_the_model_run_locally(endpoint, local_model, how):
 def test_predict_batch_answers_in_order(endpoint):
     images = [encode(radiograph(seed, size=(200 + 40 * seed, 260)), "PNG") for seed in range(6)]
     files = [("files", (f"x{i}.png", data, "image/png")) for i, data in enumerate(images)]
-    response = requests.post(endpoint.pinned_url + "/predict/batch", files=files, timeout=TIMEOUT)
+    response = API.post(endpoint.pinned_url + "/predict/batch", files=files, timeout=TIMEOUT)
     assert response.status_code == 200, response.text
     batch = response.json()
     assert len(batch) == len(images)
@@ -180,10 +187,205 @@ def test_predict_batch_answers_in_order(endpoint):
     assert {a["model_version"] for a in batch} == {"lxn-a"}
 
     files[3] = ("files", ("broken.png", images[3][:100], "image/png"))
-    response = requests.post(endpoint.pinned_url + "/predict/batch", files=files, timeout=TIMEOUT)
+    response = API.post(endpoint.pinned_url + "/predict/batch", files=files, timeout=TIMEOUT)
     assert response.status_code == 400
     assert "image 3 (broken.png)" in response.json()["error"]
     assert_answers(endpoint.pinned_url)
+
+
+# -- uploads as clients send them, and DICOM -----------------------------------------------------------
+@pytest.mark.parametrize(
+    "part_type", ["image/jpg", "application/octet-stream", None, "multipart/form-data", "image/png"]
+)
+def test_multipart_parts_are_judged_by_their_bytes_not_their_type(endpoint, part_type):
+    data = encode(radiograph(2), "JPEG", quality=92)
+    part = ("film.jpg", data) if part_type is None else ("film.jpg", data, part_type)
+    response = API.post(endpoint.url + "/predict", files={"file": part}, timeout=TIMEOUT)
+    assert response.status_code == 200, response.text
+    expected = post_image(endpoint.url, data, "image/jpeg").json()["probability"]
+    assert response.json()["probability"] == pytest.approx(expected, abs=1e-6)
+
+
+@pytest.mark.parametrize("label", ["image/png", "text/plain", "application/dicom", None])
+def test_raw_bodies_are_judged_by_their_bytes_not_their_label(endpoint, label):
+    data = encode(radiograph(4), "JPEG", quality=92)
+    headers = {"Content-Type": label} if label else {}
+    response = API.post(endpoint.url + "/predict", data=data, headers=headers, timeout=TIMEOUT)
+    assert response.status_code == 200, response.text
+
+
+# The same film as PNG, JPEG and DICOM: (label, bytes, Content-Type); PNG first, the reference.
+TWINS = (
+    ("png", lambda film: encode(film, "PNG"), "image/png"),
+    ("jpeg", lambda film: encode(film, "JPEG", quality=95), "image/jpeg"),
+    ("dicom-mono2-8bit", lambda film: dicom_film(film), "application/dicom"),
+    ("dicom-mono1-8bit", lambda film: dicom_film(film, photometric="MONOCHROME1"), "application/dicom"),
+    ("dicom-mono2-12bit", lambda film: dicom_film(film, bits=16), "application/dicom"),
+    (
+        "dicom-mono1-12bit",
+        lambda film: dicom_film(film, bits=16, photometric="MONOCHROME1"),
+        "application/dicom",
+    ),
+    (
+        "dicom-jpeg2000",
+        lambda film: dicom_film(film, bits=16, compression="jpeg2000"),
+        "application/octet-stream",
+    ),
+)
+
+
+def test_a_film_as_png_jpeg_and_dicom_gets_the_same_prediction(endpoint):
+    film = radiograph(11, size=(300, 360))
+    answers = {}
+    for name, make, content_type in TWINS:
+        response = post_image(endpoint.pinned_url, make(film), content_type)
+        assert response.status_code == 200, (name, response.text)
+        answers[name] = response.json()["probability"]
+    for name, probability in answers.items():
+        # the DICOM films hold the PNG's pixels exactly; JPEG differs by its compression
+        tolerance = 0.01 if name == "jpeg" else 1e-5
+        assert probability == pytest.approx(answers["png"], abs=tolerance), name
+    files = [("files", (f"{name}.bin", make(film))) for name, make, _ in TWINS]
+    batch = API.post(endpoint.pinned_url + "/predict/batch", files=files, timeout=TIMEOUT)
+    assert batch.status_code == 200, batch.text
+    assert [a["probability"] for a in batch.json()] == pytest.approx(list(answers.values()), abs=1e-5)
+    explained = post_image(endpoint.pinned_url, dicom_film(film, photometric="MONOCHROME1"), path="/explain")
+    assert explained.status_code == 200 and explained.headers["Content-Type"] == "image/png"
+    assert float(explained.headers["X-Probability"]) == pytest.approx(answers["png"], abs=1e-5)
+
+
+# -- API keys -----------------------------------------------------------------------------------------
+def test_protected_routes_need_a_known_key_and_probes_do_not(endpoint):
+    film = encode(radiograph(6), "PNG")
+    for headers in (
+        {},
+        {"Authorization": "Bearer lxn_not-a-key-of-this-store"},
+        {"Authorization": "Basic x"},
+    ):
+        for method, path in (
+            ("post", "/predict"),
+            ("post", "/predict/batch"),
+            ("post", "/explain"),
+            ("get", "/model"),
+        ):
+            response = requests.request(
+                method,
+                endpoint.url + path,
+                data=film,
+                headers={**headers, "Content-Type": "image/png"},
+                timeout=TIMEOUT,
+            )
+            assert response.status_code == 401, (path, response.text)
+            assert response.headers["WWW-Authenticate"] == "Bearer"
+            assert "Authorization: Bearer KEY" in response.json()["error"]
+    for path in ("/healthz", "/", "/docs", "/openapi.json"):
+        assert requests.get(endpoint.url + path, timeout=TIMEOUT).status_code == 200, path
+    assert post_image(endpoint.pinned_url, film, session=requests.Session()).status_code == 200  # auth off
+
+
+def test_keys_minted_and_revoked_apply_without_a_restart(endpoint, tmp_path):
+    before = registry.champion(endpoint.storage)
+    assert (
+        serve_main(
+            ["--storage", endpoint.storage.uri, "--mint-key", "nurse", "--key-out", str(tmp_path / "k")]
+        )
+        == 0
+    )
+    key_file = tmp_path / "k"
+    assert oct(key_file.stat().st_mode & 0o777) == "0o600"
+    key = key_file.read_text().strip()
+    stored = endpoint.storage.read_bytes(auth.KEY_FILE).decode()
+    assert key not in stored and auth.digest(key) in stored  # kept hashed
+    session = requests.Session()
+    session.headers["Authorization"] = f"Bearer {key}"
+    film = encode(radiograph(8), "PNG")
+    wait_for(lambda: post_image(endpoint.url, film, session=session).status_code == 200, 30, "the new key")
+    assert (
+        serve_main(
+            ["--storage", endpoint.storage.uri, "--mint-key", "nurse", "--key-out", str(tmp_path / "k2")]
+        )
+        == 1
+    )
+    assert serve_main(["--storage", endpoint.storage.uri, "--revoke-key", "nurse"]) == 0
+    wait_for(lambda: post_image(endpoint.url, film, session=session).status_code == 401, 30, "the revocation")
+    assert_answers(endpoint.url)  # the other key still works
+    assert registry.champion(endpoint.storage) == before
+
+
+def test_the_page_is_served_with_the_research_notice(endpoint):
+    page = requests.get(endpoint.url + "/", timeout=TIMEOUT)
+    assert page.status_code == 200 and page.headers["Content-Type"].startswith("text/html")
+    assert "Research use only - not a diagnostic device" in page.text
+    assert "http://" not in page.text and "https://" not in page.text  # nothing loaded from elsewhere
+
+
+# -- the page, in a real browser ----------------------------------------------------------------------
+CHROMIUM, CHROMEDRIVER = "/usr/bin/chromium", "/usr/bin/chromedriver"  # Debian's packages (.ci/run)
+
+
+@pytest.fixture(scope="module")
+def browser():
+    """Headless Chromium from Debian's packages, driven by Selenium through the matching chromedriver."""
+    if not (Path(CHROMIUM).is_file() and Path(CHROMEDRIVER).is_file()):
+        if os.environ.get("CI"):
+            pytest.fail(f"{CHROMIUM} and {CHROMEDRIVER} are missing: .ci/run installs them")
+        pytest.skip("no Chromium here: apt-get install chromium chromium-driver")
+    from selenium import webdriver
+    from selenium.webdriver.chrome.service import Service
+
+    options = webdriver.ChromeOptions()
+    options.binary_location = CHROMIUM
+    for flag in ("--headless=new", "--no-sandbox", "--disable-dev-shm-usage", "--window-size=1280,900"):
+        options.add_argument(flag)
+    driver = webdriver.Chrome(service=Service(CHROMEDRIVER), options=options)
+    try:
+        yield driver
+    finally:
+        driver.quit()
+
+
+def test_the_page_scores_an_uploaded_film_in_a_real_browser(endpoint, browser, tmp_path):
+    from selenium.webdriver.common.by import By
+    from selenium.webdriver.common.keys import Keys
+    from selenium.webdriver.support.ui import WebDriverWait
+
+    film = dicom_film(radiograph(12, size=(300, 360)), photometric="MONOCHROME1", bits=16)
+    (tmp_path / "film.dcm").write_bytes(film)
+    (tmp_path / "notes.txt").write_text("not a film")
+    expected = post_image(endpoint.url, film, "application/dicom").json()
+    wait = WebDriverWait(browser, TIMEOUT)
+
+    def upload(path: Path) -> str:
+        """Pick a file as a person would, then wait for the page to finish with it."""
+        browser.execute_script("document.getElementById('status').textContent = ''")
+        browser.find_element(By.ID, "file").send_keys(str(path))
+        wait.until(lambda d: d.find_element(By.ID, "status").text not in ("", "Scoring..."))
+        return browser.find_element(By.ID, "status").text
+
+    browser.get(endpoint.url + "/")
+    assert "Research use only - not a diagnostic device." in browser.find_element(By.ID, "notice").text
+    assert upload(tmp_path / "film.dcm") == "Refused (HTTP 401)."  # no key yet
+    assert "Authorization: Bearer KEY" in browser.find_element(By.ID, "error").text
+
+    browser.find_element(By.ID, "key").send_keys(API.headers["Authorization"].split(" ", 1)[1], Keys.TAB)
+    browser.find_element(By.ID, "file").clear()
+    assert upload(tmp_path / "film.dcm") == "Done."
+    assert float(browser.find_element(By.ID, "probability").text) == pytest.approx(
+        expected["probability"], abs=6e-4
+    )
+    assert browser.find_element(By.ID, "label").text == expected["label"]
+    assert browser.find_element(By.ID, "version").text == expected["model_version"]
+    overlay = browser.find_element(By.ID, "overlay")
+    assert browser.execute_script("return arguments[0].naturalWidth", overlay) == 300
+    wait.until(lambda d: d.find_elements(By.ID, "card-version"))
+    assert browser.find_element(By.ID, "card-version").text == expected["model_version"]
+    assert "no better than chance" in browser.find_element(By.ID, "chance").text
+    if shot := os.environ.get("LXN_PAGE_SCREENSHOT"):  # README's picture: LXN_PAGE_SCREENSHOT=docs/page.png
+        browser.save_screenshot(shot)
+
+    browser.find_element(By.ID, "file").clear()
+    assert upload(tmp_path / "notes.txt") == "Refused (HTTP 415)."
+    assert "not a PNG, JPEG or DICOM file" in browser.find_element(By.ID, "error").text
 
 
 def test_explain_draws_the_heat_map_over_the_radiograph(endpoint, local_model):
@@ -219,21 +421,21 @@ def test_a_model_of_another_task_is_refused(endpoint):
 
 
 def test_health_model_card_and_docs(endpoint):
-    health = requests.get(endpoint.url + "/healthz", timeout=TIMEOUT)
+    health = API.get(endpoint.url + "/healthz", timeout=TIMEOUT)
     assert health.status_code == 200 and health.json()["status"] == "ok"
-    card = requests.get(endpoint.url + "/model", timeout=TIMEOUT).json()
+    card = API.get(endpoint.url + "/model", timeout=TIMEOUT).json()
     assert card["serving"] == "champion" and card["intended_use"] == RESEARCH_NOTE
     assert card["card"]["model_version"] == card["model_version"]
     assert card["image_size"] == card["card"]["config"]["image_size"]
     assert card["no_better_than_chance"] is True  # its test AUC interval [0.4, 0.6] includes 0.5
-    pinned = requests.get(endpoint.pinned_url + "/model", timeout=TIMEOUT).json()
+    pinned = API.get(endpoint.pinned_url + "/model", timeout=TIMEOUT).json()
     assert pinned["serving"] == "pinned" and pinned["model_version"] == "lxn-a"
-    docs = requests.get(endpoint.url + "/docs", timeout=TIMEOUT)
+    docs = API.get(endpoint.url + "/docs", timeout=TIMEOUT)
     assert docs.status_code == 200 and "swagger" in docs.text.lower()
-    paths = requests.get(endpoint.url + "/openapi.json", timeout=TIMEOUT).json()["paths"]
+    paths = API.get(endpoint.url + "/openapi.json", timeout=TIMEOUT).json()["paths"]
     assert {"/predict", "/predict/batch", "/explain", "/healthz", "/model"} <= set(paths)
     assert "image/png" in paths["/predict"]["post"]["requestBody"]["content"]
-    missing = requests.get(endpoint.url + "/nowhere", timeout=TIMEOUT)
+    missing = API.get(endpoint.url + "/nowhere", timeout=TIMEOUT)
     assert missing.status_code == 404 and missing.json() == {"error": "Not Found"}
 
 
@@ -254,18 +456,22 @@ def _raw(data: bytes | Iterator[bytes], content_type: str | None = "image/png") 
 
 # case -> (expected status, the request's keyword arguments, built when the case runs)
 BAD_INPUTS: dict[str, tuple[int, Callable[[], dict]]] = {
-    "not-an-image": (400, lambda: _raw(b"hello, not an image")),
+    "not-an-image": (415, lambda: _raw(b"hello, not an image")),
     "truncated": (400, lambda: _raw(_png()[: len(_png()) // 2])),
     "empty-body": (400, lambda: _raw(b"")),
     "over-20mb": (413, lambda: _raw(b"\0" * (20 * 1024 * 1024 + 1), "image/jpeg")),
     "over-20mb-chunked": (413, lambda: _raw(_chunks(21 * 1024 * 1024))),
     "over-50-megapixels": (413, lambda: _raw(huge_png(8000, 6300))),
     "text-plain": (415, lambda: _raw(b"hello", "text/plain")),
-    "no-content-type": (415, lambda: _raw(_png(), None)),
+    "text-labelled-png": (415, lambda: _raw(b"hello, not an image", "image/png")),
+    "dicom-ct": (422, lambda: _raw(dicom_film(radiograph(5), modality="CT"), "application/dicom")),
+    "dicom-multi-frame": (422, lambda: _raw(dicom_film(radiograph(5), frames=3), "application/dicom")),
+    "dicom-truncated": (400, lambda: _raw(dicom_film(radiograph(5))[:-2000], "application/dicom")),
     "json": (415, lambda: {"json": {"image": "aGVsbG8="}}),
     "multipart-without-file": (400, lambda: {"files": {"picture": ("x.png", _png(), "image/png")}}),
     "multipart-empty-file": (400, lambda: {"files": {"file": ("x.png", b"", "image/png")}}),
     "multipart-text-part": (415, lambda: {"files": {"file": ("x.txt", b"hello", "text/plain")}}),
+    "multipart-text-labelled-png": (415, lambda: {"files": {"file": ("x.png", b"hello", "image/png")}}),
     "multipart-two-files": (400, lambda: {"files": [("file", ("a.png", _png()))] * 2}),
 }
 
@@ -273,13 +479,13 @@ BAD_INPUTS: dict[str, tuple[int, Callable[[], dict]]] = {
 @pytest.mark.parametrize("case", sorted(BAD_INPUTS))
 def test_bad_input_is_a_json_error_and_the_replica_keeps_answering(endpoint, case):
     status, request = BAD_INPUTS[case]
-    response = requests.post(endpoint.url + "/predict", timeout=TIMEOUT, **request())
+    response = API.post(endpoint.url + "/predict", timeout=TIMEOUT, **request())
     assert response.status_code == status, response.text
     assert response.headers["Content-Type"] == "application/json"
     error = response.json()
     assert set(error) == {"error"} and error["error"]
     assert_answers(endpoint.url)
-    assert requests.get(endpoint.url + "/healthz", timeout=TIMEOUT).status_code == 200
+    assert API.get(endpoint.url + "/healthz", timeout=TIMEOUT).status_code == 200
 
 
 def test_200_concurrent_requests_all_answered(endpoint):
@@ -346,7 +552,7 @@ def test_promotion_moves_the_champion_app_without_dropping_requests(endpoint):
     assert {version for *_, version in log} == {current, target}
     # One replica: once it has answered with the new model, every later request gets the new model.
     assert {version for started, _, _, version in log if started > switched_at} == {target}
-    assert requests.get(endpoint.url + "/model", timeout=TIMEOUT).json()["model_version"] == target
+    assert API.get(endpoint.url + "/model", timeout=TIMEOUT).json()["model_version"] == target
 
 
 def test_pinned_version_does_not_follow_promotions(endpoint):
@@ -358,7 +564,7 @@ def test_pinned_version_does_not_follow_promotions(endpoint):
 
     wait_for(champion_app_moved, SWITCH_DEADLINE, f"the champion app to serve {target}")
     assert assert_answers(endpoint.pinned_url)["model_version"] == "lxn-a"
-    card = requests.get(endpoint.pinned_url + "/model", timeout=TIMEOUT).json()
+    card = API.get(endpoint.pinned_url + "/model", timeout=TIMEOUT).json()
     assert card["model_version"] == "lxn-a" and card["serving"] == "pinned"
 
 
@@ -404,14 +610,15 @@ def test_serve_job_detach_deploys_and_reports(endpoint, tmp_path, capsys):
     report = tmp_path / "serve.json"
     args = ["--storage", endpoint.storage.uri, "--model", "lxn-c", "--port", str(endpoint.port)]
     args += ["--app-name", "lxn-job", "--route-prefix", "/job", "--cpus-per-replica", "0"]
-    args += ["--max-replicas", "1", "--report", str(report), "--detach"]
+    args += ["--max-replicas", "1", "--report", str(report), "--detach", "--no-auth"]
     try:
         assert serve_main(args) == 0
         out = capsys.readouterr().out
         url = f"http://127.0.0.1:{endpoint.port}/job"
         assert f"serving model lxn-c (pinned) at {url}" in out and RESEARCH_NOTE in out
+        assert f"auth: OFF (--no-auth): anyone who can reach {url} can call every route" in out
         assert json.loads(report.read_text())["model_version"] == "lxn-c"
-        assert assert_answers(url)["model_version"] == "lxn-c"
+        assert assert_answers(url, requests.Session())["model_version"] == "lxn-c"
     finally:
         serve.delete("lxn-job")
     assert assert_answers(endpoint.url)  # the other applications are untouched
@@ -436,7 +643,10 @@ def test_serve_job_in_the_foreground_stops_cleanly_on_sigterm(tmp_path):
     port = free_port()
     command = [sys.executable, str(REPO_ROOT / "jobs" / "serve.py"), "--storage", storage.uri]
     command += ["--port", str(port), "--cpus-per-replica", "0", "--max-replicas", "1"]
-    env = {**os.environ, "RAY_ADDRESS": "local", "PYTHONPATH": str(REPO_ROOT)}
+    key = "a-key-from-the-environment-0123"
+    env = {**os.environ, "RAY_ADDRESS": "local", "PYTHONPATH": str(REPO_ROOT), auth.ENV_KEYS: key}
+    session = requests.Session()
+    session.headers["Authorization"] = f"Bearer {key}"
     with open(tmp_path / "stderr.txt", "w") as stderr:
         process = subprocess.Popen(command, env=env, stdout=subprocess.PIPE, stderr=stderr, text=True)
     watchdog = threading.Timer(240, process.kill)  # a hung job fails the test instead of hanging it
@@ -450,7 +660,10 @@ def test_serve_job_in_the_foreground_stops_cleanly_on_sigterm(tmp_path):
         out = "".join(lines)
         assert f"serving model lxn-a (follows the champion) at http://127.0.0.1:{port}" in out, out
         assert RESEARCH_NOTE in out
-        assert assert_answers(f"http://127.0.0.1:{port}")["model_version"] == "lxn-a"
+        assert "auth: on" in out and "1 from LXN_API_KEYS" in out and "--mint-key NAME" in out
+        assert key not in out
+        assert assert_answers(f"http://127.0.0.1:{port}", session)["model_version"] == "lxn-a"
+        assert post_image(f"http://127.0.0.1:{port}", _png(), session=requests.Session()).status_code == 401
         process.send_signal(signal.SIGTERM)
         rest = process.stdout.read()
         assert process.wait(timeout=120) == 0
@@ -519,5 +732,5 @@ def test_multipart_parser_and_error_mapping():
             parse_multipart(broken, content_type)
         assert caught.value.status == 400
     assert rejected_image(ImageRejected("image is 9x9 pixels, over the 5-pixel cap")).status == 413
-    assert rejected_image(ImageRejected("not a PNG or JPEG image")).reason == "not_image"
+    assert rejected_image(ImageRejected("not a PNG, JPEG or DICOM file")).status == 415
     assert rejected_image(ImageRejected("corrupt image: truncated")).status == 400
