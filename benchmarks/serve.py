@@ -34,7 +34,7 @@ from pathlib import Path
 import numpy as np
 from PIL import Image
 
-from lxn_ray import registry
+from lxn_ray import auth, registry
 from lxn_ray.preprocess import preprocess_bytes
 from lxn_ray.serve import ServeSettings, deploy, load_model_version
 from lxn_ray.storage import Storage
@@ -103,7 +103,9 @@ def float32_twin(storage: Storage, model: str):
     return lambda images: np.asarray(graph(tf.convert_to_tensor(images, dtype=tf.float32)))
 
 
-def http_level(url: str, data: bytes, concurrency: int, requests_total: int) -> tuple[float, np.ndarray]:
+def http_level(
+    url: str, data: bytes, concurrency: int, requests_total: int, key: str
+) -> tuple[float, np.ndarray]:
     """(requests/s, latencies in ms) for ``requests_total`` POSTs from ``concurrency`` threads."""
     import requests
 
@@ -114,7 +116,7 @@ def http_level(url: str, data: bytes, concurrency: int, requests_total: int) -> 
 
     def worker() -> None:
         session = requests.Session()
-        headers = {"Content-Type": "image/jpeg"}
+        headers = {"Content-Type": "image/jpeg", "Authorization": f"Bearer {key}"}
         while True:
             with lock:
                 if next(counter, None) is None:
@@ -168,8 +170,10 @@ def main() -> None:
     )
     precision = (loaded.card.get("precision") or {}).get("inference", "float32")
     ray.init(num_cpus=os.cpu_count(), include_dashboard=False, logging_level="ERROR", log_to_driver=False)
+    key = auth.new_key()  # API keys on, as served: a key known to this run only, nothing written to storage
     settings = ServeSettings(
         storage=storage.uri,
+        api_key_digests=(auth.digest(key),),
         model=version,
         port=args.port,
         min_replicas=args.replicas,
@@ -181,8 +185,8 @@ def main() -> None:
     )
     try:
         deploy(settings)
-        http_level(settings.url, data, 4, 20)  # warm-up: connections, first batches
-        levels = {c: http_level(settings.url, data, c, args.requests) for c in CONCURRENCY}
+        http_level(settings.url, data, 4, 20, key)  # warm-up: connections, first batches
+        levels = {c: http_level(settings.url, data, c, args.requests, key) for c in CONCURRENCY}
     finally:
         serve.shutdown()
         ray.shutdown()

@@ -66,17 +66,28 @@ def _check_name(name: str) -> None:
         raise ApiKeyError(f"key name {name!r}: use 1-64 letters, digits, '-', '_' or '.'")
 
 
-def mint(storage: Storage, name: str) -> str:
-    """A new key named ``name``: its digest is added to the key file; the key itself is returned (and
-    stored nowhere). Raises :class:`ApiKeyError` for a bad or existing name."""
+def new_key() -> str:
+    """A new random key: ``lxn_`` and 32 random bytes, URL-safe base64 (43 characters)."""
+    return KEY_PREFIX + secrets.token_urlsafe(32)
+
+
+def register(storage: Storage, name: str, key: str) -> None:
+    """Add ``key``'s digest to the key file under ``name``. Raises :class:`ApiKeyError` for a bad or
+    existing name."""
     _check_name(name)
     entries = stored_keys(storage)
     if any(entry["name"] == name for entry in entries):
         raise ApiKeyError(f"a key named {name!r} exists; revoke it first or pick another name")
-    key = KEY_PREFIX + secrets.token_urlsafe(32)
     created = datetime.now(timezone.utc).isoformat(timespec="seconds")
     entries.append({"name": name, "sha256": digest(key), "created": created})
     storage.write_json(KEY_FILE, {"keys": entries})
+
+
+def mint(storage: Storage, name: str) -> str:
+    """A new key named ``name``, registered (:func:`register`); the key itself is returned and stored
+    nowhere."""
+    key = new_key()
+    register(storage, name, key)
     return key
 
 

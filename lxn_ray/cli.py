@@ -11,6 +11,7 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import json
+import os
 import sys
 import time
 from collections.abc import Callable, Sequence
@@ -19,7 +20,7 @@ from pathlib import Path
 from typing import Any
 
 from lxn_ray import registry
-from lxn_ray.metrics import fmt
+from lxn_ray.metrics import fmt, no_better_than_chance
 from lxn_ray.storage import Storage, default_storage_uri
 
 # The one error line's length cap: room for a stall diagnosis (who holds what, what waits, the trials).
@@ -35,6 +36,12 @@ def job_parser(description: str) -> argparse.ArgumentParser:
         "(default: $LXN_STORAGE, else ./lxn-store)",
     )
     parser.add_argument("--report", type=Path, help="also write the job's JSON report to this file")
+    parser.add_argument(
+        "--verbose",
+        action="store_true",
+        help="print every library's output too (TensorFlow, Ray Data, Ray Train); default: the job's own "
+        "lines and the warnings that matter",
+    )
     return parser
 
 
@@ -43,13 +50,22 @@ def run_job(
     args: argparse.Namespace,
     work: Callable[[Storage], dict[str, Any]],
     summary: Callable[[dict[str, Any]], str],
+    record: bool = True,
 ) -> int:
-    """Run ``work`` against the job's storage, then report; any failure becomes one line and exit 1."""
+    """Run ``work`` against the job's storage, then report; any failure becomes one line and exit 1.
+
+    ``record``: also keep the report under ``reports/<job>/`` in storage (False for read-only commands,
+    which must leave storage as they found it)."""
+    from lxn_ray import quiet
+
+    quiet.configure(getattr(args, "verbose", False))
+    new_folder = _new_local_folder(args.storage)
     try:
         storage = Storage.open(args.storage)
         report = work(storage)
-        stamp = f"{datetime.now(timezone.utc):%Y%m%dT%H%M%S%fZ}"
-        storage.write_json(f"reports/{name}/{stamp}.json", report)
+        if record:
+            stamp = f"{datetime.now(timezone.utc):%Y%m%dT%H%M%S%fZ}"
+            storage.write_json(f"reports/{name}/{stamp}.json", report)
         if args.report:
             args.report.parent.mkdir(parents=True, exist_ok=True)
             args.report.write_text(json.dumps(report, indent=2, default=str) + "\n")
@@ -57,11 +73,39 @@ def run_job(
         print(f"error: {name} interrupted", file=sys.stderr)
         return 130
     except Exception as error:  # the contract: one readable line, not a traceback
+        _remove_if_empty(new_folder)  # a job that failed before writing leaves no empty store behind
         cause = getattr(error, "cause", None) or error  # a Ray task's error carries the original
         message = " ".join(str(cause).split())[:ERROR_CHARS] or "no message"
         print(f"error: {name} failed: {type(cause).__name__}: {message}", file=sys.stderr)
         return 1
-    print(summary(report))
+    return print_quietly(summary(report))
+
+
+def _new_local_folder(uri: str) -> Path | None:
+    """The local folder ``uri`` names when it does not exist yet (the job would create it), else None."""
+    if "://" in uri and not uri.startswith("file://"):
+        return None
+    folder = Path(uri.removeprefix("file://")).expanduser().resolve()
+    return None if folder.exists() else folder
+
+
+def _remove_if_empty(folder: Path | None) -> None:
+    """Remove ``folder`` when it holds no file (only empty folders, if any)."""
+    if folder is None or not folder.is_dir() or any(path.is_file() for path in folder.rglob("*")):
+        return
+    for path in sorted(folder.rglob("*"), key=lambda p: len(p.parts), reverse=True):
+        path.rmdir()
+    folder.rmdir()
+
+
+def print_quietly(text: str) -> int:
+    """Print ``text`` and flush; a reader that went away (``| head``) ends the output quietly: the rest
+    goes to /dev/null, as the Python docs advise for SIGPIPE, instead of a BrokenPipeError traceback."""
+    try:
+        print(text, flush=True)
+    except BrokenPipeError:
+        devnull = os.open(os.devnull, os.O_WRONLY)
+        os.dup2(devnull, sys.stdout.fileno())
     return 0
 
 
@@ -438,18 +482,41 @@ def evaluate_main(argv: Sequence[str] | None = None) -> int:
     return run_job("evaluate", args, work, evaluate_summary)
 
 
+SUMMARY_GROUPS = 6  # subgroup values a summary line shows; the report has them all
+
+
+def _metrics_line(label: str, row: dict[str, Any]) -> str:
+    chance = "; no better than chance" if no_better_than_chance(row.get("auc_ci")) else ""
+    return (
+        f"  {label:<22} n={row['n']} ({row['positives']} positive): AUC {fmt(row['auc'])}"
+        f"{_interval(row.get('auc_ci'))}{chance}, sensitivity {fmt(row['sensitivity'])}, specificity "
+        f"{fmt(row['specificity'])}"
+    )
+
+
+def _capped(values: dict[str, dict[str, Any]], limit: int = SUMMARY_GROUPS) -> str:
+    """The ``limit`` largest groups by n, then the rest as one "other" entry."""
+    ranked = sorted(values.items(), key=lambda item: (-item[1]["n"], item[0]))
+    parts = [f"{value} n={m['n']} AUC {fmt(m['auc'])}" for value, m in ranked[:limit]]
+    if rest := ranked[limit:]:
+        parts.append(f"{len(rest)} other groups n={sum(m['n'] for _, m in rest)}")
+    return "; ".join(parts)
+
+
 def evaluate_summary(report: dict[str, Any]) -> str:
-    chance = "; no better than chance" if report.get("no_better_than_chance") else ""
     lines = [
         f"model {report['model_version']} ({report.get('task', 'covid-vs-rest')}) on {report['source']}: "
-        f"n={report['n']} ({report['positives']} positive), threshold {report['threshold']:.3f} from the "
-        "model's validation",
-        f"  pooled AUC {fmt(report['auc'])}{_interval(report.get('auc_ci'))}{chance}, accuracy "
-        f"{fmt(report['accuracy'])}, sensitivity {fmt(report['sensitivity'])}, specificity "
-        f"{fmt(report['specificity'])}",
-        f"  {report['overlap_with_training']} images duplicate the model's training images (scored, counted)",
-        f"  predictions: {report['predictions']}",
+        f"threshold {report['threshold']:.3f} from the model's validation",
+        _metrics_line("all films", report),
     ]
+    overlap, unseen = report.get("overlap_with_training"), report.get("not_overlapping")
+    if overlap is None:
+        lines.append("  overlap with the model's training images: not checked (its dataset is not here)")
+    elif unseen is None:
+        lines.append(f"  every film ({overlap}) duplicates a training image: no film is new to the model")
+    else:
+        lines.append(_metrics_line("not in training", unseen["pooled"]))
+        lines.append(f"  ({overlap} films duplicate the model's training images; read the second line)")
     for name, row in report.get("per_source", {}).items():
         within = "within" if name in report.get("within_source", {}) else "one class only"
         lines.append(
@@ -459,8 +526,8 @@ def evaluate_summary(report: dict[str, Any]) -> str:
     if (report.get("shortcut") or {}).get("warning"):
         lines.append(f"  WARNING {report['shortcut']['warning']}")
     for column, values in report["subgroups"].items():
-        parts = [f"{value} n={m['n']} AUC {fmt(m['auc'])}" for value, m in values.items()]
-        lines.append(f"  by {column}: " + "; ".join(parts))
+        lines.append(f"  by {column}: {_capped(values)}")
+    lines.append(f"  predictions: {report['predictions']} (every subgroup: the report's subgroups)")
     return "\n".join(lines)
 
 
@@ -487,7 +554,8 @@ def registry_main(argv: Sequence[str] | None = None) -> int:
             return {"command": "promote", **registry.promote(storage, args.version)}
         return {"command": "rollback", **registry.rollback(storage)}
 
-    return run_job("registry", args, work, registry_summary)
+    read_only = args.command in ("list", "show")
+    return run_job("registry", args, work, registry_summary, record=not read_only)
 
 
 def registry_summary(report: dict[str, Any]) -> str:
@@ -959,8 +1027,13 @@ def _manage_key(args: argparse.Namespace) -> int:
         path = args.key_out or auth.default_key_path(args.mint_key)
         if path.expanduser().exists():
             raise auth.ApiKeyError(f"{path} exists: pick another --key-out or key name")
-        key = auth.mint(storage, args.mint_key)
-        saved = auth.save_key(key, path)
+        key = auth.new_key()
+        saved = auth.save_key(key, path)  # first the key's own file, so a failure leaves no orphan digest
+        try:
+            auth.register(storage, args.mint_key, key)
+        except BaseException:
+            saved.unlink()
+            raise
     except (OSError, ValueError) as error:
         print(f"error: serve failed: {type(error).__name__}: {error}", file=sys.stderr)
         return 1
@@ -993,22 +1066,38 @@ def serve_summary(report: dict[str, Any]) -> str:
     return "\n".join(lines)
 
 
-COMMANDS: dict[str, Callable[[Sequence[str] | None], int]] = {
-    "registry": registry_main,
-    "ingest": ingest_main,
-    "train": train_main,
-    "loso": loso_main,
-    "evaluate": evaluate_main,
-    "tune": tune_main,
-    "retrain": retrain_main,
-    "serve": serve_main,
+# command -> (its main, one line for `lxn --help`), in the order data flows
+COMMANDS: dict[str, tuple[Callable[[Sequence[str] | None], int], str]] = {
+    "ingest": (ingest_main, "bring sources into a new immutable dataset version (duplicates, splits)"),
+    "train": (train_main, "train LxN with Ray Train on a dataset version and register the model"),
+    "tune": (tune_main, "search learning rate, augmentation and recipe with Ray Tune (the main job)"),
+    "evaluate": (evaluate_main, "score a model on a dataset version, pooled and within each source"),
+    "loso": (loso_main, "leave-one-source-out: train on the other sources, test on the one left out"),
+    "retrain": (retrain_main, "ingest, retrain and promote when the data changed (once or on a schedule)"),
+    "registry": (registry_main, "model versions and the champion: list, show, promote, rollback"),
+    "serve": (serve_main, "serve the champion over HTTP with Ray Serve (page, API keys, DICOM)"),
 }
 
 
+def usage() -> str:
+    width = max(map(len, COMMANDS))
+    lines = ["usage: lxn COMMAND [flags]   (the same jobs as python jobs/COMMAND.py)", "", "commands:"]
+    lines += [f"  {name:<{width}}  {about}" for name, (_, about) in COMMANDS.items()]
+    lines += ["", "lxn COMMAND --help lists a command's flags. Research use only - not a diagnostic device."]
+    return "\n".join(lines)
+
+
 def main(argv: Sequence[str] | None = None) -> int:
-    """``lxn COMMAND [flags]``: the same jobs as ``python jobs/COMMAND.py``."""
+    """``lxn COMMAND [flags]``: the same jobs as ``python jobs/COMMAND.py``; ``lxn --help`` lists them."""
     argv = list(sys.argv[1:] if argv is None else argv)
+    if argv and argv[0] in ("-h", "--help", "help"):
+        print(usage())
+        return 0
     if not argv or argv[0] not in COMMANDS:
-        print(f"usage: lxn {{{','.join(COMMANDS)}}} [--help]", file=sys.stderr)
+        print(usage(), file=sys.stderr)
+        if argv:
+            print(f"\nerror: unknown command {argv[0]!r}", file=sys.stderr)
         return 2
-    return COMMANDS[argv[0]](argv[1:])
+    command, _ = COMMANDS[argv[0]]
+    sys.argv[0] = f"lxn {argv[0]}"  # argparse names the program after it: "usage: lxn train ..."
+    return command(argv[1:])

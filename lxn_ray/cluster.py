@@ -19,9 +19,17 @@ def connect() -> None:
     """
     import ray
 
+    from lxn_ray import quiet
+
     if ray.is_initialized():
         return
-    ray.init(logging_level=logging.WARNING, configure_logging=True, log_to_driver=True)
+    quiet.setup_driver()
+    ray.init(
+        logging_level=logging.WARNING,
+        configure_logging=True,
+        log_to_driver=True,
+        runtime_env=quiet.runtime_env() or None,  # quiet workers, unless --verbose
+    )
 
 
 def map_chunks_on_ray(worker: Callable[[Any], list], chunks: list[Any]) -> list[list]:

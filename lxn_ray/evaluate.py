@@ -105,13 +105,28 @@ def evaluate(
         else {}
     )
 
+    # The same metrics on the films the model never trained on (nor on a copy of): on the model's own
+    # source most films may overlap, and a metric over them says little about new patients.
+    unseen = np.array([item.row.filename not in overlap for item in scored], dtype=bool)
+    not_overlapping = (
+        metrics.group_metrics(
+            labels[unseen], probabilities[unseen], list(np.asarray(groups, dtype=object)[unseen]), threshold
+        )
+        if training is not None and unseen.any()
+        else None
+    )
+
     stamp = f"{datetime.now(timezone.utc):%Y%m%d-%H%M%S}"
     prefix = f"{EVALUATIONS}/{stamp}-{model_ref.version or 'file'}"
     predictions_key = f"{prefix}/predictions.csv"
     storage.write_text(predictions_key, _predictions_csv(scored, labels, probabilities, threshold, overlap))
     curves = {"pooled": (labels, probabilities), **plots.within_source_curves(labels, probabilities, groups)}
-    storage.write_bytes(f"{prefix}/roc.png", plots.roc(curves, threshold))
-    storage.write_bytes(f"{prefix}/confusion.png", plots.confusion_matrix(overall.confusion, "folder"))
+    about = f"model {model_ref.version or model_reference} on {', '.join(descriptions)}"[:160]
+    storage.write_bytes(f"{prefix}/roc.png", plots.roc(curves, threshold, about))
+    names = (task_of.negative_name, task_of.positive_name)
+    storage.write_bytes(
+        f"{prefix}/confusion.png", plots.confusion_matrix(overall.confusion, "evaluated films", names, about)
+    )
     report = {
         "model_version": model_ref.version,
         "task": task_of.name,
@@ -129,7 +144,10 @@ def evaluate(
         "specificity": overall.specificity,
         "threshold": threshold,
         "confusion": overall.confusion,
-        "overlap_with_training": len(overlap),
+        "overlap_with_training": len(overlap) if training is not None else None,
+        # pooled / per_source / within_source over the films that do not overlap training; None when
+        # overlap was not checked or every film overlaps
+        "not_overlapping": not_overlapping,
         "overlapping_images": sorted(overlap),
         "predictions": _local_or_uri(storage, predictions_key),
         "subgroups": _subgroups(scored, labels, probabilities, threshold),

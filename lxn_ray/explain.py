@@ -85,6 +85,29 @@ def display_size(width: int, height: int, max_side: int = MAX_SIDE) -> tuple[int
     return max(1, round(width * scale)), max(1, round(height * scale))
 
 
+@dataclass(frozen=True)
+class OverlayLayout:
+    """Where :func:`render_overlay` puts things: the caption band on top, the film below it at
+    ``(0, caption_height)`` with its own size, the colour bar to the right of the film."""
+
+    film: tuple[int, int]  # (width, height) of the film as drawn
+    caption_height: int
+    bar_width: int
+
+    @property
+    def size(self) -> tuple[int, int]:
+        return self.film[0] + self.bar_width, self.caption_height + self.film[1]
+
+
+def overlay_layout(radiograph_size: tuple[int, int], caption: str, max_side: int = MAX_SIDE) -> OverlayLayout:
+    """The :class:`OverlayLayout` of an overlay of a film of ``radiograph_size`` with ``caption``."""
+    film = display_size(*radiograph_size, max_side=max_side)
+    font = _font(_caption_font_size(film[0], caption))
+    lines = caption.count("\n") + 1
+    line_height = font.getbbox("Ag")[3] + 3
+    return OverlayLayout(film, caption_height=lines * line_height + 8, bar_width=max(48, film[0] // 7))
+
+
 def render_overlay(
     radiograph: Image.Image,
     heatmap: np.ndarray,
@@ -92,7 +115,9 @@ def render_overlay(
     alpha: float = DEFAULT_ALPHA,
     max_side: int = MAX_SIDE,
 ) -> bytes:
-    """PNG: the radiograph in grayscale under a semi-transparent jet heat map, with a caption band.
+    """PNG: the radiograph in grayscale under a semi-transparent jet heat map; the caption in a band above
+    the film (never over it) and a colour bar to its right (Grad-CAM, normalised to the image's peak:
+    0 low, 1 high). Layout: :func:`overlay_layout`.
 
     ``heatmap`` is in model-input coordinates. Preprocessing is a plain resize (no letterbox) of the film
     or, for a model that trims borders, of :func:`lxn_ray.preprocess.film_region` - pass that region as
@@ -100,31 +125,56 @@ def render_overlay(
     """
     if not 0.0 <= alpha <= 1.0:
         raise ValueError(f"alpha must be in [0, 1], got {alpha}")
-    size = display_size(*radiograph.size, max_side=max_side)
+    layout = overlay_layout(radiograph.size, caption, max_side)
+    size = layout.film
     gray = radiograph.convert("L").resize(size, Image.Resampling.BILINEAR, reducing_gap=3.0)
     base = np.repeat(np.asarray(gray, dtype=np.float32)[..., np.newaxis], 3, axis=2)
     cam = Image.fromarray(np.asarray(heatmap, dtype=np.float32), mode="F").resize(size, Image.BILINEAR)
     colours = jet(np.asarray(cam)).astype(np.float32)
     blended = Image.fromarray(((1.0 - alpha) * base + alpha * colours).round().astype(np.uint8), "RGB")
-    _draw_caption(blended, caption)
+    canvas = Image.new("RGB", layout.size, (255, 255, 255))
+    canvas.paste(blended, (0, layout.caption_height))
+    _draw_caption(canvas, caption, layout)
+    _draw_colour_bar(canvas, layout, alpha)
     buffer = io.BytesIO()
-    blended.save(buffer, format="PNG")
+    canvas.save(buffer, format="PNG")
     return buffer.getvalue()
 
 
-def _draw_caption(image: Image.Image, caption: str) -> None:
-    """White text (one or more lines) on a dark band across the top; the font shrinks until it fits."""
-    draw = ImageDraw.Draw(image, "RGBA")
-    font_size = max(10, image.size[0] // 32)
-    while True:
-        font = _font(font_size)
-        left, top, right, bottom = draw.multiline_textbbox((0, 0), caption, font=font, spacing=2)
-        pad = max(2, font_size // 4)
-        if right - left + 2 * pad <= image.size[0] or font_size <= 8:
+def _caption_font_size(width: int, caption: str) -> int:
+    """The largest font (from width / 32 down to 8) whose caption lines fit ``width``."""
+    size = max(10, width // 32)
+    while size > 8:
+        font = _font(size)
+        if max(font.getlength(line) for line in caption.splitlines() or [""]) + 8 <= width:
             break
-        font_size -= 1
-    draw.rectangle((0, 0, image.size[0], bottom - top + 2 * pad), fill=(0, 0, 0, 170))
-    draw.multiline_text((pad - left, pad - top), caption, fill=(255, 255, 255, 255), font=font, spacing=2)
+        size -= 1
+    return size
+
+
+def _draw_caption(canvas: Image.Image, caption: str, layout: OverlayLayout) -> None:
+    """Dark text on the white band above the film."""
+    draw = ImageDraw.Draw(canvas)
+    font = _font(_caption_font_size(layout.film[0], caption))
+    draw.multiline_text((4, 4), caption, fill=(20, 20, 20), font=font, spacing=3)
+
+
+def _draw_colour_bar(canvas: Image.Image, layout: OverlayLayout, alpha: float) -> None:
+    """A vertical jet scale beside the film, at the heat map's opacity over mid-grey, labelled 0 to 1."""
+    draw = ImageDraw.Draw(canvas)
+    font = _font(max(9, min(14, layout.bar_width // 5)))
+    left, width = layout.film[0] + 8, max(8, layout.bar_width // 4)
+    top, bottom = layout.caption_height + 30, layout.caption_height + layout.film[1] - 12
+    if bottom - top < 20:
+        return
+    values = np.linspace(1.0, 0.0, bottom - top, dtype=np.float32)  # high at the top
+    strip = (1.0 - alpha) * 128.0 + alpha * jet(values).astype(np.float32)
+    column = Image.fromarray(np.repeat(strip.round().astype(np.uint8)[:, np.newaxis], width, axis=1), "RGB")
+    canvas.paste(column, (left, top))
+    ink = (20, 20, 20)
+    draw.text((left - 4, layout.caption_height + 4), "Grad-CAM", fill=ink, font=font)
+    draw.text((left + width + 4, top - 6), "1", fill=ink, font=font)
+    draw.text((left + width + 4, bottom - 8), "0", fill=ink, font=font)
 
 
 def _font(size: int) -> ImageFont.ImageFont | ImageFont.FreeTypeFont:

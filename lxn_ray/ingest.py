@@ -348,6 +348,10 @@ def ingest(
                 for read in reads
             ],
             "config_hash": config_hash,
+            # the date of the data: the latest source commit's (git sources); None for folders and mirrors
+            "data_date": max(
+                (d for read in reads if (d := getattr(read.snapshot, "commit_date", None))), default=None
+            ),
             "config": dataclasses.asdict(config),
             "counts": {
                 k: report[k] for k in ("rows", "usable", "positives", "negatives", "excluded", "splits")

@@ -355,16 +355,21 @@ def _read_head(snapshot: Snapshot, relative_path: str) -> bytes:
 
 
 def _dicom_header(snapshot: Snapshot, relative_path: str):
-    """The file's :class:`lxn_ray.dicom.DicomHeader`; a prefix too short for the header is read whole."""
+    """The file's :class:`lxn_ray.dicom.DicomHeader`. A prefix that ends before the image pixel
+    description (a large private element first) reads as failing or as having no Rows: then the whole
+    file is read."""
     from lxn_ray.dicom import read_header
     from lxn_ray.imaging import ImageLimits
 
     data = _read_head(snapshot, relative_path)
-    try:
+    if len(data) < DICOM_HEADER_BYTES:  # the whole file
         return read_header(data)
+    try:
+        header = read_header(data)
+        if header.rows:
+            return header
     except ImageRejected:
-        if len(data) < DICOM_HEADER_BYTES:
-            raise
+        pass
     return read_header(snapshot.read_file(relative_path, ImageLimits().max_file_bytes))
 
 
@@ -386,7 +391,7 @@ def _dicom_listing(snapshot: Snapshot, spec: SourceSpec) -> tuple[list[MetadataR
 
 def _dicom_rows(snapshot: Snapshot, spec: SourceSpec, frontal_views: tuple[str, ...]) -> SourceRows:
     """The dicom layout: each listed file's header gives patient, view and modality, or its exclusion."""
-    from lxn_ray.dicom import refusal
+    from lxn_ray.dicom import BURNED_IN, refusal
 
     listed, listing, notes = _dicom_listing(snapshot, spec)
     frontal = {normalise_view(view) for view in frontal_views}
@@ -402,6 +407,8 @@ def _dicom_rows(snapshot: Snapshot, spec: SourceSpec, frontal_views: tuple[str, 
                 exclusion, detail = UNREADABLE, str(error)
         if header is not None and (problem := refusal(header)) is not None:
             exclusion, detail = problem.reason, str(problem)
+        elif header is not None and header.burned_in_annotation:  # stored pixels must not identify anyone
+            exclusion, detail = BURNED_IN, "Burned In Annotation is YES: the pixels may show identifying text"
         view = row.view or (header.view if header else "")
         if exclusion is None and view and normalise_view(view) not in frontal:
             exclusion, detail = NON_FRONTAL, f"view {view!r}"

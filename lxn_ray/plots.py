@@ -28,70 +28,147 @@ def png_bytes(figure) -> bytes:
     return buffer.getvalue()
 
 
-def training_curves(history: Sequence[Mapping[str, float]]) -> bytes:
-    """Loss, accuracy and AUC per epoch, train against validation."""
+def _integer_ticks(axis) -> None:
+    from matplotlib.ticker import MaxNLocator
+
+    axis.xaxis.set_major_locator(MaxNLocator(integer=True))
+
+
+def _legend_outside(axis, **options) -> None:
+    """The legend to the right of the axes, where it hides no data point."""
+    axis.legend(loc="upper left", bbox_to_anchor=(1.02, 1.0), borderaxespad=0.0, fontsize=8, **options)
+
+
+def training_curves(
+    history: Sequence[Mapping[str, float]], about: str = "", val_prevalence: float | None = None
+) -> bytes:
+    """Loss, accuracy and AUC per (integer) epoch, train against validation. ``about`` (model id and
+    dataset version) heads the figure. AUC is drawn on 0-1 with chance (0.5) marked; accuracy with the
+    majority-class accuracy of the validation split (``max(p, 1 - p)`` for its positive share p), which
+    a model that always says the larger class reaches."""
     plt = new_pyplot()
     epochs = [entry["epoch"] for entry in history]
-    figure, axes = plt.subplots(1, 3, figsize=(13, 3.6))
+    figure, axes = plt.subplots(1, 3, figsize=(14, 3.8), constrained_layout=True)
     for axis, metric in zip(axes, ("loss", "accuracy", "auc"), strict=True):
         for split, style in (("train", "-o"), ("val", "--s")):
             values = [entry.get(f"{split}_{metric}") for entry in history]
             values = [np.nan if v is None else v for v in values]
             axis.plot(epochs, values, style, label=split)
-        axis.set_title(metric)
+        if metric == "auc":
+            axis.set_ylim(0.0, 1.0)
+            axis.axhline(0.5, color="grey", linestyle=":", linewidth=1.2, label="chance (0.5)")
+        if metric == "accuracy":
+            axis.set_ylim(0.0, 1.0)
+            if val_prevalence is not None:
+                majority = max(val_prevalence, 1.0 - val_prevalence)
+                axis.axhline(
+                    majority,
+                    color="tab:red",
+                    linestyle=":",
+                    linewidth=1.2,
+                    label=f"always the larger class (val): {majority:.2f}",
+                )
+        axis.set_title(metric.upper() if metric == "auc" else metric)
         axis.set_xlabel("epoch")
+        _integer_ticks(axis)
         axis.grid(alpha=0.3)
-        axis.legend()
+        axis.legend(loc="lower center", bbox_to_anchor=(0.5, -0.42), ncol=2, fontsize=8, frameon=False)
+    figure.suptitle(f"training curves - {about}" if about else "training curves", fontsize=10)
     return png_bytes(figure)
 
 
-def roc(curves: Mapping[str, tuple[Sequence[int], Sequence[float]]], threshold: float | None = None) -> bytes:
-    """ROC curves of several label/score sets (e.g. val and test), with the AUC in the legend."""
+def _roc_band(labels, scores, grid: np.ndarray, resamples: int = 200, seed: int = 0) -> tuple | None:
+    """Pointwise 95% band of sensitivity at each 1 - specificity in ``grid``, from a stratified bootstrap
+    of the images (the resampling of :func:`lxn_ray.metrics.bootstrap_auc_ci`); None when too small."""
+    y, p = np.asarray(labels), np.asarray(scores)
+    positives, negatives = np.flatnonzero(y == 1), np.flatnonzero(y == 0)
+    if len(positives) < 2 or len(negatives) < 2:
+        return None
+    rng = np.random.default_rng(seed)
+    curves = []
+    for _ in range(resamples):
+        pick = np.concatenate([rng.choice(positives, len(positives)), rng.choice(negatives, len(negatives))])
+        fpr, tpr, _ = roc_curve(y[pick], p[pick])
+        curves.append(np.interp(grid, fpr, tpr))
+    low, high = np.percentile(np.asarray(curves), [2.5, 97.5], axis=0)
+    return low, high
+
+
+def roc(
+    curves: Mapping[str, tuple[Sequence[int], Sequence[float]]],
+    threshold: float | None = None,
+    about: str = "",
+) -> bytes:
+    """ROC curves of several label/score sets (e.g. val and test) with a pointwise 95% bootstrap band
+    each; the AUC and its 95% interval (:func:`lxn_ray.metrics.bootstrap_auc_ci`) in the legend."""
+    from lxn_ray.metrics import bootstrap_auc_ci
+
     plt = new_pyplot()
-    figure, axis = plt.subplots(figsize=(4.8, 4.6))
+    figure, axis = plt.subplots(figsize=(7.6, 4.8))
+    grid = np.linspace(0.0, 1.0, 101)
     for name, (labels, scores) in curves.items():
         auc = roc_auc(labels, scores)
         if auc is None:
             continue
         fpr, tpr, thresholds = roc_curve(labels, scores)
-        axis.plot(fpr, tpr, label=f"{name} (AUC {auc:.3f}, n={len(labels)})")
+        interval = bootstrap_auc_ci(labels, scores)
+        ci = f", 95% CI {interval[0]:.2f}-{interval[1]:.2f}" if interval else ""
+        (line,) = axis.plot(fpr, tpr, label=f"{name}: AUC {auc:.3f}{ci}, n={len(labels)}")
+        if (band := _roc_band(labels, scores, grid)) is not None:
+            axis.fill_between(grid, *band, color=line.get_color(), alpha=0.15, linewidth=0)
         if threshold is not None:
             at = int(np.argmin(np.abs(np.where(np.isfinite(thresholds), thresholds, np.inf) - threshold)))
-            axis.plot(fpr[at], tpr[at], "o", color=axis.lines[-1].get_color())
-    axis.plot([0, 1], [0, 1], ":", color="grey", label="chance")
+            axis.plot(fpr[at], tpr[at], "o", color=line.get_color())
+    axis.plot([0, 1], [0, 1], ":", color="grey", label="chance (AUC 0.5)")
+    axis.set_xlim(0, 1)
+    axis.set_ylim(0, 1.01)
+    axis.set_aspect("equal")
     axis.set_xlabel("1 - specificity")
     axis.set_ylabel("sensitivity")
-    axis.set_title("ROC" + (f" (dot: threshold {threshold:.3f})" if threshold is not None else ""))
-    axis.legend(loc="lower right", fontsize=8)
+    dot = f"; dot: threshold {threshold:.3f}" if threshold is not None else ""
+    axis.set_title(f"ROC with 95% bands{dot}" + (f"\n{about}" if about else ""), fontsize=9)
+    _legend_outside(axis)
     axis.grid(alpha=0.3)
     return png_bytes(figure)
 
 
-def confusion_matrix(confusion: Sequence[Sequence[int]], title: str = "test") -> bytes:
-    """A 2x2 confusion matrix, rows truth, columns prediction."""
+def confusion_matrix(
+    confusion: Sequence[Sequence[int]],
+    title: str = "test",
+    names: Sequence[str] = ("other", "COVID-19"),
+    about: str = "",
+) -> bytes:
+    """A 2x2 confusion matrix, rows truth, columns prediction; ``names`` are the negative and positive
+    labels of the model's task."""
     plt = new_pyplot()
     matrix = np.asarray(confusion)
-    figure, axis = plt.subplots(figsize=(3.8, 3.4))
+    figure, axis = plt.subplots(figsize=(4.2, 3.8))
     axis.imshow(matrix, cmap="Blues")
-    names = ["other", "COVID-19"]
-    axis.set_xticks([0, 1], names)
-    axis.set_yticks([0, 1], names)
+    axis.set_xticks([0, 1], list(names))
+    axis.set_yticks([0, 1], list(names))
     axis.set_xlabel("predicted")
     axis.set_ylabel("truth")
     for (row, column), count in np.ndenumerate(matrix):
         colour = "white" if count > matrix.max() / 2 else "black"
         axis.text(column, row, str(count), ha="center", va="center", color=colour, fontsize=13)
-    axis.set_title(f"confusion matrix ({title})")
+    axis.set_title(f"confusion matrix ({title})" + (f"\n{about}" if about else ""), fontsize=9)
     return png_bytes(figure)
 
 
-def search_results(points: Sequence[Mapping[str, float]], lr_range: tuple[float, float]) -> bytes:
-    """A hyperparameter search: best validation objective (source-aware AUC) against learning rate (log
-    scale), coloured by augmentation
-    strength, marker size by epochs run (ASHA stops weak trials early); the best trial ringed."""
+def search_results(
+    points: Sequence[Mapping[str, float]], lr_range: tuple[float, float], about: str = ""
+) -> bytes:
+    """A hyperparameter search: best validation objective (source-aware AUC, on 0-1 with chance marked)
+    against learning rate (log scale), coloured by augmentation strength, marker size by epochs run (ASHA
+    stops weak trials early); the best trial ringed; whiskers where a point carries its 95% interval
+    (``objective_ci``). The legend sits outside the axes, so no point hides under it."""
     plt = new_pyplot()
-    figure, axes = plt.subplots(figsize=(6.4, 4.4))
+    figure, axes = plt.subplots(figsize=(8.2, 4.6))
     if points:
+        for point in points:
+            if point.get("objective_ci"):
+                low, high = point["objective_ci"]
+                axes.plot([point["learning_rate"]] * 2, [low, high], color="grey", linewidth=1, zorder=1)
         drawn = axes.scatter(
             [p["learning_rate"] for p in points],
             [p["objective"] for p in points],
@@ -102,8 +179,9 @@ def search_results(points: Sequence[Mapping[str, float]], lr_range: tuple[float,
             s=[30 + 25 * p["epochs_run"] for p in points],
             edgecolors="black",
             linewidths=0.5,
+            zorder=2,
         )
-        figure.colorbar(drawn, ax=axes, label="augmentation strength (0 = off, 1 = all at maximum)")
+        figure.colorbar(drawn, ax=axes, label="augmentation strength (0 = off, 1 = all at maximum)", pad=0.02)
         best = max(points, key=lambda p: p["objective"])
         axes.scatter(
             [best["learning_rate"]],
@@ -113,27 +191,36 @@ def search_results(points: Sequence[Mapping[str, float]], lr_range: tuple[float,
             edgecolors="red",
             linewidths=1.5,
             label="best trial",
+            zorder=3,
         )
-        axes.legend(loc="lower right", fontsize=8)
+    axes.axhline(0.5, color="grey", linestyle=":", linewidth=1.2, label="chance (0.5)")
     axes.set_xscale("log")
     axes.set_xlim(*lr_range)
+    axes.set_ylim(0.0, 1.0)
     axes.set_xlabel("learning rate")
     axes.set_ylabel("best val objective (source-aware AUC)")
-    axes.set_title(f"hyperparameter search: {len(points)} trials (marker size = epochs run)")
-    axes.axhline(0.5, color="grey", linestyle=":", linewidth=1)
+    heading = f"hyperparameter search: {len(points)} trials (marker size = epochs run)"
+    axes.set_title(heading + (f"\n{about}" if about else ""), fontsize=9)
+    axes.legend(loc="lower left", bbox_to_anchor=(0.0, 1.12), ncol=2, fontsize=8, frameon=False)
     axes.grid(alpha=0.3)
     return png_bytes(figure)
 
 
-def retrain_history(entries: Sequence[Mapping[str, object]]) -> bytes:
-    """Scheduled retraining over time: test AUC of the champion and of each challenger per dataset version,
-    promoted challengers as green stars and rejected ones as red crosses, both scored on the same (that
-    version's) test split; the line is the champion in force after each evaluated tick."""
+def retrain_history(
+    entries: Sequence[Mapping[str, object]], data_dates: Mapping[str, str | None] | None = None
+) -> bytes:
+    """Scheduled retraining over the data's own time: test AUC of the champion and of each challenger per
+    dataset version, placed at the date of the data it was trained on (``data_dates``: version -> ISO date
+    of its sources, e.g. the git commit; the version's ingest time where none is known); promoted
+    challengers as green stars, rejected ones as red crosses, both scored on the same (that version's)
+    test split; the line is the champion in force after each evaluated tick."""
+    import matplotlib.dates as mdates
+
     plt = new_pyplot()
-    figure, axis = plt.subplots(figsize=(7.2, 4.2))
+    figure, axis = plt.subplots(figsize=(8.6, 4.4))
     evaluated = [e for e in entries if e.get("challenger_auc") is not None]
     versions = list(dict.fromkeys(e["dataset_version"] for e in evaluated))
-    position = {version: i for i, version in enumerate(versions)}
+    position = {version: _version_date(version, (data_dates or {}).get(version)) for version in versions}
     if evaluated:
         in_force = []
         for e in evaluated:
@@ -162,15 +249,29 @@ def retrain_history(entries: Sequence[Mapping[str, object]]) -> bytes:
                 zorder=4,
                 **style,
             )
-        axis.legend(loc="lower right", fontsize=8)
-    axis.set_xticks(range(len(versions)), [v.removeprefix("ds-")[:15] for v in versions], rotation=30)
-    axis.set_xlabel("dataset version (test split of that version)")
-    axis.set_ylabel("test AUC")
-    axis.set_ylim(0, 1.02)
-    axis.axhline(0.5, color="grey", linestyle=":", linewidth=1)
-    axis.set_title(f"scheduled retraining: {len(evaluated)} evaluated ticks of {len(entries)}")
+    axis.axhline(0.5, color="grey", linestyle=":", linewidth=1.2, label="chance (0.5)")
+    axis.xaxis.set_major_formatter(mdates.DateFormatter("%Y-%m-%d"))
+    figure.autofmt_xdate()
+    dated = all((data_dates or {}).get(v) for v in versions)
+    axis.set_xlabel(
+        "date of the data (source commit)" if dated else "date of the data (ingest time where unknown)"
+    )
+    axis.set_ylabel("test AUC (that version's test split)")
+    axis.set_ylim(0, 1.0)
+    axis.set_title(f"scheduled retraining: {len(evaluated)} evaluated ticks of {len(entries)}", fontsize=10)
+    _legend_outside(axis)
     axis.grid(alpha=0.3)
     return png_bytes(figure)
+
+
+def _version_date(version: str, data_date: str | None):
+    """The datetime to place a dataset version at: its data's date, else the ingest time in its id
+    (``ds-YYYYmmdd-HHMMSS-...``)."""
+    from datetime import datetime
+
+    if data_date:
+        return datetime.fromisoformat(data_date.replace("Z", "+00:00")).replace(tzinfo=None)
+    return datetime.strptime(version.removeprefix("ds-")[:15], "%Y%m%d-%H%M%S")
 
 
 def within_source_curves(labels, scores, sources, prefix: str = "") -> dict[str, tuple]:

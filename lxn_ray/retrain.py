@@ -38,7 +38,7 @@ import re
 import sys
 import threading
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from datetime import datetime, timedelta, timezone
 from typing import TYPE_CHECKING, Any
@@ -170,7 +170,18 @@ def append_history(storage: Storage, entry: dict[str, Any], lock: LeaseLock) -> 
     entries = [*read_history(storage), entry]
     text = "".join(json.dumps(e, default=str, sort_keys=True) + "\n" for e in entries)
     storage.write_bytes(HISTORY, text.encode())
-    storage.write_bytes(HISTORY_PLOT, retrain_history(entries))
+    storage.write_bytes(HISTORY_PLOT, retrain_history(entries, data_dates(storage, entries)))
+
+
+def data_dates(storage: Storage, entries: Sequence[dict[str, Any]]) -> dict[str, str | None]:
+    """dataset version -> the date of its data (its manifest's ``data_date``), for the history plot."""
+    dates: dict[str, str | None] = {}
+    for version in {e.get("dataset_version") for e in entries if e.get("dataset_version")}:
+        try:
+            dates[version] = dataset.read_manifest(storage, version).get("data_date")
+        except (FileNotFoundError, ValueError):
+            dates[version] = None
+    return dates
 
 
 # -- the tick -----------------------------------------------------------------------------------------

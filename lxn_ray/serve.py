@@ -62,6 +62,7 @@ NEGATIVE_LABEL = "negative"
 RAW_IMAGE_TYPES = ("image/png", "image/jpeg", "application/dicom")
 MULTIPART_TYPE = "multipart/form-data"
 SINGLE_FIELD = "file"
+DOCS_ASSETS = "/static/docs"  # where the app serves Swagger UI's and ReDoc's own files
 BATCH_FIELDS = ("files", "file")
 DEPLOYMENT_NAME = "LxnServer"
 
@@ -130,6 +131,11 @@ class ServeSettings:
             raise ValueError("batch_wait_timeout_s must be >= 0 and poll_seconds > 0")
         if min(self.max_body_bytes, self.max_pixels, self.max_batch_images) < 1:
             raise ValueError("max_body_bytes, max_pixels and max_batch_images must be positive")
+        if not isinstance(self.api_key_digests, tuple) or not all(
+            isinstance(d, str) and len(d) == 64 and all(c in "0123456789abcdef" for c in d)
+            for d in self.api_key_digests
+        ):
+            raise ValueError("api_key_digests must be a list of SHA-256 hex digests (64 lower-case hex)")
 
     @classmethod
     def from_mapping(cls, values: Mapping[str, Any]) -> "ServeSettings":
@@ -141,8 +147,8 @@ class ServeSettings:
         coerced: dict[str, Any] = {}
         for name, value in values.items():
             kind = known[name].type
-            if kind is bool and not isinstance(value, bool):
-                value = str(value).strip().lower() in ("1", "true", "yes", "on")
+            if kind is bool:
+                value = _boolean(name, value)
             elif kind in (int, float, str):
                 value = kind(value)
             elif isinstance(value, list):
@@ -174,6 +180,18 @@ class ServeSettings:
             # A replica's first health check waits for the model to load (its constructor).
             "health_check_period_s": 10.0,
         }
+
+
+def _boolean(name: str, value: Any) -> bool:
+    """A config file's boolean; anything but a clear yes or no is an error (auth must not fail open)."""
+    if isinstance(value, bool):
+        return value
+    text = str(value).strip().lower()
+    if text in ("1", "true", "yes", "on"):
+        return True
+    if text in ("0", "false", "no", "off"):
+        return False
+    raise ValueError(f"{name} must be true or false, got {value!r}")
 
 
 # -- the loaded model ---------------------------------------------------------------------------------
@@ -503,9 +521,10 @@ class LxnServer:
         self._predictions.inc(tags={"label": answer["label"], "model_version": str(model.version)})
         return answer
 
-    def explain_bytes(self, data: bytes) -> tuple[bytes, dict[str, Any]]:
-        """Grad-CAM overlay PNG and the prediction it shows. Blocking (run in a thread)."""
-        from lxn_ray.explain import render_overlay
+    def explain_bytes(self, data: bytes) -> tuple[bytes, dict[str, Any], Any]:
+        """Grad-CAM overlay PNG, the prediction it shows and the overlay's
+        :class:`lxn_ray.explain.OverlayLayout`. Blocking (run in a thread)."""
+        from lxn_ray.explain import overlay_layout, render_overlay
         from lxn_ray.preprocess import preprocess_for_explanation
 
         model = self.current
@@ -518,11 +537,13 @@ class LxnServer:
             raise rejected_image(error) from None
         explanation = model.explainer(image)
         answer = model.prediction(explanation.probability)
+        positive = (model.card.get("label_names") or {}).get("1", POSITIVE_LABEL)
         caption = (
-            f"P(COVID-19) {answer['probability']:.3f}, threshold {answer['threshold']:.3f}: "
+            f"P({positive}) {answer['probability']:.3f}, threshold {answer['threshold']:.3f}: "
             f"{answer['label']}\nmodel {answer['model_version']} - {RESEARCH_NOTE}"
         )
-        return render_overlay(radiograph, explanation.heatmap, caption), answer
+        png = render_overlay(radiograph, explanation.heatmap, caption)
+        return png, answer, overlay_layout(radiograph.size, caption)
 
     def describe(self) -> dict[str, Any]:
         """What ``GET /model`` shows: the loaded model's card and how this replica serves it."""
@@ -641,10 +662,11 @@ def page_html() -> str:
 
 def create_api():
     """The FastAPI app, built on each replica after its constructor (``serve.ingress`` builder form)."""
-    from fastapi import Depends, FastAPI, Request
+    from fastapi import Depends, Request
     from fastapi.exceptions import RequestValidationError
     from fastapi.responses import HTMLResponse, JSONResponse, Response
     from fastapi.security import HTTPBearer
+    from fastapi_offline import FastAPIOffline
     from pydantic import BaseModel
     from ray import serve
     from starlette.exceptions import HTTPException
@@ -661,9 +683,12 @@ def create_api():
         error: str
 
     errors = {status: {"model": Error} for status in (400, 401, 413, 415, 422, 500)}
-    app = FastAPI(
+    # FastAPIOffline: FastAPI whose /docs and /redoc load Swagger UI and ReDoc from files this app serves
+    # (under the route prefix), not from a CDN - a hospital network may have no internet.
+    app = FastAPIOffline(
         title="LxN COVID-19 chest X-ray classifier",
         version=__version__,
+        static_url=DOCS_ASSETS,
         description=(
             f"**{RESEARCH_NOTE}.** P(COVID-19) for a frontal chest radiograph (PNG, JPEG or DICOM - told "
             "by its bytes -, at most 20 MB and 50 megapixels) from LxN, with the decision threshold chosen "
@@ -739,12 +764,15 @@ def create_api():
         async def work():
             replica.authorise(request)
             ((name, data),) = await replica.read_images(request, many=False)
-            png, answer = await asyncio.to_thread(replica.explain_bytes, data)
+            png, answer, layout = await asyncio.to_thread(replica.explain_bytes, data)
             headers = {
                 "X-Model-Version": str(answer["model_version"]),
                 "X-Probability": f"{answer['probability']:.6f}",
                 "X-Label": answer["label"],
                 "X-Threshold": f"{answer['threshold']:.6f}",
+                # where the film is in the picture (x, y, width, height): below the caption, left of the
+                # colour bar
+                "X-Film-Box": f"0,{layout.caption_height},{layout.film[0]},{layout.film[1]}",
             }
             return Response(png, media_type="image/png", headers=headers)
 

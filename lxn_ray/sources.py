@@ -80,6 +80,7 @@ class FolderSnapshot:
     root: Path
     description: str
     commit: str | None = None  # set when the folder is a checkout of a known git commit
+    commit_date: str | None = None  # that commit's committer date (ISO 8601): the date of the data
     remote = False
 
     def read_metadata(self) -> bytes:
@@ -362,22 +363,30 @@ class GitSource:
             / hashlib.sha256(self.url.encode()).hexdigest()[:16]
         )
         repository = cache / "repo.git"
-        if not (repository / "HEAD").exists():
+        fresh = not (repository / "HEAD").exists()
+        if fresh:
             shutil.rmtree(repository, ignore_errors=True)
             repository.parent.mkdir(parents=True, exist_ok=True)
             _git(None, "init", "--bare", "--quiet", str(repository))
-        # Heads land under our own namespace so a moved upstream branch updates on fetch.
-        _git(
-            repository,
-            "fetch",
-            "--quiet",
-            "--force",
-            "--prune",
-            "--tags",
-            self.url,
-            "+refs/heads/*:refs/remotes/origin/*",
-            "+refs/tags/*:refs/tags/*",
-        )
+        try:
+            # Heads land under our own namespace so a moved upstream branch updates on fetch.
+            _git(
+                repository,
+                "fetch",
+                "--quiet",
+                "--force",
+                "--prune",
+                "--tags",
+                self.url,
+                "+refs/heads/*:refs/remotes/origin/*",
+                "+refs/tags/*:refs/tags/*",
+            )
+        except SourceError as error:
+            if fresh:  # leave no empty clone behind
+                _remove_with_empty_parents(cache, stop=(self.cache_dir or default_cache_dir()).parent)
+            if "://" not in self.url and "@" not in self.url:
+                raise
+            raise SourceError(f"{self.url}: {error}. {OFFLINE_HINT}") from None
         commit = self._resolve(repository)
         checkout = cache / "checkouts" / commit
         if not checkout.is_dir():
@@ -385,7 +394,17 @@ class GitSource:
         for stale in (cache / "checkouts").iterdir():  # keep only the checkout in use
             if stale.name != commit:
                 shutil.rmtree(stale, ignore_errors=True)
-        return FolderSnapshot(root=checkout.resolve(), description=f"{self.url}@{commit[:12]}", commit=commit)
+        committed = subprocess.run(
+            ["git", "--git-dir", str(repository), "show", "-s", "--format=%cI", commit],
+            capture_output=True,
+            text=True,
+        ).stdout.strip()
+        return FolderSnapshot(
+            root=checkout.resolve(),
+            description=f"{self.url}@{commit[:12]}",
+            commit=commit,
+            commit_date=committed or None,
+        )
 
     def _resolve(self, repository: Path) -> str:
         if self.ref:
@@ -415,6 +434,25 @@ class GitSource:
             if result.returncode == 0:
                 return result.stdout.strip()
         raise SourceError(f"{self.url}: no commit for ref {self.ref or 'HEAD'!r}")
+
+
+OFFLINE_HINT = (
+    "Without network, point --source at a local copy: a folder in the upstream layout (metadata.csv + "
+    "images/), a git clone, or a git bundle file with --ref TAG (e.g. --source ieee8023.bundle --ref "
+    "snapshot-2020-06-22)"
+)
+
+
+def _remove_with_empty_parents(folder: Path, stop: Path) -> None:
+    """Remove ``folder``, then each parent below ``stop`` that is left empty."""
+    shutil.rmtree(folder, ignore_errors=True)
+    for parent in folder.parents:
+        if parent == stop or not parent.is_relative_to(stop):
+            return
+        try:
+            parent.rmdir()  # only when empty
+        except OSError:
+            return
 
 
 def _default_branch(url: str, repository: Path) -> str | None:

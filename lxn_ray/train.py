@@ -717,8 +717,10 @@ def run_trainer(
     to (:func:`lxn_ray.resources.point_ray_train_at_this_cluster`).
     """
     import ray
-    from ray.train import CheckpointConfig, FailureConfig, RunConfig
+    from ray.train import CheckpointConfig, FailureConfig, LoggingConfig, RunConfig
     from ray.train.tensorflow import TensorflowTrainer
+
+    from lxn_ray import quiet
 
     point_ray_train_at_this_cluster()
     images = dataset.read_split(storage, version, "train", config.task, config.sources)
@@ -753,6 +755,7 @@ def run_trainer(
             ),
             failure_config=FailureConfig(max_failures=max_failures),
             callbacks=callbacks or None,
+            logging_config=LoggingConfig(log_level=quiet.train_log_level()),
         ),
     )
     log(
@@ -881,7 +884,11 @@ def publish_model_version(
     with tempfile.TemporaryDirectory() as folder:
         path = save_model(model, Path(folder) / "model.keras")
         storage.write_bytes(f"{prefix}/model.keras", path.read_bytes())
-    storage.write_bytes(f"{prefix}/plots/training_curves.png", plots.training_curves(history))
+    about = f"model {model_version}, dataset {version}, {task.name}"
+    prevalence = float(np.mean(val_labels)) if len(val_labels) else None
+    storage.write_bytes(
+        f"{prefix}/plots/training_curves.png", plots.training_curves(history, about, prevalence)
+    )
     storage.write_bytes(
         f"{prefix}/plots/roc.png",
         plots.roc(
@@ -891,9 +898,13 @@ def publish_model_version(
                 **plots.within_source_curves(test_labels, test_scores, test_sources, prefix="test, "),
             },
             threshold,
+            about,
         ),
     )
-    storage.write_bytes(f"{prefix}/plots/confusion_test.png", plots.confusion_matrix(test.confusion))
+    names = (task.negative_name, task.positive_name)
+    storage.write_bytes(
+        f"{prefix}/plots/confusion_test.png", plots.confusion_matrix(test.confusion, "test", names, about)
+    )
     val_summary = {
         **{k: val.as_dict()[k] for k in ("auc", "accuracy", "sensitivity", "specificity")},
         "objective": evaluation["val"]["objective"],

@@ -44,7 +44,7 @@ from typing import Any
 
 from ray.tune import Callback
 
-from lxn_ray import dataset, registry
+from lxn_ray import dataset, quiet, registry
 from lxn_ray.preprocess import AugmentConfig, PreprocessConfig
 from lxn_ray.promotion import decide, evaluate_pair
 from lxn_ray.resources import (
@@ -250,9 +250,11 @@ def make_searcher(settings: TuneSettings) -> tuple[Any, str]:
     """Optuna's TPE when asked for and installed, else seeded random search; returns (searcher, name)."""
     if settings.searcher == "optuna":
         try:
-            import optuna  # noqa: F401
+            import optuna
             from ray.tune.search.optuna import OptunaSearch
 
+            if not quiet.verbose():  # optuna resets its logger to INFO when first used: its notices off
+                optuna.logging.set_verbosity(optuna.logging.WARNING)
             return OptunaSearch(metric=METRIC, mode=MODE, seed=settings.seed), "optuna"
         except ImportError:
             log("optuna is not installed: falling back to random search")
@@ -307,6 +309,51 @@ def plan_concurrency(settings: TuneSettings, total: dict[str, float] | None = No
     concurrent = max(1, min(wanted, settings.num_samples))
     cpus_per_worker = 1 if gpus else max(1, cpus // (min(concurrent, fits) * workers))
     return concurrent, cpus_per_worker
+
+
+class Progress(Callback):
+    """A Tune callback on the driver: one line per trial epoch and per finished trial, with the time left.
+
+    The estimate is an upper bound, like the plan's: the epochs still possible (every unfinished trial
+    running all its epochs; ASHA and early stopping only shorten it) times the mean seconds per epoch so
+    far, divided by the trials that run at once."""
+
+    def __init__(self, num_samples: int, epochs: int, concurrent: int) -> None:
+        self.num_samples, self.epochs, self.concurrent = num_samples, epochs, max(1, concurrent)
+        self.setup()
+
+    def setup(self, **_info: Any) -> None:
+        self.started = time.monotonic()
+        self.epochs_done: dict[str, int] = {}
+        self.finished: set[str] = set()
+
+    def _left(self) -> str:
+        done = sum(self.epochs_done.values())
+        if not done:
+            return "time left: estimated after the first epoch"
+        seconds_per_epoch = (time.monotonic() - self.started) * self.concurrent / done  # one trial's epoch
+        running = [t for t in self.epochs_done if t not in self.finished]
+        possible = sum(self.epochs - self.epochs_done[t] for t in running)
+        possible += (self.num_samples - len(self.epochs_done)) * self.epochs  # trials not started yet
+        minutes = possible * seconds_per_epoch / self.concurrent / 60
+        return f"at most ~{minutes:.0f} min left" if minutes >= 1 else "under a minute left"
+
+    def on_trial_result(self, iteration: int, trials: list, trial: Any, result: dict, **_info: Any) -> None:
+        self.epochs_done[trial.trial_id] = int(
+            result.get("epoch", self.epochs_done.get(trial.trial_id, 0) + 1)
+        )
+        value = result.get(METRIC)
+        shown = f"{value:.3f}" if isinstance(value, (int, float)) else "n/a"
+        log(
+            f"trial {trial.trial_id} epoch {self.epochs_done[trial.trial_id]}/{self.epochs}: val objective "
+            f"{shown}; {len(self.finished)} of {self.num_samples} trials done, {self._left()}"
+        )
+
+    def on_trial_complete(self, iteration: int, trials: list, trial: Any, **_info: Any) -> None:
+        self.finished.add(trial.trial_id)
+        log(f"trial {trial.trial_id} ended; {len(self.finished)} of {self.num_samples} trials done")
+
+    on_trial_error = on_trial_complete
 
 
 class ResourceKeeper(Callback):
@@ -486,8 +533,12 @@ def build_tuner(
             name=name,
             storage_path=storage.path(TUNE),
             storage_filesystem=storage.filesystem,
-            verbose=1,  # Tune's own progress table while the search runs
-            callbacks=[keeper] if keeper is not None else None,
+            # Tune's own status table only with --verbose; by default Progress prints a line per epoch
+            verbose=1 if quiet.verbose() else 0,
+            callbacks=[
+                *([keeper] if keeper is not None else []),
+                Progress(settings.num_samples, settings.epochs, max_concurrent),
+            ],
         ),
     )
     log(
@@ -526,7 +577,9 @@ def search(
     results, held = fit_and_give_back(tuner, keeper)
     rows = trial_rows(results, settings)
     storage.write_bytes(f"{TUNE}/{name}/trials.csv", trials_csv(rows))
-    storage.write_bytes(f"{TUNE}/{name}/search.png", search_plot(rows))
+    storage.write_bytes(
+        f"{TUNE}/{name}/search.png", search_plot(rows, f"experiment {name}, dataset {version}")
+    )
     best_row = choose_best(rows, name)
     collapsed = sum(row["status"] == "COLLAPSED" for row in rows)
     published = publish_best(storage, version, settings, name, best_row, time.monotonic() - started)
@@ -708,7 +761,7 @@ def trials_csv(rows: Sequence[dict[str, Any]]) -> bytes:
     return buffer.getvalue().encode()
 
 
-def search_plot(rows: Sequence[dict[str, Any]]) -> bytes:
+def search_plot(rows: Sequence[dict[str, Any]], about: str = "") -> bytes:
     """The search picture: best val AUC against learning rate, coloured by augmentation strength."""
     from lxn_ray.plots import search_results
 
@@ -722,7 +775,7 @@ def search_plot(rows: Sequence[dict[str, Any]]) -> bytes:
         for row in rows
         if row["objective_best"] is not None
     ]
-    return search_results(points, LR_RANGE)
+    return search_results(points, LR_RANGE, about)
 
 
 # -- publication and promotion --------------------------------------------------------------------------

@@ -79,7 +79,7 @@ def test_no_pixel_data_truncation_and_caps():
     data = dicom_film(FILM)
     header = dicom.read_header(data[:2048])  # the header alone is enough
     assert (header.patient_id, header.view, header.modality, header.rows) == ("MRN-0001", "PA", "DX", 112)
-    with pytest.raises(ImageRejected, match="corrupt DICOM"):
+    with pytest.raises(ImageRejected, match="corrupt"):
         decode_image(data[: len(data) - 500])
     with pytest.raises(ImageRejected, match="pixel cap"):
         decode_image(data, ImageLimits(max_pixels=1000))
@@ -101,3 +101,56 @@ def test_a_dicom_object_without_pixels_is_refused():
     with pytest.raises(dicom.UnsupportedDicom) as caught:
         decode_image(buffer.getvalue())
     assert caught.value.reason == dicom.NO_PIXELS
+
+
+def _edited(data: bytes, syntax: str | None = None, **fields) -> bytes:
+    """``data`` parsed, given ``fields`` (keyword -> value) and the transfer ``syntax``, written again."""
+    import io
+
+    import pydicom
+
+    ds = pydicom.dcmread(io.BytesIO(data))
+    for keyword, value in fields.items():
+        setattr(ds, keyword, value)
+    if syntax:
+        ds.file_meta.TransferSyntaxUID = syntax
+    buffer = io.BytesIO()
+    ds.save_as(buffer)
+    return buffer.getvalue()
+
+
+def test_hostile_files_are_refused_before_they_cost_memory():
+    from pydicom.uid import DeflatedExplicitVRLittleEndian
+
+    # Deflate: a small file can inflate without bound before any check, so the syntax is refused
+    deflated = _edited(dicom_film(FILM), syntax=DeflatedExplicitVRLittleEndian)  # pydicom deflates it
+    with pytest.raises(ImageRejected, match="not decoded here"):
+        decode_image(deflated)
+    # a JPEG 2000 codestream of 96x112 behind a header claiming 16x16: refused before decoding
+    liar = _edited(dicom_film(FILM, bits=16, compression="jpeg2000"), Rows=16, Columns=16)
+    with pytest.raises(ImageRejected, match="codestream states"):
+        decode_image(liar)
+
+
+def test_malformed_windows_and_fields_never_leak_values_nor_crash():
+    flat_width = decode_image(_edited(dicom_film(FILM, bits=16), WindowWidth=0))  # unusable: own range
+    assert np.asarray(flat_width.image).max() == 255
+    odd_function = decode_image(_edited(dicom_film(FILM, bits=16), VOILUTFunction="FOO"))  # as LINEAR
+    assert np.abs(np.asarray(odd_function.image).astype(int) - TWIN).max() == 0
+    inverse = decode_image(_edited(dicom_film(FILM), PresentationLUTShape="INVERSE"))
+    assert np.abs(np.asarray(inverse.image).astype(int) - (255 - TWIN)).max() == 0
+    # Patient ID re-labelled UL: pydicom's error quotes the bytes; ours names only the error's type
+    wrong_vr = dicom_film(FILM, patient_id="MRN123").replace(b"\x10\x00\x20\x00LO", b"\x10\x00\x20\x00UL")
+    with pytest.raises(ImageRejected) as caught:
+        decode_image(wrong_vr)
+    assert "MRN123" not in str(caught.value)
+
+
+def test_a_header_past_the_first_256_kb_is_read_from_the_whole_file(tmp_path):
+    from lxn_ray.layouts import DICOM_HEADER_BYTES, _dicom_header
+    from lxn_ray.sources import FolderSource
+
+    big = _edited(dicom_film(FILM), ImageComments="y" * (DICOM_HEADER_BYTES + 1000))  # (0020,4000)
+    (tmp_path / "big.dcm").write_bytes(big)
+    header = _dicom_header(FolderSource(tmp_path, marker=None).open(), "big.dcm")
+    assert (header.rows, header.columns, header.has_pixels) == (112, 96, True)

@@ -69,3 +69,46 @@ def test_rollback_walks_back_through_promotions(tmp_path):
     assert registry.rollback(storage)["version"] == "lxn-b"
     assert registry.rollback(storage)["version"] == "lxn-a"
     assert registry.champion(storage) == "lxn-a"
+
+
+def _snapshot(folder) -> dict[str, bytes]:
+    return {str(path): path.read_bytes() for path in sorted(folder.rglob("*")) if path.is_file()}
+
+
+def test_read_only_commands_leave_storage_unchanged_and_end_quietly_in_a_pipe(tmp_path):
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    store = tmp_path / "store"
+    publish(Storage.open(str(store)), "lxn-a", 0.6)
+    before = _snapshot(store)
+    assert registry_main(["--storage", str(store), "list"]) == 0
+    assert registry_main(["--storage", str(store), "show", "lxn-a"]) == 0
+    assert _snapshot(store) == before  # no report written for a read
+
+    # `python jobs/registry.py show V | head -1`: the reader closes the pipe after one line, while the
+    # card (larger than a pipe's buffer) is still being written
+    card = Storage.open(str(store)).read_json(registry.model_key("lxn-a", "card.json"))
+    card["history"] = [{"epoch": epoch, "val_auc": 0.5} for epoch in range(5000)]
+    Storage.open(str(store)).write_json(registry.model_key("lxn-a", "card.json"), card)
+    job = Path(__file__).resolve().parents[2] / "jobs" / "registry.py"
+    command = f"{sys.executable} {job} --storage {store} show lxn-a | head -1"
+    result = subprocess.run(
+        ["bash", "-o", "pipefail", "-c", command], capture_output=True, text=True, timeout=120
+    )
+    assert result.stdout == "{\n"
+    assert "Traceback" not in result.stderr and "BrokenPipeError" not in result.stderr
+    assert result.returncode == 0
+
+
+def test_lxn_help_lists_every_command(capsys):
+    from lxn_ray.cli import COMMANDS, main
+
+    assert main(["--help"]) == 0
+    out = capsys.readouterr().out
+    assert all(f"  {name} " in out for name in COMMANDS)
+    with pytest.raises(SystemExit) as exited:
+        main(["registry", "--help"])
+    assert exited.value.code == 0 and "usage: lxn registry" in capsys.readouterr().out
+    assert main([]) == 2 and main(["nonsense"]) == 2

@@ -15,7 +15,7 @@ from lxn_ray.cli import ingest_main
 from lxn_ray.metadata import parse_metadata
 from lxn_ray.storage import Storage
 
-pytestmark = pytest.mark.usefixtures("ray_local")
+pytestmark = [pytest.mark.usefixtures("ray_local"), pytest.mark.slow]  # whole jobs: `-m "not slow"` skips
 
 KNOWN_DUPLICATES = [
     {"353889E0-A1E8-4F9E-A0B8-F24F36BCFBFB.jpeg", "case_72_RX-TORACE1.jpg"},

@@ -416,6 +416,7 @@ REPO_ROOT = Path(__file__).resolve().parents[2]
 BUNDLE = REPO_ROOT.parent / "shared" / "data" / "ieee8023.bundle"
 
 
+@pytest.mark.slow  # every film of a real snapshot through the detector
 @pytest.mark.skipif(not BUNDLE.exists(), reason=f"real dataset bundle not present at {BUNDLE}")
 def test_real_snapshot_duplicates(tmp_path: Path) -> None:
     """The 2020-06-22 snapshot contains known re-published images; they must be found, and not much else."""

@@ -11,7 +11,7 @@ import boto3
 import pytest
 import requests
 
-from lxn_ray import dataset, registry
+from lxn_ray import auth, dataset, registry
 from lxn_ray.imaging import ImageLimits
 from lxn_ray.ingest import IngestConfig, ingest
 from lxn_ray.metadata import MISSING_FILE, UNREADABLE, UNSAFE_PATH
@@ -29,7 +29,7 @@ from lxn_ray.storage import Storage
 from tests.helpers import encode, free_port, radiograph
 from tests.model.test_train import labelled_source
 
-pytestmark = pytest.mark.usefixtures("ray_local")
+pytestmark = [pytest.mark.usefixtures("ray_local"), pytest.mark.slow]  # whole jobs: `-m "not slow"` skips
 
 
 def usable_rows(storage: Storage) -> set[tuple]:
@@ -147,13 +147,14 @@ def test_s3_mirror_into_s3_storage_then_train(mixed_source, s3_bucket, tmp_path)
 
     from lxn_ray.serve import ServeSettings, deploy
 
+    key = auth.mint(storage, "tests")  # the key file lives in the bucket too
     settings = ServeSettings(storage=storage.uri, port=free_port(), cpus_per_replica=0, max_replicas=1)
     try:
         deployed = deploy(settings)
         response = requests.post(
             f"{settings.url}/predict",
             data=encode(radiograph(3), "PNG"),
-            headers={"Content-Type": "image/png"},
+            headers={"Content-Type": "image/png", "Authorization": f"Bearer {key}"},
             timeout=120,
         )
     finally:

@@ -29,7 +29,7 @@ from lxn_ray.storage import Storage
 from tests.helpers import SourceBuilder, job_env, own_stderr_lines, wait_for
 from tests.model.test_train import labelled_source
 
-pytestmark = pytest.mark.usefixtures("ray_local")
+pytestmark = [pytest.mark.usefixtures("ray_local"), pytest.mark.slow]  # whole jobs: `-m "not slow"` skips
 
 REPO = Path(__file__).resolve().parents[2]
 TINY = ["--image-size", "32", "--width", "0.125", "--batch-size", "8"]

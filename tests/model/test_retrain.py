@@ -34,7 +34,7 @@ from lxn_ray.train import registered_epoch
 from tests.helpers import SourceBuilder, job_env, wait_for
 from tests.model.test_train import labelled_source
 
-pytestmark = pytest.mark.usefixtures("ray_local")
+pytestmark = [pytest.mark.usefixtures("ray_local"), pytest.mark.slow]  # whole jobs: `-m "not slow"` skips
 
 REPO = Path(__file__).resolve().parents[2]
 TINY = ["--image-size", "32", "--width", "0.125", "--batch-size", "8", "--lr", "1e-3", "--epochs", "1"]

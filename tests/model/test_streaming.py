@@ -26,7 +26,7 @@ from lxn_ray.train import (
 )
 from tests.model.test_train import TINY, labelled_source
 
-pytestmark = pytest.mark.usefixtures("ray_local")
+pytestmark = [pytest.mark.usefixtures("ray_local"), pytest.mark.slow]  # whole jobs: `-m "not slow"` skips
 
 
 @pytest.fixture(scope="module")

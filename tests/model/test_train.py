@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import csv
 import json
+import re
 from pathlib import Path
 
 import numpy as np
@@ -19,7 +20,7 @@ from lxn_ray.storage import Storage
 from lxn_ray.train import TrainConfig, scaling_config, train
 from tests.helpers import radiograph
 
-pytestmark = pytest.mark.usefixtures("ray_local")
+pytestmark = [pytest.mark.usefixtures("ray_local"), pytest.mark.slow]  # whole jobs: `-m "not slow"` skips
 
 TINY = dict(image_size=32, width=0.125, batch_size=8, learning_rate=1e-3)
 
@@ -228,7 +229,7 @@ def test_a_searched_recipe_trains_is_recorded_and_scores_with_its_own_preprocess
     assert metrics.binary_metrics(labels, scores, card["threshold"]).auc == pytest.approx(card["test"]["auc"])
 
 
-def test_evaluate_job_scores_a_folder_with_subgroups_and_overlap(store, tmp_path, source_builder):
+def test_evaluate_job_scores_a_folder_with_subgroups_and_overlap(store, tmp_path, source_builder, capsys):
     trained = train(store, None, TrainConfig(**TINY, epochs=1, workers=1))
     builder = source_builder("hospital")
     root = labelled_source(builder, patients=20, offset=500)
@@ -256,6 +257,10 @@ def test_evaluate_job_scores_a_folder_with_subgroups_and_overlap(store, tmp_path
     report = json.loads(report_path.read_text())
     assert report["n"] == 22 and report["positives"] == 10 + sum(r["label"] for r in train_rows)
     assert report["overlap_with_training"] == 2
+    unseen = report["not_overlapping"]["pooled"]  # the same metrics without the two copies
+    assert unseen["n"] == 20 and unseen["positives"] == 10
+    out = capsys.readouterr().out
+    assert "all films" in out and re.search(r"not in training +n=20 \(10 positive\)", out)
     assert report["threshold"] == trained["threshold"]
     assert {e["filename"]: e["reason"] for e in report["exclusions"]} == {"broken.png": "unreadable_image"}
     assert set(report["subgroups"]) >= {"view", "sex", "location"}

@@ -26,7 +26,7 @@ from lxn_ray.tune import (
 from tests.helpers import SourceBuilder, job_env
 from tests.model.test_train import labelled_source
 
-pytestmark = pytest.mark.usefixtures("ray_local")
+pytestmark = [pytest.mark.usefixtures("ray_local"), pytest.mark.slow]  # whole jobs: `-m "not slow"` skips
 
 TINY = ["--image-size", "32", "--width", "0.125", "--batch-size", "8"]
 
@@ -242,3 +242,18 @@ def test_search_whose_driver_is_killed_finishes_with_resume(searched, tmp_path):
         assert [entry["epoch"] for entry in state["history"]] == [1, 2, 3]
         resumed_runs += [run.name] if state["resumes"] else []
     assert len(resumed_runs) == 1  # the interrupted trial resumed; the other started after the restart
+
+
+def test_tune_without_network_fails_fast_and_leaves_nothing_behind(tmp_path, monkeypatch, capsys):
+    """The README's main command offline: an unreachable source leaves no empty store nor an empty
+    cached clone, and the error names the offline alternative."""
+    from tests.helpers import free_port
+
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.setenv("LXN_CACHE", str(tmp_path / "cache"))
+    monkeypatch.delenv("LXN_STORAGE", raising=False)
+    unreachable = f"http://127.0.0.1:{free_port()}/covid-chestxray-dataset.git"  # nothing listens there
+    assert tune_main(["--source", unreachable]) == 1
+    err = capsys.readouterr().err
+    assert "error: tune failed: SourceError" in err and "Without network, point --source at a local" in err
+    assert sorted(path.name for path in tmp_path.iterdir()) == []  # no lxn-store/, no cache/

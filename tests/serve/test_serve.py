@@ -45,7 +45,7 @@ from lxn_ray.serve import (
 from lxn_ray.storage import Storage
 from tests.helpers import dicom_film, encode, free_port, huge_png, own_stderr_lines, radiograph
 
-pytestmark = pytest.mark.usefixtures("ray_local")
+pytestmark = [pytest.mark.usefixtures("ray_local"), pytest.mark.slow]  # whole jobs: `-m "not slow"` skips
 
 REPO_ROOT = Path(__file__).resolve().parents[2]
 TIMEOUT = 120  # seconds for any single HTTP request (a 2-core CI machine under load)
@@ -325,7 +325,9 @@ CHROMIUM, CHROMEDRIVER = "/usr/bin/chromium", "/usr/bin/chromedriver"  # Debian'
 
 @pytest.fixture(scope="module")
 def browser():
-    """Headless Chromium from Debian's packages, driven by Selenium through the matching chromedriver."""
+    """Headless Chromium from Debian's packages, driven by Selenium through the matching chromedriver,
+    with the network blocked: every host name but the loopback address fails to resolve, as on an
+    air-gapped hospital network."""
     if not (Path(CHROMIUM).is_file() and Path(CHROMEDRIVER).is_file()):
         if os.environ.get("CI"):
             pytest.fail(f"{CHROMIUM} and {CHROMEDRIVER} are missing: .ci/run installs them")
@@ -337,11 +339,31 @@ def browser():
     options.binary_location = CHROMIUM
     for flag in ("--headless=new", "--no-sandbox", "--disable-dev-shm-usage", "--window-size=1280,900"):
         options.add_argument(flag)
+    options.add_argument("--host-resolver-rules=MAP * ~NOTFOUND , EXCLUDE 127.0.0.1")
     driver = webdriver.Chrome(service=Service(CHROMEDRIVER), options=options)
     try:
         yield driver
     finally:
         driver.quit()
+
+
+@pytest.mark.parametrize("where", ["url", "pinned_url"])
+def test_docs_render_with_the_network_blocked(endpoint, browser, where):
+    from selenium.webdriver.common.by import By
+    from selenium.webdriver.support.ui import WebDriverWait
+
+    url = getattr(endpoint, where)
+    browser.get(url + "/docs")
+    WebDriverWait(browser, TIMEOUT).until(
+        lambda d: d.find_elements(By.CSS_SELECTOR, ".swagger-ui .info .title")
+    )
+    assert "LxN COVID-19 chest X-ray classifier" in browser.find_element(By.CSS_SELECTOR, ".info .title").text
+    WebDriverWait(browser, TIMEOUT).until(lambda d: d.find_elements(By.CSS_SELECTOR, ".opblock-summary-path"))
+    paths = {
+        e.text.replace("\u200b", "") for e in browser.find_elements(By.CSS_SELECTOR, ".opblock-summary-path")
+    }
+    assert {"/predict", "/predict/batch", "/explain", "/model", "/healthz"} <= paths
+    assert "cdn" not in API.get(url + "/docs", timeout=TIMEOUT).text
 
 
 def test_the_page_scores_an_uploaded_film_in_a_real_browser(endpoint, browser, tmp_path):
@@ -376,7 +398,7 @@ def test_the_page_scores_an_uploaded_film_in_a_real_browser(endpoint, browser, t
     assert browser.find_element(By.ID, "label").text == expected["label"]
     assert browser.find_element(By.ID, "version").text == expected["model_version"]
     overlay = browser.find_element(By.ID, "overlay")
-    assert browser.execute_script("return arguments[0].naturalWidth", overlay) == 300
+    assert browser.execute_script("return arguments[0].naturalWidth", overlay) > 300  # film + colour bar
     wait.until(lambda d: d.find_elements(By.ID, "card-version"))
     assert browser.find_element(By.ID, "card-version").text == expected["model_version"]
     assert "no better than chance" in browser.find_element(By.ID, "chance").text
@@ -399,16 +421,24 @@ def test_explain_draws_the_heat_map_over_the_radiograph(endpoint, local_model):
     assert response.headers["Content-Type"] == "image/png"
     picture = Image.open(io.BytesIO(response.content))
     assert picture.format == "PNG" and picture.mode == "RGB"
-    assert picture.size == display_size(*image.size) == (320, 384)
+    x, y, width, height = map(int, response.headers["X-Film-Box"].split(","))
+    assert (width, height) == display_size(*image.size) == (320, 384)
+    assert x == 0 and y > 20 and picture.size[0] > width + 30  # caption above the film, colour bar beside
+    caption_band = np.asarray(picture, dtype=np.float32)[:y, :width]
+    assert caption_band.mean() > 200 and caption_band.min() < 60  # dark text on white, not on the film
+    bar = np.asarray(picture, dtype=np.int64)[y + 35 : y + height - 15, width + 12]  # the scale's column
+    (top_r, _, top_b), (bottom_r, _, bottom_b) = bar[0], bar[-1]
+    assert top_r > top_b + 40 and bottom_b > bottom_r + 40  # high (red) at the top, low (blue) below
+    picture = picture.crop((x, y, x + width, y + height))  # the film under its heat map
 
     model = local_model(endpoint.storage, "lxn-a")
     explanation = GradCam(model)(preprocess_bytes(data, 32))
     assert float(response.headers["X-Probability"]) == pytest.approx(explanation.probability, abs=1e-5)
-    pixels = np.asarray(picture, dtype=np.float32)[80:]  # below the caption band
+    pixels = np.asarray(picture, dtype=np.float32)
     cam = Image.fromarray(explanation.heatmap, mode="F").resize(picture.size, Image.BILINEAR)
-    plain_heat_map = jet(np.asarray(cam)).astype(np.float32)[80:]
+    plain_heat_map = jet(np.asarray(cam)).astype(np.float32)
     assert np.abs(pixels - plain_heat_map).mean() > 20  # not just the heat map...
-    film = np.asarray(image, dtype=np.float32)[80:]
+    film = np.asarray(image, dtype=np.float32)
     assert np.corrcoef(pixels.mean(axis=2).ravel(), film.ravel())[0, 1] > 0.5  # ...the film shows through
 
 

@@ -1,0 +1,75 @@
+"""What a person sees: a default train and tune job prints mostly its own lines; ``--verbose`` the rest.
+
+The jobs run as a person runs them (``python jobs/train.py ...`` at 64 px, tiny width) against the test
+session's Ray cluster, and every line they print, on stdout and stderr, is counted. A line is the job's
+own when it is its summary (stdout), one of its progress lines (``[train ...]``, ``[tune ...]``,
+``[ingest ...]``, forwarded from a worker or not), a warning it gives (``warning:``, ``WARNING source
+shortcut``), or an error line.
+"""
+
+from __future__ import annotations
+
+import re
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from lxn_ray.ingest import ingest
+from lxn_ray.sources import FolderSource
+from lxn_ray.storage import Storage
+from tests.helpers import SourceBuilder, job_env
+from tests.model.test_train import labelled_source
+
+pytestmark = [pytest.mark.usefixtures("ray_local"), pytest.mark.slow]  # whole jobs: `-m "not slow"` skips
+
+REPO = Path(__file__).resolve().parents[2]
+ANSI = re.compile(r"\x1b\[[0-9;]*m")
+WORKER_PREFIX = re.compile(r"^\([^)]*pid=\d+[^)]*\)\s*")
+OWN = re.compile(r"^(\[(train|tune|ingest|evaluate|retrain|loso)\b|warning:|WARNING source shortcut|error:)")
+
+
+def own_share(stdout: str, stderr: str) -> tuple[float, list[str]]:
+    """(share of printed lines that are the job's own, the others)."""
+    own, others = len([line for line in stdout.splitlines() if line.strip()]), []
+    for raw in stderr.splitlines():
+        line = WORKER_PREFIX.sub("", ANSI.sub("", raw)).strip()
+        if not line:
+            continue
+        if OWN.match(line):
+            own += 1
+        else:
+            others.append(line)
+    return own / max(1, own + len(others)), others
+
+
+@pytest.fixture(scope="module")
+def store(tmp_path_factory) -> Storage:
+    root = tmp_path_factory.mktemp("output")
+    storage = Storage.open(str(root / "store"))
+    ingest(FolderSource(labelled_source(SourceBuilder(root / "source"), patients=40)), storage)
+    return storage
+
+
+def run(job: str, store: Storage, *flags: str) -> subprocess.CompletedProcess:
+    tiny = ["--image-size", "64", "--width", "0.125", "--epochs", "1"]
+    command = [sys.executable, str(REPO / "jobs" / f"{job}.py"), "--storage", store.uri, *tiny, *flags]
+    result = subprocess.run(command, env=job_env(), capture_output=True, text=True, timeout=900)
+    assert result.returncode == 0, result.stderr[-3000:]
+    return result
+
+
+@pytest.mark.parametrize(
+    ("job", "flags"), [("train", ()), ("tune", ("--num-samples", "2", "--no-asha", "--patience", "0"))]
+)
+def test_a_default_run_prints_mostly_its_own_lines_and_verbose_the_rest(store, job, flags):
+    quiet = run(job, store, *flags)
+    share, others = own_share(quiet.stdout, quiet.stderr)
+    assert share >= 0.9, f"{share:.2f} of the lines are the job's own; the others:\n" + "\n".join(others)
+    if (
+        job == "train"
+    ):  # one job shows that --verbose brings the libraries' lines back (both share the switch)
+        loud = run(job, store, *flags, "--verbose")
+        _, loud_others = own_share(loud.stdout, loud.stderr)
+        assert len(loud_others) > len(others) + 5
