@@ -6,6 +6,7 @@ import logging
 import signal
 import sys
 import threading
+import time
 from collections.abc import Callable
 from typing import Any
 
@@ -32,16 +33,32 @@ def connect() -> None:
     )
 
 
-def map_chunks_on_ray(worker: Callable[[Any], list], chunks: list[Any]) -> list[list]:
+PROGRESS_EVERY_S = 10.0  # how often map_chunks_on_ray reports, at most
+
+
+def map_chunks_on_ray(
+    worker: Callable[[Any], list],
+    chunks: list[Any],
+    progress: Callable[[int, int], None] | None = None,
+) -> list[list]:
     """``worker(chunk)`` for every chunk as one Ray task each (spread over the cluster); results in order.
 
     ``worker`` must be a picklable module-level function (a :data:`lxn_ray.dedupe.ChunkMapper`'s worker).
+    ``progress(done, total)`` is called as chunks finish, at most every :data:`PROGRESS_EVERY_S` seconds,
+    and once at the end.
     """
     connect()
     import ray
 
     remote_worker = ray.remote(num_cpus=1)(worker)
-    return ray.get([remote_worker.remote(chunk) for chunk in chunks])
+    references = [remote_worker.remote(chunk) for chunk in chunks]
+    pending, reported = list(references), time.monotonic()
+    while pending and progress is not None:
+        _, pending = ray.wait(pending, num_returns=1, timeout=PROGRESS_EVERY_S)
+        if time.monotonic() - reported >= PROGRESS_EVERY_S or not pending:
+            progress(len(references) - len(pending), len(references))
+            reported = time.monotonic()
+    return ray.get(references)
 
 
 def shutdown() -> None:

@@ -265,7 +265,9 @@ def _verification_mapper(worker: Callable[[Any], list], chunks: list[VerifyChunk
         log(f"Ray unavailable ({type(error).__name__}: {error}); verifying {pairs} in this process")
         return [worker(chunk) for chunk in chunks]
     log(f"verifying {pairs} as Ray tasks")
-    return cluster.map_chunks_on_ray(worker, chunks)
+    return cluster.map_chunks_on_ray(
+        worker, chunks, progress=lambda done, total: log(f"verified {done} of {total} chunks")
+    )
 
 
 def _overlap_with_training(

@@ -26,6 +26,7 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
+import functools
 import hashlib
 import io
 import json
@@ -666,7 +667,7 @@ def _drop_near_duplicates(
         known,
         new,
         config,
-        map_chunks=cluster.map_chunks_on_ray if new else None,
+        map_chunks=functools.partial(cluster.map_chunks_on_ray, progress=_verified) if new else None,
         named_pairs=_same_name_pairs(items),
     )
     edges: dict[str, dict[str, DuplicatePair]] = defaultdict(dict)
@@ -708,6 +709,10 @@ def _drop_near_duplicates(
     kept = [item for item in items if item.sha256 not in dropped_shas]
     dropped.sort(key=lambda d: (d["kept_source"], d["kept"], d["dropped_source"], d["dropped"]))
     return kept, dropped, search
+
+
+def _verified(done: int, total: int) -> None:
+    log(f"duplicate check: {done} of {total} chunks of candidate pairs verified")
 
 
 def _search_summary(search: DuplicateSearch) -> dict[str, Any]:
