@@ -114,6 +114,7 @@ def render_overlay(
     caption: str,
     alpha: float = DEFAULT_ALPHA,
     max_side: int = MAX_SIDE,
+    layout: OverlayLayout | None = None,
 ) -> bytes:
     """PNG: the radiograph in grayscale under a semi-transparent jet heat map; the caption in a band above
     the film (never over it) and a colour bar to its right (Grad-CAM, normalised to the image's peak:
@@ -125,7 +126,7 @@ def render_overlay(
     """
     if not 0.0 <= alpha <= 1.0:
         raise ValueError(f"alpha must be in [0, 1], got {alpha}")
-    layout = overlay_layout(radiograph.size, caption, max_side)
+    layout = layout or overlay_layout(radiograph.size, caption, max_side)  # the caller's, when it has one
     size = layout.film
     gray = radiograph.convert("L").resize(size, Image.Resampling.BILINEAR, reducing_gap=3.0)
     base = np.repeat(np.asarray(gray, dtype=np.float32)[..., np.newaxis], 3, axis=2)

@@ -17,7 +17,6 @@ from dataclasses import dataclass
 import numpy as np
 from PIL import Image, ImageOps
 
-ALLOWED_FORMATS = frozenset({"PNG", "JPEG", "DICOM"})
 # Magic numbers: PNG's 8-byte signature (RFC 2083 3.1), JPEG's SOI marker followed by a marker's 0xFF
 # (ITU T.81 B.1.1.2), DICOM's "DICM" after a 128-byte preamble (PS3.10 7.1).
 PNG_SIGNATURE = b"\x89PNG\r\n\x1a\n"

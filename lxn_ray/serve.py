@@ -542,8 +542,8 @@ class LxnServer:
             f"P({positive}) {answer['probability']:.3f}, threshold {answer['threshold']:.3f}: "
             f"{answer['label']}\nmodel {answer['model_version']} - {RESEARCH_NOTE}"
         )
-        png = render_overlay(radiograph, explanation.heatmap, caption)
-        return png, answer, overlay_layout(radiograph.size, caption)
+        layout = overlay_layout(radiograph.size, caption)
+        return render_overlay(radiograph, explanation.heatmap, caption, layout=layout), answer, layout
 
     def describe(self) -> dict[str, Any]:
         """What ``GET /model`` shows: the loaded model's card and how this replica serves it."""
