@@ -42,7 +42,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from common import BUNDLE, checkout  # noqa: E402 (benchmarks/common.py)
 
-from lxn_ray.dedupe import (  # noqa: E402
+from lxn_ray.dedupe.duplicates import (  # noqa: E402
     DedupeConfig,
     candidate_pairs,
     find_duplicates,

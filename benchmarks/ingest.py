@@ -50,13 +50,13 @@ import numpy as np
 from common import BUNDLE, checkout, start_ray  # benchmarks/common.py: this folder is on sys.path
 from PIL import Image, ImageOps
 
-from lxn_ray import cluster
-from lxn_ray.dedupe import fingerprint
-from lxn_ray.imaging import ImageRejected, decode_image, to_grayscale
-from lxn_ray.ingest import IngestConfig, ingest
-from lxn_ray.metadata import parse_metadata
-from lxn_ray.sources import FolderSource
-from lxn_ray.storage import Storage
+from lxn_ray.data.ingest import IngestConfig, ingest
+from lxn_ray.dedupe.duplicates import fingerprint
+from lxn_ray.images.decode import ImageRejected, decode_image, to_grayscale
+from lxn_ray.infra import cluster
+from lxn_ray.infra.storage import Storage
+from lxn_ray.sources.metadata import parse_metadata
+from lxn_ray.sources.transports import FolderSource
 
 
 def plain_loop(root: Path) -> tuple[int, float]:

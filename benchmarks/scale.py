@@ -27,7 +27,7 @@ new distinct films is matched).
 The collection grows by chained ingests, as a store does: size 1k is ingested into an empty store, size 5k
 is the same store with films 1k..5k added, and so on (``build s`` is that step's ingest; ``cum. build s``
 the sum up to this size). Every size is a folder in the upstream layout (``metadata.csv`` + ``images/``, one
-patient per film, finding and view drawn at random) read by :class:`lxn_ray.sources.FolderSource`.
+patient per film, finding and view drawn at random) read by :class:`lxn_ray.sources.transports.FolderSource`.
 
 At every size N, a copy of the store (blobs hard-linked: they are written once, by content) receives an
 incremental ingest of ``--new`` films, of which ``--planted`` are near-duplicates of films already in the
@@ -40,7 +40,8 @@ only when paired with its own original).
 
 What is measured
 ----------------
-Ingest goes through the Python API (:func:`lxn_ray.ingest.ingest`) on a local Ray instance started once by
+Ingest goes through the Python API (:func:`lxn_ray.data.ingest.ingest`) on a local Ray instance started once
+by
 this script, outside the timings (its own temp dir, 2 GB object store, workers at nice 0 like this process
 and the baseline - Ray's default of 15 would hand most of a shared machine's CPU to other work;
 ``--ray-niceness``). Per size: wall seconds of each
@@ -105,10 +106,10 @@ sys.path.insert(0, str(REPO))
 
 from common import BUNDLE, checkout, start_ray  # noqa: E402 (benchmarks/common.py)
 
-from lxn_ray.dedupe import FINGERPRINT_VERSION  # noqa: E402
-from lxn_ray.ingest import IngestConfig, ingest  # noqa: E402
-from lxn_ray.sources import FolderSource  # noqa: E402
-from lxn_ray.storage import Storage  # noqa: E402
+from lxn_ray.data.ingest import IngestConfig, ingest  # noqa: E402
+from lxn_ray.dedupe.duplicates import FINGERPRINT_VERSION  # noqa: E402
+from lxn_ray.infra.storage import Storage  # noqa: E402
+from lxn_ray.sources.transports import FolderSource  # noqa: E402
 
 SYNTH_VERSION = 1  # bump when the synthesis changes: cached films of another version are not reused
 BASE_SIDE = 384

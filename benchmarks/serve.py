@@ -5,7 +5,7 @@
                                [--max-batch-size 16] [--batch-wait-timeout-s 0.02] [--port 8000]
 
 Needs a model in ``--storage`` (the champion unless ``--model`` names a version). In one run it measures:
-- the in-process ceiling: the model loaded here exactly as a replica loads it (lxn_ray.serve's traced
+- the in-process ceiling: the model loaded here exactly as a replica loads it (lxn_ray.serving.serve's traced
   forward pass, in the precision the model was validated in: bfloat16 for a model trained in it), at the
   replica's batch size: forward pass only, and preprocessing + forward pass (the per-image work a
   replica does); and the same weights in float32 (its "twin"), with the largest probability difference,
@@ -34,10 +34,12 @@ from pathlib import Path
 import numpy as np
 from PIL import Image
 
-from lxn_ray import auth, registry
-from lxn_ray.preprocess import preprocess_bytes
-from lxn_ray.serve import ServeSettings, deploy, load_model_version
-from lxn_ray.storage import Storage
+from lxn_ray import registry
+from lxn_ray.evaluation import predict
+from lxn_ray.images.preprocess import preprocess_bytes
+from lxn_ray.infra.storage import Storage
+from lxn_ray.serving import auth
+from lxn_ray.serving.serve import ServeSettings, deploy, load_model_version
 
 CONCURRENCY = (1, 8, 32)
 
@@ -93,10 +95,10 @@ def float32_twin(storage: Storage, model: str):
     model's twin is itself): a traced forward ``(n, s, s, 3)`` -> ``(n,)`` like the replica's."""
     import tensorflow as tf
 
-    from lxn_ray.train import TrainConfig, build_in_precision
+    from lxn_ray.training.train import TrainConfig, build_in_precision
 
     reference = registry.resolve(storage, model)
-    keras_model = reference.load()
+    keras_model = predict.load_keras(reference)
     twin = build_in_precision(TrainConfig.from_dict(reference.card["config"]).model, "float32")
     twin.set_weights(keras_model.get_weights())
     graph = tf.function(lambda images: tf.reshape(twin(images, training=False), [-1]))

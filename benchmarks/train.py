@@ -7,7 +7,7 @@ Needs a dataset version in ``--storage`` (run jobs/ingest.py first). In one run,
 split, it measures for each precision:
 - plain Keras ``model.fit`` on in-memory float32 arrays in this process (same model, equation (1)'s loss
   weights, RMSprop, batch, no augmentation) - the baseline is float32 ``fit``;
-- lxn_ray's path: ``lxn_ray.train.train`` (Ray Data load, Ray Train worker, the custom step, seeded
+- lxn_ray's path: ``lxn_ray.training.train.train`` (Ray Data load, Ray Train worker, the custom step, seeded
   shuffling, per-epoch validation and checkpoint), which also publishes a model version whose test AUC
   and 95% interval show whether the precision cost accuracy;
 - inference images/s of a compiled forward pass at batch 32.
@@ -24,8 +24,11 @@ import time
 
 import numpy as np
 
-from lxn_ray import cluster, dataset
-from lxn_ray.model import (
+from lxn_ray.data import dataset
+from lxn_ray.images.preprocess import AugmentConfig, preprocess_pixels
+from lxn_ray.infra import cluster
+from lxn_ray.infra.storage import Storage
+from lxn_ray.model.network import (
     ModelConfig,
     build_lxn,
     class_weights,
@@ -34,9 +37,7 @@ from lxn_ray.model import (
     make_optimizer,
     precision_policy,
 )
-from lxn_ray.preprocess import AugmentConfig, preprocess_pixels
-from lxn_ray.storage import Storage
-from lxn_ray.train import TrainConfig, train
+from lxn_ray.training.train import TrainConfig, train
 
 
 def load_split(storage: Storage, version: str, image_size: int) -> tuple[np.ndarray, np.ndarray]:

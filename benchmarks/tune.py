@@ -23,9 +23,10 @@ from typing import Any
 
 import numpy as np
 
-from lxn_ray import cluster, dataset
-from lxn_ray.storage import Storage
-from lxn_ray.tune import (
+from lxn_ray.data import dataset
+from lxn_ray.infra import cluster
+from lxn_ray.infra.storage import Storage
+from lxn_ray.tuning.tune import (
     AUGMENT_RANGES,
     LR_RANGE,
     METRIC,

@@ -8,13 +8,13 @@ replaced atomically and only by this module.
 from __future__ import annotations
 
 import json
-import tempfile
 from dataclasses import dataclass
 from datetime import datetime, timezone
 from pathlib import Path
 from typing import Any
 
-from lxn_ray.storage import Storage
+from lxn_ray.infra.storage import Storage
+from lxn_ray.sources.tasks import DEFAULT_TASK
 
 MODELS = "models"
 CHAMPION = f"{MODELS}/CHAMPION"
@@ -22,32 +22,54 @@ CHAMPION = f"{MODELS}/CHAMPION"
 
 @dataclass(frozen=True)
 class ModelRef:
-    """A model resolved from a version id, ``champion`` or a local ``.keras`` path."""
+    """A model resolved from a version id, ``champion`` or a local ``.keras`` path: its card and file bytes.
+
+    Everything a caller needs to know about a model version without TensorFlow is read here, from the
+    card; :func:`lxn_ray.evaluation.predict.load` turns it into a Keras model ready to score."""
 
     version: str | None  # None for a file outside the registry
     card: dict[str, Any]
     model_bytes: bytes
 
-    def load(self):
-        """The Keras model (safe mode), from a temporary copy of the stored file."""
-        from lxn_ray.model import load_model
-
-        with tempfile.TemporaryDirectory() as folder:
-            path = Path(folder) / "model.keras"
-            path.write_bytes(self.model_bytes)
-            return load_model(path)
-
     @property
     def threshold(self) -> float:
+        """The decision threshold chosen on the model's validation split (0.5 for a bare file)."""
         return float(self.card.get("threshold", 0.5))
 
     @property
+    def task(self) -> str | dict[str, Any]:
+        """The task the model was trained for (:func:`card_task`)."""
+        return card_task(self.card)
+
+    @property
+    def image_size(self) -> int | None:
+        """The input side in pixels the model was trained at (its card's config), None when unrecorded:
+        :func:`lxn_ray.evaluation.predict.load` then reads it from the model's input shape."""
+        size = (self.card.get("config") or {}).get("image_size")
+        return int(size) if size else None
+
+    @property
     def preprocessing(self):
-        """The :class:`lxn_ray.preprocess.PreprocessConfig` the model was trained and validated with (its
+        """The :class:`lxn_ray.images.preprocess.PreprocessConfig` the model was trained and validated with
+        (its
         card's; a card made before the setting existed used the default)."""
-        from lxn_ray.preprocess import PreprocessConfig
+        from lxn_ray.images.preprocess import PreprocessConfig
 
         return PreprocessConfig.from_mapping((self.card.get("config") or {}).get("preprocessing"))
+
+
+def card_task(card: dict[str, Any]) -> str | dict[str, Any]:
+    """The task a card's model was trained for: the task's dict (cards since tasks exist), else the
+    training config's task name, else :data:`~lxn_ray.sources.tasks.DEFAULT_TASK` (cards made before tasks
+    existed). :func:`lxn_ray.sources.tasks.resolve_task` turns either into a ``Task``; the one place a
+    card's task is read."""
+    return card.get("task") or (card.get("config") or {}).get("task") or DEFAULT_TASK
+
+
+def card_task_name(card: dict[str, Any]) -> str:
+    """The name of :func:`card_task`."""
+    task = card_task(card)
+    return task.get("name", DEFAULT_TASK) if isinstance(task, dict) else task
 
 
 def model_key(version: str, name: str) -> str:
@@ -143,7 +165,7 @@ def describe(storage: Storage) -> list[dict[str, Any]]:
                 "test_auc": test.get("auc"),
                 "test_auc_ci": test.get("auc_ci"),
                 "no_better_than_chance": test.get("no_better_than_chance"),
-                "task": (card.get("task") or {}).get("name", "covid-vs-rest"),
+                "task": card_task_name(card),
                 "test_objective": test.get("objective"),
                 "val_auc": card.get("val", {}).get("auc"),
                 "threshold": card.get("threshold"),

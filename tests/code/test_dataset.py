@@ -3,8 +3,8 @@
 import pyarrow as pa
 import pytest
 
-from lxn_ray import dataset
-from lxn_ray.storage import Storage
+from lxn_ray.data import dataset
+from lxn_ray.infra.storage import Storage
 
 
 def test_new_patients_split_about_70_15_15_deterministically():

@@ -9,8 +9,8 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from lxn_ray import dicom
-from lxn_ray.imaging import ImageLimits, ImageRejected, decode_image, image_format
+from lxn_ray.images import dicom
+from lxn_ray.images.decode import ImageLimits, ImageRejected, decode_image, image_format
 from tests.helpers import dicom_film, encode, radiograph
 
 FILM = radiograph(3, (96, 112))
@@ -147,8 +147,8 @@ def test_malformed_windows_and_fields_never_leak_values_nor_crash():
 
 
 def test_a_header_past_the_first_256_kb_is_read_from_the_whole_file(tmp_path):
-    from lxn_ray.layouts import DICOM_HEADER_BYTES, _dicom_header
-    from lxn_ray.sources import FolderSource
+    from lxn_ray.sources.layouts import DICOM_HEADER_BYTES, _dicom_header
+    from lxn_ray.sources.transports import FolderSource
 
     big = _edited(dicom_film(FILM), ImageComments="y" * (DICOM_HEADER_BYTES + 1000))  # (0020,4000)
     (tmp_path / "big.dcm").write_bytes(big)

@@ -11,13 +11,14 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from lxn_ray import evaluate, preprocess
-from lxn_ray.dedupe import candidate_pairs, find_duplicates, fingerprint
-from lxn_ray.imaging import ImageLimits, decode_image, to_grayscale
-from lxn_ray.ingest import SourceFile
-from lxn_ray.metadata import MetadataRow
+from lxn_ray.data.ingest import SourceFile
+from lxn_ray.dedupe.duplicates import candidate_pairs, find_duplicates, fingerprint
+from lxn_ray.evaluation import evaluate
+from lxn_ray.images import preprocess
+from lxn_ray.images.decode import ImageLimits, decode_image, to_grayscale
+from lxn_ray.infra.storage import Storage
 from lxn_ray.registry import ModelRef
-from lxn_ray.storage import Storage
+from lxn_ray.sources.metadata import MetadataRow
 from tests.helpers import encode, radiograph
 
 

@@ -4,7 +4,7 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from lxn_ray.imaging import ImageLimits, ImageRejected, decode_image
+from lxn_ray.images.decode import ImageLimits, ImageRejected, decode_image
 from tests.helpers import encode, huge_png
 
 

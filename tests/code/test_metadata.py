@@ -1,6 +1,6 @@
 """metadata.csv of every upstream schema version -> the same normalised, labelled rows."""
 
-from lxn_ray.metadata import (
+from lxn_ray.sources.metadata import (
     CT,
     MALFORMED_ROW,
     NON_FRONTAL,
@@ -84,7 +84,7 @@ def test_frontal_views_are_configurable():
 def test_missing_filename_column_is_an_error():
     import pytest
 
-    from lxn_ray.metadata import MetadataError
+    from lxn_ray.sources.metadata import MetadataError
 
     with pytest.raises(MetadataError):
         parse_metadata(b"patientid,finding\n1,COVID-19\n")

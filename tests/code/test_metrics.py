@@ -5,7 +5,7 @@ import time
 import numpy as np
 import pytest
 
-from lxn_ray.metrics import (
+from lxn_ray.evaluation.metrics import (
     SHORTCUT_MIN_EFFECT,
     SHORTCUT_RULE,
     _resampled_aucs,

@@ -13,7 +13,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from lxn_ray import plots
+from lxn_ray.evaluation import plots
 
 ABOUT = "model lxn-20261203-091129-c204fe, dataset ds-20261203-090851-227dc75d"
 

@@ -16,8 +16,8 @@ import numpy as np
 import pytest
 from PIL import Image, ImageDraw, ImageFont
 
-from lxn_ray.imaging import ImageRejected
-from lxn_ray.preprocess import (
+from lxn_ray.images.decode import ImageRejected
+from lxn_ray.images.preprocess import (
     DEFAULT_PREPROCESSING,
     PreprocessConfig,
     equalize,
@@ -374,7 +374,7 @@ def test_programming_errors_are_not_image_rejected() -> None:
 def test_scikit_image_is_imported_only_for_equalisation() -> None:
     script = (
         "import sys, numpy as np\n"
-        "from lxn_ray.preprocess import PreprocessConfig, preprocess_bytes, trim_borders\n"
+        "from lxn_ray.images.preprocess import PreprocessConfig, preprocess_bytes, trim_borders\n"
         "from tests.code.test_preprocessing import _film, _framed, _png\n"
         "data = _png(_framed(_film()))\n"
         "preprocess_bytes(data, 32, preprocessing=PreprocessConfig(trim_borders=True))\n"
@@ -393,7 +393,7 @@ def test_film_region_is_what_the_model_sees_before_resizing():
     """The Grad-CAM overlay is drawn on this region: the trimmed crop when the model trims, else the film."""
     from PIL import Image
 
-    from lxn_ray.preprocess import (
+    from lxn_ray.images.preprocess import (
         PreprocessConfig,
         film_region,
         preprocess_bytes,

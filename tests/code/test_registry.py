@@ -5,8 +5,8 @@ import json
 import pytest
 
 from lxn_ray import registry
-from lxn_ray.cli import registry_main
-from lxn_ray.storage import Storage
+from lxn_ray.cli.main import registry_main
+from lxn_ray.infra.storage import Storage
 
 
 def publish(storage: Storage, version: str, auc: float) -> None:
@@ -103,7 +103,7 @@ def test_read_only_commands_leave_storage_unchanged_and_end_quietly_in_a_pipe(tm
 
 
 def test_lxn_help_lists_every_command(capsys):
-    from lxn_ray.cli import COMMANDS, main
+    from lxn_ray.cli.main import COMMANDS, main
 
     assert main(["--help"]) == 0
     out = capsys.readouterr().out

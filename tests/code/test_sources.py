@@ -6,7 +6,14 @@ from pathlib import Path
 
 import pytest
 
-from lxn_ray.sources import FolderSource, GitSource, SourceError, UnsafePath, is_git_location, open_source
+from lxn_ray.sources.transports import (
+    FolderSource,
+    GitSource,
+    SourceError,
+    UnsafePath,
+    is_git_location,
+    open_source,
+)
 
 
 def git(cwd: Path, *args: str) -> str:

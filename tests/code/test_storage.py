@@ -6,7 +6,7 @@ import threading
 import pyarrow as pa
 import pytest
 
-from lxn_ray.storage import Storage, StorageError
+from lxn_ray.infra.storage import Storage, StorageError
 
 
 def test_round_trips_and_listing(tmp_path):

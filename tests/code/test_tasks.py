@@ -7,10 +7,10 @@ import json
 import pyarrow as pa
 import pytest
 
-from lxn_ray import dataset
-from lxn_ray.metadata import label_of
-from lxn_ray.storage import Storage
-from lxn_ray.tasks import (
+from lxn_ray.data import dataset
+from lxn_ray.infra.storage import Storage
+from lxn_ray.sources.metadata import label_of
+from lxn_ray.sources.tasks import (
     BUILTIN_TASKS,
     DEFAULT_TASK,
     Task,

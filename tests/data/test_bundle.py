@@ -10,10 +10,10 @@ from pathlib import Path
 
 import pytest
 
-from lxn_ray import dataset
-from lxn_ray.cli import ingest_main
-from lxn_ray.metadata import parse_metadata
-from lxn_ray.storage import Storage
+from lxn_ray.cli.main import ingest_main
+from lxn_ray.data import dataset
+from lxn_ray.infra.storage import Storage
+from lxn_ray.sources.metadata import parse_metadata
 
 pytestmark = [pytest.mark.usefixtures("ray_local"), pytest.mark.slow]  # whole jobs: `-m "not slow"` skips
 

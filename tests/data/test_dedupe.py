@@ -1,4 +1,4 @@
-"""Tests for lxn_ray.dedupe on synthetic chest-X-ray-like images made here (no data needed).
+"""Tests for lxn_ray.dedupe.duplicates on synthetic chest-X-ray-like images made here (no data needed).
 
 Each "radiograph" is a parametric image (body outline, lungs, mediastinum, rib stripes, smooth texture)
 drawn from its own seeded RNG, so a different seed is a different patient and the same seed with a
@@ -21,7 +21,7 @@ import numpy as np
 import pytest
 from PIL import Image, ImageDraw, ImageEnhance, ImageFont, ImageOps
 
-from lxn_ray.dedupe import (
+from lxn_ray.dedupe.duplicates import (
     FINGERPRINT_COLUMNS,
     DedupeConfig,
     DuplicatePair,
@@ -32,7 +32,7 @@ from lxn_ray.dedupe import (
     verify_chunk,
     verify_pair,
 )
-from lxn_ray.dedupe_index import CandidateIndex, SearchConfig
+from lxn_ray.dedupe.index import CandidateIndex, SearchConfig
 
 SIZE = (240, 280)  # width, height
 
@@ -324,7 +324,7 @@ def test_verify_chunk_is_picklable_and_matches_verify_pair(originals, fps) -> No
 def test_stage0_correlation_matches_the_direct_one() -> None:
     """Stage 0's matrix form of the coarse-grid profile correlation equals resampling each pair's profile
     per hypothesis and correlating (the form stage 1 uses), to float32 rounding."""
-    from lxn_ray.dedupe import _best_profile_corr, _coarse_grid, _profile_corr_grid
+    from lxn_ray.dedupe.duplicates import _best_profile_corr, _coarse_grid, _profile_corr_grid
 
     config = DedupeConfig()
     rng = np.random.default_rng(0)

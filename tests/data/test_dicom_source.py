@@ -15,15 +15,15 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from lxn_ray import dataset
-from lxn_ray.cli import ingest_main
-from lxn_ray.dicom import MULTI_FRAME, NOT_RADIOGRAPH
-from lxn_ray.imaging import PNG_SIGNATURE
-from lxn_ray.ingest import ingest
-from lxn_ray.layouts import SourceSpec, pseudonymise, read_rows
-from lxn_ray.metadata import MISSING_FILE, NON_FRONTAL, UNREADABLE
-from lxn_ray.sources import FolderSource, SourceError
-from lxn_ray.storage import Storage
+from lxn_ray.cli.main import ingest_main
+from lxn_ray.data import dataset
+from lxn_ray.data.ingest import ingest
+from lxn_ray.images.decode import PNG_SIGNATURE
+from lxn_ray.images.dicom import MULTI_FRAME, NOT_RADIOGRAPH
+from lxn_ray.infra.storage import Storage
+from lxn_ray.sources.layouts import SourceSpec, pseudonymise, read_rows
+from lxn_ray.sources.metadata import MISSING_FILE, NON_FRONTAL, UNREADABLE
+from lxn_ray.sources.transports import FolderSource, SourceError
 from tests.helpers import PHI_FIELDS, dicom_film
 
 pytestmark = pytest.mark.usefixtures("ray_local")

@@ -11,12 +11,12 @@ import boto3
 import pytest
 from PIL import Image
 
-from lxn_ray import dataset
-from lxn_ray.ingest import ingest
-from lxn_ray.layouts import SourceSpec, detect_layout, read_rows, read_sources_file
-from lxn_ray.metadata import DUPLICATE, MISSING_FILE, UNLABELLED, UNSAFE_PATH
-from lxn_ray.sources import SourceError
-from lxn_ray.storage import Storage
+from lxn_ray.data import dataset
+from lxn_ray.data.ingest import ingest
+from lxn_ray.infra.storage import Storage
+from lxn_ray.sources.layouts import SourceSpec, detect_layout, read_rows, read_sources_file
+from lxn_ray.sources.metadata import DUPLICATE, MISSING_FILE, UNLABELLED, UNSAFE_PATH
+from lxn_ray.sources.transports import SourceError
 from tests.helpers import SourceBuilder, radiograph
 
 SIZE = (96, 112)  # small, but large enough that two seeds are never taken for one film

@@ -11,11 +11,15 @@ import boto3
 import pytest
 import requests
 
-from lxn_ray import auth, dataset, registry
-from lxn_ray.imaging import ImageLimits
-from lxn_ray.ingest import IngestConfig, ingest
-from lxn_ray.metadata import MISSING_FILE, UNREADABLE, UNSAFE_PATH
-from lxn_ray.sources import (
+from lxn_ray import registry
+from lxn_ray.data import dataset
+from lxn_ray.data.ingest import IngestConfig, ingest
+from lxn_ray.evaluation import predict
+from lxn_ray.images.decode import ImageLimits
+from lxn_ray.infra.storage import Storage
+from lxn_ray.serving import auth
+from lxn_ray.sources.metadata import MISSING_FILE, UNREADABLE, UNSAFE_PATH
+from lxn_ray.sources.transports import (
     FolderSource,
     GitSource,
     HttpSnapshot,
@@ -25,7 +29,6 @@ from lxn_ray.sources import (
     UnsafePath,
     open_source,
 )
-from lxn_ray.storage import Storage
 from tests.helpers import encode, free_port, radiograph
 from tests.model.test_train import labelled_source
 
@@ -124,7 +127,7 @@ def test_s3_mirror_into_s3_storage_then_train(mixed_source, s3_bucket, tmp_path)
     reasons = exclusions_by_file(report)
     assert reasons["../../etc/passwd"] == UNSAFE_PATH and reasons["missing.png"] == MISSING_FILE
 
-    from lxn_ray.train import TrainConfig, train
+    from lxn_ray.training.train import TrainConfig, train
 
     published = train(storage, None, TrainConfig(image_size=32, width=0.125, batch_size=8, epochs=1))
     registry.promote(storage, published["model_version"])
@@ -140,12 +143,12 @@ def test_s3_mirror_into_s3_storage_then_train(mixed_source, s3_bucket, tmp_path)
         assert expected in keys
     assert any(key.startswith("store/blobs/sha256/") for key in keys)
     assert any(key.startswith("store/runs/") and "/checkpoint_" in key for key in keys)
-    assert registry.resolve(storage, "champion").load() is not None  # safe-mode load from S3
+    assert predict.load(storage, "champion").model is not None  # safe-mode load from S3
 
     # The endpoint serves the champion straight from the bucket.
     from ray import serve
 
-    from lxn_ray.serve import ServeSettings, deploy
+    from lxn_ray.serving.serve import ServeSettings, deploy
 
     key = auth.mint(storage, "tests")  # the key file lives in the bucket too
     settings = ServeSettings(storage=storage.uri, port=free_port(), cpus_per_replica=0, max_replicas=1)

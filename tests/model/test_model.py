@@ -14,8 +14,15 @@ import pytest
 import tensorflow as tf
 from PIL import Image
 
-from lxn_ray.imaging import ImageRejected
-from lxn_ray.model import (
+from lxn_ray.images.decode import ImageRejected
+from lxn_ray.images.preprocess import (
+    LIGHT_AUGMENT,
+    AugmentConfig,
+    build_augmenter,
+    preprocess_batch,
+    preprocess_bytes,
+)
+from lxn_ray.model.network import (
     LAST_CONV_LAYER,
     ModelConfig,
     build_lxn,
@@ -26,13 +33,6 @@ from lxn_ray.model import (
     min_image_size,
     save_model,
     weighted_bce,
-)
-from lxn_ray.preprocess import (
-    LIGHT_AUGMENT,
-    AugmentConfig,
-    build_augmenter,
-    preprocess_batch,
-    preprocess_bytes,
 )
 from tests.helpers import encode
 

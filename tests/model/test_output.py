@@ -16,9 +16,9 @@ from pathlib import Path
 
 import pytest
 
-from lxn_ray.ingest import ingest
-from lxn_ray.sources import FolderSource
-from lxn_ray.storage import Storage
+from lxn_ray.data.ingest import ingest
+from lxn_ray.infra.storage import Storage
+from lxn_ray.sources.transports import FolderSource
 from tests.helpers import SourceBuilder, job_env
 from tests.model.test_train import labelled_source
 

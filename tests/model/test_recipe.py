@@ -9,7 +9,8 @@ import itertools
 import numpy as np
 import pytest
 
-from lxn_ray.model import (
+from lxn_ray.images.preprocess import PreprocessConfig
+from lxn_ray.model.network import (
     ModelConfig,
     OptimizerConfig,
     build_lxn,
@@ -20,9 +21,8 @@ from lxn_ray.model import (
     restore_optimizer_state,
     weighted_bce,
 )
-from lxn_ray.preprocess import PreprocessConfig
-from lxn_ray.train import TrainConfig, epoch_order, is_collapsed, stop_reason
-from lxn_ray.tune import RECIPE_CHOICES, TuneSettings, search_space, trial_train_config
+from lxn_ray.training.train import TrainConfig, epoch_order, is_collapsed, stop_reason
+from lxn_ray.tuning.tune import RECIPE_CHOICES, TuneSettings, search_space, trial_train_config
 
 LABELS = np.array([1] * 90 + [0] * 10, dtype=np.float32)  # imbalanced, as ieee8023's COVID-19 share
 SOURCES = np.array(["a"] * 60 + ["b"] * 30 + ["a"] * 5 + ["b"] * 5)
@@ -234,7 +234,7 @@ def test_a_collapsed_trial_is_counted_and_never_the_best():
 
     import pandas as pd
 
-    from lxn_ray.tune import choose_best, trial_rows
+    from lxn_ray.tuning.tune import choose_best, trial_rows
 
     def result(trial_id, objectives, collapsed):
         frame = pd.DataFrame(
@@ -265,7 +265,7 @@ def test_a_collapsed_trial_is_counted_and_never_the_best():
 
 
 def test_a_collapsed_challenger_is_never_promoted():
-    from lxn_ray.promotion import decide
+    from lxn_ray.evaluation.promotion import decide
 
     evaluation = {
         "collapsed": True,

@@ -22,10 +22,10 @@ from pathlib import Path
 import pytest
 
 from lxn_ray import registry
-from lxn_ray.ingest import ingest
-from lxn_ray.resources import Watchdog, current_job_id, orphans, placement_groups, release_orphans
-from lxn_ray.sources import FolderSource
-from lxn_ray.storage import Storage
+from lxn_ray.data.ingest import ingest
+from lxn_ray.infra.resources import Watchdog, current_job_id, orphans, placement_groups, release_orphans
+from lxn_ray.infra.storage import Storage
+from lxn_ray.sources.transports import FolderSource
 from tests.helpers import SourceBuilder, job_env, own_stderr_lines, wait_for
 from tests.model.test_train import labelled_source
 
@@ -238,7 +238,7 @@ def test_orphaned_groups_are_released_and_only_this_jobs(ray_local):
 
 
 def test_watchdog_needs_both_silence_and_pending_demands(monkeypatch):
-    import lxn_ray.resources as resources
+    import lxn_ray.infra.resources as resources
 
     now = [0.0]
     pending: list[str] = []
@@ -277,7 +277,7 @@ def test_watchdog_needs_both_silence_and_pending_demands(monkeypatch):
     ],
 )
 def test_concurrency_fits_the_cluster(total, num_samples, workers, max_concurrent, expected):
-    from lxn_ray.tune import TuneSettings, plan_concurrency
+    from lxn_ray.tuning.tune import TuneSettings, plan_concurrency
 
     settings = TuneSettings(num_samples=num_samples, workers_per_trial=workers, max_concurrent=max_concurrent)
     assert plan_concurrency(settings, total) == expected

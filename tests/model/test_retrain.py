@@ -16,10 +16,12 @@ from pathlib import Path
 
 import pytest
 
-from lxn_ray import dataset, registry
-from lxn_ray.cli import retrain_main
-from lxn_ray.lease import LeaseLock, LockLost, _pid_namespace
-from lxn_ray.retrain import (
+from lxn_ray import registry
+from lxn_ray.cli.main import retrain_main
+from lxn_ray.data import dataset
+from lxn_ray.infra.lease import LeaseLock, LockLost, _pid_namespace
+from lxn_ray.infra.storage import Storage
+from lxn_ray.retraining.retrain import (
     HISTORY,
     HISTORY_PLOT,
     LOCK,
@@ -29,8 +31,7 @@ from lxn_ray.retrain import (
     read_history,
     train_config_from_card,
 )
-from lxn_ray.storage import Storage
-from lxn_ray.train import registered_epoch
+from lxn_ray.training.train import registered_epoch
 from tests.helpers import SourceBuilder, job_env, wait_for
 from tests.model.test_train import labelled_source
 

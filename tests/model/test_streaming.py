@@ -10,12 +10,12 @@ import threading
 import numpy as np
 import pytest
 
-from lxn_ray import dataset
-from lxn_ray.ingest import ingest
-from lxn_ray.preprocess import PreprocessConfig, preprocess_pixels
-from lxn_ray.sources import FolderSource
-from lxn_ray.storage import Storage
-from lxn_ray.train import (
+from lxn_ray.data import dataset
+from lxn_ray.data.ingest import ingest
+from lxn_ray.images.preprocess import PreprocessConfig, preprocess_pixels
+from lxn_ray.infra.storage import Storage
+from lxn_ray.sources.transports import FolderSource
+from lxn_ray.training.train import (
     STREAM_BLOCK_ROWS,
     TrainConfig,
     epoch_order,

@@ -11,13 +11,15 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from lxn_ray import dataset, registry
-from lxn_ray.cli import evaluate_main, train_main
-from lxn_ray.ingest import ingest
-from lxn_ray.preprocess import AugmentConfig
-from lxn_ray.sources import FolderSource
-from lxn_ray.storage import Storage
-from lxn_ray.train import TrainConfig, scaling_config, train
+from lxn_ray import registry
+from lxn_ray.cli.main import evaluate_main, train_main
+from lxn_ray.data import dataset
+from lxn_ray.data.ingest import ingest
+from lxn_ray.evaluation import predict
+from lxn_ray.images.preprocess import AugmentConfig
+from lxn_ray.infra.storage import Storage
+from lxn_ray.sources.transports import FolderSource
+from lxn_ray.training.train import TrainConfig, scaling_config, train
 from tests.helpers import radiograph
 
 pytestmark = [pytest.mark.usefixtures("ray_local"), pytest.mark.slow]  # whole jobs: `-m "not slow"` skips
@@ -105,7 +107,7 @@ def test_train_job_two_workers_publishes_a_model_version(store, tmp_path):
     )
     # The store's first model becomes its champion, so it can be served at once; later ones do not.
     assert report["promoted"] is True and registry.champion(store) == version
-    model = registry.resolve(store, version).load()  # safe mode
+    model = predict.load(store, version).model  # safe mode
     assert model.predict(np.zeros((1, 32, 32, 3), np.float32), verbose=0).shape == (1, 1)
     run_checkpoints = [key for key in store.list("runs") if "train-" in key]
     assert run_checkpoints  # per-epoch checkpoints live under storage
@@ -185,15 +187,15 @@ def test_bfloat16_trains_and_publishes_a_model_that_computes_as_validated(store)
     assert card["config"]["precision"] == "bfloat16" and card["history"][0]["precision"] == "bfloat16"
     assert card["precision"]["training"] == "bfloat16" and card["precision"]["inference"] == "bfloat16"
     assert card["history"][0]["train_loss"] > 0
-    model = registry.resolve(store, published["model_version"]).load()  # computes as it was validated
+    model = predict.load(store, published["model_version"]).model  # computes as it was validated
     assert model.get_layer("block1_conv1").dtype_policy.name == "mixed_bfloat16"
     probabilities = model.predict(np.full((2, 32, 32, 3), 0.5, np.float32), verbose=0)
     assert probabilities.dtype == np.float32 and np.all((probabilities >= 0) & (probabilities <= 1))
 
 
 def test_a_searched_recipe_trains_is_recorded_and_scores_with_its_own_preprocessing(store):
-    from lxn_ray.preprocess import PreprocessConfig
-    from lxn_ray.train import score_registered
+    from lxn_ray.evaluation.predict import score_registered
+    from lxn_ray.images.preprocess import PreprocessConfig
 
     preprocessing = PreprocessConfig(trim_borders=True, equalization="clahe")
     config = TrainConfig(
@@ -224,7 +226,7 @@ def test_a_searched_recipe_trains_is_recorded_and_scores_with_its_own_preprocess
     labels, scores, _, _ = score_registered(
         store, published["model_version"], card["dataset_version"], "test"
     )
-    from lxn_ray import metrics
+    from lxn_ray.evaluation import metrics
 
     assert metrics.binary_metrics(labels, scores, card["threshold"]).auc == pytest.approx(card["test"]["auc"])
 
@@ -275,7 +277,7 @@ def test_evaluate_job_scores_a_folder_with_subgroups_and_overlap(store, tmp_path
 def _two_source_store(root: Path) -> Storage:
     """ieee8023-like COVID-19 films (upstream layout) and an archive of no-finding films in class folders:
     the mix in which a model can score by telling the archives apart."""
-    from lxn_ray.layouts import SourceSpec
+    from lxn_ray.sources.layouts import SourceSpec
     from tests.helpers import SourceBuilder
 
     builder = SourceBuilder(root / "ieee")
@@ -345,7 +347,7 @@ def test_a_task_on_two_sources_records_per_source_metrics_and_the_shortcut_check
 
 
 def test_leave_one_source_out_scores_each_source_with_a_model_that_never_saw_it(two_sources, tmp_path):
-    from lxn_ray.cli import loso_main
+    from lxn_ray.cli.main import loso_main
 
     report_path = tmp_path / "loso.json"
     assert loso_main(_tiny_task_argv(two_sources, report_path)) == 0

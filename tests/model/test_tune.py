@@ -10,14 +10,15 @@ from pathlib import Path
 
 import pytest
 
-from lxn_ray import dataset, registry
-from lxn_ray.cli import tune_main, tune_parser, tune_settings
-from lxn_ray.ingest import ingest
-from lxn_ray.promotion import decide, evaluate_pair
-from lxn_ray.sources import FolderSource
-from lxn_ray.storage import Storage
-from lxn_ray.train import registered_epoch
-from lxn_ray.tune import (
+from lxn_ray import registry
+from lxn_ray.cli.main import tune_main, tune_parser, tune_settings
+from lxn_ray.data import dataset
+from lxn_ray.data.ingest import ingest
+from lxn_ray.evaluation.promotion import decide, evaluate_pair
+from lxn_ray.infra.storage import Storage
+from lxn_ray.sources.transports import FolderSource
+from lxn_ray.training.train import registered_epoch
+from lxn_ray.tuning.tune import (
     TUNE,
     experiment_name,
     search,
@@ -175,7 +176,7 @@ def test_resume_finishes_a_search_with_a_crashed_trial(searched, tmp_path):
     # The restarted trial continued its own Ray Train run from the epoch-1 checkpoint.
     import ray.train
 
-    from lxn_ray.train import read_checkpoint_state
+    from lxn_ray.training.train import read_checkpoint_state
 
     run = storage.path(f"runs/{train_run_name(resumed['experiment'].rsplit('/', 1)[-1], crashed)}")
     state = read_checkpoint_state(
@@ -233,7 +234,7 @@ def test_search_whose_driver_is_killed_finishes_with_resume(searched, tmp_path):
     assert report["best"]["model_version"] in registry.list_versions(storage)
     import ray.train
 
-    from lxn_ray.train import read_checkpoint_state
+    from lxn_ray.training.train import read_checkpoint_state
 
     resumed_runs = []
     for run in sorted(runs.glob(f"{experiment}-*")):

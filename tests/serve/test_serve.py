@@ -29,11 +29,14 @@ import requests
 import yaml
 from PIL import Image
 
-from lxn_ray import auth, registry
-from lxn_ray.cli import serve_main
-from lxn_ray.explain import display_size, jet
-from lxn_ray.imaging import ImageRejected
-from lxn_ray.serve import (
+from lxn_ray import registry
+from lxn_ray.cli.main import serve_main
+from lxn_ray.evaluation import predict
+from lxn_ray.images.decode import ImageRejected
+from lxn_ray.infra.storage import Storage
+from lxn_ray.model.gradcam import display_size, jet
+from lxn_ray.serving import auth
+from lxn_ray.serving.serve import (
     RESEARCH_NOTE,
     InputError,
     ServeSettings,
@@ -42,7 +45,6 @@ from lxn_ray.serve import (
     parse_multipart,
     rejected_image,
 )
-from lxn_ray.storage import Storage
 from tests.helpers import dicom_film, encode, free_port, huge_png, own_stderr_lines, radiograph
 
 pytestmark = [pytest.mark.usefixtures("ray_local"), pytest.mark.slow]  # whole jobs: `-m "not slow"` skips
@@ -60,7 +62,7 @@ def publish_tiny_model(storage: Storage, version: str, image_size: int, threshol
     """A model version as jobs/train.py's publish_model_version writes it: model.keras, then card.json."""
     import keras
 
-    from lxn_ray.model import ModelConfig, build_lxn, save_model
+    from lxn_ray.model.network import ModelConfig, build_lxn, save_model
 
     keras.utils.set_random_seed(seed)
     config = ModelConfig(image_size=image_size, width=0.125)
@@ -123,7 +125,7 @@ def local_model() -> Callable[[Storage, str], object]:
 
     def load(storage: Storage, version: str):
         if version not in cache:
-            cache[version] = registry.resolve(storage, version).load()
+            cache[version] = predict.load(storage, version).model
         return cache[version]
 
     return load
@@ -143,7 +145,7 @@ def assert_answers(url: str, session: requests.Session = API) -> dict:
 
 
 def local_probability(model, data: bytes) -> float:
-    from lxn_ray.preprocess import preprocess_bytes
+    from lxn_ray.images.preprocess import preprocess_bytes
 
     size = int(model.input_shape[1])
     return float(np.asarray(model(preprocess_bytes(data, size)[np.newaxis], training=False))[0, 0])
@@ -411,8 +413,8 @@ def test_the_page_scores_an_uploaded_film_in_a_real_browser(endpoint, browser, t
 
 
 def test_explain_draws_the_heat_map_over_the_radiograph(endpoint, local_model):
-    from lxn_ray.explain import GradCam
-    from lxn_ray.preprocess import preprocess_bytes
+    from lxn_ray.images.preprocess import preprocess_bytes
+    from lxn_ray.model.gradcam import GradCam
 
     image = radiograph(3, size=(320, 384))
     data = encode(image, "PNG")
@@ -443,7 +445,7 @@ def test_explain_draws_the_heat_map_over_the_radiograph(endpoint, local_model):
 
 
 def test_a_model_of_another_task_is_refused(endpoint):
-    from lxn_ray.serve import load_model_version
+    from lxn_ray.serving.serve import load_model_version
 
     with pytest.raises(ValueError, match="is for task covid-vs-normal, not covid-vs-rest"):
         load_model_version(endpoint.storage, "lxn-a", task="covid-vs-rest")
@@ -600,7 +602,7 @@ def test_pinned_version_does_not_follow_promotions(endpoint):
 
 def test_a_champion_that_fails_to_load_leaves_the_old_model_serving(tmp_path):
     """The replica's reload step in-process: a broken champion is logged and skipped, not served."""
-    from lxn_ray.serve import LxnServer
+    from lxn_ray.serving.serve import LxnServer
 
     storage = Storage.open(str(tmp_path / "store"))
     publish_tiny_model(storage, "lxn-a", 32, 0.5, seed=0)
@@ -712,7 +714,7 @@ def test_serve_config_file_builds_the_application(tmp_path):
     config = yaml.safe_load((REPO_ROOT / "serve_config.yaml").read_text())
     ServeDeploySchema.model_validate(config)  # what `serve deploy` checks
     (application,) = config["applications"]
-    assert application["import_path"] == "lxn_ray.serve:build_app"
+    assert application["import_path"] == "lxn_ray.serving.serve:build_app"
     settings = ServeSettings.from_mapping(application["args"])
     assert settings == ServeSettings(storage=application["args"]["storage"])  # documented defaults
     assert isinstance(build_app({**application["args"], "storage": str(tmp_path)}), Application)

@@ -1,0 +1,1 @@
+"""The command line: what every command shares, and one module per command with its flags and summary."""

@@ -1,0 +1,1 @@
+"""Immutable dataset versions with patient-level splits, and the ingest pipeline that makes them."""

@@ -1,0 +1,1043 @@
+"""Near-duplicate detection for chest radiographs.
+
+What this module owns
+---------------------
+* ``fingerprint(image)``: a small, Parquet-friendly summary of one decoded grayscale image (perceptual
+  hashes plus a normalized thumbnail).  It is computed once per image and cached, so it carries
+  everything the pair decision needs; verification never sees the full image again.
+* ``find_duplicates(known, new)`` / ``search_duplicates``: confirmed duplicate pairs among ``new`` and
+  between ``new`` and ``known`` (with counts and timings).  Grouping pairs into components, choosing
+  which copy to keep and splitting are done by the caller.
+* the verification of one pair (``verify_pair``) or of a chunk of pairs (``verify_chunk``).
+
+Why two stages
+--------------
+A perceptual hash alone cannot separate "the same radiograph, re-encoded" from "another radiograph of the
+same patient a day later": serial films share anatomy and positioning, so their hashes are as close as
+those of a cropped or padded copy (at phash distance 10 about one reported pair in three is wrong).
+So hashes and low-resolution appearance only propose *candidates*: each new image's k nearest images
+in several channels (:mod:`lxn_ray.dedupe.index`: two hashes, the 8x8 appearance vector plain and
+mirrored, and sub-windows for heavy crops), a bounded number per image however large the collection.
+Each candidate pair is then *verified* on the stored 128 px thumbnails (a mirrored candidate against the
+flipped thumbnail):
+
+0. borders (uniform rows/columns, e.g. black or white padding) were trimmed before the thumbnail was
+   taken - and a film printed inside a figure panel (a page carrying a caption or a scale bar) was cut
+   out of it - and every thumbnail is stretched to the same square, so what remains between two copies is
+   an axis-aligned scale + translation per axis (crop, untrimmed pad, resize);
+1. at 64 px, row/column profiles give the best 1-D alignments (stage 0 rejects pairs whose profiles do
+   not correlate; each axis's profile is also taken over the central band of the other axis, so a copy
+   cropped along that axis still correlates), alternating x/y searches restricted to the overlap align
+   the pair, and a rank residual rejects clearly different pairs (stage 1);
+2. at 128 px, blurred and rank-equalized, two coordinate descents polish the alignment (one on the absolute
+   difference, one on the correlation, which also recovers the alignment of a heavy crop), and the score,
+   the lower of the two, is the mean gap between the two images' rank intervals over the overlap after
+   dropping the worst ``ignore_fraction`` of pixels (stage 2). Ranks make brightness/contrast/gamma
+   (clipping included) free; dropping the worst pixels makes drawn arrows, letters and markers free. Pixels
+   that lie in a uniform mass on BOTH sides (a gray level holding more than ``flat_mass`` of the overlap in
+   each image: flat black/white background, saturation) are left out of the score: they match for any two
+   films on the same background, so counting them would dilute the residual of two different films (e.g.
+   two lateral views of one patient on a large black background) down to a duplicate's.
+
+A re-encoded copy leaves only compression/resampling noise; a serial film leaves residual everywhere
+(breathing, rotation, tubes, changed opacities), which translation + scale cannot explain.  Known blind
+spot: a film that differs ONLY by a local change covering less than ``ignore_fraction`` of the image
+(same positioning to the pixel) is indistinguishable from an annotated copy.
+
+Parallel verification
+---------------------
+Candidate search is cheap and runs in the calling process; verification (milliseconds per pair) is split
+into self-contained chunks (:class:`VerifyChunk`: the chunk's thumbnails once, and index pairs) handed to
+an optional ``map_chunks(verify_chunk, chunks)`` (e.g. Ray tasks).  Stage 0 runs vectorised over a whole
+chunk before any pair is aligned.  ``verify_chunk`` is a module-level pure function, so the result does not
+depend on where or in which order the chunks run.
+"""
+
+from __future__ import annotations
+
+import functools
+import math
+import time
+from collections.abc import Callable, Iterable, Mapping, Sequence
+from dataclasses import dataclass, field
+from typing import Literal, TypeVar
+
+import imagehash
+import numpy as np
+from PIL import Image
+from threadpoolctl import threadpool_limits
+
+from lxn_ray.dedupe.index import Candidate, CandidateIndex, SearchConfig, vectors_of
+
+__all__ = [
+    "DedupeConfig",
+    "DuplicatePair",
+    "FINGERPRINT_COLUMNS",
+    "FINGERPRINT_VERSION",
+    "find_duplicates",
+    "DuplicateSearch",
+    "search_duplicates",
+    "fingerprint",
+    "hamming",
+    "ChunkMapper",
+    "VerifyChunk",
+    "candidate_pairs",
+    "verify_chunk",
+    "verify_pair",
+]
+
+T = TypeVar("T")
+R = TypeVar("R")
+
+#: ``map_chunks(worker, chunks) -> results``: applies a picklable module-level ``worker`` to every chunk
+#: and returns the per-chunk result lists in the order of ``chunks`` (e.g. as Ray tasks).
+ChunkMapper = Callable[[Callable[[T], list[R]], list[T]], list[list[R]]]
+
+#: Bump when the meaning of any fingerprint field changes, so cached fingerprints can be invalidated.
+#: 3: figure panels cut out when they keep <= figure_max_area; films over max_side reduced first.
+FINGERPRINT_VERSION = 3
+
+#: Side of the square thumbnail stored in the fingerprint (THUMB_SIZE**2 bytes).
+THUMB_SIZE = 128
+
+#: Keys returned by :func:`fingerprint`, in order.
+FINGERPRINT_COLUMNS: tuple[str, ...] = (
+    "dedupe_version",  # int: FINGERPRINT_VERSION at computation time
+    "phash",  # str: 16 hex chars, imagehash.phash of the whole image (the reported distance)
+    "phash_trim",  # str: 16 hex chars, phash after border trimming (candidate search)
+    "dhash_trim",  # str: 16 hex chars, dhash after border trimming (candidate search)
+    "width",  # int: input width in pixels
+    "height",  # int: input height in pixels
+    "trim_box",  # str: "left,top,right,bottom" of the content box in input pixels
+    "thumb_size",  # int: side of the square thumbnail
+    "thumb",  # bytes: thumb_size*thumb_size uint8, row-major, trimmed content stretched to a square
+    "lowres",  # bytes: 64 float16, the thumbnail's appearance vector (dedupe_index.vectors_of)
+    "windows",  # bytes: N_WINDOWS x 64 float16, its sub-windows' vectors (dedupe_index.vectors_of)
+)
+
+
+@dataclass(frozen=True)
+class DedupeConfig:
+    """All tunables of fingerprinting, candidate search and verification.
+
+    The defaults were tuned on synthetic near-duplicates of the ieee8023 chest X-rays
+    (``benchmarks/dedupe_quality.py``), with same-patient serial films as the hard negatives.
+    """
+
+    # --- border trimming (fingerprint) ---
+    #: A row/column whose gray-level standard deviation is at most this is treated as border.
+    trim_max_std: float = 4.0
+    #: Never trim more than this fraction of the width/height from one side.
+    trim_max_fraction: float = 0.15
+    #: Figure panels (``_figure_box``): the outer frame counts as a page when this share of its pixels is
+    #: within ``figure_tolerance`` gray levels of its median; a row or column holds film when at least
+    #: ``figure_content`` of its pixels differ from the page.
+    figure_frame_uniform: float = 0.95
+    figure_tolerance: int = 12
+    figure_content: float = 0.25
+    #: ... and the film's box replaces the border-trimmed one when it keeps at most this share of its area.
+    figure_max_area: float = 0.8
+    #: Images with a longer side above this are reduced before fingerprinting (see :func:`fingerprint`).
+    max_side: int = 1024
+
+    # --- candidate search ---
+    #: How many nearest neighbours each channel of the candidate index proposes per new image
+    #: (:mod:`lxn_ray.dedupe.index`): bounded, so candidates per image do not grow with the collection.
+    search: SearchConfig = field(default_factory=SearchConfig)
+
+    # --- verification: alignment search ---
+    #: Largest relative scale change per axis between the two content boxes (crop/pad not trimmed): an
+    #: eighth cut from every side whose new flat margin is then trimmed leaves ~0.66 of the side.
+    max_scale: float = 1.5
+    #: Largest offset of one box's origin inside the other, as a fraction of the side.
+    max_offset: float = 0.25
+    #: Scale steps and offset steps of the coarse 1-D profile search (scale steps ~3% apart: coarser
+    #: steps let a broad wrong peak of an ambiguous profile win over a narrow right one).
+    scale_steps: int = 29
+    offset_steps: int = 31
+    #: Stage 0: both axes' best profile correlations must reach this.
+    min_profile_corr: float = 0.9
+    #: How many best 1-D x hypotheses are each aligned and scored.
+    top_k: int = 2
+    #: Minimum fraction of each thumbnail that must lie in the overlap (that heavy crop covers ~0.5 of
+    #: the original's area).
+    min_overlap: float = 0.45
+
+    #: Stage 1 (64 px): pairs whose trimmed rank residual exceeds this are rejected without stage 2.
+    prefilter_residual: float = 0.07
+    #: Fraction of the worst pixels ignored by the stage-1 residual.
+    prefilter_ignore: float = 0.12
+
+    # --- verification: decision (stage 2, full thumbnail) ---
+    #: Gaussian blur (thumbnail pixels) before the final comparison: absorbs resampling/JPEG differences.
+    blur_sigma: float = 1.0
+    #: Fraction of the worst-matching informative overlap pixels ignored (annotations, text, arrows).
+    ignore_fraction: float = 0.25
+    #: A pixel whose gray level is shared by more than this fraction of the overlap in BOTH images lies in a
+    #: uniform mass (flat background, saturation) on both sides: its rank-interval gap is 0 for any two
+    #: images with such a background, so it is evidence of nothing and is left out of the score.  Without
+    #: this, a large black background dilutes the score of two different films (lateral views, serial films)
+    #: towards a duplicate's.  1.0 disables it.
+    flat_mass: float = 0.04
+    #: A pair is a duplicate when its score (trimmed mean rank-interval gap) is at most this.
+    max_residual: float = 0.012
+    #: ... or at most this for a pair the caller proposes because both files carry the same name in two
+    #: sources (``find_duplicates(named_pairs=...)``): the name is evidence of its own, so the image test may
+    #: be looser. Measured on darkcovidnet's republished ieee8023 films (re-cropped figure panels score
+    #: 0.012-0.019; different films of one patient score well above 0.03).
+    same_name_max_residual: float = 0.02
+
+
+@dataclass(frozen=True)
+class DuplicatePair:
+    """One confirmed duplicate pair; ``a < b`` (string order of the keys).
+
+    ``distance`` is the Hamming distance between the two whole-image phashes (for reporting and for
+    comparison with plain hash thresholds).  ``score`` is the verification score in [0, 1]: after
+    aligning the two thumbnails (scale + shift per axis), the mean rank-interval gap between their blurred
+    intensities over the overlap, leaving out pixels in a uniform mass on both sides (``flat_mass``) and
+    ignoring the worst ``ignore_fraction`` of the rest (see ``_gap_residual``).
+    0 means identical up to crop/pad/resize/brightness/contrast/gamma; pairs are reported when
+    ``score <= config.max_residual``.
+    """
+
+    a: str
+    b: str
+    distance: int
+    score: float
+    mirrored: bool = False  # ``b`` is ``a`` flipped left-right
+
+
+# ----------------------------------------------------------------------------------------------------------
+# Hashes and the BK-tree index
+# ----------------------------------------------------------------------------------------------------------
+
+
+def hamming(x: int, y: int) -> int:
+    """Number of differing bits between two 64-bit hashes."""
+    return (x ^ y).bit_count()
+
+
+# ----------------------------------------------------------------------------------------------------------
+# Fingerprint
+# ----------------------------------------------------------------------------------------------------------
+
+
+def _flat_extent(std: np.ndarray, max_std: float, limit: int) -> tuple[int, int]:
+    """How many leading / trailing entries of ``std`` are flat (<= max_std), each capped at ``limit``."""
+    flat = std <= max_std
+    n = len(flat)
+    lead = int(np.argmin(flat)) if not flat.all() else n
+    trail = int(np.argmin(flat[::-1])) if not flat.all() else n
+    return min(lead, limit), min(trail, limit)
+
+
+def _std_trim_box(arr: np.ndarray, config: DedupeConfig) -> tuple[int, int, int, int]:
+    """Content box (left, top, right, bottom) after removing uniform border rows/columns.
+
+    Rows are trimmed first, then columns on the row-trimmed band, then rows again on the column-trimmed
+    band, so a white pad on one side and the image's own dark border on another are both removed.
+    """
+    h, w = arr.shape
+    a = arr.astype(np.float32)
+    top, bottom, left, right = 0, h, 0, w
+    max_y, max_x = int(h * config.trim_max_fraction), int(w * config.trim_max_fraction)
+    for _ in range(2):
+        t, b = _flat_extent(a[top:bottom, left:right].std(axis=1), config.trim_max_std, max_y)
+        top, bottom = max(top, t), min(bottom, h - b)
+        l_, r_ = _flat_extent(a[top:bottom, left:right].std(axis=0), config.trim_max_std, max_x)
+        left, right = max(left, l_), min(right, w - r_)
+    if bottom - top < 8 or right - left < 8:  # (almost) blank image: keep it whole
+        return 0, 0, w, h
+    return left, top, right, bottom
+
+
+def _longest_run(mask: np.ndarray, max_gap: int) -> tuple[int, int]:
+    """(start, end) of the longest stretch of ``mask`` that is True apart from gaps of <= ``max_gap``."""
+    idx = np.flatnonzero(mask)
+    if len(idx) == 0:
+        return 0, len(mask)
+    breaks = np.flatnonzero(np.diff(idx) > max_gap + 1)
+    starts = np.concatenate([[idx[0]], idx[breaks + 1]])
+    ends = np.concatenate([idx[breaks], [idx[-1]]]) + 1
+    i = int(np.argmax(ends - starts))
+    return int(starts[i]), int(ends[i])
+
+
+def _figure_box(arr: np.ndarray, config: DedupeConfig) -> tuple[int, int, int, int] | None:
+    """Box of a film printed inside a uniform figure panel (a white or black page around it carrying a
+    caption, a scale bar or labels), or None when the image's outer frame is not one uniform colour.
+
+    A row (then a column, twice) holds film when at least ``figure_content`` of its pixels differ from the
+    frame's colour by more than ``figure_tolerance``; the film is the longest run of such rows, so a
+    caption or a scale bar separated from it by a strip of page is left out.
+    """
+    h, w = arr.shape
+    ring = np.concatenate([arr[0], arr[-1], arr[:, 0], arr[:, -1]]).astype(np.int16)
+    page = int(np.median(ring))
+    if np.mean(np.abs(ring - page) <= config.figure_tolerance) < config.figure_frame_uniform:
+        return None
+    content = np.abs(arr.astype(np.int16) - page) > config.figure_tolerance
+    top, bottom, left, right = 0, h, 0, w
+    for _ in range(2):
+        rows = content[top:bottom, left:right].mean(axis=1) >= config.figure_content
+        t, b = _longest_run(rows, max(1, (bottom - top) // 200))
+        top, bottom = top + t, top + b
+        cols = content[top:bottom, left:right].mean(axis=0) >= config.figure_content
+        l_, r_ = _longest_run(cols, max(1, (right - left) // 200))
+        left, right = left + l_, left + r_
+    if bottom - top < max(8, h // 4) or right - left < max(8, w // 4):
+        return None
+    return left, top, right, bottom
+
+
+def _trim_box(arr: np.ndarray, config: DedupeConfig) -> tuple[int, int, int, int]:
+    """Content box (left, top, right, bottom): uniform borders removed (:func:`_std_trim_box`), or the
+    film of a figure panel (:func:`_figure_box`) where that leaves out a real part of the border-trimmed
+    box: it cuts more than ``trim_max_fraction`` from a side, or keeps at most ``figure_max_area`` of the
+    area (a caption below and a scale bar beside a film each stop border trimming short of the film)."""
+    box = _std_trim_box(arr, config)
+    figure = _figure_box(arr, config)
+    if figure is None:
+        return box
+    h, w = arr.shape
+    cut = max(
+        (figure[0] - box[0]) / w, (figure[1] - box[1]) / h, (box[2] - figure[2]) / w, (box[3] - figure[3]) / h
+    )
+    area = (figure[2] - figure[0]) * (figure[3] - figure[1]) / max(1, (box[2] - box[0]) * (box[3] - box[1]))
+    return figure if cut > config.trim_max_fraction or area <= config.figure_max_area else box
+
+
+def fingerprint(image: Image.Image, config: DedupeConfig = DedupeConfig()) -> dict[str, object]:
+    """Fingerprint one decoded image (mode "L"; other modes are converted) for :func:`find_duplicates`.
+
+    An image larger than ``config.max_side`` is first reduced by the smallest integer factor that brings it
+    within (box averaging, :meth:`PIL.Image.Image.reduce`): every field is computed at most at that size
+    (the 32 px hashes and the 128 px thumbnail lose nothing), which makes a 20 MP film cost about what a
+    1 MP one does. ``width``, ``height`` and ``trim_box`` stay in input pixels.
+
+    Returns only str/int/bytes values keyed by :data:`FINGERPRINT_COLUMNS`.  Deterministic.
+    """
+    if image.mode != "L":
+        image = image.convert("L")
+    factor = max(1, math.ceil(max(image.size) / config.max_side))
+    work = image.reduce(factor) if factor > 1 else image
+    box = _trim_box(np.asarray(work), config)
+    content = work.crop(box) if box != (0, 0, work.width, work.height) else work
+    # BOX = area averaging: antialiased, so a 4x larger copy gives (almost) the same thumbnail.
+    thumb = content.resize((THUMB_SIZE, THUMB_SIZE), Image.Resampling.BOX)
+    lowres, windows = vectors_of(np.asarray(thumb))
+    input_box = (
+        box[0] * factor,
+        box[1] * factor,
+        min(box[2] * factor, image.width),
+        min(box[3] * factor, image.height),
+    )
+    return {
+        "dedupe_version": FINGERPRINT_VERSION,
+        "phash": str(imagehash.phash(work)),
+        "phash_trim": str(imagehash.phash(content)),
+        "dhash_trim": str(imagehash.dhash(content)),
+        "width": int(image.width),
+        "height": int(image.height),
+        "trim_box": ",".join(str(v) for v in input_box),
+        "thumb_size": THUMB_SIZE,
+        "thumb": thumb.tobytes(),
+        "lowres": lowres.tobytes(),
+        "windows": windows.tobytes(),
+    }
+
+
+# ----------------------------------------------------------------------------------------------------------
+# Verification
+# ----------------------------------------------------------------------------------------------------------
+
+
+def _thumb_array(fp: Mapping[str, object]) -> np.ndarray:
+    size = int(fp["thumb_size"])  # type: ignore[arg-type]
+    data = fp["thumb"]
+    buf = data if isinstance(data, bytes) else bytes(data)  # bytearray/memoryview after Parquet
+    return np.frombuffer(buf, dtype=np.uint8).reshape(size, size).astype(np.float32)
+
+
+def _equalize(img: np.ndarray) -> np.ndarray:
+    """Rank transform (mid-rank of each gray level) to [0, 1]: removes brightness/contrast/gamma changes."""
+    levels = np.clip(np.rint(img), 0, 255).astype(np.intp)
+    counts = np.bincount(levels.ravel(), minlength=256).astype(np.float64)
+    cdf = np.cumsum(counts)
+    mid = (cdf - counts / 2.0) / cdf[-1]
+    return mid[levels].astype(np.float32)
+
+
+# An axis hypothesis (scale, offset) maps B's normalized coordinate u_b in [0, 1] to A's:
+#     u_a = 0.5 + offset + scale * (u_b - 0.5)
+# (offset between box centres, so scale and shift decouple).  scale < 1: B shows part of A (B is a crop of
+# A, or A carries an untrimmed border); scale > 1: the other way round.
+
+
+def _axis_positions(
+    n_src: int, n_dst: int, scale: np.ndarray, offset: np.ndarray
+) -> tuple[np.ndarray, np.ndarray]:
+    """Source pixel positions of the destination pixel centres, and whether they fall inside the source.
+
+    ``scale``/``offset`` broadcast against each other; the output gets a trailing axis of length n_dst.
+    """
+    ub = (np.arange(n_dst, dtype=np.float32) + 0.5) / n_dst
+    ua = 0.5 + offset[..., None] + scale[..., None] * (ub - 0.5)
+    pos = ua * n_src - 0.5
+    return pos, (pos >= -0.5) & (pos <= n_src - 0.5)
+
+
+def _profile_grid(n_src: int, n_dst: int, scales: np.ndarray, offsets: np.ndarray, min_overlap: float):
+    """Everything about a grid of (scale, offset) hypotheses that does not depend on the profiles.
+
+    Returns (i0, i1, frac, w, cnt_safe, ok): linear-interpolation indices/weights of A's profile at B's
+    sample positions, the inside mask as weights, the per-hypothesis sample count and the overlap test.
+    """
+    pos, inside = _axis_positions(n_src, n_dst, scales, offsets)
+    pos = np.clip(pos, 0.0, n_src - 1.0)
+    i0 = np.floor(pos).astype(np.intp)
+    i1 = np.minimum(i0 + 1, n_src - 1)
+    frac = (pos - i0).astype(np.float32)
+    w = inside.astype(np.float32)
+    cnt = w.sum(axis=-1)
+    # overlap as a fraction of B (samples inside A) and of A (covered length = scale * fraction of B)
+    ok = (cnt >= min_overlap * n_dst) & (scales * cnt / n_dst >= min_overlap)
+    return i0, i1, frac, w, np.maximum(cnt, 1.0), ok
+
+
+def _profile_corr_grid(pa: np.ndarray, pb: np.ndarray, grid) -> np.ndarray:
+    """Pearson correlation of B's profile with A's profile resampled on a :func:`_profile_grid`."""
+    i0, i1, frac, w, cnt_safe, ok = grid
+    sampled = pa[i0] + (pa[i1] - pa[i0]) * frac
+    ma = (sampled * w).sum(axis=-1) / cnt_safe
+    mb = (w @ pb) / cnt_safe
+    da = (sampled - ma[..., None]) * w
+    db = (pb - mb[..., None]) * w
+    corr = (da * db).sum(axis=-1) / np.sqrt((da * da).sum(axis=-1) * (db * db).sum(axis=-1) + 1e-12)
+    return np.where(ok, corr, -2.0)
+
+
+def _profile_corr(
+    pa: np.ndarray, pb: np.ndarray, scales: np.ndarray, offsets: np.ndarray, min_overlap: float
+):
+    """Pearson correlation of B's profile with A's profile resampled at every (scale, offset) hypothesis.
+
+    Returns an array of shape ``scales.shape`` (scales and offsets are broadcast); hypotheses whose overlap
+    covers less than ``min_overlap`` of either profile get -2.
+    """
+    scales, offsets = np.broadcast_arrays(scales, offsets)
+    return _profile_corr_grid(pa, pb, _profile_grid(len(pa), len(pb), scales, offsets, min_overlap))
+
+
+@functools.lru_cache(maxsize=8)
+def _coarse_grid(
+    n_src: int,
+    n_dst: int,
+    max_scale: float,
+    max_offset: float,
+    scale_steps: int,
+    offset_steps: int,
+    min_overlap: float,
+):
+    """The coarse (scale, offset) grid and its :func:`_profile_grid`; the same for every pair, so cached."""
+    log_s = math.log(max_scale)
+    scales = np.exp(np.linspace(-log_s, log_s, scale_steps, dtype=np.float32))
+    offsets = np.linspace(-max_offset, max_offset, offset_steps, dtype=np.float32)
+    grid_s, grid_o = np.broadcast_arrays(scales[:, None], offsets[None, :])
+    return scales, offsets, _profile_grid(n_src, n_dst, grid_s, grid_o, min_overlap)
+
+
+def _coarse_axis(pa: np.ndarray, pb: np.ndarray, config: DedupeConfig) -> list[tuple[float, float, float]]:
+    """The ``top_k`` best, mutually distinct (scale, offset, correlation) hypotheses on a coarse grid."""
+    scales, offsets, grid = _coarse_grid(
+        len(pa),
+        len(pb),
+        config.max_scale,
+        config.max_offset,
+        config.scale_steps,
+        config.offset_steps,
+        config.min_overlap,
+    )
+    corr = _profile_corr_grid(pa, pb, grid)
+    ranked = []
+    for idx in np.argsort(-corr.ravel(), kind="stable"):
+        si, oi = divmod(int(idx), len(offsets))
+        if corr[si, oi] < -1.5:
+            break
+        ranked.append((float(scales[si]), float(offsets[oi]), float(corr[si, oi])))
+    return _distinct(ranked, config.top_k)
+
+
+def _distinct(ranked: Iterable[tuple[float, float, float]], top_k: int) -> list[tuple[float, float, float]]:
+    """The first ``top_k`` (scale, offset, correlation) hypotheses of ``ranked`` (best first) that differ
+    from every earlier pick by more than 0.04 in scale or in offset."""
+    picks: list[tuple[float, float, float]] = []
+    for cand in ranked:
+        if all(abs(cand[0] - s) > 0.04 or abs(cand[1] - o) > 0.04 for s, o, _ in picks):
+            picks.append(cand)
+            if len(picks) >= top_k:
+                break
+    return picks
+
+
+def _coarse_starts(pa: np.ndarray, pb: np.ndarray, config: DedupeConfig) -> list[tuple[float, float, float]]:
+    """The ``top_k`` best, mutually distinct hypotheses of :func:`_coarse_axis` over rows of profile pairs
+    ((k, m) each, e.g. :func:`_band_pairs`)."""
+    ranked = sorted(
+        (c for a, b in zip(pa, pb, strict=True) for c in _coarse_axis(a, b, config)), key=lambda c: -c[2]
+    )
+    return _distinct(ranked, config.top_k)
+
+
+def _refine_axis(pa: np.ndarray, pb: np.ndarray, start: tuple[float, float], config: DedupeConfig):
+    """Local coarse-to-fine search around ``start``: 7x7 grids with halving spans."""
+    s0, o0 = start[0], start[1]
+    span_s, span_o = 0.06, 0.06
+    steps = np.linspace(-1.0, 1.0, 7, dtype=np.float32)
+    for _ in range(4):
+        scales = (s0 * np.exp(steps * span_s))[:, None]
+        offsets = (o0 + steps * span_o)[None, :]
+        scales, offsets = np.broadcast_arrays(scales, offsets)
+        corr = _profile_corr(pa, pb, scales, offsets, config.min_overlap)
+        i = int(np.argmax(corr))
+        s0, o0 = float(scales.flat[i]), float(offsets.flat[i])
+        span_s, span_o = span_s / 3.0, span_o / 3.0
+    return s0, o0
+
+
+def _warp_axis(
+    a: np.ndarray, axis: int, n_dst: int, hyp: tuple[float, float]
+) -> tuple[np.ndarray, np.ndarray]:
+    """Resample ``a`` along ``axis`` onto B's grid for one hypothesis; returns values and inside mask."""
+    n_src = a.shape[axis]
+    pos, inside = _axis_positions(n_src, n_dst, np.float32(hyp[0]), np.float32(hyp[1]))
+    pos = np.clip(pos, 0.0, n_src - 1.0)
+    i0 = np.floor(pos).astype(np.intp)
+    i1 = np.minimum(i0 + 1, n_src - 1)
+    frac = pos - i0
+    if axis == 0:
+        out = a[i0, :] * (1.0 - frac)[:, None] + a[i1, :] * frac[:, None]
+    else:
+        out = a[:, i0] * (1.0 - frac)[None, :] + a[:, i1] * frac[None, :]
+    return out, inside
+
+
+def _align(a: np.ndarray, b: np.ndarray, x_start: tuple[float, ...], config: DedupeConfig):
+    """Alternate per-axis searches, each using only the rows/columns that overlap on the other axis.
+
+    Profiles of the full thumbnails are polluted where one image extends beyond the other (a crop along y
+    changes the column means); restricting them to the current overlap removes that bias.
+    """
+    x_hyp = (x_start[0], x_start[1])
+    y_hyp: tuple[float, float] | None = None
+    for _ in range(2):
+        ax, inx = _warp_axis(a, 1, b.shape[1], x_hyp)  # A resampled onto B's columns
+        pa, pb = ax[:, inx].mean(axis=1), b[:, inx].mean(axis=1)
+        if y_hyp is None:
+            cands = _coarse_axis(pa, pb, config)
+            if not cands:
+                return None
+            y_hyp = cands[0][:2]
+        y_hyp = _refine_axis(pa, pb, y_hyp, config)
+        ay, iny = _warp_axis(a, 0, b.shape[0], y_hyp)  # A resampled onto B's rows
+        x_hyp = _refine_axis(ay[iny].mean(axis=0), b[iny].mean(axis=0), x_hyp, config)
+    return y_hyp, x_hyp
+
+
+def _overlap_mask(y_hyp, x_hyp, n: int) -> np.ndarray:
+    _, iny = _axis_positions(n, n, np.float32(y_hyp[0]), np.float32(y_hyp[1]))
+    _, inx = _axis_positions(n, n, np.float32(x_hyp[0]), np.float32(x_hyp[1]))
+    return iny[:, None] & inx[None, :]
+
+
+def _overlap_ok(mask: np.ndarray, y_hyp, x_hyp, config: DedupeConfig) -> bool:
+    """Enough of B lies inside A, and enough of A is covered by B."""
+    frac_b = float(mask.mean())
+    return frac_b >= config.min_overlap and frac_b * y_hyp[0] * x_hyp[0] >= config.min_overlap
+
+
+def _rank_residual(a: np.ndarray, b: np.ndarray, y_hyp, x_hyp, config: DedupeConfig) -> float:
+    """Coarse score: trimmed mean |rank(A) - rank(B)| over the overlap, ranks taken within the overlap."""
+    ay, _ = _warp_axis(a, 0, b.shape[0], y_hyp)
+    axy, _ = _warp_axis(ay, 1, b.shape[1], x_hyp)
+    mask = _overlap_mask(y_hyp, x_hyp, b.shape[0])
+    if not _overlap_ok(mask, y_hyp, x_hyp, config):
+        return math.inf
+    diff = np.sort(np.abs(_equalize(axy[mask] * 255.0) - _equalize(b[mask] * 255.0)))
+    keep = max(1, int(round(len(diff) * (1.0 - config.prefilter_ignore))))
+    return float(diff[:keep].mean())
+
+
+def _blur_matrix(n: int, sigma: float) -> np.ndarray:
+    """Row-normalized Gaussian blur as an (n, n) matrix: ``M @ img @ M.T`` blurs both axes."""
+    idx = np.arange(n, dtype=np.float32)
+    m = np.exp(-0.5 * ((idx[:, None] - idx[None, :]) / sigma) ** 2)
+    return (m / m.sum(axis=1, keepdims=True)).astype(np.float32)
+
+
+def _interp_matrix(n: int, hyp) -> np.ndarray:
+    """(n, n) linear-interpolation matrix W with ``W @ a`` = A resampled onto B's grid along one axis."""
+    pos, _ = _axis_positions(n, n, np.float32(hyp[0]), np.float32(hyp[1]))
+    pos = np.clip(pos, 0.0, n - 1.0)
+    i0 = np.floor(pos).astype(np.intp)
+    i1 = np.minimum(i0 + 1, n - 1)
+    frac = (pos - i0).astype(np.float32)
+    w = np.zeros((n, n), dtype=np.float32)
+    rows = np.arange(n)
+    np.add.at(w, (rows, i0), 1.0 - frac)
+    np.add.at(w, (rows, i1), frac)
+    return w
+
+
+def _warp2(a: np.ndarray, y_hyp, x_hyp) -> np.ndarray:
+    n = a.shape[0]
+    return _interp_matrix(n, y_hyp) @ a @ _interp_matrix(n, x_hyp).T
+
+
+def _refine_2d(
+    a: np.ndarray, b: np.ndarray, y_hyp, x_hyp, config: DedupeConfig, criterion: Literal["abs", "corr"]
+):
+    """Coordinate descent on (sy, oy, sx, ox) over the overlap of the equalised, blurred images A and B.
+
+    ``criterion="abs"``: minimise their mean absolute difference, steps 1 to 1/4 thumbnail pixel. The
+    profile search is good to about half a pixel at 64 px; this polishes it at full resolution.
+    ``criterion="corr"``: maximise their Pearson correlation, steps 4 to 1/4 pixel. For a heavy crop, the
+    two images were equalised over different extents, so their rank maps differ; the profiles' optimum
+    then drifts by several pixels and so does the absolute difference's. Correlation is blind to the
+    affine part of that difference, and the coarse steps reach the true alignment.
+    """
+    n = a.shape[0]
+    params = [y_hyp[0], y_hyp[1], x_hyp[0], x_hyp[1]]
+    steps, rounds = ((4.0, 2.0, 1.0, 0.5, 0.25), 4) if criterion == "corr" else ((1.0, 0.5, 0.25), 3)
+
+    def cost(p: list[float]) -> float:
+        yh, xh = (p[0], p[1]), (p[2], p[3])
+        mask = _overlap_mask(yh, xh, n)
+        if not _overlap_ok(mask, yh, xh, config):
+            return math.inf
+        wa, wb = _warp2(a, yh, xh)[mask], b[mask]
+        if criterion == "abs":
+            return float(np.abs(wa - wb).mean())
+        wa, wb = wa - wa.mean(), wb - wb.mean()
+        return 1.0 - float((wa * wb).sum() / math.sqrt(float((wa * wa).sum() * (wb * wb).sum()) + 1e-12))
+
+    best = cost(params)
+    for step in steps:
+        for _ in range(rounds):
+            improved = False
+            for dim in range(4):
+                for sign in (-1.0, 1.0):
+                    trial = list(params)
+                    trial[dim] += sign * step / n
+                    c = cost(trial)
+                    if c < best - 1e-9:
+                        best, params, improved = c, trial, True
+            if not improved:
+                break
+    return (params[0], params[1]), (params[2], params[3])
+
+
+def _gap_residual(a_raw: np.ndarray, b_raw: np.ndarray, y_hyp, x_hyp, config: DedupeConfig) -> float:
+    """Final score: trimmed mean rank-interval gap between aligned A and B over the overlap.
+
+    Each pixel's gray level occupies an interval of ranks [F(v-), F(v)] within the overlap.  The gap
+    between A's and B's intervals is 0 when the ranks agree, and also when one image is clipped (a
+    saturated block is one wide interval), so brightness/contrast/gamma changes, clipping included, cost
+    nothing.  Pixels in a uniform mass on both sides (``flat_mass``: shared background) carry no evidence
+    and are left out; of the rest, the worst ``ignore_fraction`` is dropped (annotations, text, arrows).
+    """
+    n = b_raw.shape[0]
+    mask = _overlap_mask(y_hyp, x_hyp, n)
+    if not _overlap_ok(mask, y_hyp, x_hyp, config):
+        return math.inf
+    return _trimmed_gap(
+        _warp2(a_raw, y_hyp, x_hyp)[mask], b_raw[mask], config.ignore_fraction, config.flat_mass
+    )
+
+
+def _rank_interval(v: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """Per value, the interval [F(v-), F(v)] of ranks its gray level occupies within ``v`` (in [0, 1])."""
+    levels = np.clip(np.rint(v), 0, 255).astype(np.intp)
+    counts = np.bincount(levels, minlength=256).astype(np.float64)
+    hi = np.cumsum(counts) / len(v)
+    lo = hi - counts / len(v)
+    return lo[levels], hi[levels]
+
+
+def _trimmed_gap(av: np.ndarray, bv: np.ndarray, ignore_fraction: float, flat_mass: float = 1.0) -> float:
+    """Mean gap between the rank intervals of paired values, after dropping the worst ``ignore_fraction``.
+
+    Pairs where both values belong to a gray level holding more than ``flat_mass`` of the values (a uniform
+    background or a saturated block on both sides) are left out first, unless nothing else is left.
+    """
+    lo_a, hi_a = _rank_interval(av)
+    lo_b, hi_b = _rank_interval(bv)
+    gap = np.maximum(0.0, np.maximum(lo_a - hi_b, lo_b - hi_a))
+    informative = (hi_a - lo_a <= flat_mass) | (hi_b - lo_b <= flat_mass)
+    if informative.any():
+        gap = gap[informative]
+    gap = np.sort(gap)
+    keep = max(1, int(round(len(gap) * (1.0 - ignore_fraction))))
+    return float(gap[:keep].mean())
+
+
+#: The spans of the other axis over which a thumbnail's profiles are averaged: whole, and an eighth off both
+#: ends. A copy cropped along y has column means over only part of the rows, and its x profile matches the
+#: original's over the central band better than over all rows (and likewise for x). Each band costs one
+#: more stage-0 correlation per pair and axis.
+PROFILE_BANDS: tuple[tuple[float, float], ...] = ((0.0, 1.0), (0.125, 0.875))
+
+
+@dataclass(frozen=True)
+class _Thumb:
+    """One thumbnail as verification uses it: raw (n, n) float32, its 2x2-averaged rank-equalised half
+    (n/2, n/2), and that half's column (x) and row (y) mean profiles, one per band of
+    :data:`PROFILE_BANDS`: (len(PROFILE_BANDS), n/2) each, the whole-image profile first."""
+
+    raw: np.ndarray
+    half: np.ndarray
+    bands_x: np.ndarray
+    bands_y: np.ndarray
+
+    @classmethod
+    def of(cls, raw: np.ndarray) -> _Thumb:
+        n = raw.shape[0]
+        half = _equalize(raw.reshape(n // 2, 2, n // 2, 2).mean(axis=(1, 3)))
+        spans = [(round(lo * n / 2), round(hi * n / 2)) for lo, hi in PROFILE_BANDS]
+        bands_x = np.stack([half[i0:i1].mean(axis=0) for i0, i1 in spans])
+        bands_y = np.stack([half[:, i0:i1].mean(axis=1) for i0, i1 in spans])
+        return cls(raw, half, bands_x, bands_y)
+
+
+def _band_pairs(a: np.ndarray, b: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """The profile pairs compared for one axis: A's whole profile with each of B's bands and each of A's
+    other bands with B's whole profile; (2 * len(PROFILE_BANDS) - 1, m) each."""
+    nb = len(PROFILE_BANDS)
+    return np.concatenate([np.repeat(a[:1], nb, axis=0), a[1:]]), np.concatenate(
+        [b, np.repeat(b[:1], nb - 1, axis=0)]
+    )
+
+
+@functools.lru_cache(maxsize=8)
+def _coarse_sampler(
+    m: int, max_scale: float, max_offset: float, scale_steps: int, offset_steps: int, min_overlap: float
+) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
+    """The coarse grid of :func:`_coarse_grid` as one matrix: ``a @ sampler`` is profile ``a`` (m,)
+    resampled at every hypothesis h and B sample j, zero outside A: (m, H * m) float32 (~11 MB at m=64).
+    Also the inside weights (H, m), the sample counts (H,) and the overlap test (H,)."""
+    _, _, (i0, i1, frac, w, cnt_safe, ok) = _coarse_grid(
+        m, m, max_scale, max_offset, scale_steps, offset_steps, min_overlap
+    )
+    n_hyp = i0.shape[0] * i0.shape[1]
+    i0, i1, frac, w = (x.reshape(n_hyp, m) for x in (i0, i1, frac, w))
+    hyp, sample = np.meshgrid(np.arange(n_hyp), np.arange(m), indexing="ij")
+    sampler = np.zeros((m, n_hyp, m), dtype=np.float32)
+    np.add.at(sampler, (i0, hyp, sample), (1.0 - frac) * w)
+    np.add.at(sampler, (i1, hyp, sample), frac * w)
+    return sampler.reshape(m, n_hyp * m), w, cnt_safe.reshape(n_hyp), ok.reshape(n_hyp)
+
+
+def _best_profile_corr(pa: np.ndarray, pb: np.ndarray, config: DedupeConfig) -> np.ndarray:
+    """Best coarse-grid profile correlation of each row pair: (P, m) and (P, m) -> (P,) float32, -2 when
+    no hypothesis gives enough overlap. Vectorised over pairs: one matrix product resamples a block of A
+    profiles at every hypothesis (:func:`_coarse_sampler`), and the correlations follow from sums."""
+    sampler, w, cnt, ok = _coarse_sampler(
+        pa.shape[1],
+        config.max_scale,
+        config.max_offset,
+        config.scale_steps,
+        config.offset_steps,
+        config.min_overlap,
+    )
+    # centred first, so the sums below do not cancel in float32
+    pa = (pa - pa.mean(axis=1, keepdims=True)).astype(np.float32)
+    pb = (pb - pb.mean(axis=1, keepdims=True)).astype(np.float32)
+    out = np.empty(len(pa), dtype=np.float32)
+    for start in range(0, len(pa), 64):
+        a, b = pa[start : start + 64], pb[start : start + 64]
+        sampled = (a @ sampler).reshape(len(a), len(cnt), -1)  # (P, H, m)
+        sum_a, sum_b = sampled.sum(axis=-1), b @ w.T
+        cov = np.einsum("phj,pj->ph", sampled, b) - sum_a * sum_b / cnt
+        var_a = np.einsum("phj,phj->ph", sampled, sampled) - sum_a * sum_a / cnt
+        var_b = (b * b) @ w.T - sum_b * sum_b / cnt
+        corr = cov / np.sqrt(np.maximum(var_a * var_b, 0.0) + 1e-12)
+        out[start : start + 64] = np.where(ok, corr, -2.0).max(axis=1)
+    return out
+
+
+def _screen(pairs: Sequence[tuple[_Thumb, _Thumb]], config: DedupeConfig) -> list[float | None]:
+    """Stage 0 for many pairs at once: the score of each pair rejected by its best 1-D profile correlation
+    (``2 - corr`` of the failing axis, x first; ``inf`` with no overlapping hypothesis), or None for a pair
+    that goes on to stages 1 and 2. An axis's correlation is the best over :func:`_band_pairs`, so a copy
+    cropped along the other axis is not rejected. Cheap (no alignment), and it rejects most candidates."""
+    if not pairs:
+        return []
+
+    def best_corr(axis: str, rows: list[int]) -> np.ndarray:
+        stacked = [_band_pairs(getattr(pairs[i][0], axis), getattr(pairs[i][1], axis)) for i in rows]
+        corr = _best_profile_corr(
+            np.concatenate([a for a, _ in stacked]), np.concatenate([b for _, b in stacked]), config
+        )
+        return corr.reshape(len(rows), -1).max(axis=1)
+
+    corr_x = best_corr("bands_x", list(range(len(pairs))))
+    scores: list[float | None] = [
+        math.inf if cx < -1.5 else 2.0 - cx if cx < config.min_profile_corr else None
+        for cx in corr_x.tolist()
+    ]
+    passed_x = [i for i, score in enumerate(scores) if score is None]  # y is computed for these only
+    if passed_x:
+        corr_y = best_corr("bands_y", passed_x)
+        for i, cx, cy in zip(passed_x, corr_x[passed_x].tolist(), corr_y.tolist(), strict=True):
+            # the grid is the same on both axes, so y has an overlapping hypothesis where x has one
+            if cy < config.min_profile_corr:
+                scores[i] = 2.0 - min(cx, cy)  # clearly not a duplicate; > any stage-1/2 score
+    return scores
+
+
+def _align_and_score(ta: _Thumb, tb: _Thumb, config: DedupeConfig) -> float:
+    """Stages 1 and 2 of a pair that passed :func:`_screen` (see :func:`verify_pair`)."""
+    a, b = ta.half, tb.half
+    x_starts = _coarse_starts(*_band_pairs(ta.bands_x, tb.bands_x), config)
+    coarse, best = math.inf, None
+    for x_start in x_starts:
+        aligned = _align(a, b, x_start, config)
+        if aligned is not None:
+            r = _rank_residual(a, b, aligned[0], aligned[1], config)
+            if r < coarse:
+                coarse, best = r, aligned
+    if best is None:
+        return math.inf
+    if coarse > config.prefilter_residual:
+        return 1.0 + coarse  # clearly not a duplicate
+    n = ta.raw.shape[0]
+    blur = _blur_matrix(n, config.blur_sigma)
+    a_raw, b_raw = blur @ ta.raw @ blur.T, blur @ tb.raw @ blur.T
+    a_eq, b_eq = _equalize(a_raw), _equalize(b_raw)
+    score = math.inf
+    for criterion in ("abs", "corr"):  # each finds alignments the other misses (see _refine_2d)
+        y_hyp, x_hyp = _refine_2d(a_eq, b_eq, best[0], best[1], config, criterion)
+        a_res, b_res = _match_resolution(a_raw, b_raw, y_hyp[0], x_hyp[0], config.blur_sigma)
+        score = min(score, _gap_residual(a_res, b_res, y_hyp, x_hyp, config))
+    return score
+
+
+def verify_pair(
+    fa: Mapping[str, object], fb: Mapping[str, object], config: DedupeConfig = DedupeConfig()
+) -> float:
+    """Verification score between two fingerprints (see :class:`DuplicatePair`); lower = more alike.
+
+    Stage 0 (64 px profiles, :func:`_screen`): the best 1-D alignment's correlation per axis; clearly
+    different pairs stop here. Stage 1 (64 px): profile alignment and a rank residual. Stage 2 (full
+    thumbnail): 2-D refinements of the alignment (:func:`_refine_2d`) and the lower rank-interval gap
+    score of the two.
+    Returns ``inf`` when no alignment gives enough overlap; raises ValueError for thumbnails of different
+    sizes.
+    """
+    a_raw, b_raw = _thumb_array(fa), _thumb_array(fb)
+    if a_raw.shape != b_raw.shape:
+        raise ValueError("fingerprints with different thumb_size cannot be compared")
+    ta, tb = _Thumb.of(a_raw), _Thumb.of(b_raw)
+    rejected = _screen([(ta, tb)], config)[0]
+    return rejected if rejected is not None else _align_and_score(ta, tb, config)
+
+
+def _match_resolution(
+    a: np.ndarray, b: np.ndarray, scale_y: float, scale_x: float, sigma: float
+) -> tuple[np.ndarray, np.ndarray]:
+    """Blur the sharper side of each axis so both carry the same detail once A is warped onto B's grid.
+
+    Both thumbnails are ``sigma``-blurred; with scale ``s`` (B pixels per A pixel = 1/s), a crop (s < 1)
+    shows its content with 1/s times the pixels of A's thumbnail, so A's blur becomes sigma/s in B's
+    pixels and B gets sqrt((sigma/s)^2 - sigma^2) more; s > 1 blurs A the other way. Without this a heavy
+    crop (an eighth off every side) scores like a different film from its lost detail alone.
+    """
+    n = a.shape[0]
+    blur_a, blur_b = [np.eye(n, dtype=np.float32)] * 2, [np.eye(n, dtype=np.float32)] * 2
+    for axis, s in enumerate((scale_y, scale_x)):
+        extra = sigma * math.sqrt(abs(1.0 / (s * s) - 1.0)) if s < 1 else sigma * math.sqrt(s * s - 1.0)
+        if extra > 0.1:
+            (blur_b if s < 1 else blur_a)[axis] = _blur_matrix(n, extra)
+    return blur_a[0] @ a @ blur_a[1].T, blur_b[0] @ b @ blur_b[1].T
+
+
+# ----------------------------------------------------------------------------------------------------------
+# Pair search
+# ----------------------------------------------------------------------------------------------------------
+
+
+def _candidates(
+    known: Mapping[str, Mapping[str, object]],
+    new: Mapping[str, Mapping[str, object]],
+    config: DedupeConfig,
+    within_new: bool = True,
+) -> tuple[list[Candidate], CandidateIndex]:
+    """Candidate pairs with at least one side in ``new`` (``within_new=False``: the other side in
+    ``known``), from a :class:`~lxn_ray.dedupe.index.CandidateIndex` over both; and the index (timings)."""
+    index = CandidateIndex.from_fingerprints({**known, **new})
+    searchable = None if within_new else [k for k in known if k not in new]
+    return index.candidates(sorted(new), searchable, config.search), index
+
+
+def candidate_pairs(
+    known: Mapping[str, Mapping[str, object]],
+    new: Mapping[str, Mapping[str, object]],
+    config: DedupeConfig = DedupeConfig(),
+    within_new: bool = True,
+) -> list[tuple[str, str]]:
+    """The sorted candidate pairs ``(a, b)``, ``a < b``, that :func:`find_duplicates` verifies."""
+    return sorted({(c.a, c.b) for c in _candidates(known, new, config, within_new)[0]})
+
+
+@dataclass(frozen=True)
+class VerifyChunk:
+    """A self-contained batch of pairs for :func:`verify_chunk`: only the thumbnails it uses travel.
+
+    ``thumbs``: (u, n, n) uint8; ``pairs``: (P, 2) int64 rows of ``thumbs`` (a, b); ``mirrored``: (P,) bool,
+    compare ``a`` with ``b`` flipped left-right.
+    """
+
+    thumbs: np.ndarray
+    pairs: np.ndarray
+    mirrored: np.ndarray
+    config: DedupeConfig
+
+
+def verify_chunk(chunk: VerifyChunk) -> list[float]:
+    """Chunk worker for ``search_duplicates(map_chunks=...)``: the :func:`verify_pair` score of every pair.
+
+    Module-level and free of state, so it pickles by reference (Ray tasks, process pools). Each thumbnail
+    is prepared once per chunk and stage 0 runs vectorised over all pairs before any pair is aligned.
+    """
+    # 128 px matrix products gain nothing from BLAS threads, and on a busy host threads that spin waiting
+    # for cores cost 10-100x; parallelism comes from running chunks side by side (Ray tasks).
+    with threadpool_limits(limits=1):
+        plain: dict[int, _Thumb] = {}
+        flipped: dict[int, _Thumb] = {}
+
+        def thumb(row: int, mirror: bool) -> _Thumb:
+            cache = flipped if mirror else plain
+            if row not in cache:
+                raw = chunk.thumbs[row].astype(np.float32)
+                cache[row] = _Thumb.of(np.ascontiguousarray(raw[:, ::-1]) if mirror else raw)
+            return cache[row]
+
+        pairs = [
+            (thumb(int(a), False), thumb(int(b), bool(m)))
+            for (a, b), m in zip(chunk.pairs, chunk.mirrored, strict=True)
+        ]
+        screened = _screen(pairs, chunk.config)
+        return [
+            score if score is not None else _align_and_score(ta, tb, chunk.config)
+            for (ta, tb), score in zip(pairs, screened, strict=True)
+        ]
+
+
+def _serial_map(worker: Callable[[T], list[R]], chunks: list[T]) -> list[list[R]]:
+    return [worker(chunk) for chunk in chunks]
+
+
+def _thumb_bytes(fp: Mapping[str, object]) -> bytes:
+    data = fp["thumb"]
+    return data if isinstance(data, bytes) else bytes(data)  # type: ignore[arg-type]
+
+
+@dataclass(frozen=True)
+class DuplicateSearch:
+    """What :func:`search_duplicates` found and what it cost (seconds of wall time in this process)."""
+
+    pairs: list[DuplicatePair]
+    candidates: int  # pairs verified (a pair checked plain and mirrored counts twice)
+    new_images: int
+    index_seconds: float  # building the candidate index from stored vectors
+    query_seconds: float  # the k-nearest-neighbour queries
+    verify_seconds: float  # verification, wherever ``map_chunks`` ran it
+
+
+def find_duplicates(
+    known: Mapping[str, Mapping[str, object]],
+    new: Mapping[str, Mapping[str, object]],
+    config: DedupeConfig = DedupeConfig(),
+    map_chunks: ChunkMapper | None = None,
+    chunk_size: int = 256,
+    named_pairs: Iterable[tuple[str, str]] = (),
+    within_new: bool = True,
+) -> list[DuplicatePair]:
+    """Confirmed duplicate pairs among ``new`` and between ``new`` and ``known``, sorted by (a, b): the
+    ``pairs`` of :func:`search_duplicates` (same arguments)."""
+    return search_duplicates(known, new, config, map_chunks, chunk_size, named_pairs, within_new).pairs
+
+
+def search_duplicates(
+    known: Mapping[str, Mapping[str, object]],
+    new: Mapping[str, Mapping[str, object]],
+    config: DedupeConfig = DedupeConfig(),
+    map_chunks: ChunkMapper | None = None,
+    chunk_size: int = 256,
+    named_pairs: Iterable[tuple[str, str]] = (),
+    within_new: bool = True,
+) -> DuplicateSearch:
+    """Confirmed duplicate pairs among ``new`` and between ``new`` and ``known``, with counts and timings.
+
+    Known-vs-known pairs are never compared.  A key present in both mappings is treated as new.
+    ``named_pairs`` are extra candidates the caller has reason to suspect (the same file name in two
+    sources); they are verified like the others, against ``config.same_name_max_residual``.
+    ``within_new=False`` compares new keys only with known ones (e.g. films under evaluation with a
+    model's training images), not with each other. A mirrored candidate is verified against ``b``
+    flipped left-right; a pair confirmed both ways keeps its better score.
+
+    Candidate search (:mod:`lxn_ray.dedupe.index`) runs here; the verification of the candidate pairs is
+    split into :class:`VerifyChunk` s of ``chunk_size`` pairs and run as
+    ``map_chunks(verify_chunk, chunks)``, which must return one list of scores per chunk, in order
+    (``None``: sequentially in this process).  The result is identical whichever mapper runs the chunks.
+    Raises ValueError for fingerprints of different ``thumb_size``.
+    """
+    fps = {**known, **new}
+    named = {(a, b) if a < b else (b, a) for a, b in named_pairs if a != b and a in fps and b in fps}
+    named = {pair for pair in named if pair[0] in new or pair[1] in new}
+    found, index = _candidates(known, new, config, within_new)
+    candidates = sorted(set(found) | {Candidate(a, b) for a, b in named})
+    if not candidates:
+        return DuplicateSearch([], 0, len(new), index.build_seconds, index.query_seconds, 0.0)
+    started = time.perf_counter()
+    keys = sorted({k for c in candidates for k in (c.a, c.b)})
+    sizes = {int(fps[k]["thumb_size"]) for k in keys}  # type: ignore[arg-type]
+    if len(sizes) != 1:
+        raise ValueError("fingerprints with different thumb_size cannot be compared")
+    size = sizes.pop()
+    chunks = []
+    for start in range(0, len(candidates), chunk_size):
+        part = candidates[start : start + chunk_size]
+        used = sorted({k for c in part for k in (c.a, c.b)})
+        row = {k: i for i, k in enumerate(used)}
+        thumbs = np.stack([np.frombuffer(_thumb_bytes(fps[k]), np.uint8).reshape(size, size) for k in used])
+        chunks.append(
+            VerifyChunk(
+                thumbs=thumbs,
+                pairs=np.array([(row[c.a], row[c.b]) for c in part], dtype=np.int64),
+                mirrored=np.array([c.mirrored for c in part], dtype=bool),
+                config=config,
+            )
+        )
+    results = (map_chunks or _serial_map)(verify_chunk, chunks)
+    scores = [score for chunk_scores in results for score in chunk_scores]
+    if len(scores) != len(candidates):
+        raise RuntimeError(f"map_chunks returned {len(scores)} scores for {len(candidates)} pairs")
+    best: dict[tuple[str, str], DuplicatePair] = {}
+    for c, score in zip(candidates, scores, strict=True):
+        limit = config.max_residual
+        if (c.a, c.b) in named:
+            limit = max(config.max_residual, config.same_name_max_residual)
+        score = round(float(score), 6)
+        if score <= limit and ((c.a, c.b) not in best or score < best[(c.a, c.b)].score):
+            distance = hamming(int(str(fps[c.a]["phash"]), 16), int(str(fps[c.b]["phash"]), 16))
+            best[(c.a, c.b)] = DuplicatePair(c.a, c.b, distance, score, c.mirrored)
+    return DuplicateSearch(
+        pairs=[best[k] for k in sorted(best)],
+        candidates=len(candidates),
+        new_images=len(new),
+        index_seconds=index.build_seconds,
+        query_seconds=index.query_seconds,
+        verify_seconds=time.perf_counter() - started,
+    )

@@ -1,0 +1,180 @@
+"""Quiet by default: a job prints its own lines and the warnings that matter; ``--verbose`` prints all.
+
+Left alone, a two-minute training job prints ~190 lines for its ~20 own ones, from every process Ray
+starts: TensorFlow's C++ start-up lines and CUDA probes (absl logging), Ray Data's execution plans and
+progress notices, Ray Train's checkpoint notices. Each is silenced at its source, in the driver and in
+every Ray worker of the job:
+
+- the environment (:data:`QUIET_ENV`): TensorFlow's and gRPC's C++ logging above errors, set before
+  TensorFlow loads - in the driver by :func:`configure`, in workers through the job's runtime
+  environment (:func:`runtime_env`);
+- TensorFlow's load itself: its CUDA probes and absl's "before InitializeLog" notice are written to
+  file descriptor 2 while the library loads, before any setting applies, so the first import of
+  ``tensorflow`` / ``keras`` runs with that descriptor on /dev/null (:class:`_QuietImport`) - Python
+  errors still raise as usual;
+- Python loggers: Ray Data's console handler, Ray Train's and Ray Tune's loggers at WARNING, set in
+  the driver and, through Ray's ``worker_process_setup_hook``, in each worker as it starts
+  (:func:`setup_worker`); Ray Data's one-time "progress bars disabled" notice is dropped, since
+  disabling them off a terminal is this module's choice; Ray Train's own logging at WARNING through
+  its ``LoggingConfig`` (:func:`train_log_level`);
+- Ray Data progress bars only when stderr is a terminal, and no execution plan at each start.
+
+``--verbose`` (or ``LXN_VERBOSE=1``) leaves every library as it is. Nothing happens at import.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import importlib.abc
+import importlib.util
+import logging
+import os
+import sys
+from collections.abc import Iterator
+
+VERBOSE_ENV = "LXN_VERBOSE"
+QUIET_ENV = {
+    "TF_CPP_MIN_LOG_LEVEL": "3",  # TensorFlow C++: errors only in verbose runs (absl INFO/WARNING/ERROR off)
+    "GRPC_VERBOSITY": "ERROR",
+    "GLOG_minloglevel": "3",
+    "PYTHONWARNINGS": "ignore::DeprecationWarning",  # libraries' deprecation notices, not the user's business
+    # Ray Tune's legacy output engine, which verbose=0 silences; the new one prints a configuration box,
+    # a results path and a TensorBoard hint whatever the verbosity
+    "RAY_AIR_NEW_OUTPUT": "0",
+}
+QUIET_LOGGERS = ("ray.data", "ray.train", "ray.tune", "ray.serve", "absl", "tensorflow", "optuna")
+# Ray Train's worker context logs each report ("Reporting training result ...") at INFO through a logger
+# named after its file, outside the "ray.train" hierarchy its LoggingConfig governs.
+RAY_TRAIN_CONTEXT = ("train", "v2", "_internal", "execution", "context.py")
+NOISE = (
+    "Progress bars disabled",
+    "Progress bars for operators disabled",
+    "Detected that the Ray Train controller actor",  # Ray Train cleaning up after each finished run
+)
+
+
+def verbose() -> bool:
+    """Whether this process runs verbosely (``LXN_VERBOSE=1``, which ``--verbose`` sets)."""
+    return os.environ.get(VERBOSE_ENV, "0") == "1"
+
+
+def train_log_level() -> str:
+    """Ray Train's ``LoggingConfig(log_level=...)`` for this mode."""
+    return "INFO" if verbose() else "WARNING"
+
+
+@contextlib.contextmanager
+def _stderr_to_devnull() -> Iterator[None]:
+    sys.stderr.flush()
+    saved, devnull = os.dup(2), os.open(os.devnull, os.O_WRONLY)
+    try:
+        os.dup2(devnull, 2)
+        yield
+    finally:
+        os.dup2(saved, 2)
+        os.close(saved)
+        os.close(devnull)
+
+
+class _QuietImport(importlib.abc.MetaPathFinder):
+    """Runs the first import of ``tensorflow`` or ``keras`` with file descriptor 2 on /dev/null."""
+
+    NAMES = frozenset({"tensorflow", "keras"})
+
+    def find_spec(self, name, path, target=None):
+        if name not in self.NAMES or name in sys.modules:
+            return None
+        self.NAMES = self.NAMES - {name}
+        if not self.NAMES:
+            sys.meta_path.remove(self)
+        spec = importlib.util.find_spec(name)  # the real finders (this one no longer answers for name)
+        if spec is None or spec.loader is None:
+            return spec
+        run = spec.loader.exec_module
+
+        def exec_module(module) -> None:
+            with _stderr_to_devnull():
+                run(module)
+
+        spec.loader.exec_module = exec_module
+        return spec
+
+
+def _quiet_imports() -> None:
+    if not any(isinstance(finder, _QuietImport) for finder in sys.meta_path):
+        sys.meta_path.insert(0, _QuietImport())
+
+
+def configure(be_verbose: bool) -> None:
+    """Set this job's mode in its environment (the driver, before TensorFlow or Ray is imported); the
+    driver's loggers are quieted when it connects to Ray (:func:`setup_driver`)."""
+    os.environ[VERBOSE_ENV] = "1" if be_verbose or verbose() else "0"
+    if verbose():
+        return
+    for name, value in QUIET_ENV.items():
+        os.environ.setdefault(name, value)
+    _quiet_imports()
+
+
+def setup_driver() -> None:
+    """Quiet the driver's library loggers (called when it connects to Ray)."""
+    if not verbose():
+        _quiet_loggers()
+
+
+def runtime_env() -> dict:
+    """The job-level runtime environment that carries the mode to every worker (empty when verbose)."""
+    if verbose():
+        return {}
+    env = {name: os.environ.get(name, value) for name, value in QUIET_ENV.items()}
+    return {
+        "env_vars": {**env, VERBOSE_ENV: "0"},
+        "worker_process_setup_hook": "lxn_ray.infra.quiet.setup_worker",
+    }
+
+
+def setup_worker() -> None:
+    """Ray's ``worker_process_setup_hook``: quiet this worker's Python loggers as it starts."""
+    if not verbose():
+        _quiet_imports()
+        _quiet_loggers()
+
+
+class _DropNoise(logging.Filter):
+    def filter(self, record: logging.LogRecord) -> bool:
+        message = record.getMessage()
+        return not any(message.startswith(noise) for noise in NOISE)
+
+
+def _quiet_loggers() -> None:
+    """Library loggers' console output at WARNING, without Ray Data's progress-bar notice; their log files
+    keep everything.
+
+    Ray Data configures its logger when ``ray.data`` is first imported (a console handler at INFO beside
+    a DEBUG file), so it is imported here first and its handlers adjusted after."""
+    import ray.data
+
+    context = ray.data.DataContext.get_current()
+    context.enable_progress_bars = sys.stderr.isatty()
+    context.print_on_execution_start = False
+    for logger in (logging.getLogger(), logging.getLogger("ray")):  # what propagates there, unfiltered
+        for handler in logger.handlers:
+            if not any(isinstance(f, _DropNoise) for f in handler.filters):
+                handler.addFilter(_DropNoise())
+    ray_root = os.path.dirname(sys.modules["ray"].__file__)
+    logging.getLogger(os.path.join(ray_root, *RAY_TRAIN_CONTEXT)).setLevel(logging.WARNING)
+    for name in QUIET_LOGGERS:
+        logger = logging.getLogger(name)
+        consoles = [
+            handler
+            for handler in logger.handlers
+            if isinstance(handler, logging.StreamHandler)
+            and not isinstance(handler, logging.FileHandler)
+            and type(handler).__name__ != "SessionFileHandler"
+        ]
+        if name != "ray.data":  # Ray Data's own file log keeps everything; the others are console only
+            logger.setLevel(max(logger.getEffectiveLevel(), logging.WARNING))
+        for handler in consoles:
+            handler.setLevel(max(handler.level, logging.WARNING))
+            if not any(isinstance(f, _DropNoise) for f in handler.filters):
+                handler.addFilter(_DropNoise())

@@ -1,0 +1,1 @@
+"""The LxN network (Umer et al., 2020) and its recipes in Keras, and Grad-CAM over it."""

@@ -1,0 +1,1 @@
+"""Scheduled retraining: ingest, train or tune, compare with the champion, promote."""

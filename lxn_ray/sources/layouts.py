@@ -1,0 +1,439 @@
+"""Named sources and their layouts: how a location becomes labelled rows.
+
+A dataset version draws on one or more :class:`SourceSpec`: a name (the source's identity: patient ids
+are qualified by it, metrics are broken down by it), a location (any that :mod:`lxn_ray.sources.transports`
+opens:
+folder, git, ``s3://``, ``https://``) and a layout:
+
+``upstream``
+    ``metadata.csv`` + ``images/`` (ieee8023), parsed by :mod:`lxn_ray.sources.metadata` in any schema
+    version.
+``class-folders``
+    ``<class>/<file>``: the class is the first folder, mapped to a finding (``classes:`` or the folder
+    name normalised, so ``No_findings`` is ``No Finding``) - Keras' ``image_dataset_from_directory``
+    layout. The patient is the first group of ``patient_id_pattern`` matched on the file name; without
+    a pattern each file is its own patient (the report says so).
+``manifest``
+    A CSV (``manifest:``, default ``manifest.csv``) naming file, finding and patient columns
+    (``columns:`` maps ``filename``/``finding``/``patient_id``/``view`` to this file's own names); paths
+    are relative to the source root.
+``dicom``
+    DICOM films (:mod:`lxn_ray.images.dicom`): the finding from the manifest when there is one, else from
+    class
+    folders; the patient from the header's Patient ID (a manifest ``patient_id`` column overrides it),
+    the view from View Position, the modality from Modality. Only those header fields are read. Objects
+    that are not single-frame CR/DX chest films are excluded with the reason. Patient ids are
+    pseudonymised (:func:`pseudonymise`) and no other manifest column is kept.
+
+``auto`` (the default) picks upstream when ``metadata.csv`` exists, else manifest when the manifest file
+exists, else class folders.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import hmac
+import re
+from dataclasses import dataclass, field, replace
+from pathlib import Path
+from typing import Any
+
+from lxn_ray.images.decode import ImageRejected
+from lxn_ray.sources.metadata import (
+    DEFAULT_FRONTAL_VIEWS,
+    MISSING_FILE,
+    NON_FRONTAL,
+    UNLABELLED,
+    UNREADABLE,
+    UNSAFE_PATH,
+    MetadataRow,
+    label_of,
+    normalise_view,
+    parse_metadata,
+)
+from lxn_ray.sources.tasks import normalise_finding
+from lxn_ray.sources.transports import (
+    METADATA_FILE,
+    UPSTREAM,
+    Snapshot,
+    Source,
+    SourceError,
+    is_plain_relative,
+    open_source,
+)
+
+LAYOUTS = ("auto", "upstream", "class-folders", "manifest", "dicom")
+IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg")
+DICOM_SUFFIXES = (".dcm", ".dicom")  # and files without a suffix, as PACS exports name them
+DICOM_HEADER_BYTES = 256 * 1024  # read this much of a DICOM file for its header; the whole file if short
+NAME_PATTERN = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,63}$")
+SPEC_KEYS = frozenset(
+    {"name", "uri", "ref", "layout", "patient_id_pattern", "classes", "manifest", "columns"}
+    | {"hash_patient_ids"}
+)
+MANIFEST_COLUMNS = frozenset({"filename", "finding", "patient_id", "view"})
+
+
+@dataclass(frozen=True)
+class SourceSpec:
+    """One named source of a dataset (an entry of a ``--sources`` file)."""
+
+    name: str
+    uri: str | None = None  # None: the upstream ieee8023 repository
+    ref: str | None = None  # git branch, tag or commit
+    layout: str = "auto"
+    patient_id_pattern: str | None = None  # class folders / manifests: the first group of a match
+    classes: dict[str, str] = field(default_factory=dict)  # class folder -> finding
+    manifest: str = "manifest.csv"
+    columns: dict[str, str] = field(default_factory=dict)  # canonical column -> the manifest's name
+    hash_patient_ids: bool | None = None  # None: for the dicom layout only
+
+    @property
+    def pseudonymised(self) -> bool:
+        """Whether this source's patient ids are stored as salted hashes (:func:`pseudonymise`)."""
+        return self.layout == "dicom" if self.hash_patient_ids is None else self.hash_patient_ids
+
+    def __post_init__(self) -> None:
+        if not NAME_PATTERN.match(self.name):
+            raise SourceError(f"source name {self.name!r}: use letters, digits, '_', '.', '-' (max 64)")
+        if self.layout not in LAYOUTS:
+            raise SourceError(f"source {self.name}: layout {self.layout!r} is not one of {LAYOUTS}")
+        if self.patient_id_pattern is not None:
+            try:
+                groups = re.compile(self.patient_id_pattern).groups
+            except re.error as error:
+                raise SourceError(f"source {self.name}: patient_id_pattern: {error}") from None
+            if groups < 1:
+                raise SourceError(f"source {self.name}: patient_id_pattern needs a (group) for the id")
+        unknown = set(self.columns) - MANIFEST_COLUMNS
+        if unknown:
+            raise SourceError(f"source {self.name}: unknown manifest columns {sorted(unknown)}")
+        if not is_plain_relative(self.manifest):
+            raise SourceError(f"source {self.name}: manifest must be a path inside the source")
+
+    def open(self, cache_dir: Path | None = None) -> Source:
+        """The :class:`lxn_ray.sources.transports.Source` this spec names (nothing is read yet)."""
+        marker = {"upstream": METADATA_FILE, "manifest": self.manifest}.get(self.layout)
+        if self.layout == "auto" and (self.uri or UPSTREAM).startswith(("http://", "https://")):
+            marker = METADATA_FILE  # a raw HTTP mirror cannot be listed: auto means upstream there
+        return open_source(self.uri, self.ref, cache_dir, marker=marker)
+
+    def as_dict(self) -> dict[str, Any]:
+        return {key: value for key, value in self.__dict__.items() if value not in (None, {}, "")}
+
+
+DEFAULT_SOURCE_NAME = "ieee8023"  # a lone --source is the upstream dataset or a copy of it
+
+
+def read_sources_file(path: str | Path) -> list[SourceSpec]:
+    """The sources of a ``--sources`` YAML file, in the order given (the order is the priority when copies
+    of one film sit in two sources). Relative locations resolve against the current directory.
+
+    Raises :class:`lxn_ray.sources.transports.SourceError` for an unreadable file, unknown keys, a duplicate
+    name or
+    a bad pattern.
+    """
+    import yaml
+
+    path = Path(path)
+    try:
+        document = yaml.safe_load(path.read_text(encoding="utf-8"))
+    except (OSError, UnicodeDecodeError, yaml.YAMLError) as error:
+        raise SourceError(f"{path}: not a readable sources file ({error})") from None
+    entries = document.get("sources") if isinstance(document, dict) else None
+    if not isinstance(entries, list) or not entries:
+        raise SourceError(f"{path}: expected a top-level 'sources:' list")
+    specs: list[SourceSpec] = []
+    for number, entry in enumerate(entries, 1):
+        if not isinstance(entry, dict) or "name" not in entry or "uri" not in entry:
+            raise SourceError(f"{path}: source {number} needs 'name' and 'uri'")
+        unknown = set(entry) - SPEC_KEYS
+        if unknown:
+            raise SourceError(f"{path}: source {entry['name']}: unknown keys {sorted(unknown)}")
+        for key, kind in (("uri", str), ("patient_id_pattern", (str, type(None)))):
+            if not isinstance(entry.get(key), kind) or str(entry.get(key)).strip() == "":
+                raise SourceError(f"{path}: source {entry['name']}: {key} must be a non-empty string")
+        for key in ("classes", "columns"):
+            if not isinstance(entry.get(key) or {}, dict):
+                raise SourceError(f"{path}: source {entry['name']}: {key} must be a mapping")
+        uri = entry["uri"]
+        if "://" not in uri and not re.match(r"^[\w.-]+@[\w.-]+:", uri):
+            uri = str(Path(uri).expanduser().resolve())
+        specs.append(
+            SourceSpec(
+                name=str(entry["name"]),
+                uri=uri,
+                ref=str(entry["ref"]) if entry.get("ref") is not None else None,
+                layout=str(entry.get("layout", "auto")),
+                patient_id_pattern=entry.get("patient_id_pattern"),
+                classes={str(k): str(v) for k, v in (entry.get("classes") or {}).items()},
+                manifest=str(entry.get("manifest", "manifest.csv")),
+                columns={str(k): str(v) for k, v in (entry.get("columns") or {}).items()},
+                hash_patient_ids=_optional_bool(entry, "hash_patient_ids", path),
+            )
+        )
+    names = [spec.name for spec in specs]
+    if len(set(names)) != len(names):
+        raise SourceError(f"{path}: source names must be unique ({names})")
+    return specs
+
+
+def _optional_bool(entry: dict[str, Any], key: str, path: Path) -> bool | None:
+    value = entry.get(key)
+    if value is not None and not isinstance(value, bool):
+        raise SourceError(f"{path}: source {entry['name']}: {key} must be true or false")
+    return value
+
+
+def pseudonymise(patient_id: str, salt: bytes) -> str:
+    """The stored form of a patient id: ``p-`` and the first 20 hex digits of HMAC-SHA-256(salt, id).
+
+    A keyed hash (RFC 2104), so ids cannot be recovered by hashing candidate ids without the salt, and
+    the same id always maps to the same pseudonym within a store (patient-level splits stay stable). An
+    empty id stays empty (the film is then its own patient)."""
+    if not patient_id:
+        return ""
+    return "p-" + hmac.new(salt, patient_id.encode("utf-8"), hashlib.sha256).hexdigest()[:20]
+
+
+@dataclass(frozen=True)
+class SourceRows:
+    """What a layout read from one snapshot: rows, the bytes that describe them (hashed into the source
+    version) and notes for the report."""
+
+    rows: list[MetadataRow]
+    listing: bytes
+    layout: str
+    notes: dict[str, Any]
+
+
+MAX_LISTING_BYTES = 64 * 1024 * 1024  # metadata.csv or a manifest
+
+
+def _read_if_present(snapshot: Snapshot, relative_path: str) -> bytes | None:
+    """The file's bytes, or None when the source has no such file (any other failure is raised: a network
+    error must not pass for a missing file and switch the layout)."""
+    try:
+        return snapshot.read_file(relative_path, MAX_LISTING_BYTES)
+    except FileNotFoundError:
+        return None
+
+
+def _detect(snapshot: Snapshot, spec: SourceSpec) -> tuple[str, bytes | None]:
+    """(layout, the bytes of its metadata.csv or manifest - read once - or None for class folders)."""
+    if spec.layout == "upstream":
+        return "upstream", snapshot.read_metadata()
+    if spec.layout == "manifest":
+        return "manifest", snapshot.read_file(spec.manifest, MAX_LISTING_BYTES)
+    if spec.layout == "auto":
+        if (data := _read_if_present(snapshot, METADATA_FILE)) is not None:
+            return "upstream", data
+        if (data := _read_if_present(snapshot, spec.manifest)) is not None:
+            return "manifest", data
+    return "class-folders", None
+
+
+def detect_layout(snapshot: Snapshot, spec: SourceSpec) -> str:
+    """The layout ``auto`` resolves to on this snapshot (or the spec's own)."""
+    return _detect(snapshot, spec)[0]
+
+
+def read_rows(
+    snapshot: Snapshot,
+    spec: SourceSpec,
+    frontal_views: tuple[str, ...] = DEFAULT_FRONTAL_VIEWS,
+    patient_salt: bytes | None = None,
+) -> SourceRows:
+    """Every row of ``snapshot`` in the spec's layout, each with its exclusion (if metadata rules it out).
+
+    For a :attr:`SourceSpec.pseudonymised` source the patient ids are replaced by :func:`pseudonymise`
+    with ``patient_salt`` before the rows leave this function; raises :class:`SourceError` without one."""
+    if spec.pseudonymised and not patient_salt:
+        raise SourceError(f"source {spec.name}: pseudonymised patient ids need a salt")
+    found = _read_rows(snapshot, spec, frontal_views)
+    if spec.pseudonymised:
+        rows = [replace(row, patient_id=pseudonymise(row.patient_id, patient_salt)) for row in found.rows]
+        found = replace(found, rows=rows, notes={**found.notes, "patient_ids": "salted hashes"})
+    return found
+
+
+def _read_rows(snapshot: Snapshot, spec: SourceSpec, frontal_views: tuple[str, ...]) -> SourceRows:
+    if spec.layout == "dicom":
+        return _dicom_rows(snapshot, spec, frontal_views)
+    layout, data = _detect(snapshot, spec)
+    if layout == "upstream":
+        return SourceRows(parse_metadata(data, frontal_views, source=spec.name), data, layout, {})
+    if layout == "manifest":
+        renames = {theirs: canonical for canonical, theirs in spec.columns.items()}
+        rows = parse_metadata(data, frontal_views, source=spec.name, default_folder="", renames=renames)
+        rows = [_with_patient(row, spec) for row in rows]
+        return SourceRows(rows, data, layout, _patient_notes(rows, spec))
+    return _class_folder_rows(snapshot, spec)
+
+
+def _patient_from_name(filename: str, spec: SourceSpec) -> str:
+    if not spec.patient_id_pattern:
+        return ""
+    match = re.search(spec.patient_id_pattern, filename.rsplit("/", 1)[-1])
+    return match.group(1) if match and match.group(1) else ""
+
+
+def _with_patient(row: MetadataRow, spec: SourceSpec) -> MetadataRow:
+    if row.patient_id or not spec.patient_id_pattern:
+        return row
+    from dataclasses import replace
+
+    return replace(row, patient_id=_patient_from_name(row.filename, spec))
+
+
+def _patient_notes(rows: list[MetadataRow], spec: SourceSpec) -> dict[str, Any]:
+    usable = [row for row in rows if not row.exclusion]
+    without = sum(not row.patient_id for row in usable)
+    if not without:
+        return {}
+    rule = (
+        f"patient_id_pattern {spec.patient_id_pattern!r} did not match"
+        if spec.patient_id_pattern
+        else "no patient column and no patient_id_pattern"
+    )
+    return {
+        "files_without_patient": without,
+        "patients": f"{without} files have no patient id ({rule}): each is its own patient, so a "
+        "patient's films may land in two splits",
+    }
+
+
+def _is_image_name(path: str) -> bool:
+    return path.casefold().endswith(IMAGE_SUFFIXES)
+
+
+def _class_folder_rows(snapshot: Snapshot, spec: SourceSpec, wanted=_is_image_name) -> SourceRows:
+    files = snapshot.list_files()
+    rows, ignored = [], 0
+    for line, path in enumerate(files, 1):
+        folder, _, filename = path.partition("/")
+        if not filename or not wanted(path):
+            ignored += 1  # files at the root (README, licences) and non-images
+            continue
+        finding = normalise_finding(spec.classes.get(folder, folder))
+        label = label_of(finding)
+        exclusion, detail = None, ""
+        if not is_plain_relative(path):
+            exclusion, detail = UNSAFE_PATH, f"file name leaves the source root: {path!r}"
+        elif label is None:
+            exclusion, detail = UNLABELLED, f"class folder {folder!r}"
+        rows.append(
+            MetadataRow(
+                line=line,
+                filename=filename,
+                folder=folder,
+                patient_id=_patient_from_name(filename, spec),
+                finding=finding,
+                label=label,
+                view="",  # class folders say nothing of the view: frontal by assumption
+                modality="X-ray",
+                exclusion=exclusion,
+                detail=detail,
+                source=spec.name,
+            )
+        )
+    if not rows:
+        raise SourceError(f"source {spec.name}: no <class>/<image> files in {snapshot.description}")
+    described = {"classes": spec.classes, "pattern": spec.patient_id_pattern, "files": files}
+    listing = repr(sorted(described.items())).encode()
+    notes = {"files_ignored": ignored, "views": "not recorded by class folders: frontal by assumption"}
+    notes.update(_patient_notes(rows, spec))
+    return SourceRows(rows, hashlib.sha256(listing).hexdigest().encode(), "class-folders", notes)
+
+
+# -- DICOM --------------------------------------------------------------------------------------------
+def _read_head(snapshot: Snapshot, relative_path: str) -> bytes:
+    """The first :data:`DICOM_HEADER_BYTES` of a file where the snapshot can read a prefix (local
+    folders), else the whole file (capped like any image)."""
+    from lxn_ray.images.decode import ImageLimits
+
+    read_head = getattr(snapshot, "read_head", None)
+    if read_head is not None:
+        return read_head(relative_path, DICOM_HEADER_BYTES)
+    return snapshot.read_file(relative_path, ImageLimits().max_file_bytes)
+
+
+def _dicom_header(snapshot: Snapshot, relative_path: str):
+    """The file's :class:`lxn_ray.images.dicom.DicomHeader`. A prefix that ends before the image pixel
+    description (a large private element first) reads as failing or as having no Rows: then the whole
+    file is read."""
+    from lxn_ray.images.decode import ImageLimits
+    from lxn_ray.images.dicom import read_header
+
+    data = _read_head(snapshot, relative_path)
+    if len(data) < DICOM_HEADER_BYTES:  # the whole file
+        return read_header(data)
+    try:
+        header = read_header(data)
+        if header.rows:
+            return header
+    except ImageRejected:
+        pass
+    return read_header(snapshot.read_file(relative_path, ImageLimits().max_file_bytes))
+
+
+def _is_dicom_name(path: str) -> bool:
+    name = path.rsplit("/", 1)[-1]
+    return name.casefold().endswith(DICOM_SUFFIXES) or ("." not in name and name.upper() != "DICOMDIR")
+
+
+def _dicom_listing(snapshot: Snapshot, spec: SourceSpec) -> tuple[list[MetadataRow], bytes, dict[str, Any]]:
+    """Rows naming file, finding and (optionally) patient and view, from the manifest or class folders."""
+    manifest = _read_if_present(snapshot, spec.manifest)
+    if manifest is not None:
+        renames = {theirs: canonical for canonical, theirs in spec.columns.items()}
+        rows = parse_metadata(manifest, source=spec.name, default_folder="", renames=renames)
+        return rows, manifest, {"findings_from": spec.manifest}
+    described = _class_folder_rows(snapshot, spec, _is_dicom_name)
+    return described.rows, described.listing, {"findings_from": "class folders"}
+
+
+def _dicom_rows(snapshot: Snapshot, spec: SourceSpec, frontal_views: tuple[str, ...]) -> SourceRows:
+    """The dicom layout: each listed file's header gives patient, view and modality, or its exclusion."""
+    from lxn_ray.images.dicom import BURNED_IN, refusal
+
+    listed, listing, notes = _dicom_listing(snapshot, spec)
+    frontal = {normalise_view(view) for view in frontal_views}
+    rows, views_assumed = [], 0
+    for row in listed:
+        exclusion, detail, header = row.exclusion, row.detail, None
+        if exclusion is None:
+            try:
+                header = _dicom_header(snapshot, row.image_path)
+            except FileNotFoundError:
+                exclusion, detail = MISSING_FILE, "no such file in the source"
+            except (ImageRejected, ValueError) as error:  # not DICOM, corrupt, over the byte cap
+                exclusion, detail = UNREADABLE, str(error)
+        if header is not None and (problem := refusal(header)) is not None:
+            exclusion, detail = problem.reason, str(problem)
+        elif header is not None and header.burned_in_annotation:  # stored pixels must not identify anyone
+            exclusion, detail = BURNED_IN, "Burned In Annotation is YES: the pixels may show identifying text"
+        view = row.view or (header.view if header else "")
+        if exclusion is None and view and normalise_view(view) not in frontal:
+            exclusion, detail = NON_FRONTAL, f"view {view!r}"
+        views_assumed += exclusion is None and not view
+        rows.append(
+            MetadataRow(
+                line=row.line,
+                filename=row.filename,
+                folder=row.folder,
+                patient_id=row.patient_id or (header.patient_id if header else ""),
+                finding=row.finding,
+                label=row.label,
+                view=view,
+                modality=header.modality if header else "",
+                extra={},  # no other manifest column or header field is kept
+                exclusion=exclusion,
+                detail=detail,
+                source=spec.name,
+            )
+        )
+    if views_assumed:
+        notes["views"] = f"{views_assumed} films state no View Position: frontal by assumption"
+    notes.update(_patient_notes(rows, spec))
+    return SourceRows(rows, listing, "dicom", notes)

@@ -1,0 +1,1 @@
+"""Ray Tune: the search space, trials that reuse the training loop, and publishing the best trial."""
