@@ -50,7 +50,8 @@ import numpy as np
 from common import BUNDLE, checkout, start_ray  # benchmarks/common.py: this folder is on sys.path
 from PIL import Image, ImageOps
 
-from lxn_ray.data.ingest import IngestConfig, ingest
+from lxn_ray.data.ingest import ingest
+from lxn_ray.data.settings import IngestConfig
 from lxn_ray.dedupe.duplicates import fingerprint
 from lxn_ray.images.decode import ImageRejected, decode_image, to_grayscale
 from lxn_ray.infra import cluster

@@ -106,7 +106,8 @@ sys.path.insert(0, str(REPO))
 
 from common import BUNDLE, checkout, start_ray  # noqa: E402 (benchmarks/common.py)
 
-from lxn_ray.data.ingest import IngestConfig, ingest  # noqa: E402
+from lxn_ray.data.ingest import ingest  # noqa: E402
+from lxn_ray.data.settings import IngestConfig  # noqa: E402
 from lxn_ray.dedupe.duplicates import FINGERPRINT_VERSION  # noqa: E402
 from lxn_ray.infra.storage import Storage  # noqa: E402
 from lxn_ray.sources.transports import FolderSource  # noqa: E402

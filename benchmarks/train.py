@@ -37,7 +37,8 @@ from lxn_ray.model.network import (
     make_optimizer,
     precision_policy,
 )
-from lxn_ray.training.train import TrainConfig, train
+from lxn_ray.training.config import TrainConfig
+from lxn_ray.training.train import train
 
 
 def load_split(storage: Storage, version: str, image_size: int) -> tuple[np.ndarray, np.ndarray]:

@@ -26,12 +26,12 @@ import numpy as np
 from lxn_ray.data import dataset
 from lxn_ray.infra import cluster
 from lxn_ray.infra.storage import Storage
+from lxn_ray.tuning.settings import TuneSettings
 from lxn_ray.tuning.tune import (
     AUGMENT_RANGES,
     LR_RANGE,
     METRIC,
     ResourceKeeper,
-    TuneSettings,
     build_tuner,
     fit_and_give_back,
 )

@@ -167,7 +167,8 @@ def ingest_main(argv: Sequence[str] | None = None) -> int:
     args = parser.parse_args(argv)
 
     def work(storage: Storage) -> dict[str, Any]:
-        from lxn_ray.data.ingest import IngestConfig, ingest
+        from lxn_ray.data.ingest import ingest
+        from lxn_ray.data.settings import IngestConfig
 
         config = IngestConfig()
         if args.frontal_views:
@@ -259,7 +260,7 @@ def add_recipe_flags(parser: argparse.ArgumentParser) -> None:
     (lxn_ray.training.train.TrainConfig)."""
     from lxn_ray.images.preprocess import EQUALIZATION_METHODS
     from lxn_ray.model.network import ARCHITECTURES, OPTIMIZERS, SCHEDULES
-    from lxn_ray.training.train import SAMPLINGS
+    from lxn_ray.training.config import SAMPLINGS
 
     add_precision_flag(parser)
     recipe = parser.add_argument_group("recipe (defaults: the paper's)")
@@ -290,7 +291,7 @@ def train_config_from_args(args: argparse.Namespace):
     does not
     have keep their defaults."""
     from lxn_ray.images.preprocess import AugmentConfig, PreprocessConfig
-    from lxn_ray.training.train import TrainConfig
+    from lxn_ray.training.config import TrainConfig
 
     return TrainConfig(
         image_size=args.image_size,
@@ -641,7 +642,7 @@ PAPER_DEFAULTS = {"image_size": 200, "epochs": 10, "patience": 0, "space": "pape
 def tune_settings(args: argparse.Namespace):
     """The :class:`lxn_ray.tuning.tune.TuneSettings` of parsed ``tune`` flags (flags given win over the
     defaults of :data:`TUNE_DEFAULTS` or, with ``--paper``, :data:`PAPER_DEFAULTS`)."""
-    from lxn_ray.tuning.tune import TuneSettings
+    from lxn_ray.tuning.settings import TuneSettings
 
     defaults = PAPER_DEFAULTS if args.paper else TUNE_DEFAULTS
     given = {key: getattr(args, key) for key in defaults if getattr(args, key) is not None}
@@ -725,7 +726,7 @@ def tune_summary(report: dict[str, Any]) -> str:
 def retrain_parser() -> argparse.ArgumentParser:
     """``jobs/retrain.py`` flags: source and schedule, when to train, the rule's margin, the lock, and the
     training flags passed through (given ones override the champion's hyperparameters)."""
-    from lxn_ray.retraining.retrain import MODES, parse_duration
+    from lxn_ray.retraining.settings import MODES, parse_duration
 
     def duration(text: str) -> float:
         try:
@@ -793,7 +794,7 @@ def retrain_parser() -> argparse.ArgumentParser:
 
 def retrain_settings(args: argparse.Namespace):
     """The :class:`lxn_ray.retraining.retrain.RetrainSettings` of parsed ``retrain`` flags."""
-    from lxn_ray.retraining.retrain import RetrainSettings, TrainOverrides
+    from lxn_ray.retraining.settings import RetrainSettings, TrainOverrides
 
     sources = sources_from_args(args)
     if sources is None:
@@ -889,7 +890,7 @@ def retrain_summary(report: dict[str, Any]) -> str:
 def serve_main(argv: Sequence[str] | None = None) -> int:
     """``python jobs/serve.py --storage URI [--model champion|VERSION] ...``: deploy, then serve until
     SIGINT/SIGTERM (or return at once with ``--detach``)."""
-    from lxn_ray.serving.serve import ServeSettings
+    from lxn_ray.serving.settings import ServeSettings
 
     defaults = ServeSettings(storage="-")
     parser = job_parser(

@@ -45,6 +45,7 @@ import pyarrow as pa
 from tqdm.auto import tqdm
 
 from lxn_ray.data import dataset
+from lxn_ray.data.settings import IngestConfig
 from lxn_ray.dedupe.duplicates import (
     FINGERPRINT_COLUMNS,
     FINGERPRINT_VERSION,
@@ -60,7 +61,6 @@ from lxn_ray.infra.log import get_logger
 from lxn_ray.infra.storage import Storage
 from lxn_ray.sources.layouts import DEFAULT_SOURCE_NAME, SourceRows, SourceSpec, read_rows
 from lxn_ray.sources.metadata import (
-    DEFAULT_FRONTAL_VIEWS,
     DUPLICATE,
     MISSING_FILE,
     UNREADABLE,
@@ -98,26 +98,6 @@ PATIENTS_SCHEMA = pa.schema([("patient_id", pa.string()), ("split", pa.string())
 IMAGE_COLUMNS = ("width", "height", "source_format", "source_mode")
 # One record per content: decode outcome, image facts, then the dedupe fingerprint (names may overlap).
 RECORD_COLUMNS = tuple(dict.fromkeys(("sha256", "error", *IMAGE_COLUMNS, *FINGERPRINT_COLUMNS)))
-
-
-@dataclass(frozen=True)
-class IngestConfig:
-    """Everything that shapes a dataset version; a change to it makes the next run publish anew."""
-
-    frontal_views: tuple[str, ...] = DEFAULT_FRONTAL_VIEWS
-    limits: ImageLimits = field(default_factory=ImageLimits)
-    splits: dataset.SplitConfig = field(default_factory=dataset.SplitConfig)
-    dedupe: DedupeConfig = field(default_factory=DedupeConfig)
-    decode_batch_size: int = 16  # images per Ray Data task batch
-    decode_chunk_bytes: int = 256 * 1024 * 1024  # image bytes held in the object store at once
-
-    def digest(self) -> str:
-        """A short hash of the settings that change the result (not the batching knobs)."""
-        settings = dataclasses.asdict(self)
-        settings.pop("decode_batch_size")
-        settings.pop("decode_chunk_bytes")
-        settings["fingerprint_version"] = FINGERPRINT_VERSION  # a new dedupe algorithm is a new dataset
-        return hashlib.sha256(json.dumps(settings, sort_keys=True, default=str).encode()).hexdigest()[:16]
 
 
 @dataclass
@@ -176,6 +156,7 @@ class _Stopwatch:
             self.stop()
 
 
+DEFAULT_CONFIG = IngestConfig()
 log = get_logger("ingest").info  # progress for the person watching; stdout keeps the summary
 
 
@@ -224,7 +205,7 @@ def named_sources(
 def ingest(
     sources: Source | SourceSpec | Sequence[SourceSpec],
     storage: Storage,
-    config: IngestConfig = IngestConfig(),
+    config: IngestConfig = DEFAULT_CONFIG,
 ) -> dict[str, Any]:
     """Bring the dataset in ``storage`` up to date with ``sources``; returns the ingest report.
 

@@ -23,7 +23,8 @@ from lxn_ray.infra.log import get_logger
 from lxn_ray.infra.resources import DEFAULT_STALL_TIMEOUT_S
 from lxn_ray.infra.storage import Storage
 from lxn_ray.sources.tasks import resolve_task
-from lxn_ray.training.train import TrainConfig, train
+from lxn_ray.training.config import TrainConfig
+from lxn_ray.training.train import train
 
 log = get_logger("loso").info  # progress for the person watching; stdout keeps the summary
 

@@ -13,7 +13,8 @@ from PIL import Image, ImageOps
 
 from lxn_ray.cli.main import ingest_main
 from lxn_ray.data import dataset
-from lxn_ray.data.ingest import IngestConfig, ingest
+from lxn_ray.data.ingest import ingest
+from lxn_ray.data.settings import IngestConfig
 from lxn_ray.infra.storage import Storage
 from lxn_ray.sources.transports import FolderSource
 from tests.helpers import encode, huge_png, own_stderr_lines, radiograph

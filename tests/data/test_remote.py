@@ -13,7 +13,8 @@ import requests
 
 from lxn_ray import registry
 from lxn_ray.data import dataset
-from lxn_ray.data.ingest import IngestConfig, ingest
+from lxn_ray.data.ingest import ingest
+from lxn_ray.data.settings import IngestConfig
 from lxn_ray.evaluation import predict
 from lxn_ray.images.decode import ImageLimits
 from lxn_ray.infra.storage import Storage
@@ -127,7 +128,8 @@ def test_s3_mirror_into_s3_storage_then_train(mixed_source, s3_bucket, tmp_path)
     reasons = exclusions_by_file(report)
     assert reasons["../../etc/passwd"] == UNSAFE_PATH and reasons["missing.png"] == MISSING_FILE
 
-    from lxn_ray.training.train import TrainConfig, train
+    from lxn_ray.training.config import TrainConfig
+    from lxn_ray.training.train import train
 
     published = train(storage, None, TrainConfig(image_size=32, width=0.125, batch_size=8, epochs=1))
     registry.promote(storage, published["model_version"])
@@ -148,7 +150,8 @@ def test_s3_mirror_into_s3_storage_then_train(mixed_source, s3_bucket, tmp_path)
     # The endpoint serves the champion straight from the bucket.
     from ray import serve
 
-    from lxn_ray.serving.serve import ServeSettings, deploy
+    from lxn_ray.serving.serve import deploy
+    from lxn_ray.serving.settings import ServeSettings
 
     key = auth.mint(storage, "tests")  # the key file lives in the bucket too
     settings = ServeSettings(storage=storage.uri, port=free_port(), cpus_per_replica=0, max_replicas=1)

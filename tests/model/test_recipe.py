@@ -21,8 +21,10 @@ from lxn_ray.model.network import (
     restore_optimizer_state,
     weighted_bce,
 )
-from lxn_ray.training.train import TrainConfig, epoch_order, is_collapsed, stop_reason
-from lxn_ray.tuning.tune import RECIPE_CHOICES, TuneSettings, search_space, trial_train_config
+from lxn_ray.training.config import TrainConfig
+from lxn_ray.training.train import epoch_order, is_collapsed, stop_reason
+from lxn_ray.tuning.settings import TuneSettings
+from lxn_ray.tuning.tune import RECIPE_CHOICES, search_space, trial_train_config
 
 LABELS = np.array([1] * 90 + [0] * 10, dtype=np.float32)  # imbalanced, as ieee8023's COVID-19 share
 SOURCES = np.array(["a"] * 60 + ["b"] * 30 + ["a"] * 5 + ["b"] * 5)

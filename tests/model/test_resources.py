@@ -277,7 +277,8 @@ def test_watchdog_needs_both_silence_and_pending_demands(monkeypatch):
     ],
 )
 def test_concurrency_fits_the_cluster(total, num_samples, workers, max_concurrent, expected):
-    from lxn_ray.tuning.tune import TuneSettings, plan_concurrency
+    from lxn_ray.tuning.settings import TuneSettings
+    from lxn_ray.tuning.tune import plan_concurrency
 
     settings = TuneSettings(num_samples=num_samples, workers_per_trial=workers, max_concurrent=max_concurrent)
     assert plan_concurrency(settings, total) == expected

@@ -25,12 +25,11 @@ from lxn_ray.retraining.retrain import (
     HISTORY,
     HISTORY_PLOT,
     LOCK,
-    TrainOverrides,
     next_tick_delay,
-    parse_duration,
     read_history,
     train_config_from_card,
 )
+from lxn_ray.retraining.settings import TrainOverrides, parse_duration
 from lxn_ray.training.train import registered_epoch
 from tests.helpers import SourceBuilder, job_env, wait_for
 from tests.model.test_train import labelled_source

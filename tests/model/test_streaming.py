@@ -15,9 +15,9 @@ from lxn_ray.data.ingest import ingest
 from lxn_ray.images.preprocess import PreprocessConfig, preprocess_pixels
 from lxn_ray.infra.storage import Storage
 from lxn_ray.sources.transports import FolderSource
+from lxn_ray.training.config import TrainConfig
 from lxn_ray.training.train import (
     STREAM_BLOCK_ROWS,
-    TrainConfig,
     epoch_order,
     iter_cache,
     pixel_cache,

@@ -19,7 +19,8 @@ from lxn_ray.evaluation import predict
 from lxn_ray.images.preprocess import AugmentConfig
 from lxn_ray.infra.storage import Storage
 from lxn_ray.sources.transports import FolderSource
-from lxn_ray.training.train import TrainConfig, scaling_config, train
+from lxn_ray.training.config import TrainConfig
+from lxn_ray.training.train import scaling_config, train
 from tests.helpers import radiograph
 
 pytestmark = [pytest.mark.usefixtures("ray_local"), pytest.mark.slow]  # whole jobs: `-m "not slow"` skips

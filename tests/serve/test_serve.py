@@ -39,12 +39,12 @@ from lxn_ray.serving import auth
 from lxn_ray.serving.serve import (
     RESEARCH_NOTE,
     InputError,
-    ServeSettings,
     build_app,
     deploy,
     parse_multipart,
     rejected_image,
 )
+from lxn_ray.serving.settings import ServeSettings
 from tests.helpers import dicom_film, encode, free_port, huge_png, own_stderr_lines, radiograph
 
 pytestmark = [pytest.mark.usefixtures("ray_local"), pytest.mark.slow]  # whole jobs: `-m "not slow"` skips
