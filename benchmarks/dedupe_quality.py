@@ -42,13 +42,9 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from common import BUNDLE, checkout  # noqa: E402 (benchmarks/common.py)
 
-from lxn_ray.dedupe.duplicates import (  # noqa: E402
-    DedupeConfig,
-    candidate_pairs,
-    find_duplicates,
-    fingerprint,
-    hamming,
-)
+from lxn_ray.dedupe.config import DedupeConfig  # noqa: E402
+from lxn_ray.dedupe.fingerprint import fingerprint, hamming  # noqa: E402
+from lxn_ray.dedupe.search import candidate_pairs, find_duplicates  # noqa: E402
 
 # Same radiograph published twice in the ieee8023 dataset (snapshot 2020-06-22), confirmed by eye
 # (side-by-side images).  Treated as positives, not as false positives.

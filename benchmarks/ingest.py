@@ -52,7 +52,7 @@ from PIL import Image, ImageOps
 
 from lxn_ray.data.ingest import ingest
 from lxn_ray.data.settings import IngestConfig
-from lxn_ray.dedupe.duplicates import fingerprint
+from lxn_ray.dedupe.fingerprint import fingerprint
 from lxn_ray.images.decode import ImageRejected, decode_image, to_grayscale
 from lxn_ray.infra import cluster
 from lxn_ray.infra.storage import Storage

@@ -108,7 +108,7 @@ from common import BUNDLE, checkout, start_ray  # noqa: E402 (benchmarks/common.
 
 from lxn_ray.data.ingest import ingest  # noqa: E402
 from lxn_ray.data.settings import IngestConfig  # noqa: E402
-from lxn_ray.dedupe.duplicates import FINGERPRINT_VERSION  # noqa: E402
+from lxn_ray.dedupe.fingerprint import FINGERPRINT_VERSION  # noqa: E402
 from lxn_ray.infra.storage import Storage  # noqa: E402
 from lxn_ray.sources.transports import FolderSource  # noqa: E402
 

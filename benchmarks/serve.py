@@ -39,7 +39,8 @@ from lxn_ray.evaluation import predict
 from lxn_ray.images.preprocess import preprocess_bytes
 from lxn_ray.infra.storage import Storage
 from lxn_ray.serving import auth
-from lxn_ray.serving.serve import deploy, load_model_version
+from lxn_ray.serving.model import load_model_version
+from lxn_ray.serving.serve import deploy
 from lxn_ray.serving.settings import ServeSettings
 
 CONCURRENCY = (1, 8, 32)
@@ -97,7 +98,7 @@ def float32_twin(storage: Storage, model: str):
     import tensorflow as tf
 
     from lxn_ray.training.config import TrainConfig
-    from lxn_ray.training.train import build_in_precision
+    from lxn_ray.training.publish import build_in_precision
 
     reference = registry.resolve(storage, model)
     keras_model = predict.load_keras(reference)

@@ -18,6 +18,7 @@ benchmarks/RESULTS.md with the machine it came from.
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import os
 import platform
 import time
@@ -27,6 +28,7 @@ import numpy as np
 from lxn_ray.data import dataset
 from lxn_ray.images.preprocess import AugmentConfig, preprocess_pixels
 from lxn_ray.infra import cluster
+from lxn_ray.infra.settings import add_flags, from_args
 from lxn_ray.infra.storage import Storage
 from lxn_ray.model.network import (
     ModelConfig,
@@ -109,26 +111,15 @@ def main() -> None:
         description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
     )
     parser.add_argument("--storage", required=True)
-    parser.add_argument("--image-size", type=int, default=200)
-    parser.add_argument("--width", type=float, default=1.0)
-    parser.add_argument("--epochs", type=int, default=3)
-    parser.add_argument("--batch-size", type=int, default=20)
-    parser.add_argument("--lr", type=float, default=1e-4)
+    recipe = ("image_size", "width", "epochs", "batch_size", "learning_rate")
+    add_flags(parser, TrainConfig, only=recipe, defaults={"epochs": 3})
     parser.add_argument("--precisions", default="float32,bfloat16")
     args = parser.parse_args()
     precisions = [p for p in args.precisions.split(",") if p]
 
     storage = Storage.open(args.storage)
     version = dataset.resolve_version(storage, "latest")
-    base = TrainConfig(
-        image_size=args.image_size,
-        width=args.width,
-        epochs=args.epochs,
-        batch_size=args.batch_size,
-        learning_rate=args.lr,
-        augment=AugmentConfig(),
-        precision="float32",
-    )
+    base = from_args(TrainConfig, args, augment=AugmentConfig(), precision="float32")
     images, labels = load_split(storage, version, args.image_size)
     n = len(labels)
 
@@ -138,7 +129,7 @@ def main() -> None:
         rows.append((f"plain Keras fit, {precision}", plain_keras(images, labels, base, precision)))
     cluster.connect()
     for precision in precisions:
-        config = TrainConfig(**{**base.__dict__, "precision": precision})
+        config = dataclasses.replace(base, precision=precision)
         report = train(storage, version, config, fresh=True)
         from lxn_ray import registry
 
@@ -155,8 +146,9 @@ def main() -> None:
         f"load average {os.getloadavg()[0]:.1f}"
     )
     print(
-        f"LxN {args.image_size} px, width {args.width}, batch {args.batch_size}, RMSprop {args.lr:g}, "
-        f"{n} training images (dataset {version}), last of {args.epochs} epochs timed"
+        f"LxN {base.image_size} px, width {base.width}, batch {base.batch_size}, "
+        f"RMSprop {base.learning_rate:g}, {n} training images (dataset {version}), "
+        f"last of {base.epochs} epochs timed"
     )
     print("| path | seconds/epoch | train images/s | GFLOP/s | vs plain float32 fit |")
     print("| --- | ---: | ---: | ---: | ---: |")

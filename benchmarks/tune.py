@@ -25,16 +25,11 @@ import numpy as np
 
 from lxn_ray.data import dataset
 from lxn_ray.infra import cluster
+from lxn_ray.infra.settings import add_flags, from_args
 from lxn_ray.infra.storage import Storage
+from lxn_ray.tuning.search import ResourceKeeper, build_tuner, fit_and_give_back
 from lxn_ray.tuning.settings import TuneSettings
-from lxn_ray.tuning.tune import (
-    AUGMENT_RANGES,
-    LR_RANGE,
-    METRIC,
-    ResourceKeeper,
-    build_tuner,
-    fit_and_give_back,
-)
+from lxn_ray.tuning.space import AUGMENT_RANGES, LR_RANGE, METRIC
 
 
 def fixed_points(trials: int, seed: int) -> list[dict[str, Any]]:
@@ -84,27 +79,16 @@ def run(
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--storage", required=True)
-    parser.add_argument("--trials", type=int, default=4)
-    parser.add_argument("--epochs", type=int, default=3)
-    parser.add_argument("--image-size", type=int, default=64)
-    parser.add_argument("--width", type=float, default=0.25)
-    parser.add_argument("--batch-size", type=int, default=16)
-    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--trials", type=int, default=4, help="fixed trial configs (num_samples)")
+    small = {"epochs": 3, "image_size": 64, "width": 0.25, "batch_size": 16}  # TuneSettings' own, smaller
+    add_flags(parser, TuneSettings, only=(*small, "seed"), defaults=small)
     args = parser.parse_args()
 
     storage = Storage.open(args.storage)
     cluster.connect()
     version = dataset.resolve_version(storage, "latest")
     points = fixed_points(args.trials, args.seed)
-    base = TuneSettings(
-        num_samples=args.trials,
-        epochs=args.epochs,
-        image_size=args.image_size,
-        width=args.width,
-        batch_size=args.batch_size,
-        searcher="random",
-        seed=args.seed,
-    )
+    base = from_args(TuneSettings, args, num_samples=args.trials, searcher="random")
     outcomes = {
         label: run(storage, version, dataclasses.replace(base, asha=asha), points)
         for label, asha in (("ASHA", True), ("FIFO (all run)", False))

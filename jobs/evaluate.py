@@ -1,6 +1,6 @@
 """Score a folder with a model: ``python jobs/evaluate.py --model champion|VERSION|PATH --source DIR``."""
 
-from lxn_ray.cli.main import evaluate_main
+from lxn_ray.cli.evaluate import main
 
 if __name__ == "__main__":
-    raise SystemExit(evaluate_main())
+    raise SystemExit(main())

@@ -1,6 +1,6 @@
 """Train LxN with Ray Train on a dataset version: ``python jobs/train.py --storage URI [--workers N]``."""
 
-from lxn_ray.cli.main import train_main
+from lxn_ray.cli.train import main
 
 if __name__ == "__main__":
-    raise SystemExit(train_main())
+    raise SystemExit(main())

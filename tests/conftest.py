@@ -3,6 +3,7 @@ bundle, and synthetic sources on disk."""
 
 from __future__ import annotations
 
+import json
 import os
 import subprocess
 import sys
@@ -15,7 +16,10 @@ from pathlib import Path
 
 import pytest
 
-from tests.helpers import SourceBuilder, free_port
+from tests.helpers import SourceBuilder, copy_store, free_port  # noqa: F401 (copy_store: re-exported)
+
+# Session-scoped stores and trained tiny models that several test modules share (tests/shared_stores.py).
+pytest_plugins = ["tests.shared_stores"]
 
 REPO_ROOT = Path(__file__).resolve().parent.parent
 BUNDLE = REPO_ROOT.parent / "shared" / "data" / "ieee8023.bundle"
@@ -141,3 +145,19 @@ def bundle_checkout(bundle: Path, tmp_path_factory: pytest.TempPathFactory) -> C
 @pytest.fixture
 def source_builder(tmp_path: Path) -> Callable[[str], SourceBuilder]:
     return lambda name="source": SourceBuilder(tmp_path / name)
+
+
+@pytest.fixture(scope="session")
+def snapshot_2020_04_20(
+    bundle_checkout: Callable[[str], Path], tmp_path_factory: pytest.TempPathFactory, ray_local: None
+) -> tuple[Path, dict]:
+    """The 2020-04-20 snapshot ingested once per session: (its store's folder, the ingest report as
+    JSON would carry it). Read-only: a test that writes to the store works on a copy
+    (:func:`tests.helpers.copy_store`)."""
+    from lxn_ray.data.ingest import ingest
+    from lxn_ray.infra.storage import Storage
+    from lxn_ray.sources.transports import FolderSource
+
+    folder = tmp_path_factory.mktemp("snapshot-2020-04-20") / "store"
+    report = ingest(FolderSource(bundle_checkout("2020-04-20")), Storage.open(str(folder)))
+    return folder, json.loads(json.dumps(report, default=str))

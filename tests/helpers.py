@@ -5,6 +5,7 @@ from __future__ import annotations
 import csv
 import io
 import re
+import shutil
 import socket
 import struct
 import time
@@ -67,6 +68,13 @@ def free_port() -> int:
     with socket.socket() as probe:
         probe.bind(("127.0.0.1", 0))
         return probe.getsockname()[1]
+
+
+def copy_store(folder: Path, target: Path) -> Path:
+    """A writable copy of a shared store (a session or module fixture's) at ``target``, a folder that does
+    not exist yet; returns ``target``."""
+    shutil.copytree(folder, target)
+    return target
 
 
 def encode(image: Image.Image, fmt: str, **options) -> bytes:

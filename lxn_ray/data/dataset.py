@@ -8,7 +8,7 @@ and the next run removes, so the latest good version is never touched.
 
 Image bytes are stored once, by content, under ``blobs/sha256/``; tables refer to them by key. The key is
 the sha256 of the file the source holds. For PNG and JPEG files the blob is that file; for a DICOM file
-it is the PNG of its film (:func:`lxn_ray.data.ingest.storable`), so no header field reaches storage - a blob
+it is the PNG of its film (:func:`lxn_ray.data.fetch.storable`), so no header field reaches storage - a blob
 made so is not re-rendered when the DICOM pipeline changes.
 """
 

@@ -8,11 +8,10 @@ import json
 from dataclasses import dataclass, field
 
 from lxn_ray.data import dataset
-from lxn_ray.dedupe.duplicates import (
-    FINGERPRINT_VERSION,
-    DedupeConfig,
-)
+from lxn_ray.dedupe.config import DedupeConfig
+from lxn_ray.dedupe.fingerprint import FINGERPRINT_VERSION
 from lxn_ray.images.decode import ImageLimits
+from lxn_ray.infra.settings import setting
 from lxn_ray.sources.metadata import (
     DEFAULT_FRONTAL_VIEWS,
 )
@@ -22,7 +21,10 @@ from lxn_ray.sources.metadata import (
 class IngestConfig:
     """Everything that shapes a dataset version; a change to it makes the next run publish anew."""
 
-    frontal_views: tuple[str, ...] = DEFAULT_FRONTAL_VIEWS
+    frontal_views: tuple[str, ...] = setting(
+        DEFAULT_FRONTAL_VIEWS,
+        help=f"comma-separated views counted as frontal (default: {','.join(DEFAULT_FRONTAL_VIEWS)})",
+    )
     limits: ImageLimits = field(default_factory=ImageLimits)
     splits: dataset.SplitConfig = field(default_factory=dataset.SplitConfig)
     dedupe: DedupeConfig = field(default_factory=DedupeConfig)

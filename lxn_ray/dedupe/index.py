@@ -1,13 +1,12 @@
 """Candidate search for duplicate detection: k-nearest neighbours in faiss indexes.
 
-Verifying a pair of fingerprints costs milliseconds (:func:`lxn_ray.dedupe.duplicates.verify_pair`), so which
-pairs are
-verified decides how duplicate detection grows with a collection. A fixed Hamming radius proposes a share
-of *all* images (at radius 16 of 64 bits, about one in thirty: n^2/34 pairs), so it grows with the
-collection. This index proposes each new image's **k nearest** images in several channels instead, so the
-candidates per new image stay bounded by the sum of the k's whatever the size of the collection; a true
-copy is still among the nearest even when its distance is large, because distances are compared with other
-images', not with a threshold.
+Verifying a pair of fingerprints costs milliseconds (:func:`lxn_ray.dedupe.verify.verify_pair`), so which
+pairs are verified decides how duplicate detection grows with a collection. A fixed Hamming radius
+proposes a share of *all* images (at radius 16 of 64 bits, about one in thirty: n^2/34 pairs), so it
+grows with the collection. This index proposes each new image's **k nearest** images in several channels
+instead, so the candidates per new image stay bounded by the sum of the k's whatever the size of the
+collection; a true copy is still among the nearest even when its distance is large, because distances are
+compared with other images', not with a threshold.
 
 Channels (each a flat, exact faiss index: every query scans the collection with SIMD popcounts or one
 matrix product, ~0.1 ms per 10k images; results do not depend on insertion order beyond ties):
@@ -21,9 +20,10 @@ matrix product, ~0.1 ms per 10k images; results do not depend on insertion order
   anchors). A new image's whole vector is searched among others' windows (it is a crop of another), and
   its windows among others' whole vectors (another is a crop of it, or it shows another inside a figure).
 
-The vectors are part of the fingerprint (:func:`lxn_ray.dedupe.duplicates.fingerprint`), so they are cached in
-storage with it and an incremental ingest builds the index from stored fingerprints without decoding or
-re-fingerprinting a published image. Building a flat index is a copy of the vectors (seconds at 100k).
+The vectors are part of the fingerprint (:func:`lxn_ray.dedupe.fingerprint.fingerprint`), so they are
+cached in storage with it and an incremental ingest builds the index from stored fingerprints without
+decoding or re-fingerprinting a published image. Building a flat index is a copy of the vectors (seconds
+at 100k).
 """
 
 from __future__ import annotations

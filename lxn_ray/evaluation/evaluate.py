@@ -24,14 +24,10 @@ from typing import Any
 import numpy as np
 
 from lxn_ray.data import dataset
-from lxn_ray.data.ingest import Exclusion, SourceFile, read_files
-from lxn_ray.dedupe.duplicates import (
-    FINGERPRINT_VERSION,
-    ChunkMapper,
-    VerifyChunk,
-    find_duplicates,
-    fingerprint,
-)
+from lxn_ray.data.fetch import Exclusion, SourceFile, read_files
+from lxn_ray.dedupe.fingerprint import FINGERPRINT_VERSION, fingerprint
+from lxn_ray.dedupe.search import ChunkMapper, find_duplicates
+from lxn_ray.dedupe.verify import VerifyChunk
 from lxn_ray.evaluation import metrics, plots, predict
 from lxn_ray.images.decode import ImageLimits, ImageRejected, decode_image, to_grayscale
 from lxn_ray.infra import cluster
@@ -179,7 +175,7 @@ class TrainingImages:
     #: not a training image is, by the version's own record, no duplicate of one: it is not checked again.
     published: frozenset[str]
     #: sha256 -> fingerprint ingest stored for the version's images, current
-    #: :data:`~lxn_ray.dedupe.duplicates.FINGERPRINT_VERSION` only: training images are not decoded again.
+    #: :data:`~lxn_ray.dedupe.fingerprint.FINGERPRINT_VERSION` only: training images are not decoded again.
     fingerprints: dict[str, dict[str, Any]]
 
 
@@ -259,7 +255,7 @@ def _decode(
 
 
 def _verification_mapper(worker: Callable[[Any], list], chunks: list[VerifyChunk]) -> list[list]:
-    """A :data:`~lxn_ray.dedupe.duplicates.ChunkMapper` that verifies candidate pairs as Ray tasks when there
+    """A :data:`~lxn_ray.dedupe.search.ChunkMapper` that verifies candidate pairs as Ray tasks when there
     are
     enough of them to repay starting Ray, else here."""
     count = sum(len(chunk.pairs) for chunk in chunks)

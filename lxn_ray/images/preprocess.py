@@ -27,6 +27,7 @@ import numpy as np
 from PIL import Image
 
 from lxn_ray.images.decode import ImageLimits, ImageRejected, decode_image, to_grayscale
+from lxn_ray.infra.settings import setting
 
 if TYPE_CHECKING:
     import keras
@@ -44,12 +45,14 @@ class AugmentConfig:
     anatomy's side carries no information.
     """
 
-    rotation: float = 0.0  # degrees, maximum absolute rotation
-    zoom: float = 0.0  # fraction, zoom in or out by up to this much
-    shift: float = 0.0  # fraction of the side, translation in each direction
-    horizontal_flip: bool = False
-    brightness: float = 0.0  # fraction of the [0, 1] range added or subtracted
-    contrast: float = 0.0  # fraction; contrast scaled by a factor in [1 - c, 1 + c]
+    rotation: float = setting(0.0, help="maximum absolute rotation, degrees", flag=False)
+    zoom: float = setting(0.0, help="zoom in or out by up to this fraction", flag=False)
+    shift: float = setting(0.0, help="translation in each direction, a fraction of the side", flag=False)
+    horizontal_flip: bool = setting(False, help="mirror left-right at random (off: laterality)", flag=False)
+    brightness: float = setting(
+        0.0, help="add or subtract up to this fraction of the [0, 1] range", flag=False
+    )
+    contrast: float = setting(0.0, help="scale contrast by a factor in [1 - c, 1 + c]", flag=False)
 
     def __post_init__(self) -> None:
         for field in fields(self):
@@ -92,9 +95,13 @@ class PreprocessConfig:
     rebuild it with :meth:`from_mapping`. The default (everything off) is the plain pipeline, bit for bit.
     """
 
-    trim_borders: bool = False  # crop uniform borders and burnt-in margins before resizing
-    equalization: str = "none"  # "none" | "histogram" | "clahe"
-    clahe_clip_limit: float = 0.01  # skimage.exposure.equalize_adapthist clip_limit
+    trim_borders: bool = setting(False, help="crop uniform borders and burnt-in margins first")
+    equalization: str = setting(
+        "none", help="histogram equalisation or CLAHE (none: off)", choices=EQUALIZATION_METHODS
+    )
+    clahe_clip_limit: float = setting(
+        0.01, help="CLAHE's clip limit (skimage.exposure.equalize_adapthist clip_limit)", flag=False
+    )
 
     def __post_init__(self) -> None:
         if not isinstance(self.trim_borders, bool):

@@ -43,7 +43,7 @@ def map_chunks_on_ray(
 ) -> list[list]:
     """``worker(chunk)`` for every chunk as one Ray task each (spread over the cluster); results in order.
 
-    ``worker`` must be a picklable module-level function (a :data:`lxn_ray.dedupe.duplicates.ChunkMapper`'s
+    ``worker`` must be a picklable module-level function (a :data:`lxn_ray.dedupe.search.ChunkMapper`'s
     worker).
     ``progress(done, total)`` is called as chunks finish, at most every :data:`PROGRESS_EVERY_S` seconds,
     and once at the end.

@@ -212,21 +212,21 @@ def train_challenger(
             "experiment": report["experiment"],
             "seconds": round(time.monotonic() - started, 1),
         }
+    from lxn_ray.training.runs import published_versions, run_name_of
     from lxn_ray.training.train import train
 
-    run_name = f"train-{version}-{config.digest()}"  # the name lxn_ray.training.train.train gives this run
-    for existing in registry.list_versions(storage):  # a tick that crashed after publishing: reuse it
-        card = registry.read_card(storage, existing)
-        if card.get("train_run") == run_name and card.get("dataset_version") == version:
-            log(f"run {run_name} was already published as {existing}: reusing it")
-            return {
-                "model_version": existing,
-                "mode": "train",
-                "config": dataclasses.asdict(config),
-                "train_run": run_name,
-                "reused": True,
-                "seconds": round(time.monotonic() - started, 1),
-            }
+    run_name = run_name_of(version, config)  # the name lxn_ray.training.train.train gives this run
+    reused = published_versions(storage, run_name, dataset_version=version)
+    if reused:  # a tick that crashed after publishing: reuse it
+        log(f"run {run_name} was already published as {reused[0]}: reusing it")
+        return {
+            "model_version": reused[0],
+            "mode": "train",
+            "config": dataclasses.asdict(config),
+            "train_run": run_name,
+            "reused": True,
+            "seconds": round(time.monotonic() - started, 1),
+        }
     log(f"training a challenger on {version}: {json.dumps(dataclasses.asdict(config), sort_keys=True)}")
     report = train(storage, version, config, stall_timeout_s=settings.stall_timeout_s)
     return {

@@ -5,10 +5,12 @@ from __future__ import annotations
 
 import dataclasses
 import re
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Any
 
 from lxn_ray.infra.resources import DEFAULT_STALL_TIMEOUT_S
+from lxn_ray.infra.settings import setting
+from lxn_ray.training.config import STALL_TIMEOUT_HELP
 
 MODES = ("train", "tune")
 
@@ -31,8 +33,11 @@ def parse_duration(text: str) -> float:
 # -- settings -----------------------------------------------------------------------------------------
 @dataclass(frozen=True)
 class TrainOverrides:
-    """Training flags given explicitly on the command line; None keeps the champion's value."""
+    """Training flags given explicitly on the command line; None keeps the champion's value. The flags
+    are :class:`lxn_ray.training.config.TrainConfig`'s own, of the fields named here (``jobs/retrain.py``
+    adds them with their defaults set to None)."""
 
+    task: str | None = None
     image_size: int | None = None
     width: float | None = None
     epochs: int | None = None
@@ -40,7 +45,6 @@ class TrainOverrides:
     learning_rate: float | None = None
     workers: int | None = None
     use_gpu: bool | None = None
-    task: str | None = None
 
     def given(self) -> dict[str, Any]:
         return {key: value for key, value in dataclasses.asdict(self).items() if value is not None}
@@ -50,22 +54,44 @@ class TrainOverrides:
 class RetrainSettings:
     """One retraining schedule: where data comes from, when to train, how to judge, how to lock."""
 
-    source: str | None = None  # --source (None: the upstream repository)
-    ref: str | None = None
-    sources: tuple = ()  # --sources: a layouts.SourceSpec per named source (instead of source)
-    mode: str = "train"  # train: the champion's hyperparameters; tune: search again
-    min_new_images: int = 25
-    min_growth: float | None = None  # also require new images >= this fraction of the champion's dataset
-    margin: float = 0.05  # non-inferiority margin on the test AUC
-    overrides: TrainOverrides = field(default_factory=TrainOverrides)
-    num_samples: int = 8  # tune mode: trials
-    stall_timeout_s: float = DEFAULT_STALL_TIMEOUT_S  # end a stalled training run or search (0: never)
-    resamples: int = 2000  # paired bootstrap resamples
-    bootstrap_seed: int = 0
-    lock_ttl_s: float = 15 * 60.0
-    lock_timeout_s: float = 6 * 3600.0
-    lock_poll_s: float = 2.0
-    wait_for_lock: bool = True  # False (--no-wait): leave at once when another run holds the lock
+    source: str | None = setting(None, help="--source (None: the upstream repository)", flag=False)
+    ref: str | None = setting(None, help="--ref: the git branch, tag or commit of source", flag=False)
+    sources: tuple = setting(
+        (), help="--sources: a layouts.SourceSpec per named source (instead of source)", flag=False
+    )
+    mode: str = setting("train", help="train: champion's hyperparameters; tune: search again", choices=MODES)
+    min_new_images: int = setting(
+        25,
+        help="train when this many rows of the task changed (default 25); a correction - a row removed, "
+        "relabelled, or changed in view or patient - always trains",
+        flag=("--min-new-images", "--min-changed-rows"),
+    )
+    min_growth: float | None = setting(
+        None, help="also require new images >= this fraction of the champion's dataset"
+    )
+    margin: float = setting(0.05, help="non-inferiority margin on the test AUC (default 0.05)")
+    # The training flags given (TrainConfig's, their defaults None: keep the champion's value).
+    overrides: TrainOverrides = setting(default_factory=TrainOverrides, flag=False)
+    num_samples: int = setting(8, help="--mode tune: trials to run")
+    stall_timeout_s: float = setting(DEFAULT_STALL_TIMEOUT_S, help=STALL_TIMEOUT_HELP)
+    resamples: int = setting(2000, help="paired bootstrap resamples", flag=False)
+    bootstrap_seed: int = setting(0, help="seed of the paired bootstrap", flag=False)
+    lock_ttl_s: float = setting(
+        15 * 60.0,
+        help="lease length; the holder renews every third of it, a dead holder's lock expires (default 15m)",
+        flag="--lock-ttl",
+        parse=parse_duration,
+        metavar="DURATION",
+    )
+    lock_timeout_s: float = setting(
+        6 * 3600.0,
+        help="how long to wait for another run's lock (default 6h)",
+        flag="--lock-timeout",
+        parse=parse_duration,
+        metavar="DURATION",
+    )
+    lock_poll_s: float = setting(2.0, help="how often a waiting run looks at the lock, seconds", flag=False)
+    wait_for_lock: bool = setting(True, help="exit at once when another run holds the lock", flag="--no-wait")
 
     def __post_init__(self) -> None:
         if self.mode not in MODES:

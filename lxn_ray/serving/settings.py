@@ -7,6 +7,7 @@ from dataclasses import dataclass
 from typing import Any
 
 from lxn_ray.images.decode import ImageLimits
+from lxn_ray.infra.settings import setting
 
 DEPLOYMENT_NAME = "LxnServer"
 
@@ -20,33 +21,42 @@ class ServeSettings:
     flag or config file fails before any replica starts.
     """
 
-    storage: str
-    model: str = "champion"  # "champion" follows promotions; a version id (or .keras path) stays pinned
-    task: str | None = None  # serve only models of this task (a champion of another is refused); None: any
-    host: str = "127.0.0.1"  # HTTP proxy address (jobs/serve.py only; serve deploy uses http_options)
-    port: int = 8000
-    app_name: str = "lxn"
-    route_prefix: str = "/"
-    min_replicas: int = 1
-    max_replicas: int = 4
+    storage: str = setting(help="where the models are: the job's --storage URI", flag=False)
+    model: str = setting(
+        "champion", help="champion (follows promotions) or a model version id / .keras path (pinned)"
+    )
+    task: str | None = setting(
+        None, help="serve only models of this task: a champion trained for another is refused (default: any)"
+    )
+    # The HTTP proxy's address is jobs/serve.py's only; `serve deploy` takes http_options instead.
+    host: str = setting("127.0.0.1", help="HTTP address (0.0.0.0 for all interfaces)")
+    port: int = setting(8000, help="HTTP port")
+    app_name: str = setting("lxn", help="Serve application name")
+    route_prefix: str = setting("/", help="the path every route sits under")
+    min_replicas: int = setting(1, help="fewest replicas autoscaling keeps (0: none while idle)")
+    max_replicas: int = setting(4, help="most replicas autoscaling starts")
     # Serve adds replicas when the ongoing requests per replica exceed this; about one full batch.
-    target_ongoing_requests: float = 16.0
-    # Requests one replica takes at once: enough to fill two batches, so a batch forms while one runs.
-    max_ongoing_requests: int = 32
-    cpus_per_replica: float = 1.0
-    gpus_per_replica: float = 0.0
-    max_batch_size: int = 16
-    # How long the first request of a batch waits for company. Measured on 2 cores with the 200 px model
-    # (benchmarks/serve.py): 20 ms gave ~1.35x the requests/s of 5 ms at concurrency 8-32 for +20 ms at
-    # concurrency 1; 50 ms gained nothing more.
-    batch_wait_timeout_s: float = 0.02
-    poll_seconds: float = 5.0  # champion pointer poll period (champion only)
-    max_body_bytes: int = 20 * 1024 * 1024
-    max_pixels: int = 50_000_000
-    max_batch_images: int = 32  # images in one /predict/batch request
-    auth: bool = True  # False only with --no-auth: anyone who reaches the port may call every route
+    target_ongoing_requests: float = setting(16.0, help="autoscaling target: ongoing requests per replica")
+    # Enough to fill two batches, so a batch forms while one runs.
+    max_ongoing_requests: int = setting(32, help="requests one replica takes at once")
+    cpus_per_replica: float = setting(1.0, help="CPUs each replica reserves")
+    gpus_per_replica: float = setting(0.0, help="GPUs (or a fraction of one) each replica reserves")
+    max_batch_size: int = setting(16, help="most images a replica scores in one batch")
+    # Measured on 2 cores with the 200 px model (benchmarks/serve.py): 20 ms gave ~1.35x the requests/s of
+    # 5 ms at concurrency 8-32 for +20 ms at concurrency 1; 50 ms gained nothing more.
+    batch_wait_timeout_s: float = setting(
+        0.02, help="how long the first request of a batch waits for company, seconds"
+    )
+    poll_seconds: float = setting(5.0, help="champion pointer poll period")
+    max_body_bytes: int = setting(20 * 1024 * 1024, help="largest request body, bytes", flag=False)
+    max_pixels: int = setting(50_000_000, help="largest decoded image, pixels", flag=False)
+    max_batch_images: int = setting(32, help="images in one /predict/batch request", flag=False)
+    auth: bool = setting(
+        True,
+        help="serve without API keys: anyone who can reach the port can call every route (local use only)",
+    )  # --no-auth
     # SHA-256 digests of the LXN_API_KEYS that jobs/serve.py saw (the keys themselves never leave it)
-    api_key_digests: tuple[str, ...] = ()
+    api_key_digests: tuple[str, ...] = setting((), help="SHA-256 digests of the accepted keys", flag=False)
 
     def __post_init__(self) -> None:
         if not self.storage:

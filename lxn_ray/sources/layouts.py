@@ -1,4 +1,4 @@
-"""Named sources and their layouts: how a location becomes labelled rows.
+"""Named sources and their layouts: how a location becomes rows (file, finding, patient, view, source).
 
 A dataset version draws on one or more :class:`SourceSpec`: a name (the source's identity: patient ids
 are qualified by it, metrics are broken down by it), a location (any that :mod:`lxn_ray.sources.transports`
@@ -47,11 +47,10 @@ from lxn_ray.sources.metadata import (
     UNREADABLE,
     UNSAFE_PATH,
     MetadataRow,
-    label_of,
     normalise_view,
     parse_metadata,
 )
-from lxn_ray.sources.tasks import normalise_finding
+from lxn_ray.sources.tasks import category, normalise_finding
 from lxn_ray.sources.transports import (
     METADATA_FILE,
     UPSTREAM,
@@ -316,11 +315,10 @@ def _class_folder_rows(snapshot: Snapshot, spec: SourceSpec, wanted=_is_image_na
             ignored += 1  # files at the root (README, licences) and non-images
             continue
         finding = normalise_finding(spec.classes.get(folder, folder))
-        label = label_of(finding)
         exclusion, detail = None, ""
         if not is_plain_relative(path):
             exclusion, detail = UNSAFE_PATH, f"file name leaves the source root: {path!r}"
-        elif label is None:
+        elif category(finding) is None:  # no task can use it
             exclusion, detail = UNLABELLED, f"class folder {folder!r}"
         rows.append(
             MetadataRow(
@@ -329,7 +327,6 @@ def _class_folder_rows(snapshot: Snapshot, spec: SourceSpec, wanted=_is_image_na
                 folder=folder,
                 patient_id=_patient_from_name(filename, spec),
                 finding=finding,
-                label=label,
                 view="",  # class folders say nothing of the view: frontal by assumption
                 modality="X-ray",
                 exclusion=exclusion,
@@ -424,7 +421,6 @@ def _dicom_rows(snapshot: Snapshot, spec: SourceSpec, frontal_views: tuple[str, 
                 folder=row.folder,
                 patient_id=row.patient_id or (header.patient_id if header else ""),
                 finding=row.finding,
-                label=row.label,
                 view=view,
                 modality=header.modality if header else "",
                 extra={},  # no other manifest column or header field is kept

@@ -1,11 +1,12 @@
-"""Reading upstream ``metadata.csv`` in any of its schema versions, and labelling its rows.
+"""Reading upstream ``metadata.csv`` in any of its schema versions into rows with normalised findings.
 
 The upstream file changed shape as it grew: ``Patientid`` became ``patientid``, ``modality`` and
 ``folder`` appeared, clinical columns were added and renamed, findings went from flat (``COVID-19,
 ARDS``) to hierarchical (``Pneumonia/Viral/COVID-19``), and some lines are malformed. This module turns
 every version into the same :class:`MetadataRow` records and decides, from metadata alone, which rows
-cannot be used (each with a reason). Decisions that need the image bytes are made in
-:mod:`lxn_ray.data.ingest`.
+cannot be used (each with a reason). Rows carry findings, not labels: a task
+(:mod:`lxn_ray.sources.tasks`) decides the label when rows are read for it. Decisions that need the
+image bytes are made in :mod:`lxn_ray.data.ingest`.
 """
 
 from __future__ import annotations
@@ -59,8 +60,7 @@ class MetadataRow:
     filename: str
     folder: str
     patient_id: str
-    finding: str  # normalised across sources (lxn_ray.sources.tasks.normalise_finding)
-    label: int | None  # covid-vs-rest: 1 COVID-19, 0 other finding, None unlabelled
+    finding: str  # normalised across sources (lxn_ray.sources.tasks.normalise_finding); tasks label it
     view: str
     modality: str
     extra: dict[str, str] = field(default_factory=dict)  # every other column, by its upstream name
@@ -77,16 +77,6 @@ class MetadataRow:
     def image_path(self) -> str:
         """Path of the image relative to the source root, as metadata names it."""
         return f"{self.folder}/{self.filename}" if self.folder else self.filename
-
-
-def label_of(finding: str) -> int | None:
-    """1 when any part of the finding is COVID-19, 0 for another finding, None when unlabelled.
-
-    Handles flat (``COVID-19, ARDS``) and hierarchical (``Pneumonia/Viral/COVID-19``) findings; the
-    covid-vs-rest labelling (other tasks: :mod:`lxn_ray.sources.tasks`).
-    """
-    kind = category(finding)
-    return None if kind is None else int(kind == "covid")
 
 
 def normalise_view(view: str) -> str:
@@ -188,7 +178,6 @@ def _malformed(line: int, filename: str, detail: str) -> MetadataRow:
         folder="",
         patient_id="",
         finding="",
-        label=None,
         view="",
         modality="",
         exclusion=MALFORMED_ROW,
@@ -216,13 +205,12 @@ def _row(
         if canonical in columns:
             extra[canonical] = get(canonical)
 
-    label = label_of(finding)
     is_ct = modality.casefold() == "ct" or normalise_view(view) == "ct" or filename.endswith(".nii.gz")
     if not filename:
         exclusion, detail = MALFORMED_ROW, "no filename"
     elif not is_plain_relative(filename) or (folder and not is_plain_relative(folder)):
         exclusion, detail = UNSAFE_PATH, f"file name leaves the source root: {filename!r}"
-    elif label is None:
+    elif category(finding) is None:  # no task can use it
         exclusion, detail = UNLABELLED, f"finding {finding!r}"
     elif is_ct:
         exclusion, detail = CT, "CT, not a radiograph"
@@ -238,7 +226,6 @@ def _row(
         folder=folder,
         patient_id=get("patient_id"),
         finding=finding,
-        label=label,
         view=view,
         modality=modality or "X-ray",
         extra=extra,

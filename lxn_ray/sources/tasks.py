@@ -174,6 +174,8 @@ def resolve_task(spec: str | Task | dict | None = None) -> Task:
     if isinstance(spec, Task):
         return spec
     if isinstance(spec, dict):
+        if "positive" not in spec and spec.get("name") in BUILTIN_TASKS:
+            return BUILTIN_TASKS[spec["name"]]  # a card that recorded a built-in task by name only
         return _task_from_mapping(spec, "recorded task")
     if spec in BUILTIN_TASKS:
         return BUILTIN_TASKS[spec]

@@ -1,2 +1,3 @@
-"""Ray Train: the settings, the uint8 pixel cache, the worker loop, the driver that runs and publishes
-a model version, and leave-one-source-out."""
+"""Ray Train, bottom to top: the settings (config), a run in storage (runs), the uint8 pixel cache
+(pixel_cache), the worker loop (loop), publishing a model version (publish), the driver (train), and
+leave-one-source-out (loso)."""

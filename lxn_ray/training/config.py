@@ -6,14 +6,37 @@ from __future__ import annotations
 import dataclasses
 import hashlib
 import json
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Any
 
 from lxn_ray.images.preprocess import LIGHT_AUGMENT, AugmentConfig, PreprocessConfig
-from lxn_ray.model.network import PRECISIONS, ModelConfig, OptimizerConfig
-from lxn_ray.sources.tasks import DEFAULT_TASK
+from lxn_ray.infra.resources import DEFAULT_STALL_TIMEOUT_S
+from lxn_ray.infra.settings import setting
+from lxn_ray.model.network import (
+    ARCHITECTURES,
+    OPTIMIZERS,
+    PRECISIONS,
+    SCHEDULES,
+    ModelConfig,
+    OptimizerConfig,
+)
+from lxn_ray.sources.tasks import BUILTIN_TASKS, DEFAULT_TASK
 
 SAMPLINGS = ("weighted", "class-balanced", "source-balanced")
+
+# Help texts that several settings share (TrainConfig, TuneSettings, RetrainSettings; the train job's flag).
+TASK_HELP = (
+    f"which findings are positive, negative or unused: {', '.join(BUILTIN_TASKS)}, or a task YAML file "
+    f"(default: {DEFAULT_TASK})"
+)
+PRECISION_HELP = (
+    "training compute precision: auto = float16 on GPUs, bfloat16 on CPUs with AVX512-BF16 or AMX (read "
+    "from /proc/cpuinfo), float32 otherwise; weights, output layer and loss stay float32"
+)
+STALL_TIMEOUT_HELP = (
+    "end the job with an error naming what holds the resources when nothing made progress for this long "
+    f"while the cluster could take on no new work (default {DEFAULT_STALL_TIMEOUT_S:g}; 0: never)"
+)
 
 
 @dataclass(frozen=True)
@@ -37,26 +60,42 @@ class TrainConfig:
       inference precision (:func:`inference_precision`).
     """
 
-    image_size: int = 200
-    width: float = 1.0
-    epochs: int = 10
-    batch_size: int = 20  # global: split over the workers
-    learning_rate: float = 1e-4
-    augment: AugmentConfig = field(default_factory=lambda: LIGHT_AUGMENT)
-    workers: int = 1
-    use_gpu: bool = False  # also on whenever the cluster has GPUs
-    precision: str = "auto"
-    seed: int = 0
-    task: str = DEFAULT_TASK  # a built-in task name or a task file (lxn_ray.sources.tasks)
-    sources: tuple[str, ...] = ()  # train and validate on these sources only (empty: all); see loso.py
-    optimizer: str = "rmsprop"
-    schedule: str = "constant"
-    warmup_epochs: int = 0
-    weight_decay: float = 1e-4  # adamw only
-    patience: int = 0
-    sampling: str = "weighted"
-    architecture: str = "lxn"
-    preprocessing: PreprocessConfig = field(default_factory=PreprocessConfig)
+    image_size: int = setting(200, help="input side in pixels (paper: 200)")
+    width: float = setting(1.0, help="width multiplier (1.0 = the paper's LxN)")
+    epochs: int = setting(10, help="epochs per training run (per trial)")
+    batch_size: int = setting(20, help="global batch, split over the workers")
+    learning_rate: float = setting(1e-4, help="learning rate (peak, with a schedule)", flag="--lr")
+    augment: AugmentConfig = setting(
+        default_factory=lambda: LIGHT_AUGMENT,
+        help="train without augmentation",
+        flag="--no-augment",
+        const=AugmentConfig(),  # every transform off
+    )
+    workers: int = setting(1, help="Ray Train workers (data-parallel)")
+    use_gpu: bool = setting(
+        False, help="one GPU per worker (automatic when the cluster has GPUs)", flag="--gpu"
+    )
+    precision: str = setting("auto", help=PRECISION_HELP, choices=PRECISIONS)
+    seed: int = setting(0, help="seeds the initial weights, the data order and the augmentation")
+    task: str = setting(DEFAULT_TASK, help=TASK_HELP)
+    sources: tuple[str, ...] = setting(
+        (), help="train and validate on these sources only (empty: all); see loso.py", flag=False
+    )
+    optimizer: str = setting("rmsprop", help="rmsprop is the paper's", choices=OPTIMIZERS)
+    schedule: str = setting("constant", help="learning-rate schedule", choices=SCHEDULES)
+    warmup_epochs: int = setting(0, help="linear warm-up before a cosine")
+    weight_decay: float = setting(1e-4, help="AdamW's decoupled weight decay")
+    patience: int = setting(0, help="stop after this many epochs without a better val objective")
+    sampling: str = setting(
+        "weighted",
+        help="weighted: equation (1)'s loss weights; class-/source-balanced: balanced draws, plain loss",
+        choices=SAMPLINGS,
+    )
+    architecture: str = setting("lxn", help="lxn is the paper's", choices=ARCHITECTURES)
+    preprocessing: PreprocessConfig = setting(
+        default_factory=PreprocessConfig,
+        help="border trimming and equalisation, applied alike in training, evaluation and serving",
+    )
 
     def __post_init__(self) -> None:
         # Checked at construction so a bad flag or Tune config fails before any worker starts.

@@ -8,37 +8,48 @@ import hashlib
 import json
 from dataclasses import dataclass
 
-from lxn_ray.infra.resources import (
-    DEFAULT_STALL_TIMEOUT_S,
-)
+from lxn_ray.infra.resources import DEFAULT_STALL_TIMEOUT_S
+from lxn_ray.infra.settings import help_of, setting
+from lxn_ray.model.network import PRECISIONS
 from lxn_ray.sources.tasks import DEFAULT_TASK
+from lxn_ray.training.config import PRECISION_HELP, STALL_TIMEOUT_HELP, TASK_HELP, TrainConfig
 
 SPACES = ("full", "paper")
+SEARCHERS = ("optuna", "random")  # optuna falls back to random when it is not installed
 
 
 @dataclass(frozen=True)
 class TuneSettings:
     """One search. Fields that change which trials run are part of the experiment name (see ``digest``)."""
 
-    num_samples: int = 8
-    epochs: int = 10
-    image_size: int = 200
-    image_sizes: tuple[int, ...] = ()  # when given, image size is searched over these
-    width: float = 1.0
-    batch_size: int = 20
-    batch_sizes: tuple[int, ...] = ()  # when given, the global batch is searched over these
-    workers_per_trial: int = 1
-    searcher: str = "optuna"  # optuna | random (optuna falls back to random when not installed)
-    asha: bool = True
-    seed: int = 0
-    max_concurrent: int | None = None  # None: as many trials as the cluster's CPUs (or GPUs) fit
-    time_budget_s: float | None = None  # stop the search after this long (resumable with --resume)
-    stall_timeout_s: float = DEFAULT_STALL_TIMEOUT_S  # end a search stalled this long (0: never)
-    task: str = DEFAULT_TASK  # which findings are positive, negative, unused (lxn_ray.sources.tasks)
-    precision: str = "auto"  # every trial's training precision (lxn_ray.model.network.resolve_precision)
-    patience: int = 0  # early stopping in every trial (0: off; ASHA stops weak trials anyway)
-    space: str = "full"  # full: the recipe is searched too; paper: learning rate and augmentation only
-    repeats: int = 0  # retrain the best config with this many more seeds and report the spread
+    num_samples: int = setting(8, help="trials to run")
+    epochs: int = setting(10, help=help_of(TrainConfig, "epochs"))
+    image_size: int = setting(200, help=help_of(TrainConfig, "image_size"))
+    image_sizes: tuple[int, ...] = setting((), help="search over these sizes, e.g. 128,200")
+    width: float = setting(1.0, help=help_of(TrainConfig, "width"))
+    batch_size: int = setting(20, help=help_of(TrainConfig, "batch_size"))
+    batch_sizes: tuple[int, ...] = setting((), help="search over these batches, e.g. 16,32")
+    workers_per_trial: int = setting(1, help="Ray Train workers in each trial")
+    searcher: str = setting(
+        "optuna", help="optuna (TPE; random when optuna is not installed) or random", choices=SEARCHERS
+    )
+    asha: bool = setting(True, help="let every trial run all epochs (FIFO)")  # --no-asha
+    seed: int = setting(0, help="seeds the searcher and the trials' training")
+    max_concurrent: int | None = setting(None, help="trials at once (default: as many as fit)")
+    time_budget_s: float | None = setting(
+        None, help="stop the search after this many seconds (resumable with --resume)"
+    )
+    stall_timeout_s: float = setting(DEFAULT_STALL_TIMEOUT_S, help=STALL_TIMEOUT_HELP)
+    task: str = setting(DEFAULT_TASK, help=TASK_HELP)
+    precision: str = setting("auto", help=PRECISION_HELP, choices=PRECISIONS)
+    patience: int = setting(0, help="early stopping in each trial (0: off; ASHA stops weak trials anyway)")
+    space: str = setting(
+        "full",
+        help="full (default): search the recipe too (optimizer, schedule, architecture, sampling, "
+        "preprocessing); paper: the paper's recipe, learning rate and augmentation only",
+        choices=SPACES,
+    )
+    repeats: int = setting(0, help="retrain the best config with N more seeds; report the spread")
 
     def __post_init__(self) -> None:
         if self.space not in SPACES:

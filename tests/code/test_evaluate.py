@@ -11,8 +11,9 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from lxn_ray.data.ingest import SourceFile
-from lxn_ray.dedupe.duplicates import candidate_pairs, find_duplicates, fingerprint
+from lxn_ray.data.fetch import SourceFile
+from lxn_ray.dedupe.fingerprint import fingerprint
+from lxn_ray.dedupe.search import candidate_pairs, find_duplicates
 from lxn_ray.evaluation import evaluate
 from lxn_ray.images import preprocess
 from lxn_ray.images.decode import ImageLimits, decode_image, to_grayscale
@@ -38,7 +39,6 @@ def _file(name: str, data: bytes) -> SourceFile:
         folder="images",
         patient_id="p",
         finding="COVID-19",
-        label=1,
         view="PA",
         modality="X-ray",
     )

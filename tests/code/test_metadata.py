@@ -1,4 +1,6 @@
-"""metadata.csv of every upstream schema version -> the same normalised, labelled rows."""
+"""metadata.csv of every upstream schema version -> the same normalised rows, with findings (not labels)."""
+
+import dataclasses
 
 from lxn_ray.sources.metadata import (
     CT,
@@ -7,7 +9,7 @@ from lxn_ray.sources.metadata import (
     UNLABELLED,
     UNSAFE_PATH,
     VOLUMES,
-    label_of,
+    MetadataRow,
     parse_metadata,
 )
 
@@ -33,22 +35,36 @@ line note",
 """
 
 
-def test_labels_flat_and_hierarchical_findings():
-    assert label_of("COVID-19") == 1
-    assert label_of("COVID-19, ARDS") == 1
-    assert label_of("Pneumonia/Viral/COVID-19") == 1
-    assert label_of(" covid-19 ") == 1
-    assert label_of("Pneumonia/Viral/SARS") == 0
-    assert label_of("No Finding") == 0
-    assert label_of("ARDS") == 0
-    for unlabelled in ("", "todo", "Unknown", "  "):
-        assert label_of(unlabelled) is None
+def test_rows_carry_findings_and_unlabelled_findings_are_excluded():
+    # tasks (lxn_ray.sources.tasks) are the only place a finding becomes a label: a row has none
+    assert "label" not in {f.name for f in dataclasses.fields(MetadataRow)}
+    findings = [
+        "COVID-19",
+        "COVID-19, ARDS",
+        "Pneumonia/Viral/COVID-19",
+        " covid-19 ",
+        "Pneumonia/Viral/SARS",
+    ]
+    unlabelled = ["", "todo", "Unknown", "  "]
+    lines = [f'{i},PA,"{finding}",f{i}.png' for i, finding in enumerate(findings + unlabelled)]
+    rows = parse_metadata(("patientid,view,finding,filename\n" + "\n".join(lines) + "\n").encode())
+    assert [r.finding for r in rows[: len(findings)]] == [
+        "COVID-19",
+        "COVID-19, ARDS",
+        "Pneumonia/Viral/COVID-19",
+        "COVID-19",
+        "Pneumonia/Viral/SARS",
+    ]
+    assert all(r.exclusion is None for r in rows[: len(findings)])
+    assert [r.exclusion for r in rows[len(findings) :]] == [UNLABELLED] * len(unlabelled)
 
 
 def test_early_schema_without_modality_or_folder():
     rows = parse_metadata(EARLY)
     assert [r.patient_id for r in rows] == ["2", "3", "4"]
-    assert rows[0].exclusion is None and rows[0].label == 1 and rows[0].image_path == "images/a.jpeg"
+    assert (
+        rows[0].exclusion is None and rows[0].finding == "COVID-19" and rows[0].image_path == "images/a.jpeg"
+    )
     assert rows[1].exclusion == NON_FRONTAL
     assert rows[2].exclusion == CT  # early files mark CT in the view column
 
@@ -56,9 +72,14 @@ def test_early_schema_without_modality_or_folder():
 def test_later_schema_whitespace_views_and_exclusions():
     rows = {r.filename: r for r in parse_metadata(LATER)}
     d = rows["d.png"]
-    assert (d.patient_id, d.label, d.exclusion, d.view) == ("7", 1, None, "AP Supine")
+    assert (d.patient_id, d.finding, d.exclusion, d.view) == (
+        "7",
+        "Pneumonia/Viral/COVID-19",
+        None,
+        "AP Supine",
+    )
     assert d.extra["location"] == "Rome, Italy"
-    assert rows["e.png"].exclusion is None and rows["e.png"].label == 0  # No Finding is a negative
+    assert rows["e.png"].exclusion is None and rows["e.png"].finding == "No Finding"  # a usable finding
     assert rows["f.png"].exclusion == UNLABELLED
     assert rows["g.png"].exclusion == UNLABELLED
     assert rows["h.nii.gz"].exclusion == CT

@@ -5,7 +5,7 @@ import json
 import pytest
 
 from lxn_ray import registry
-from lxn_ray.cli.main import registry_main
+from lxn_ray.cli.registry import main as registry_main
 from lxn_ray.infra.storage import Storage
 
 

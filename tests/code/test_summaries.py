@@ -1,6 +1,7 @@
 """What a person reads after a job: the shortcut warning, the chance label and per-source lines."""
 
-from lxn_ray.cli.main import registry_summary, train_summary
+from lxn_ray.cli.registry import summary as registry_summary
+from lxn_ray.cli.train import summary as train_summary
 
 
 def _report(fired: bool, chance: bool) -> dict:

@@ -8,8 +8,8 @@ import pyarrow as pa
 import pytest
 
 from lxn_ray.data import dataset
+from lxn_ray.data.ingest import STORED_TASK
 from lxn_ray.infra.storage import Storage
-from lxn_ray.sources.metadata import label_of
 from lxn_ray.sources.tasks import (
     BUILTIN_TASKS,
     DEFAULT_TASK,
@@ -110,7 +110,7 @@ def test_builtin_task_mapping_tables(finding):
     names = ("covid-vs-rest", "covid-vs-normal", "covid-vs-pneumonia")
     assert tuple(resolve_task(name).label_of(finding) for name in names) == BUILTIN_TABLE[finding]
     # the covid-vs-rest labelling is the label dataset versions record
-    assert label_of(finding) == BUILTIN_TABLE[finding][0]
+    assert STORED_TASK.label_of(finding) == BUILTIN_TABLE[finding][0]
 
 
 def test_builtin_tasks_resolve_by_name_and_default():

@@ -1,8 +1,10 @@
-"""Tests for lxn_ray.dedupe.duplicates on synthetic chest-X-ray-like images made here (no data needed).
+"""Tests for lxn_ray.dedupe on synthetic chest-X-ray-like images made here (no data needed).
 
 Each "radiograph" is a parametric image (body outline, lungs, mediastinum, rib stripes, smooth texture)
 drawn from its own seeded RNG, so a different seed is a different patient and the same seed with a
 rotated/shifted anatomy plus a new opacity is a serial film of the same patient (a hard negative).
+The detector on real films is checked where ingest has already fingerprinted the ieee8023 snapshots:
+tests/data/test_bundle.py.
 """
 
 from __future__ import annotations
@@ -11,28 +13,18 @@ import io
 import math
 import pickle
 import random
-import shutil
-import subprocess
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import replace
-from pathlib import Path
 
 import numpy as np
 import pytest
 from PIL import Image, ImageDraw, ImageEnhance, ImageFont, ImageOps
 
-from lxn_ray.dedupe.duplicates import (
-    FINGERPRINT_COLUMNS,
-    DedupeConfig,
-    DuplicatePair,
-    VerifyChunk,
-    find_duplicates,
-    fingerprint,
-    hamming,
-    verify_chunk,
-    verify_pair,
-)
+from lxn_ray.dedupe.config import DedupeConfig
+from lxn_ray.dedupe.fingerprint import FINGERPRINT_COLUMNS, fingerprint, hamming
 from lxn_ray.dedupe.index import CandidateIndex, SearchConfig
+from lxn_ray.dedupe.search import DuplicatePair, find_duplicates
+from lxn_ray.dedupe.verify import VerifyChunk, verify_chunk, verify_pair
 
 SIZE = (240, 280)  # width, height
 
@@ -324,7 +316,7 @@ def test_verify_chunk_is_picklable_and_matches_verify_pair(originals, fps) -> No
 def test_stage0_correlation_matches_the_direct_one() -> None:
     """Stage 0's matrix form of the coarse-grid profile correlation equals resampling each pair's profile
     per hypothesis and correlating (the form stage 1 uses), to float32 rounding."""
-    from lxn_ray.dedupe.duplicates import _best_profile_corr, _coarse_grid, _profile_corr_grid
+    from lxn_ray.dedupe.verify import _best_profile_corr, _coarse_grid, _profile_corr_grid
 
     config = DedupeConfig()
     rng = np.random.default_rng(0)
@@ -410,38 +402,3 @@ def test_republication_errors_are_found(originals, fps) -> None:
     assert found[("mirror", "patient2")].mirrored
     assert not any("serial" in pair for pair in found)
     assert all("patient2" in pair for pair in found)
-
-
-REPO_ROOT = Path(__file__).resolve().parents[2]
-BUNDLE = REPO_ROOT.parent / "shared" / "data" / "ieee8023.bundle"
-
-
-@pytest.mark.slow  # every film of a real snapshot through the detector
-@pytest.mark.skipif(not BUNDLE.exists(), reason=f"real dataset bundle not present at {BUNDLE}")
-def test_real_snapshot_duplicates(tmp_path: Path) -> None:
-    """The 2020-06-22 snapshot contains known re-published images; they must be found, and not much else."""
-    pd = pytest.importorskip("pandas")
-    git = shutil.which("git")
-    if git is None:
-        pytest.skip("git not available to clone the bundle")
-    src = tmp_path / "ieee8023"
-    subprocess.run([git, "clone", "-q", str(BUNDLE), str(src)], check=True)
-    subprocess.run([git, "-C", str(src), "checkout", "-q", "snapshot-2020-06-22"], check=True)
-    meta = pd.read_csv(src / "metadata.csv")
-    names = sorted(set(meta.loc[meta["modality"] == "X-ray", "filename"]))
-    fps = {}
-    for name in names:
-        path = src / "images" / name
-        if path.exists():
-            with Image.open(path) as im:
-                fps[name] = fingerprint(ImageOps.exif_transpose(im).convert("L"))
-    pairs = {(p.a, p.b) for p in find_duplicates({}, fps)}
-    assert ("353889E0-A1E8-4F9E-A0B8-F24F36BCFBFB.jpeg", "case_72_RX-TORACE1.jpg") in pairs
-    assert (
-        "16660_2_1.jpg",
-        "covid-19-rapidly-progressive-acute-respiratory-distress-syndrome-ards-admission.jpg",
-    ) in pairs
-    # two lateral films of the same patient 10 days apart, differently positioned, on a large black
-    # background: the background matches trivially and must not make them look like a duplicate
-    assert ("covid-19-caso-95-2-16.png", "covid-19-caso-95-4-12.png") not in pairs
-    assert len(pairs) <= 40

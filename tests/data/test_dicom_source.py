@@ -15,7 +15,7 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from lxn_ray.cli.main import ingest_main
+from lxn_ray.cli.ingest import main as ingest_main
 from lxn_ray.data import dataset
 from lxn_ray.data.ingest import ingest
 from lxn_ray.images.decode import PNG_SIGNATURE
@@ -24,7 +24,7 @@ from lxn_ray.infra.storage import Storage
 from lxn_ray.sources.layouts import SourceSpec, pseudonymise, read_rows
 from lxn_ray.sources.metadata import MISSING_FILE, NON_FRONTAL, UNREADABLE
 from lxn_ray.sources.transports import FolderSource, SourceError
-from tests.helpers import PHI_FIELDS, dicom_film
+from tests.helpers import PHI_FIELDS, copy_store, dicom_film
 
 pytestmark = pytest.mark.usefixtures("ray_local")
 
@@ -83,14 +83,25 @@ def hospital(bundle_checkout, tmp_path_factory) -> tuple[Path, list[Image.Image]
     return hospital_folder(tmp_path_factory.mktemp("dicom") / "films", films), films
 
 
+@pytest.fixture(scope="module")
+def hospital_store(hospital, tmp_path_factory) -> tuple[Path, dict]:
+    """The hospital folder ingested once for the module as source "hospital": (the store's folder, the
+    report). Read-only: a test that ingests again works on a copy (:func:`tests.conftest.copy_store`)."""
+    root, _ = hospital
+    folder = tmp_path_factory.mktemp("dicom-store") / "store"
+    return folder, ingest([SourceSpec("hospital", str(root), layout="dicom")], Storage.open(str(folder)))
+
+
 def every_stored_byte(storage_root: Path) -> bytes:
     return b"\n".join(path.read_bytes() for path in sorted(storage_root.rglob("*")) if path.is_file())
 
 
-def test_dicom_films_are_ingested_and_no_header_field_beyond_those_used_is_stored(hospital, tmp_path):
+def test_dicom_films_are_ingested_and_no_header_field_beyond_those_used_is_stored(
+    hospital, hospital_store, tmp_path
+):
     root, films = hospital
-    storage = Storage.open(str(tmp_path / "store"))
-    report = ingest([SourceSpec("hospital", str(root), layout="dicom")], storage)
+    folder, report = hospital_store
+    storage = Storage.open(str(folder))
 
     assert report["usable"] == len(FILMS)
     reasons = {entry["filename"]: entry["reason"] for entry in report["exclusions"]}
@@ -129,15 +140,17 @@ def test_dicom_films_are_ingested_and_no_header_field_beyond_those_used_is_store
         pixels = np.asarray(Image.open(io.BytesIO(blob))).astype(int)
         assert np.abs(pixels - np.asarray(film).astype(int)).max() <= 1, name
 
-    again = ingest([SourceSpec("hospital", str(root), layout="dicom")], storage)
-    assert again["changed"] is False
+    copy = Storage.open(str(copy_store(folder, tmp_path / "store")))
+    again = ingest([SourceSpec("hospital", str(root), layout="dicom")], copy)
+    assert again["changed"] is False and again["dataset_version"] == report["dataset_version"]
 
 
-def test_a_different_salt_is_refused_rather_than_making_every_patient_new(hospital, tmp_path, monkeypatch):
+def test_a_different_salt_is_refused_rather_than_making_every_patient_new(
+    hospital, hospital_store, tmp_path, monkeypatch
+):
     root, _ = hospital
-    storage = Storage.open(str(tmp_path / "store"))
+    storage = Storage.open(str(copy_store(hospital_store[0], tmp_path / "store")))
     spec = SourceSpec("hospital", str(root), layout="dicom")
-    ingest([spec], storage)
     monkeypatch.setenv(dataset.PATIENT_SALT_ENV, "another-salt-of-enough-length")
     with pytest.raises(SourceError, match="salt differs"):
         ingest([spec], storage)
@@ -158,7 +171,7 @@ def test_the_dicom_layout_reads_class_folders_and_refuses_rows_without_a_salt(tm
     with pytest.raises(SourceError, match="salt"):
         read_rows(snapshot, spec)
     found = read_rows(snapshot, spec, patient_salt=b"0123456789abcdef")
-    assert sorted((row.finding, row.label) for row in found.rows) == [("COVID-19", 1), ("No Finding", 0)]
+    assert sorted(row.finding for row in found.rows) == ["COVID-19", "No Finding"]
     assert {row.patient_id for row in found.rows} == {
         pseudonymise(p, b"0123456789abcdef") for p in ("P1", "P2")
     }

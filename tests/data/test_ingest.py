@@ -11,7 +11,7 @@ import numpy as np
 import pytest
 from PIL import Image, ImageOps
 
-from lxn_ray.cli.main import ingest_main
+from lxn_ray.cli.ingest import main as ingest_main
 from lxn_ray.data import dataset
 from lxn_ray.data.ingest import ingest
 from lxn_ray.data.settings import IngestConfig
@@ -165,7 +165,7 @@ def test_job_prints_one_line_error(tmp_path, capsys):
 def test_a_few_large_films_spread_over_every_cpu():
     """Ray Data blocks: one per decode batch, but at least one per CPU while there are films for them
     (a byte-bounded chunk of a few 20 MP films was one block on one core)."""
-    from lxn_ray.data.ingest import _block_count
+    from lxn_ray.data.fetch import _block_count
 
     assert _block_count(30, 16, cpus=8) == 8
     assert _block_count(3, 16, cpus=8) == 3

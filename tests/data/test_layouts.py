@@ -15,7 +15,8 @@ from lxn_ray.data import dataset
 from lxn_ray.data.ingest import ingest
 from lxn_ray.infra.storage import Storage
 from lxn_ray.sources.layouts import SourceSpec, detect_layout, read_rows, read_sources_file
-from lxn_ray.sources.metadata import DUPLICATE, MISSING_FILE, UNLABELLED, UNSAFE_PATH
+from lxn_ray.sources.metadata import DUPLICATE, MISSING_FILE, UNLABELLED, UNSAFE_PATH, MetadataRow
+from lxn_ray.sources.tasks import resolve_task
 from lxn_ray.sources.transports import SourceError
 from tests.helpers import SourceBuilder, radiograph
 
@@ -31,6 +32,11 @@ def save(path: Path, image: Image.Image, **options) -> Path:
     path.parent.mkdir(parents=True, exist_ok=True)
     image.save(path, **options)
     return path
+
+
+def label(row: MetadataRow) -> int | None:
+    """A row's covid-vs-rest label: rows carry findings, and the task decides (lxn_ray.sources.tasks)."""
+    return resolve_task("covid-vs-rest").label_of(row.finding)
 
 
 def sha_of(path: Path) -> str:
@@ -73,7 +79,7 @@ def test_class_folder_rows_carry_the_folders_finding_and_the_patient_from_the_na
     }  # README.txt at the root and notes.txt are not rows
     assert found.notes["files_ignored"] == 2
     assert "patients" not in found.notes  # every name matched the pattern
-    facts = {path: (row.finding, row.label, row.patient_id, row.source) for path, row in rows.items()}
+    facts = {path: (row.finding, label(row), row.patient_id, row.source) for path, row in rows.items()}
     assert facts["Covid-19/00001234_001.png"] == ("COVID-19", 1, "00001234", "nih")
     assert facts["No_findings/00004321_000.png"] == ("No Finding", 0, "00004321", "nih")
     assert facts["Pneumonia/00002468_000.png"] == ("Pneumonia", 0, "00002468", "nih")
@@ -89,11 +95,11 @@ def test_class_folders_map_and_exclude_classes(tmp_path):
     spec = SourceSpec("kaggle", str(root), layout="class-folders", classes=classes)
     found = read_rows(spec.open().open(), spec)
     rows = {row.image_path: row for row in found.rows}
-    assert (rows["PNEUMONIA_BACT/a.png"].finding, rows["PNEUMONIA_BACT/a.png"].label) == (
+    assert (rows["PNEUMONIA_BACT/a.png"].finding, label(rows["PNEUMONIA_BACT/a.png"])) == (
         "Pneumonia/Bacterial",
         0,
     )
-    assert (rows["COVID/b.png"].finding, rows["COVID/b.png"].label) == ("COVID-19", 1)
+    assert (rows["COVID/b.png"].finding, label(rows["COVID/b.png"])) == ("COVID-19", 1)
     assert rows["unsorted/c.png"].exclusion == UNLABELLED
     # without a pattern, every usable file is its own patient, and the notes say so
     assert found.notes["files_without_patient"] == 2 and "own patient" in found.notes["patients"]
@@ -107,7 +113,7 @@ def test_auto_detects_the_upstream_layout(tmp_path):
     spec = SourceSpec("ieee", str(tmp_path / "ieee"))
     found = read_rows(spec.open().open(), spec)
     assert found.layout == "upstream" and found.notes == {}
-    assert [(r.image_path, r.finding, r.label, r.patient_id, r.source, r.exclusion) for r in found.rows] == [
+    assert [(r.image_path, r.finding, label(r), r.patient_id, r.source, r.exclusion) for r in found.rows] == [
         ("images/a.png", "Pneumonia/Viral/COVID-19", 1, "p1", "ieee", None),
         ("images/b.png", "No Finding", 0, "p2", "ieee", "non_frontal_view"),
     ]
@@ -196,13 +202,13 @@ def test_manifest_rows_use_the_mapped_columns(tmp_path):
     found = read_rows(snapshot, spec)
     assert found.layout == "manifest" and found.notes == {}
     rows = {row.image_path: row for row in found.rows}
-    assert (rows["scans/a.png"].finding, rows["scans/a.png"].label, rows["scans/a.png"].patient_id) == (
+    assert (rows["scans/a.png"].finding, label(rows["scans/a.png"]), rows["scans/a.png"].patient_id) == (
         "COVID-19",
         1,
         "h1",
     )
-    assert (rows["scans/b.png"].finding, rows["scans/b.png"].label) == ("No Finding", 0)
-    assert rows["scans/2020/c.jpg"].label == 0 and rows["scans/a.png"].extra["ward"] == "ICU"
+    assert (rows["scans/b.png"].finding, label(rows["scans/b.png"])) == ("No Finding", 0)
+    assert label(rows["scans/2020/c.jpg"]) == 0 and rows["scans/a.png"].extra["ward"] == "ICU"
     assert rows["../outside.png"].exclusion == UNSAFE_PATH
     assert rows["scans/d.png"].exclusion == UNLABELLED
 
@@ -225,6 +231,8 @@ def test_manifest_ingest(tmp_path):
     assert images["scans/a.png"]["patient_id"] == images["scans/b.png"]["patient_id"] == "hosp:h1"
     assert images["scans/a.png"]["split"] == images["scans/b.png"]["split"]
     assert images["scans/a.png"]["finding"] == "COVID-19" and images["scans/b.png"]["label"] == 0
+    # the stored label column is the default task's label of the finding, decided by the task
+    assert all(row["label"] == resolve_task().label_of(row["finding"]) for row in images.values())
     assert report["sources"]["hosp"]["layout"] == "manifest" and "patients" not in report["sources"]["hosp"]
 
 
@@ -246,7 +254,7 @@ def test_mapped_manifest_columns_win_over_columns_with_builtin_names(tmp_path):
     (root / "manifest.csv").write_text("filename,finding,label\na.png,bilateral opacities,COVID-19\n")
     spec = SourceSpec("m", str(root), columns={"finding": "label"})
     [row] = read_rows(spec.open().open(), spec).rows
-    assert (row.finding, row.label) == ("COVID-19", 1)
+    assert (row.finding, label(row)) == ("COVID-19", 1)
 
 
 # -- sources files ------------------------------------------------------------------------------------

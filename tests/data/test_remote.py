@@ -33,8 +33,6 @@ from lxn_ray.sources.transports import (
 from tests.helpers import encode, free_port, radiograph
 from tests.model.test_train import labelled_source
 
-pytestmark = [pytest.mark.usefixtures("ray_local"), pytest.mark.slow]  # whole jobs: `-m "not slow"` skips
-
 
 def usable_rows(storage: Storage) -> set[tuple]:
     table = dataset.read_table(storage, dataset.latest_version(storage), "images")
@@ -59,14 +57,21 @@ def mixed_source(tmp_path_factory) -> Path:
 SMALL_FILES = IngestConfig(limits=ImageLimits(max_file_bytes=300_000))
 
 
+@pytest.fixture(scope="module")
+def folder_dataset(mixed_source, tmp_path_factory, ray_local) -> tuple[Storage, dict]:
+    """``mixed_source`` ingested from the folder itself, once for the module: (its storage, the report),
+    what each remote source's dataset must equal. Read-only."""
+    storage = Storage.open(str(tmp_path_factory.mktemp("remote-folder") / "store"))
+    return storage, ingest(FolderSource(mixed_source), storage, SMALL_FILES)
+
+
 def exclusions_by_file(report: dict) -> dict[str, str]:
     return {e["filename"]: e["reason"] for e in report["exclusions"]}
 
 
-def test_http_source_gives_the_folder_dataset(mixed_source, http_server, tmp_path):
-    folder_store = Storage.open(str(tmp_path / "folder"))
-    folder_report = ingest(FolderSource(mixed_source), folder_store, SMALL_FILES)
-
+@pytest.mark.usefixtures("ray_local")
+def test_http_source_gives_the_folder_dataset(mixed_source, folder_dataset, http_server, tmp_path):
+    folder_store, folder_report = folder_dataset
     base = http_server(mixed_source)
     source = open_source(base)
     assert isinstance(source, HttpSource)
@@ -115,18 +120,20 @@ def bucket_keys(bucket: str, prefix: str) -> list[str]:
     return [item["Key"] for page in pages for item in page.get("Contents", [])]
 
 
-def test_s3_mirror_into_s3_storage_then_train(mixed_source, s3_bucket, tmp_path):
+@pytest.mark.slow  # trains and serves: `-m "not slow"` skips
+@pytest.mark.usefixtures("ray_local")
+def test_s3_mirror_into_s3_storage_then_train(mixed_source, folder_dataset, s3_bucket):
     upload(mixed_source, s3_bucket, "mirror")
     source = open_source(f"s3://{s3_bucket}/mirror")
     assert isinstance(source, S3Source)
     storage = Storage.open(f"s3://{s3_bucket}/store")
     report = ingest(source, storage, SMALL_FILES)
 
-    folder_store = Storage.open(str(tmp_path / "folder"))
-    ingest(FolderSource(mixed_source), folder_store, SMALL_FILES)
+    folder_store, folder_report = folder_dataset
     assert usable_rows(storage) == usable_rows(folder_store)
     reasons = exclusions_by_file(report)
     assert reasons["../../etc/passwd"] == UNSAFE_PATH and reasons["missing.png"] == MISSING_FILE
+    assert reasons == exclusions_by_file(folder_report)
 
     from lxn_ray.training.config import TrainConfig
     from lxn_ray.training.train import train

@@ -1,4 +1,6 @@
-"""What a person sees: a default train and tune job prints mostly its own lines; ``--verbose`` the rest.
+"""What a person sees: a default train job prints mostly its own lines; ``--verbose`` the rest. (The same
+rule for a default tune job is checked on the soak's ``jobs/tune.py`` run in test_resources.py, which
+imports :func:`own_share` from here: one search fewer.)
 
 The jobs run as a person runs them (``python jobs/train.py ...`` at 64 px, tiny width) against the test
 session's Ray cluster, and every line they print, on stdout and stderr, is counted. A line is the job's
@@ -16,11 +18,8 @@ from pathlib import Path
 
 import pytest
 
-from lxn_ray.data.ingest import ingest
 from lxn_ray.infra.storage import Storage
-from lxn_ray.sources.transports import FolderSource
-from tests.helpers import SourceBuilder, job_env
-from tests.model.test_train import labelled_source
+from tests.helpers import copy_store, job_env
 
 pytestmark = [pytest.mark.usefixtures("ray_local"), pytest.mark.slow]  # whole jobs: `-m "not slow"` skips
 
@@ -45,11 +44,9 @@ def own_share(stdout: str, stderr: str) -> tuple[float, list[str]]:
 
 
 @pytest.fixture(scope="module")
-def store(tmp_path_factory) -> Storage:
-    root = tmp_path_factory.mktemp("output")
-    storage = Storage.open(str(root / "store"))
-    ingest(FolderSource(labelled_source(SourceBuilder(root / "source"), patients=40)), storage)
-    return storage
+def store(labelled_store, tmp_path_factory) -> Storage:
+    """The session's 60-patient store, copied: the jobs publish models into it."""
+    return Storage.open(str(copy_store(labelled_store, tmp_path_factory.mktemp("output") / "store")))
 
 
 def run(job: str, store: Storage, *flags: str) -> subprocess.CompletedProcess:
@@ -60,16 +57,11 @@ def run(job: str, store: Storage, *flags: str) -> subprocess.CompletedProcess:
     return result
 
 
-@pytest.mark.parametrize(
-    ("job", "flags"), [("train", ()), ("tune", ("--num-samples", "2", "--no-asha", "--patience", "0"))]
-)
-def test_a_default_run_prints_mostly_its_own_lines_and_verbose_the_rest(store, job, flags):
-    quiet = run(job, store, *flags)
+def test_a_default_run_prints_mostly_its_own_lines_and_verbose_the_rest(store):
+    quiet = run("train", store)
     share, others = own_share(quiet.stdout, quiet.stderr)
     assert share >= 0.9, f"{share:.2f} of the lines are the job's own; the others:\n" + "\n".join(others)
-    if (
-        job == "train"
-    ):  # one job shows that --verbose brings the libraries' lines back (both share the switch)
-        loud = run(job, store, *flags, "--verbose")
-        _, loud_others = own_share(loud.stdout, loud.stderr)
-        assert len(loud_others) > len(others) + 5
+    # One job shows that --verbose brings the libraries' lines back (train and tune share the switch).
+    loud = run("train", store, "--verbose")
+    _, loud_others = own_share(loud.stdout, loud.stderr)
+    assert len(loud_others) > len(others) + 5

@@ -22,9 +22,9 @@ from lxn_ray.model.network import (
     weighted_bce,
 )
 from lxn_ray.training.config import TrainConfig
-from lxn_ray.training.train import epoch_order, is_collapsed, stop_reason
+from lxn_ray.training.loop import epoch_order, is_collapsed, stop_reason
 from lxn_ray.tuning.settings import TuneSettings
-from lxn_ray.tuning.tune import RECIPE_CHOICES, search_space, trial_train_config
+from lxn_ray.tuning.space import RECIPE_CHOICES, search_space, trial_train_config
 
 LABELS = np.array([1] * 90 + [0] * 10, dtype=np.float32)  # imbalanced, as ieee8023's COVID-19 share
 SOURCES = np.array(["a"] * 60 + ["b"] * 30 + ["a"] * 5 + ["b"] * 5)
@@ -236,7 +236,7 @@ def test_a_collapsed_trial_is_counted_and_never_the_best():
 
     import pandas as pd
 
-    from lxn_ray.tuning.tune import choose_best, trial_rows
+    from lxn_ray.tuning.results import choose_best, trial_rows
 
     def result(trial_id, objectives, collapsed):
         frame = pd.DataFrame(

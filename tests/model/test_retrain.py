@@ -17,7 +17,7 @@ from pathlib import Path
 import pytest
 
 from lxn_ray import registry
-from lxn_ray.cli.main import retrain_main
+from lxn_ray.cli.retrain import main as retrain_main
 from lxn_ray.data import dataset
 from lxn_ray.infra.lease import LeaseLock, LockLost, _pid_namespace
 from lxn_ray.infra.storage import Storage
@@ -30,12 +30,12 @@ from lxn_ray.retraining.retrain import (
     train_config_from_card,
 )
 from lxn_ray.retraining.settings import TrainOverrides, parse_duration
-from lxn_ray.training.train import registered_epoch
-from tests.helpers import SourceBuilder, job_env, wait_for
-from tests.model.test_train import labelled_source
+from lxn_ray.training.runs import registered_epoch
+from tests.helpers import SourceBuilder, copy_store, job_env, wait_for
+from tests.shared_stores import labelled_source
 
-pytestmark = [pytest.mark.usefixtures("ray_local"), pytest.mark.slow]  # whole jobs: `-m "not slow"` skips
-
+# Tests that run retrain jobs on the session's Ray cluster are marked `slow` (`-m "not slow"` skips them);
+# the lease lock's and the small parts' tests are quick.
 REPO = Path(__file__).resolve().parents[2]
 TINY = ["--image-size", "32", "--width", "0.125", "--batch-size", "8", "--lr", "1e-3", "--epochs", "1"]
 
@@ -65,12 +65,13 @@ class Replay:
 
 
 @pytest.fixture(scope="module")
-def replay(tmp_path_factory) -> tuple[Replay, dict]:
+def replay(tmp_path_factory, ray_local) -> tuple[Replay, dict]:
     """A store whose first retrain tick trained and promoted the first model."""
     replay = Replay(tmp_path_factory.mktemp("retrain"))
     return replay, replay.run("first", "--min-new-images", "5")
 
 
+@pytest.mark.slow
 def test_decision_sequence_promoted_no_change_below_threshold_then_judged(replay):
     replay, first = replay
     storage = replay.storage
@@ -130,6 +131,7 @@ def test_decision_sequence_promoted_no_change_below_threshold_then_judged(replay
     assert not storage.exists(LOCK)  # released after every tick
 
 
+@pytest.mark.slow
 def test_a_retrain_killed_mid_training_leaves_the_champion_and_the_next_run_resumes(replay):
     replay, _ = replay
     storage = replay.storage
@@ -176,6 +178,7 @@ def test_a_retrain_killed_mid_training_leaves_the_champion_and_the_next_run_resu
     assert read_history(storage)[-1]["decision"] == report["decision"]
 
 
+@pytest.mark.slow
 def test_two_once_runs_started_together_do_not_overlap(replay):
     """Two ``jobs/retrain.py --once`` processes on one store: one works while the other waits for the
     lock, then finds the work done; one new dataset version, one new model, an intact history."""
@@ -230,6 +233,8 @@ def test_two_once_runs_started_together_do_not_overlap(replay):
     assert [key for key in storage.list("retrain") if ".new-" in key or ".tmp-" in key] == []
 
 
+@pytest.mark.slow
+@pytest.mark.usefixtures("ray_local")
 def test_every_carries_on_after_failing_ticks_and_stops_cleanly_on_sigterm(tmp_path):
     storage = Storage.open(str(tmp_path / "store"))
     argv = ["--source", str(tmp_path / "missing"), "--storage", storage.uri, "--every", "1s"]
@@ -389,7 +394,7 @@ def test_champion_hyperparameters_with_flags_on_top():
 
 
 def _rewrite_metadata(root: Path, change) -> None:
-    """Apply ``change(row) -> row | None`` to every row of a checkout's metadata.csv (None drops it)."""
+    """Apply ``change(row) -> row | None`` to every row of a source folder's metadata.csv (None drops it)."""
     import csv
     import io
 
@@ -404,14 +409,16 @@ def _rewrite_metadata(root: Path, change) -> None:
     (root / "metadata.csv").write_text(out.getvalue(), encoding="utf-8")
 
 
-def test_relabelled_and_removed_rows_make_a_tick_train_a_challenger(bundle_checkout, tmp_path):
-    """Metadata corrections on the bundle's first snapshot: three COVID-19 films relabelled, then two PA
-    films found to be lateral. Neither adds an image, and each must still train a challenger."""
+@pytest.mark.slow
+def test_relabelled_and_removed_rows_make_a_tick_train_a_challenger(trained_store, tmp_path):
+    """Metadata corrections to the source of a store whose champion was trained on it (the session's
+    shared tiny model, tests/shared_stores.py): three COVID-19 films relabelled, then two PA films found to
+    be lateral. Neither adds an image, and each must still train a challenger."""
     import shutil
 
-    source = tmp_path / "source"
-    shutil.copytree(bundle_checkout("2020-03-15"), source)
-    storage = Storage.open(str(tmp_path / "store"))
+    source = shutil.copytree(trained_store.source, tmp_path / "source")
+    storage = Storage.open(str(copy_store(trained_store.store, tmp_path / "store")))
+    champion = registry.champion(storage)
     argv = ["--source", str(source), "--storage", storage.uri, *TINY, "--once"]
 
     def tick(name: str) -> dict:
@@ -419,12 +426,12 @@ def test_relabelled_and_removed_rows_make_a_tick_train_a_challenger(bundle_check
         assert retrain_main([*argv, "--report", str(path)]) == 0
         return json.loads(path.read_text())
 
-    assert tick("first")["decision"] == "promoted"
-    covid = [r for r in dataset.read_table(storage, dataset.latest_version(storage), "images").to_pylist()]
+    covid = dataset.read_table(storage, dataset.latest_version(storage), "images").to_pylist()
     relabel = {row["filename"] for row in covid if row["finding"] == "COVID-19"}
     relabel = set(sorted(relabel)[:3])
     _rewrite_metadata(source, lambda row: {**row, "finding": "SARS"} if row["filename"] in relabel else row)
     relabelled = tick("relabelled")
+    assert relabelled["champion_before"] == champion == trained_store.report["model_version"]
     assert relabelled["changes"]["relabelled"] == 3 and relabelled["changes"]["added"] == 0
     assert relabelled["decision"] in ("promoted", "rejected") and relabelled["challenger"]
     assert "3 relabelled" in relabelled["trigger"] and "corrections always retrain" in relabelled["trigger"]

@@ -16,15 +16,16 @@ from lxn_ray.images.preprocess import PreprocessConfig, preprocess_pixels
 from lxn_ray.infra.storage import Storage
 from lxn_ray.sources.transports import FolderSource
 from lxn_ray.training.config import TrainConfig
-from lxn_ray.training.train import (
+from lxn_ray.training.loop import epoch_order
+from lxn_ray.training.pixel_cache import (
     STREAM_BLOCK_ROWS,
-    epoch_order,
     iter_cache,
     pixel_cache,
     read_cached_rows,
     stream_rows,
 )
-from tests.model.test_train import TINY, labelled_source
+from tests.model.test_train import TINY
+from tests.shared_stores import labelled_source
 
 pytestmark = [pytest.mark.usefixtures("ray_local"), pytest.mark.slow]  # whole jobs: `-m "not slow"` skips
 

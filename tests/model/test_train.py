@@ -12,51 +12,29 @@ import numpy as np
 import pytest
 
 from lxn_ray import registry
-from lxn_ray.cli.main import evaluate_main, train_main
+from lxn_ray.cli.evaluate import main as evaluate_main
+from lxn_ray.cli.train import main as train_main
 from lxn_ray.data import dataset
 from lxn_ray.data.ingest import ingest
 from lxn_ray.evaluation import predict
 from lxn_ray.images.preprocess import AugmentConfig
 from lxn_ray.infra.storage import Storage
-from lxn_ray.sources.transports import FolderSource
 from lxn_ray.training.config import TrainConfig
 from lxn_ray.training.train import scaling_config, train
-from tests.helpers import radiograph
+from tests.helpers import copy_store, radiograph
+from tests.shared_stores import TINY, labelled_source  # other test modules import both from here
 
-pytestmark = [pytest.mark.usefixtures("ray_local"), pytest.mark.slow]  # whole jobs: `-m "not slow"` skips
-
-TINY = dict(image_size=32, width=0.125, batch_size=8, learning_rate=1e-3)
-
-
-def labelled_source(builder, patients: int = 60, offset: int = 0) -> Path:
-    """One radiograph per patient; COVID-19 images carry a bright patch so there is something to learn."""
-    for i in range(offset, offset + patients):
-        image = np.asarray(radiograph(1000 + i, size=(96, 96)), dtype=np.float64)
-        positive = i % 2 == 0
-        if positive:
-            image[30:60, 20:50] = np.minimum(255, image[30:60, 20:50] + 90)
-        from PIL import Image
-
-        builder.add(
-            f"x{i}.png",
-            f"pt{i}",
-            finding="COVID-19" if positive else "Pneumonia",
-            view="PA" if i % 3 else "AP",
-            image=Image.fromarray(image.astype(np.uint8)),
-        )
-    return builder.write()
+# Every test but the GPU-request one trains on the session's real Ray cluster (its fixtures start it): those
+# are marked `slow`, which `-m "not slow"` skips.
 
 
 @pytest.fixture(scope="module")
-def store(tmp_path_factory) -> Storage:
-    from tests.helpers import SourceBuilder
-
-    root = tmp_path_factory.mktemp("train")
-    storage = Storage.open(str(root / "store"))
-    ingest(FolderSource(labelled_source(SourceBuilder(root / "source"))), storage)
-    return storage
+def store(labelled_store, tmp_path_factory) -> Storage:
+    """The session's 60-patient store, copied: this module's tests train into it, one after another."""
+    return Storage.open(str(copy_store(labelled_store, tmp_path_factory.mktemp("train") / "store")))
 
 
+@pytest.mark.slow
 def test_train_job_two_workers_publishes_a_model_version(store, tmp_path):
     report_path = tmp_path / "t.json"
     code = train_main(
@@ -118,6 +96,7 @@ def test_train_job_two_workers_publishes_a_model_version(store, tmp_path):
 COMPARED = ("train_loss", "train_auc", "val_loss", "val_auc", "val_accuracy", "batch_order")
 
 
+@pytest.mark.slow
 def test_a_run_whose_worker_dies_continues_exactly_as_one_that_never_stopped(store, tmp_path):
     """Float32, two workers, Adam with a cosine schedule and augmentation: everything resume must carry
     (weights, optimizer moments and step, shuffling and augmentation streams) shows in epoch 2.
@@ -154,6 +133,7 @@ def test_a_run_whose_worker_dies_continues_exactly_as_one_that_never_stopped(sto
     assert history[0]["learning_rate"] == cards[0]["history"][0]["learning_rate"]
 
 
+@pytest.mark.slow
 def test_an_interrupted_job_rerun_continues_its_run(store, tmp_path):
     other = TrainConfig(**TINY, epochs=3, workers=1, seed=1)
     with pytest.raises(Exception):  # noqa: B017 - Ray wraps the worker's death in its own error types
@@ -182,8 +162,10 @@ def test_workers_ask_for_one_gpu_each_when_the_cluster_has_gpus():
     assert forced.use_gpu and forced.resources_per_worker == {"CPU": 1, "GPU": 1}
 
 
-def test_bfloat16_trains_and_publishes_a_model_that_computes_as_validated(store):
-    published = train(store, None, TrainConfig(**TINY, epochs=1, precision="bfloat16"))
+@pytest.mark.slow
+def test_bfloat16_trains_and_publishes_a_model_that_computes_as_validated(trained_store):
+    # The session's shared tiny model: one epoch in bfloat16 (tests/shared_stores.py).
+    store, published = Storage.open(str(trained_store.store)), trained_store.report
     card = registry.read_card(store, published["model_version"])
     assert card["config"]["precision"] == "bfloat16" and card["history"][0]["precision"] == "bfloat16"
     assert card["precision"]["training"] == "bfloat16" and card["precision"]["inference"] == "bfloat16"
@@ -194,6 +176,7 @@ def test_bfloat16_trains_and_publishes_a_model_that_computes_as_validated(store)
     assert probabilities.dtype == np.float32 and np.all((probabilities >= 0) & (probabilities <= 1))
 
 
+@pytest.mark.slow
 def test_a_searched_recipe_trains_is_recorded_and_scores_with_its_own_preprocessing(store):
     from lxn_ray.evaluation.predict import score_registered
     from lxn_ray.images.preprocess import PreprocessConfig
@@ -232,8 +215,13 @@ def test_a_searched_recipe_trains_is_recorded_and_scores_with_its_own_preprocess
     assert metrics.binary_metrics(labels, scores, card["threshold"]).auc == pytest.approx(card["test"]["auc"])
 
 
-def test_evaluate_job_scores_a_folder_with_subgroups_and_overlap(store, tmp_path, source_builder, capsys):
-    trained = train(store, None, TrainConfig(**TINY, epochs=1, workers=1))
+@pytest.mark.slow
+def test_evaluate_job_scores_a_folder_with_subgroups_and_overlap(
+    trained_store, tmp_path, source_builder, capsys
+):
+    # The session's shared tiny model, in a copy of its store (the job writes its report there).
+    store = Storage.open(str(copy_store(trained_store.store, tmp_path / "store")))
+    trained = trained_store.report
     builder = source_builder("hospital")
     root = labelled_source(builder, patients=20, offset=500)
     # re-publish two training images in the external folder: they must be counted as overlap
@@ -320,10 +308,11 @@ def _tiny_task_argv(storage: Storage, report_path: Path) -> list[str]:
 
 
 @pytest.fixture(scope="module")
-def two_sources(tmp_path_factory) -> Storage:
+def two_sources(tmp_path_factory, ray_local) -> Storage:
     return _two_source_store(tmp_path_factory.mktemp("two-sources"))
 
 
+@pytest.mark.slow
 def test_a_task_on_two_sources_records_per_source_metrics_and_the_shortcut_check(two_sources, tmp_path):
     storage = two_sources
     report_path = tmp_path / "t.json"
@@ -347,8 +336,9 @@ def test_a_task_on_two_sources_records_per_source_metrics_and_the_shortcut_check
     assert counts["train"]["by_source"]["archive"]["no finding"] > 0
 
 
+@pytest.mark.slow
 def test_leave_one_source_out_scores_each_source_with_a_model_that_never_saw_it(two_sources, tmp_path):
-    from lxn_ray.cli.main import loso_main
+    from lxn_ray.cli.loso import main as loso_main
 
     report_path = tmp_path / "loso.json"
     assert loso_main(_tiny_task_argv(two_sources, report_path)) == 0

@@ -1,6 +1,10 @@
 """The tune job end to end on a tiny synthetic dataset and a real local Ray cluster: ingest-then-search to a
-champion, the promotion rule on the same test split (and re-scoring across dataset versions), and
-searches that ``--resume`` finishes: one with a crashed trial, one whose driver process was killed."""
+champion, the promotion rule on the same test split (and re-scoring across dataset versions), and a
+second search of the same series that ``--resume`` finishes twice: once after its driver process was
+killed, once after a crashed trial.
+
+The module's searches share one store and run in file order: the second search must run on the first
+one's dataset version, before the promotion test ingests a newer one."""
 
 from __future__ import annotations
 
@@ -11,39 +15,38 @@ from pathlib import Path
 import pytest
 
 from lxn_ray import registry
-from lxn_ray.cli.main import tune_main, tune_parser, tune_settings
+from lxn_ray.cli.tune import main as tune_main
+from lxn_ray.cli.tune import make_parser as tune_parser
+from lxn_ray.cli.tune import settings as tune_settings
 from lxn_ray.data import dataset
 from lxn_ray.data.ingest import ingest
 from lxn_ray.evaluation.promotion import decide, evaluate_pair
 from lxn_ray.infra.storage import Storage
 from lxn_ray.sources.transports import FolderSource
-from lxn_ray.training.train import registered_epoch
-from lxn_ray.tuning.tune import (
-    TUNE,
-    experiment_name,
-    search,
-    train_run_name,
-)
-from tests.helpers import SourceBuilder, job_env
-from tests.model.test_train import labelled_source
-
-pytestmark = [pytest.mark.usefixtures("ray_local"), pytest.mark.slow]  # whole jobs: `-m "not slow"` skips
+from lxn_ray.training.runs import registered_epoch
+from lxn_ray.tuning.space import TUNE, experiment_name, train_run_name
+from lxn_ray.tuning.tune import search
+from tests.helpers import SourceBuilder, job_env, wait_for
+from tests.shared_stores import labelled_source
 
 TINY = ["--image-size", "32", "--width", "0.125", "--batch-size", "8"]
+# Every search of this module: one series. 3 epochs leave a killed driver's trial epochs to resume.
+SEARCH = ["--num-samples", "2", "--epochs", "3", "--no-asha", *TINY]
 
 
 @pytest.fixture(scope="module")
-def searched(tmp_path_factory) -> tuple[Storage, dict, Path]:
+def searched(tmp_path_factory, ray_local) -> tuple[Storage, dict, Path]:
     """An empty store and one ``tune`` job that ingests a synthetic source first, then searches."""
     root = tmp_path_factory.mktemp("tune")
     source = labelled_source(SourceBuilder(root / "source"))
     storage = Storage.open(str(root / "store"))
     report_path = root / "report.json"
-    argv = ["--storage", storage.uri, "--source", str(source), "--num-samples", "2", "--epochs", "1", *TINY]
+    argv = ["--storage", storage.uri, "--source", str(source), *SEARCH]
     assert tune_main([*argv, "--repeats", "1", "--report", str(report_path)]) == 0
     return storage, json.loads(report_path.read_text()), root
 
 
+@pytest.mark.slow  # whole searches: `-m "not slow"` skips them
 def test_search_ingests_registers_and_sets_a_champion(searched):
     storage, report, _ = searched
     version = dataset.latest_version(storage)
@@ -94,12 +97,15 @@ def test_search_ingests_registers_and_sets_a_champion(searched):
     assert best["trial_id"] in {row["trial_id"] for row in rows}
     # Each trial was its own Ray Train run under storage, named after the experiment and trial.
     assert storage.exists(f"runs/{train_run_name(experiment, best['trial_id'])}")
+    # Its name: the dataset version and a digest of the settings that decide the trials.
+    settings = tune_settings(tune_parser().parse_args(["--storage", storage.uri, *SEARCH]))
+    assert experiment == experiment_name(version, settings)
 
 
-def test_rerunning_a_search_starts_a_new_one_and_resume_continues_the_latest(searched):
+@pytest.mark.slow
+def test_resume_of_a_finished_search_reports_it_again(searched):
     storage, report, _ = searched
-    argv = ["--storage", storage.uri, "--num-samples", "2", "--epochs", "1", *TINY]
-    first = report["experiment"].rsplit("/", 1)[-1]
+    argv = ["--storage", storage.uri, *SEARCH]
     # --resume of a finished search re-reports it without a duplicate model version.
     versions = registry.list_versions(storage)
     resumed = Path(storage.root) / "resumed.json"
@@ -109,15 +115,93 @@ def test_rerunning_a_search_starts_a_new_one_and_resume_continues_the_latest(sea
     assert again["best"]["model_version"] == report["best"]["model_version"]
     assert registry.list_versions(storage) == versions
     assert again["promoted"] is False and "already the champion" in again["promotion_reason"]
+
+
+@pytest.mark.slow
+def test_a_rerun_is_a_new_search_that_resume_finishes_after_a_killed_driver_and_a_crashed_trial(
+    searched, tmp_path
+):
+    """The fixture's command again (``python jobs/tune.py`` as its own driver process, one trial at a
+    time) is a new search of the same series. Its driver is killed (SIGKILL) once Ray Train has
+    registered a trial's first epoch checkpoint; ``--resume`` with a trial crashing at the start of
+    epoch 2 (no retries) still publishes its best; ``--resume`` again finishes the search. Each cut-off
+    trial continues its own training run from its last checkpoint instead of starting over."""
+    import os
+    import signal
+    import subprocess
+    import sys
+
+    import ray.train
+
+    from lxn_ray.training.runs import read_checkpoint_state
+
+    storage, report, _ = searched
+    argv = ["--storage", storage.uri, *SEARCH, "--max-concurrent", "1"]
+    settings = tune_settings(tune_parser().parse_args(argv))
+    first = report["experiment"].rsplit("/", 1)[-1]
+    first_trials = storage.read_bytes(f"{TUNE}/{first}/trials.csv")
+    versions = registry.list_versions(storage)
     # The same command again is a new search of the same series, never a clobbered old one.
-    rerun = Path(storage.root) / "rerun.json"
-    assert tune_main([*argv, "--report", str(rerun)]) == 0
-    second = json.loads(rerun.read_text())
-    assert second["experiment"].endswith(f"{first}-2")
-    assert second["best"]["model_version"] not in versions
-    assert second["resources"]["placement_groups_held_after"] == []
+    experiment = f"{first}-2"
+    runs = Path(storage.path("runs"))
+
+    def a_checkpointed_run() -> str | None:
+        assert driver.poll() is None, "the search ended before it could be interrupted"
+        return next(
+            (run.name for run in runs.glob(f"{experiment}-*") if registered_epoch(storage, run.name)), None
+        )
+
+    driver = subprocess.Popen(
+        [sys.executable, "jobs/tune.py", *argv],
+        cwd=Path(__file__).parents[2],
+        env=job_env(),
+        start_new_session=True,
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+    )
+    try:
+        cut = wait_for(a_checkpointed_run, 300, "a trial's first epoch checkpoint", 0.5)
+    finally:
+        os.killpg(driver.pid, signal.SIGKILL)
+        driver.wait()
+    assert driver.returncode == -signal.SIGKILL
+    assert not storage.exists(f"{TUNE}/{experiment}/trials.csv")  # the search really was cut short
+    assert storage.read_bytes(f"{TUNE}/{first}/trials.csv") == first_trials  # the first one untouched
+
+    # Every trial's training process dies at the start of epoch 2 until the marker exists: the first one
+    # to get there errors (no retries), the other completes; the search still publishes its best.
+    marker = tmp_path / "crashed"
+    crashed = search(
+        storage, settings, resume=True, crash_once={"epoch": 2, "rank": 0, "marker": str(marker)}
+    )
+    assert marker.exists()
+    assert crashed["experiment"].endswith(experiment) and len(crashed["trials"]["errored"]) == 1
+    assert crashed["trials"]["completed"] == 1
+    assert crashed["best"]["model_version"] in registry.list_versions(storage)
+    assert crashed["best"]["model_version"] not in versions
+    assert crashed["resources"]["placement_groups_held_after"] == []
+
+    report_path = tmp_path / "resumed.json"
+    assert tune_main([*argv, "--resume", "--report", str(report_path)]) == 0
+    resumed = json.loads(report_path.read_text())
+    assert resumed["trials"]["errored"] == [] and resumed["trials"]["completed"] == 2
+    assert resumed["trials"]["count"] == 2
+    assert resumed["experiment"] == crashed["experiment"]
+    assert resumed["experiment"].endswith(experiment_name(report["dataset_version"], settings) + "-2")
+    assert resumed["best"]["model_version"] in registry.list_versions(storage)
+    assert resumed["resources"]["placement_groups_held_after"] == []
+    assert isinstance(resumed["promoted"], bool) and resumed["promotion_reason"]
+    # The trial cut off by the kill and the crashed one (the same trial, or not) each continued their own
+    # Ray Train run from a checkpoint; a trial that started after the restarts never resumed.
+    continued = {cut, train_run_name(experiment, crashed["trials"]["errored"][0])}
+    for run in sorted(runs.glob(f"{experiment}-*")):
+        result = ray.train.Result.from_path(str(run), storage_filesystem=storage.filesystem)
+        state = read_checkpoint_state(result.checkpoint)
+        assert [entry["epoch"] for entry in state["history"]] == [1, 2, 3], run.name
+        assert state["resumes"] == (1 if run.name in continued else 0), run.name
 
 
+@pytest.mark.slow
 def test_promotion_compares_both_models_on_the_same_test_images(searched):
     storage, report, root = searched
     champion = registry.champion(storage)
@@ -142,107 +226,6 @@ def test_promotion_compares_both_models_on_the_same_test_images(searched):
     assert again["dataset_version"] == new_version
     assert again["n"] == dataset.read_split(storage, new_version, "test").num_rows
     assert again["champion"]["trained_on"] != new_version
-
-
-def test_resume_finishes_a_search_with_a_crashed_trial(searched, tmp_path):
-    storage, _, _ = searched
-    argv = [
-        "--storage",
-        storage.uri,
-        "--num-samples",
-        "2",
-        "--epochs",
-        "2",
-        "--no-asha",
-        "--seed",
-        "7",
-        *TINY,
-    ]
-    settings = tune_settings(tune_parser().parse_args(argv))
-    # Every trial's training process dies at the start of epoch 2 until the marker exists: the first one
-    # to get there errors (no retries), the other completes; the search still publishes its best.
-    marker = tmp_path / "crashed"
-    first = search(storage, settings, crash_once={"epoch": 2, "rank": 0, "marker": str(marker)})
-    assert marker.exists()
-    assert len(first["trials"]["errored"]) >= 1
-    crashed = first["trials"]["errored"][0]
-
-    report_path = tmp_path / "resumed.json"
-    assert tune_main([*argv, "--resume", "--report", str(report_path)]) == 0
-    resumed = json.loads(report_path.read_text())
-    assert resumed["trials"]["errored"] == [] and resumed["trials"]["completed"] == 2
-    assert resumed["experiment"] == first["experiment"]
-    assert resumed["experiment"].endswith(experiment_name(first["dataset_version"], settings))
-    # The restarted trial continued its own Ray Train run from the epoch-1 checkpoint.
-    import ray.train
-
-    from lxn_ray.training.train import read_checkpoint_state
-
-    run = storage.path(f"runs/{train_run_name(resumed['experiment'].rsplit('/', 1)[-1], crashed)}")
-    state = read_checkpoint_state(
-        ray.train.Result.from_path(run, storage_filesystem=storage.filesystem).checkpoint
-    )
-    assert [entry["epoch"] for entry in state["history"]] == [1, 2]
-    assert state["resumes"] == 1
-    assert isinstance(resumed["promoted"], bool) and resumed["promotion_reason"]
-
-
-def test_search_whose_driver_is_killed_finishes_with_resume(searched, tmp_path):
-    """``python jobs/tune.py`` as its own driver process on the test cluster, killed (SIGKILL) once Ray
-    Train has registered a trial's first epoch checkpoint; ``--resume`` then finishes the same experiment,
-    and the trial that was cut off continues its own training run instead of starting over."""
-    import os
-    import signal
-    import subprocess
-    import sys
-    import time
-
-    import ray
-
-    storage, _, _ = searched
-    argv = ["--storage", storage.uri, "--num-samples", "2", "--epochs", "3", "--seed", "11", "--no-asha"]
-    argv += [*TINY, "--max-concurrent", "1"]
-    settings = tune_settings(tune_parser().parse_args(argv))
-    experiment = experiment_name(dataset.latest_version(storage), settings)
-    runs = Path(storage.path("runs"))
-    env = job_env()
-    driver = subprocess.Popen(
-        [sys.executable, "jobs/tune.py", *argv],
-        cwd=Path(__file__).parents[2],
-        env=env,
-        start_new_session=True,
-        stdout=subprocess.DEVNULL,
-        stderr=subprocess.DEVNULL,
-    )
-    try:
-        deadline = time.monotonic() + 300
-        while not any(registered_epoch(storage, run.name) for run in runs.glob(f"{experiment}-*")):
-            assert driver.poll() is None, "the search ended before it could be interrupted"
-            assert time.monotonic() < deadline, "no trial checkpointed within 5 minutes"
-            time.sleep(0.5)
-    finally:
-        os.killpg(driver.pid, signal.SIGKILL)
-        driver.wait()
-    assert driver.returncode == -signal.SIGKILL
-    assert not storage.exists(f"{TUNE}/{experiment}/trials.csv")  # the search really was cut short
-
-    report_path = tmp_path / "resumed.json"
-    assert tune_main([*argv, "--resume", "--report", str(report_path)]) == 0
-    report = json.loads(report_path.read_text())
-    assert report["experiment"].endswith(experiment)
-    assert report["trials"]["count"] == 2 and report["trials"]["completed"] == 2
-    assert report["best"]["model_version"] in registry.list_versions(storage)
-    import ray.train
-
-    from lxn_ray.training.train import read_checkpoint_state
-
-    resumed_runs = []
-    for run in sorted(runs.glob(f"{experiment}-*")):
-        result = ray.train.Result.from_path(str(run), storage_filesystem=storage.filesystem)
-        state = read_checkpoint_state(result.checkpoint)
-        assert [entry["epoch"] for entry in state["history"]] == [1, 2, 3]
-        resumed_runs += [run.name] if state["resumes"] else []
-    assert len(resumed_runs) == 1  # the interrupted trial resumed; the other started after the restart
 
 
 def test_tune_without_network_fails_fast_and_leaves_nothing_behind(tmp_path, monkeypatch, capsys):

@@ -26,24 +26,16 @@ from pathlib import Path
 import numpy as np
 import pytest
 import requests
-import yaml
 from PIL import Image
 
 from lxn_ray import registry
-from lxn_ray.cli.main import serve_main
+from lxn_ray.cli.serve import main as serve_main
 from lxn_ray.evaluation import predict
-from lxn_ray.images.decode import ImageRejected
 from lxn_ray.infra.storage import Storage
 from lxn_ray.model.gradcam import display_size, jet
 from lxn_ray.serving import auth
-from lxn_ray.serving.serve import (
-    RESEARCH_NOTE,
-    InputError,
-    build_app,
-    deploy,
-    parse_multipart,
-    rejected_image,
-)
+from lxn_ray.serving.model import RESEARCH_NOTE
+from lxn_ray.serving.serve import deploy
 from lxn_ray.serving.settings import ServeSettings
 from tests.helpers import dicom_film, encode, free_port, huge_png, own_stderr_lines, radiograph
 
@@ -445,7 +437,7 @@ def test_explain_draws_the_heat_map_over_the_radiograph(endpoint, local_model):
 
 
 def test_a_model_of_another_task_is_refused(endpoint):
-    from lxn_ray.serving.serve import load_model_version
+    from lxn_ray.serving.model import load_model_version
 
     with pytest.raises(ValueError, match="is for task covid-vs-normal, not covid-vs-rest"):
         load_model_version(endpoint.storage, "lxn-a", task="covid-vs-rest")
@@ -635,7 +627,7 @@ def test_a_champion_that_fails_to_load_leaves_the_old_model_serving(tmp_path):
     asyncio.run(scenario())
 
 
-# -- the job and the config file ----------------------------------------------------------------------
+# -- the job ------------------------------------------------------------------------------------------
 def test_serve_job_detach_deploys_and_reports(endpoint, tmp_path, capsys):
     from ray import serve
 
@@ -705,64 +697,3 @@ def test_serve_job_in_the_foreground_stops_cleanly_on_sigterm(tmp_path):
         if process.poll() is None:
             process.kill()
         process.stdout.close()
-
-
-def test_serve_config_file_builds_the_application(tmp_path):
-    from ray.serve.deployment import Application
-    from ray.serve.schema import ServeDeploySchema
-
-    config = yaml.safe_load((REPO_ROOT / "serve_config.yaml").read_text())
-    ServeDeploySchema.model_validate(config)  # what `serve deploy` checks
-    (application,) = config["applications"]
-    assert application["import_path"] == "lxn_ray.serving.serve:build_app"
-    settings = ServeSettings.from_mapping(application["args"])
-    assert settings == ServeSettings(storage=application["args"]["storage"])  # documented defaults
-    assert isinstance(build_app({**application["args"], "storage": str(tmp_path)}), Application)
-    with pytest.raises(ValueError, match="unknown serve settings"):
-        ServeSettings.from_mapping({"storage": "x", "replicas": 3})
-
-
-# -- units --------------------------------------------------------------------------------------------
-def test_settings_refuse_inconsistent_values():
-    settings = ServeSettings(storage="s", min_replicas=2, max_replicas=3, gpus_per_replica=1)
-    options = settings.deployment_options()
-    assert options["autoscaling_config"]["min_replicas"] == 2
-    assert options["autoscaling_config"]["max_replicas"] == 3
-    assert options["ray_actor_options"] == {"num_cpus": 1.0, "num_gpus": 1}
-    for bad in (
-        dict(min_replicas=3, max_replicas=2),
-        dict(target_ongoing_requests=64),  # above max_ongoing_requests
-        dict(max_batch_size=0),
-        dict(port=0),
-        dict(route_prefix="api"),
-        dict(cpus_per_replica=-1),
-    ):
-        with pytest.raises(ValueError):
-            ServeSettings(storage="s", **bad)
-
-
-def test_multipart_parser_and_error_mapping():
-    body = (
-        b'preamble\r\n--XyZ\r\nContent-Disposition: form-data; name="file"; filename="a b.png"\r\n'
-        b"Content-Type: image/png\r\n\r\n\x89PNG\r\n--X\r\n--XyZ\r\n"
-        b'Content-Disposition: form-data; name="note"\r\n\r\nhi\r\n--XyZ--\r\nepilogue'
-    )
-    first, second = parse_multipart(body, 'multipart/form-data; boundary="XyZ"')
-    assert (first.name, first.filename, first.content_type, first.data) == (
-        "file",
-        "a b.png",
-        "image/png",
-        b"\x89PNG\r\n--X",
-    )
-    assert (second.name, second.data) == ("note", b"hi")
-    for broken, content_type in (
-        (body, "multipart/form-data"),  # no boundary
-        (body[: body.index(b"--XyZ--")], "multipart/form-data; boundary=XyZ"),  # truncated
-        (b"no parts at all", "multipart/form-data; boundary=XyZ"),
-    ):
-        with pytest.raises(InputError) as caught:
-            parse_multipart(broken, content_type)
-        assert caught.value.status == 400
-    assert rejected_image(ImageRejected("image is 9x9 pixels, over the 5-pixel cap")).status == 413
-    assert rejected_image(ImageRejected("not a PNG, JPEG or DICOM file")).status == 415
-    assert rejected_image(ImageRejected("corrupt image: truncated")).status == 400

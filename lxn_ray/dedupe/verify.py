@@ -1,356 +1,43 @@
-"""Near-duplicate detection for chest radiographs.
+"""Verification of candidate pairs on their stored 128 px thumbnails: the score of one pair
+(:func:`verify_pair`) or of a self-contained chunk of pairs (:class:`VerifyChunk`, :func:`verify_chunk`,
+run as Ray tasks); lower is more alike (see :class:`~lxn_ray.dedupe.search.DuplicatePair`).
 
-What this module owns
----------------------
-* ``fingerprint(image)``: a small, Parquet-friendly summary of one decoded grayscale image (perceptual
-  hashes plus a normalized thumbnail).  It is computed once per image and cached, so it carries
-  everything the pair decision needs; verification never sees the full image again.
-* ``find_duplicates(known, new)`` / ``search_duplicates``: confirmed duplicate pairs among ``new`` and
-  between ``new`` and ``known`` (with counts and timings).  Grouping pairs into components, choosing
-  which copy to keep and splitting are done by the caller.
-* the verification of one pair (``verify_pair``) or of a chunk of pairs (``verify_chunk``).
+What is left between two copies of one film after the fingerprint's trimming is a scale + translation per
+axis (:mod:`lxn_ray.dedupe.fingerprint`). A mirrored candidate is compared with the flipped thumbnail.
 
-Why two stages
---------------
-A perceptual hash alone cannot separate "the same radiograph, re-encoded" from "another radiograph of the
-same patient a day later": serial films share anatomy and positioning, so their hashes are as close as
-those of a cropped or padded copy (at phash distance 10 about one reported pair in three is wrong).
-So hashes and low-resolution appearance only propose *candidates*: each new image's k nearest images
-in several channels (:mod:`lxn_ray.dedupe.index`: two hashes, the 8x8 appearance vector plain and
-mirrored, and sub-windows for heavy crops), a bounded number per image however large the collection.
-Each candidate pair is then *verified* on the stored 128 px thumbnails (a mirrored candidate against the
-flipped thumbnail):
-
-0. borders (uniform rows/columns, e.g. black or white padding) were trimmed before the thumbnail was
-   taken - and a film printed inside a figure panel (a page carrying a caption or a scale bar) was cut
-   out of it - and every thumbnail is stretched to the same square, so what remains between two copies is
-   an axis-aligned scale + translation per axis (crop, untrimmed pad, resize);
-1. at 64 px, row/column profiles give the best 1-D alignments (stage 0 rejects pairs whose profiles do
-   not correlate; each axis's profile is also taken over the central band of the other axis, so a copy
-   cropped along that axis still correlates), alternating x/y searches restricted to the overlap align
-   the pair, and a rank residual rejects clearly different pairs (stage 1);
+0. at 64 px, the best 1-D alignment of the row/column profiles must correlate (each axis's profile is also
+   taken over the central band of the other axis, so a copy cropped along that axis still correlates);
+   vectorised over a whole chunk before any pair is aligned (:func:`_screen`);
+1. at 64 px, alternating x/y profile searches restricted to the overlap align the pair, and a rank
+   residual rejects clearly different pairs;
 2. at 128 px, blurred and rank-equalized, two coordinate descents polish the alignment (one on the absolute
    difference, one on the correlation, which also recovers the alignment of a heavy crop), and the score,
    the lower of the two, is the mean gap between the two images' rank intervals over the overlap after
-   dropping the worst ``ignore_fraction`` of pixels (stage 2). Ranks make brightness/contrast/gamma
-   (clipping included) free; dropping the worst pixels makes drawn arrows, letters and markers free. Pixels
-   that lie in a uniform mass on BOTH sides (a gray level holding more than ``flat_mass`` of the overlap in
-   each image: flat black/white background, saturation) are left out of the score: they match for any two
-   films on the same background, so counting them would dilute the residual of two different films (e.g.
-   two lateral views of one patient on a large black background) down to a duplicate's.
+   dropping the worst ``ignore_fraction`` of pixels. Ranks make brightness/contrast/gamma (clipping
+   included) free; dropping the worst pixels makes drawn arrows, letters and markers free. Pixels in a
+   uniform mass on BOTH sides (a gray level holding more than ``flat_mass`` of the overlap in each image:
+   flat background, saturation) are left out: they match for any two films on the same background.
 
 A re-encoded copy leaves only compression/resampling noise; a serial film leaves residual everywhere
-(breathing, rotation, tubes, changed opacities), which translation + scale cannot explain.  Known blind
-spot: a film that differs ONLY by a local change covering less than ``ignore_fraction`` of the image
-(same positioning to the pixel) is indistinguishable from an annotated copy.
-
-Parallel verification
----------------------
-Candidate search is cheap and runs in the calling process; verification (milliseconds per pair) is split
-into self-contained chunks (:class:`VerifyChunk`: the chunk's thumbnails once, and index pairs) handed to
-an optional ``map_chunks(verify_chunk, chunks)`` (e.g. Ray tasks).  Stage 0 runs vectorised over a whole
-chunk before any pair is aligned.  ``verify_chunk`` is a module-level pure function, so the result does not
-depend on where or in which order the chunks run.
+(breathing, rotation, tubes, changed opacities), which translation + scale cannot explain. Known blind
+spot: a film that differs ONLY by a local change covering less than ``ignore_fraction`` of the image (same
+positioning to the pixel) is indistinguishable from an annotated copy.
 """
 
 from __future__ import annotations
 
 import functools
 import math
-import time
-from collections.abc import Callable, Iterable, Mapping, Sequence
-from dataclasses import dataclass, field
-from typing import Literal, TypeVar
+from collections.abc import Iterable, Mapping, Sequence
+from dataclasses import dataclass
+from typing import Literal
 
-import imagehash
 import numpy as np
-from PIL import Image
 from threadpoolctl import threadpool_limits
 
-from lxn_ray.dedupe.index import Candidate, CandidateIndex, SearchConfig, vectors_of
+from lxn_ray.dedupe.config import DedupeConfig
 
-__all__ = [
-    "DedupeConfig",
-    "DuplicatePair",
-    "FINGERPRINT_COLUMNS",
-    "FINGERPRINT_VERSION",
-    "find_duplicates",
-    "DuplicateSearch",
-    "search_duplicates",
-    "fingerprint",
-    "hamming",
-    "ChunkMapper",
-    "VerifyChunk",
-    "candidate_pairs",
-    "verify_chunk",
-    "verify_pair",
-]
-
-T = TypeVar("T")
-R = TypeVar("R")
-
-#: ``map_chunks(worker, chunks) -> results``: applies a picklable module-level ``worker`` to every chunk
-#: and returns the per-chunk result lists in the order of ``chunks`` (e.g. as Ray tasks).
-ChunkMapper = Callable[[Callable[[T], list[R]], list[T]], list[list[R]]]
-
-#: Bump when the meaning of any fingerprint field changes, so cached fingerprints can be invalidated.
-#: 3: figure panels cut out when they keep <= figure_max_area; films over max_side reduced first.
-FINGERPRINT_VERSION = 3
-
-#: Side of the square thumbnail stored in the fingerprint (THUMB_SIZE**2 bytes).
-THUMB_SIZE = 128
-
-#: Keys returned by :func:`fingerprint`, in order.
-FINGERPRINT_COLUMNS: tuple[str, ...] = (
-    "dedupe_version",  # int: FINGERPRINT_VERSION at computation time
-    "phash",  # str: 16 hex chars, imagehash.phash of the whole image (the reported distance)
-    "phash_trim",  # str: 16 hex chars, phash after border trimming (candidate search)
-    "dhash_trim",  # str: 16 hex chars, dhash after border trimming (candidate search)
-    "width",  # int: input width in pixels
-    "height",  # int: input height in pixels
-    "trim_box",  # str: "left,top,right,bottom" of the content box in input pixels
-    "thumb_size",  # int: side of the square thumbnail
-    "thumb",  # bytes: thumb_size*thumb_size uint8, row-major, trimmed content stretched to a square
-    "lowres",  # bytes: 64 float16, the thumbnail's appearance vector (dedupe_index.vectors_of)
-    "windows",  # bytes: N_WINDOWS x 64 float16, its sub-windows' vectors (dedupe_index.vectors_of)
-)
-
-
-@dataclass(frozen=True)
-class DedupeConfig:
-    """All tunables of fingerprinting, candidate search and verification.
-
-    The defaults were tuned on synthetic near-duplicates of the ieee8023 chest X-rays
-    (``benchmarks/dedupe_quality.py``), with same-patient serial films as the hard negatives.
-    """
-
-    # --- border trimming (fingerprint) ---
-    #: A row/column whose gray-level standard deviation is at most this is treated as border.
-    trim_max_std: float = 4.0
-    #: Never trim more than this fraction of the width/height from one side.
-    trim_max_fraction: float = 0.15
-    #: Figure panels (``_figure_box``): the outer frame counts as a page when this share of its pixels is
-    #: within ``figure_tolerance`` gray levels of its median; a row or column holds film when at least
-    #: ``figure_content`` of its pixels differ from the page.
-    figure_frame_uniform: float = 0.95
-    figure_tolerance: int = 12
-    figure_content: float = 0.25
-    #: ... and the film's box replaces the border-trimmed one when it keeps at most this share of its area.
-    figure_max_area: float = 0.8
-    #: Images with a longer side above this are reduced before fingerprinting (see :func:`fingerprint`).
-    max_side: int = 1024
-
-    # --- candidate search ---
-    #: How many nearest neighbours each channel of the candidate index proposes per new image
-    #: (:mod:`lxn_ray.dedupe.index`): bounded, so candidates per image do not grow with the collection.
-    search: SearchConfig = field(default_factory=SearchConfig)
-
-    # --- verification: alignment search ---
-    #: Largest relative scale change per axis between the two content boxes (crop/pad not trimmed): an
-    #: eighth cut from every side whose new flat margin is then trimmed leaves ~0.66 of the side.
-    max_scale: float = 1.5
-    #: Largest offset of one box's origin inside the other, as a fraction of the side.
-    max_offset: float = 0.25
-    #: Scale steps and offset steps of the coarse 1-D profile search (scale steps ~3% apart: coarser
-    #: steps let a broad wrong peak of an ambiguous profile win over a narrow right one).
-    scale_steps: int = 29
-    offset_steps: int = 31
-    #: Stage 0: both axes' best profile correlations must reach this.
-    min_profile_corr: float = 0.9
-    #: How many best 1-D x hypotheses are each aligned and scored.
-    top_k: int = 2
-    #: Minimum fraction of each thumbnail that must lie in the overlap (that heavy crop covers ~0.5 of
-    #: the original's area).
-    min_overlap: float = 0.45
-
-    #: Stage 1 (64 px): pairs whose trimmed rank residual exceeds this are rejected without stage 2.
-    prefilter_residual: float = 0.07
-    #: Fraction of the worst pixels ignored by the stage-1 residual.
-    prefilter_ignore: float = 0.12
-
-    # --- verification: decision (stage 2, full thumbnail) ---
-    #: Gaussian blur (thumbnail pixels) before the final comparison: absorbs resampling/JPEG differences.
-    blur_sigma: float = 1.0
-    #: Fraction of the worst-matching informative overlap pixels ignored (annotations, text, arrows).
-    ignore_fraction: float = 0.25
-    #: A pixel whose gray level is shared by more than this fraction of the overlap in BOTH images lies in a
-    #: uniform mass (flat background, saturation) on both sides: its rank-interval gap is 0 for any two
-    #: images with such a background, so it is evidence of nothing and is left out of the score.  Without
-    #: this, a large black background dilutes the score of two different films (lateral views, serial films)
-    #: towards a duplicate's.  1.0 disables it.
-    flat_mass: float = 0.04
-    #: A pair is a duplicate when its score (trimmed mean rank-interval gap) is at most this.
-    max_residual: float = 0.012
-    #: ... or at most this for a pair the caller proposes because both files carry the same name in two
-    #: sources (``find_duplicates(named_pairs=...)``): the name is evidence of its own, so the image test may
-    #: be looser. Measured on darkcovidnet's republished ieee8023 films (re-cropped figure panels score
-    #: 0.012-0.019; different films of one patient score well above 0.03).
-    same_name_max_residual: float = 0.02
-
-
-@dataclass(frozen=True)
-class DuplicatePair:
-    """One confirmed duplicate pair; ``a < b`` (string order of the keys).
-
-    ``distance`` is the Hamming distance between the two whole-image phashes (for reporting and for
-    comparison with plain hash thresholds).  ``score`` is the verification score in [0, 1]: after
-    aligning the two thumbnails (scale + shift per axis), the mean rank-interval gap between their blurred
-    intensities over the overlap, leaving out pixels in a uniform mass on both sides (``flat_mass``) and
-    ignoring the worst ``ignore_fraction`` of the rest (see ``_gap_residual``).
-    0 means identical up to crop/pad/resize/brightness/contrast/gamma; pairs are reported when
-    ``score <= config.max_residual``.
-    """
-
-    a: str
-    b: str
-    distance: int
-    score: float
-    mirrored: bool = False  # ``b`` is ``a`` flipped left-right
-
-
-# ----------------------------------------------------------------------------------------------------------
-# Hashes and the BK-tree index
-# ----------------------------------------------------------------------------------------------------------
-
-
-def hamming(x: int, y: int) -> int:
-    """Number of differing bits between two 64-bit hashes."""
-    return (x ^ y).bit_count()
-
-
-# ----------------------------------------------------------------------------------------------------------
-# Fingerprint
-# ----------------------------------------------------------------------------------------------------------
-
-
-def _flat_extent(std: np.ndarray, max_std: float, limit: int) -> tuple[int, int]:
-    """How many leading / trailing entries of ``std`` are flat (<= max_std), each capped at ``limit``."""
-    flat = std <= max_std
-    n = len(flat)
-    lead = int(np.argmin(flat)) if not flat.all() else n
-    trail = int(np.argmin(flat[::-1])) if not flat.all() else n
-    return min(lead, limit), min(trail, limit)
-
-
-def _std_trim_box(arr: np.ndarray, config: DedupeConfig) -> tuple[int, int, int, int]:
-    """Content box (left, top, right, bottom) after removing uniform border rows/columns.
-
-    Rows are trimmed first, then columns on the row-trimmed band, then rows again on the column-trimmed
-    band, so a white pad on one side and the image's own dark border on another are both removed.
-    """
-    h, w = arr.shape
-    a = arr.astype(np.float32)
-    top, bottom, left, right = 0, h, 0, w
-    max_y, max_x = int(h * config.trim_max_fraction), int(w * config.trim_max_fraction)
-    for _ in range(2):
-        t, b = _flat_extent(a[top:bottom, left:right].std(axis=1), config.trim_max_std, max_y)
-        top, bottom = max(top, t), min(bottom, h - b)
-        l_, r_ = _flat_extent(a[top:bottom, left:right].std(axis=0), config.trim_max_std, max_x)
-        left, right = max(left, l_), min(right, w - r_)
-    if bottom - top < 8 or right - left < 8:  # (almost) blank image: keep it whole
-        return 0, 0, w, h
-    return left, top, right, bottom
-
-
-def _longest_run(mask: np.ndarray, max_gap: int) -> tuple[int, int]:
-    """(start, end) of the longest stretch of ``mask`` that is True apart from gaps of <= ``max_gap``."""
-    idx = np.flatnonzero(mask)
-    if len(idx) == 0:
-        return 0, len(mask)
-    breaks = np.flatnonzero(np.diff(idx) > max_gap + 1)
-    starts = np.concatenate([[idx[0]], idx[breaks + 1]])
-    ends = np.concatenate([idx[breaks], [idx[-1]]]) + 1
-    i = int(np.argmax(ends - starts))
-    return int(starts[i]), int(ends[i])
-
-
-def _figure_box(arr: np.ndarray, config: DedupeConfig) -> tuple[int, int, int, int] | None:
-    """Box of a film printed inside a uniform figure panel (a white or black page around it carrying a
-    caption, a scale bar or labels), or None when the image's outer frame is not one uniform colour.
-
-    A row (then a column, twice) holds film when at least ``figure_content`` of its pixels differ from the
-    frame's colour by more than ``figure_tolerance``; the film is the longest run of such rows, so a
-    caption or a scale bar separated from it by a strip of page is left out.
-    """
-    h, w = arr.shape
-    ring = np.concatenate([arr[0], arr[-1], arr[:, 0], arr[:, -1]]).astype(np.int16)
-    page = int(np.median(ring))
-    if np.mean(np.abs(ring - page) <= config.figure_tolerance) < config.figure_frame_uniform:
-        return None
-    content = np.abs(arr.astype(np.int16) - page) > config.figure_tolerance
-    top, bottom, left, right = 0, h, 0, w
-    for _ in range(2):
-        rows = content[top:bottom, left:right].mean(axis=1) >= config.figure_content
-        t, b = _longest_run(rows, max(1, (bottom - top) // 200))
-        top, bottom = top + t, top + b
-        cols = content[top:bottom, left:right].mean(axis=0) >= config.figure_content
-        l_, r_ = _longest_run(cols, max(1, (right - left) // 200))
-        left, right = left + l_, left + r_
-    if bottom - top < max(8, h // 4) or right - left < max(8, w // 4):
-        return None
-    return left, top, right, bottom
-
-
-def _trim_box(arr: np.ndarray, config: DedupeConfig) -> tuple[int, int, int, int]:
-    """Content box (left, top, right, bottom): uniform borders removed (:func:`_std_trim_box`), or the
-    film of a figure panel (:func:`_figure_box`) where that leaves out a real part of the border-trimmed
-    box: it cuts more than ``trim_max_fraction`` from a side, or keeps at most ``figure_max_area`` of the
-    area (a caption below and a scale bar beside a film each stop border trimming short of the film)."""
-    box = _std_trim_box(arr, config)
-    figure = _figure_box(arr, config)
-    if figure is None:
-        return box
-    h, w = arr.shape
-    cut = max(
-        (figure[0] - box[0]) / w, (figure[1] - box[1]) / h, (box[2] - figure[2]) / w, (box[3] - figure[3]) / h
-    )
-    area = (figure[2] - figure[0]) * (figure[3] - figure[1]) / max(1, (box[2] - box[0]) * (box[3] - box[1]))
-    return figure if cut > config.trim_max_fraction or area <= config.figure_max_area else box
-
-
-def fingerprint(image: Image.Image, config: DedupeConfig = DedupeConfig()) -> dict[str, object]:
-    """Fingerprint one decoded image (mode "L"; other modes are converted) for :func:`find_duplicates`.
-
-    An image larger than ``config.max_side`` is first reduced by the smallest integer factor that brings it
-    within (box averaging, :meth:`PIL.Image.Image.reduce`): every field is computed at most at that size
-    (the 32 px hashes and the 128 px thumbnail lose nothing), which makes a 20 MP film cost about what a
-    1 MP one does. ``width``, ``height`` and ``trim_box`` stay in input pixels.
-
-    Returns only str/int/bytes values keyed by :data:`FINGERPRINT_COLUMNS`.  Deterministic.
-    """
-    if image.mode != "L":
-        image = image.convert("L")
-    factor = max(1, math.ceil(max(image.size) / config.max_side))
-    work = image.reduce(factor) if factor > 1 else image
-    box = _trim_box(np.asarray(work), config)
-    content = work.crop(box) if box != (0, 0, work.width, work.height) else work
-    # BOX = area averaging: antialiased, so a 4x larger copy gives (almost) the same thumbnail.
-    thumb = content.resize((THUMB_SIZE, THUMB_SIZE), Image.Resampling.BOX)
-    lowres, windows = vectors_of(np.asarray(thumb))
-    input_box = (
-        box[0] * factor,
-        box[1] * factor,
-        min(box[2] * factor, image.width),
-        min(box[3] * factor, image.height),
-    )
-    return {
-        "dedupe_version": FINGERPRINT_VERSION,
-        "phash": str(imagehash.phash(work)),
-        "phash_trim": str(imagehash.phash(content)),
-        "dhash_trim": str(imagehash.dhash(content)),
-        "width": int(image.width),
-        "height": int(image.height),
-        "trim_box": ",".join(str(v) for v in input_box),
-        "thumb_size": THUMB_SIZE,
-        "thumb": thumb.tobytes(),
-        "lowres": lowres.tobytes(),
-        "windows": windows.tobytes(),
-    }
-
-
-# ----------------------------------------------------------------------------------------------------------
-# Verification
-# ----------------------------------------------------------------------------------------------------------
+__all__ = ["VerifyChunk", "verify_chunk", "verify_pair"]
 
 
 def _thumb_array(fp: Mapping[str, object]) -> np.ndarray:
@@ -824,9 +511,12 @@ def _align_and_score(ta: _Thumb, tb: _Thumb, config: DedupeConfig) -> float:
 
 
 def verify_pair(
-    fa: Mapping[str, object], fb: Mapping[str, object], config: DedupeConfig = DedupeConfig()
+    fa: Mapping[str, object],
+    fb: Mapping[str, object],
+    config: DedupeConfig = DedupeConfig(),
 ) -> float:
-    """Verification score between two fingerprints (see :class:`DuplicatePair`); lower = more alike.
+    """Verification score between two fingerprints (see :class:`~lxn_ray.dedupe.search.DuplicatePair`);
+    lower = more alike.
 
     Stage 0 (64 px profiles, :func:`_screen`): the best 1-D alignment's correlation per axis; clearly
     different pairs stop here. Stage 1 (64 px): profile alignment and a rank residual. Stage 2 (full
@@ -860,34 +550,6 @@ def _match_resolution(
         if extra > 0.1:
             (blur_b if s < 1 else blur_a)[axis] = _blur_matrix(n, extra)
     return blur_a[0] @ a @ blur_a[1].T, blur_b[0] @ b @ blur_b[1].T
-
-
-# ----------------------------------------------------------------------------------------------------------
-# Pair search
-# ----------------------------------------------------------------------------------------------------------
-
-
-def _candidates(
-    known: Mapping[str, Mapping[str, object]],
-    new: Mapping[str, Mapping[str, object]],
-    config: DedupeConfig,
-    within_new: bool = True,
-) -> tuple[list[Candidate], CandidateIndex]:
-    """Candidate pairs with at least one side in ``new`` (``within_new=False``: the other side in
-    ``known``), from a :class:`~lxn_ray.dedupe.index.CandidateIndex` over both; and the index (timings)."""
-    index = CandidateIndex.from_fingerprints({**known, **new})
-    searchable = None if within_new else [k for k in known if k not in new]
-    return index.candidates(sorted(new), searchable, config.search), index
-
-
-def candidate_pairs(
-    known: Mapping[str, Mapping[str, object]],
-    new: Mapping[str, Mapping[str, object]],
-    config: DedupeConfig = DedupeConfig(),
-    within_new: bool = True,
-) -> list[tuple[str, str]]:
-    """The sorted candidate pairs ``(a, b)``, ``a < b``, that :func:`find_duplicates` verifies."""
-    return sorted({(c.a, c.b) for c in _candidates(known, new, config, within_new)[0]})
 
 
 @dataclass(frozen=True)
@@ -932,112 +594,3 @@ def verify_chunk(chunk: VerifyChunk) -> list[float]:
             score if score is not None else _align_and_score(ta, tb, chunk.config)
             for (ta, tb), score in zip(pairs, screened, strict=True)
         ]
-
-
-def _serial_map(worker: Callable[[T], list[R]], chunks: list[T]) -> list[list[R]]:
-    return [worker(chunk) for chunk in chunks]
-
-
-def _thumb_bytes(fp: Mapping[str, object]) -> bytes:
-    data = fp["thumb"]
-    return data if isinstance(data, bytes) else bytes(data)  # type: ignore[arg-type]
-
-
-@dataclass(frozen=True)
-class DuplicateSearch:
-    """What :func:`search_duplicates` found and what it cost (seconds of wall time in this process)."""
-
-    pairs: list[DuplicatePair]
-    candidates: int  # pairs verified (a pair checked plain and mirrored counts twice)
-    new_images: int
-    index_seconds: float  # building the candidate index from stored vectors
-    query_seconds: float  # the k-nearest-neighbour queries
-    verify_seconds: float  # verification, wherever ``map_chunks`` ran it
-
-
-def find_duplicates(
-    known: Mapping[str, Mapping[str, object]],
-    new: Mapping[str, Mapping[str, object]],
-    config: DedupeConfig = DedupeConfig(),
-    map_chunks: ChunkMapper | None = None,
-    chunk_size: int = 256,
-    named_pairs: Iterable[tuple[str, str]] = (),
-    within_new: bool = True,
-) -> list[DuplicatePair]:
-    """Confirmed duplicate pairs among ``new`` and between ``new`` and ``known``, sorted by (a, b): the
-    ``pairs`` of :func:`search_duplicates` (same arguments)."""
-    return search_duplicates(known, new, config, map_chunks, chunk_size, named_pairs, within_new).pairs
-
-
-def search_duplicates(
-    known: Mapping[str, Mapping[str, object]],
-    new: Mapping[str, Mapping[str, object]],
-    config: DedupeConfig = DedupeConfig(),
-    map_chunks: ChunkMapper | None = None,
-    chunk_size: int = 256,
-    named_pairs: Iterable[tuple[str, str]] = (),
-    within_new: bool = True,
-) -> DuplicateSearch:
-    """Confirmed duplicate pairs among ``new`` and between ``new`` and ``known``, with counts and timings.
-
-    Known-vs-known pairs are never compared.  A key present in both mappings is treated as new.
-    ``named_pairs`` are extra candidates the caller has reason to suspect (the same file name in two
-    sources); they are verified like the others, against ``config.same_name_max_residual``.
-    ``within_new=False`` compares new keys only with known ones (e.g. films under evaluation with a
-    model's training images), not with each other. A mirrored candidate is verified against ``b``
-    flipped left-right; a pair confirmed both ways keeps its better score.
-
-    Candidate search (:mod:`lxn_ray.dedupe.index`) runs here; the verification of the candidate pairs is
-    split into :class:`VerifyChunk` s of ``chunk_size`` pairs and run as
-    ``map_chunks(verify_chunk, chunks)``, which must return one list of scores per chunk, in order
-    (``None``: sequentially in this process).  The result is identical whichever mapper runs the chunks.
-    Raises ValueError for fingerprints of different ``thumb_size``.
-    """
-    fps = {**known, **new}
-    named = {(a, b) if a < b else (b, a) for a, b in named_pairs if a != b and a in fps and b in fps}
-    named = {pair for pair in named if pair[0] in new or pair[1] in new}
-    found, index = _candidates(known, new, config, within_new)
-    candidates = sorted(set(found) | {Candidate(a, b) for a, b in named})
-    if not candidates:
-        return DuplicateSearch([], 0, len(new), index.build_seconds, index.query_seconds, 0.0)
-    started = time.perf_counter()
-    keys = sorted({k for c in candidates for k in (c.a, c.b)})
-    sizes = {int(fps[k]["thumb_size"]) for k in keys}  # type: ignore[arg-type]
-    if len(sizes) != 1:
-        raise ValueError("fingerprints with different thumb_size cannot be compared")
-    size = sizes.pop()
-    chunks = []
-    for start in range(0, len(candidates), chunk_size):
-        part = candidates[start : start + chunk_size]
-        used = sorted({k for c in part for k in (c.a, c.b)})
-        row = {k: i for i, k in enumerate(used)}
-        thumbs = np.stack([np.frombuffer(_thumb_bytes(fps[k]), np.uint8).reshape(size, size) for k in used])
-        chunks.append(
-            VerifyChunk(
-                thumbs=thumbs,
-                pairs=np.array([(row[c.a], row[c.b]) for c in part], dtype=np.int64),
-                mirrored=np.array([c.mirrored for c in part], dtype=bool),
-                config=config,
-            )
-        )
-    results = (map_chunks or _serial_map)(verify_chunk, chunks)
-    scores = [score for chunk_scores in results for score in chunk_scores]
-    if len(scores) != len(candidates):
-        raise RuntimeError(f"map_chunks returned {len(scores)} scores for {len(candidates)} pairs")
-    best: dict[tuple[str, str], DuplicatePair] = {}
-    for c, score in zip(candidates, scores, strict=True):
-        limit = config.max_residual
-        if (c.a, c.b) in named:
-            limit = max(config.max_residual, config.same_name_max_residual)
-        score = round(float(score), 6)
-        if score <= limit and ((c.a, c.b) not in best or score < best[(c.a, c.b)].score):
-            distance = hamming(int(str(fps[c.a]["phash"]), 16), int(str(fps[c.b]["phash"]), 16))
-            best[(c.a, c.b)] = DuplicatePair(c.a, c.b, distance, score, c.mirrored)
-    return DuplicateSearch(
-        pairs=[best[k] for k in sorted(best)],
-        candidates=len(candidates),
-        new_images=len(new),
-        index_seconds=index.build_seconds,
-        query_seconds=index.query_seconds,
-        verify_seconds=time.perf_counter() - started,
-    )

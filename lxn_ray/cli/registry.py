@@ -1,0 +1,64 @@
+"""``lxn registry`` / ``jobs/registry.py``: model versions and the champion - list, show, promote, rollback
+(:mod:`lxn_ray.registry`); its subcommands and summary. ``list`` and ``show`` write nothing."""
+
+from __future__ import annotations
+
+import argparse
+import json
+from collections.abc import Sequence
+from typing import Any
+
+from lxn_ray import registry
+from lxn_ray.cli.common import job_parser, run_job
+from lxn_ray.evaluation.metrics import fmt
+from lxn_ray.infra.storage import Storage
+
+
+def make_parser() -> argparse.ArgumentParser:
+    """The ``registry`` subcommands: list, show VERSION, promote VERSION, rollback."""
+    parser = job_parser("Model versions and the champion: list, show, promote, rollback.")
+    commands = parser.add_subparsers(dest="command", required=True)
+    commands.add_parser("list", help="every model version with its test AUC; * marks the champion")
+    commands.add_parser("show", help="a version's model card").add_argument("version")
+    commands.add_parser("promote", help="make a version the champion").add_argument("version")
+    commands.add_parser("rollback", help="return to the previous champion")
+    return parser
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    """``lxn registry list|show VERSION|promote VERSION|rollback``; returns the exit code (0, 1 on failure,
+    2 for a bad flag)."""
+    args = make_parser().parse_args(argv)
+
+    def work(storage: Storage) -> dict[str, Any]:
+        if args.command == "list":
+            return {
+                "command": "list",
+                "champion": registry.champion(storage),
+                "models": registry.describe(storage),
+            }
+        if args.command == "show":
+            return {"command": "show", "card": registry.read_card(storage, args.version)}
+        if args.command == "promote":
+            return {"command": "promote", **registry.promote(storage, args.version)}
+        return {"command": "rollback", **registry.rollback(storage)}
+
+    read_only = args.command in ("list", "show")
+    return run_job("registry", args, work, summary, record=not read_only)
+
+
+def summary(report: dict[str, Any]) -> str:
+    """``list``: a line per version (* the champion); ``show``: the card as JSON; else the new champion."""
+    if report["command"] == "list":
+        lines = [f"{len(report['models'])} model versions; champion: {report['champion'] or 'none'}"]
+        for row in report["models"]:
+            mark = "*" if row["champion"] else " "
+            chance = "  no better than chance" if row.get("no_better_than_chance") else ""
+            lines.append(
+                f" {mark} {row['model_version']}  {row.get('task') or 'covid-vs-rest'}  "
+                f"test AUC {fmt(row['test_auc'])}{chance}  dataset {row['dataset_version']}"
+            )
+        return "\n".join(lines)
+    if report["command"] == "show":
+        return json.dumps(report["card"], indent=2)
+    return f"champion is now {report['version']} (was {report['previous'] or 'none'}): {report['reason']}"

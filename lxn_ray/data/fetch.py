@@ -1,0 +1,360 @@
+"""Steps 2 and 3 of ingest, and the storing of step 6: a row's file read safely and hashed (or an exclusion
+with the reason), remote sources fetched by Ray Data tasks on the workers, contents decoded and
+fingerprinted on Ray Data with a cache by sha256, and image bytes stored by content."""
+
+from __future__ import annotations
+
+import hashlib
+import io
+import math
+import sys
+from collections import defaultdict
+from collections.abc import Iterable, Mapping
+from dataclasses import dataclass
+from datetime import datetime, timezone
+from typing import Any
+
+import numpy as np
+import pyarrow as pa
+from tqdm.auto import tqdm
+
+from lxn_ray.data import dataset
+from lxn_ray.data.settings import IngestConfig
+from lxn_ray.dedupe.fingerprint import FINGERPRINT_COLUMNS, FINGERPRINT_VERSION, fingerprint
+from lxn_ray.images.decode import ImageLimits, ImageRejected, decode_image, to_grayscale
+from lxn_ray.infra import cluster
+from lxn_ray.infra.log import get_logger
+from lxn_ray.infra.storage import Storage
+from lxn_ray.sources.metadata import (
+    MISSING_FILE,
+    UNREADABLE,
+    UNSAFE_PATH,
+    MetadataRow,
+)
+from lxn_ray.sources.transports import Snapshot, UnsafePath
+
+FINGERPRINT_CACHE = "cache/fingerprints"
+EXCLUSIONS_SCHEMA = pa.schema(
+    [
+        ("filename", pa.string()),
+        ("reason", pa.string()),
+        ("detail", pa.string()),
+        ("line", pa.int64()),
+        ("source", pa.string()),
+    ]
+)
+IMAGE_COLUMNS = ("width", "height", "source_format", "source_mode")
+# One record per content: decode outcome, image facts, then the dedupe fingerprint (names may overlap).
+RECORD_COLUMNS = tuple(dict.fromkeys(("sha256", "error", *IMAGE_COLUMNS, *FINGERPRINT_COLUMNS)))
+log = get_logger("ingest").info
+
+
+@dataclass
+class SourceFile:
+    """A metadata row whose file was read: what ingest knows about it before decoding."""
+
+    row: MetadataRow
+    sha256: str
+    size: int
+    data: bytes | None = None  # kept only when the caller asked (evaluation); ingest re-reads on demand
+
+    @property
+    def source(self) -> str:
+        return self.row.source
+
+
+@dataclass
+class Exclusion:
+    """A row that is not used, with its reason (:mod:`lxn_ray.sources.metadata`'s reasons) and detail."""
+
+    row: MetadataRow
+    reason: str
+    detail: str
+
+    def as_dict(self) -> dict[str, Any]:
+        return {
+            "filename": self.row.filename,
+            "reason": self.reason,
+            "detail": self.detail,
+            "line": self.row.line,
+            "source": self.row.source,
+        }
+
+
+# -- step 2: read and hash bytes ----------------------------------------------------------------------
+def read_files(
+    snapshot: Snapshot, rows: list[MetadataRow], limits: ImageLimits, keep_bytes: bool = False
+) -> tuple[list[SourceFile], list[Exclusion]]:
+    """Read each row's file safely; rows whose file cannot be read become exclusions with the reason."""
+    files, exclusions = [], []
+    for row in tqdm(rows, desc="reading files", unit="file", file=sys.stderr, disable=None):
+        data, reason, detail = _read_one(snapshot, row.image_path, limits)
+        if data is None:
+            exclusions.append(Exclusion(row, reason, detail))
+            continue
+        digest = hashlib.sha256(data).hexdigest()
+        files.append(SourceFile(row, digest, len(data), data if keep_bytes else None))
+    return files, exclusions
+
+
+def _read_one(snapshot: Snapshot, path: str, limits: ImageLimits) -> tuple[bytes | None, str, str]:
+    """(bytes, "", "") or (None, exclusion reason, detail): the one place read failures get their reason."""
+    try:
+        return snapshot.read_file(path, limits.max_file_bytes), "", ""
+    except UnsafePath as error:
+        return None, UNSAFE_PATH, str(error)
+    except (FileNotFoundError, IsADirectoryError, NotADirectoryError):
+        return None, MISSING_FILE, f"{path} not in source"
+    except (ValueError, OSError) as error:
+        return None, UNREADABLE, str(error)
+
+
+def fetch_batch(
+    batch: dict[str, np.ndarray],
+    snapshot: Snapshot,
+    storage_uri: str,
+    limits: ImageLimits,
+    fingerprinted: frozenset[str],
+    stored: frozenset[str],
+) -> dict[str, list]:
+    """Ray Data task for remote sources: fetch each row's file on this worker and hash it; fingerprint
+    contents not in ``fingerprinted`` and store the bytes of readable contents not yet in storage
+    (content-addressed, so a store of an image that is later dropped is harmless)."""
+    storage = Storage.open(storage_uri)
+    out: dict[str, list] = defaultdict(list)
+    for line, path in zip(batch["line"], batch["image_path"], strict=True):
+        data, reason, detail = _read_one(snapshot, str(path), limits)
+        record: dict[str, Any] = {"line": int(line), "reason": reason or None, "detail": detail or None}
+        if data is not None:
+            sha256 = hashlib.sha256(data).hexdigest()
+            record.update(sha256=sha256, size=len(data))
+            if sha256 not in fingerprinted:
+                record.update(_fingerprint_one(sha256, data, limits), fetched=True)
+            blob = dataset.blob_key(sha256)
+            if not record.get("error") and sha256 not in stored and not storage.exists(blob):
+                storage.write_bytes(blob, storable(data, limits))
+        for column in ("line", "reason", "detail", "size", "fetched", *RECORD_COLUMNS):
+            out[column].append(record.get(column))
+    return dict(out)
+
+
+def fetch_on_ray(
+    snapshot: Snapshot, storage: Storage, rows: list[MetadataRow], config: IngestConfig
+) -> tuple[list[SourceFile], list[Exclusion], dict[str, dict[str, Any]]]:
+    """Step 2 (and 3 and 6's storing) for a remote source, on the workers: (files, exclusions, records of
+    the contents fingerprinted here)."""
+    cluster.connect()
+    import ray
+
+    stored = _published_shas(storage)
+    fingerprinted = frozenset(_load_cache(storage))
+    log(f"fetching {len(rows)} files from {snapshot.description} on Ray Data")
+    items = [{"line": row.line, "image_path": row.image_path} for row in rows]
+    results = ray.data.from_items(
+        items, override_num_blocks=_block_count(len(items), config.decode_batch_size, _cluster_cpus())
+    ).map_batches(
+        fetch_batch,
+        fn_kwargs={
+            "snapshot": snapshot,
+            "storage_uri": storage.uri,
+            "limits": config.limits,
+            "fingerprinted": fingerprinted,
+            "stored": stored,
+        },
+        batch_size=config.decode_batch_size,
+    )
+    by_line = {row.line: row for row in rows}
+    files, exclusions, records = [], [], {}
+    for result in sorted(results.take_all(), key=lambda r: r["line"]):
+        row = by_line[result["line"]]
+        if result["reason"]:
+            exclusions.append(Exclusion(row, result["reason"], result["detail"]))
+            continue
+        files.append(SourceFile(row, result["sha256"], int(result["size"])))
+        if result["fetched"]:
+            records[result["sha256"]] = {column: result[column] for column in RECORD_COLUMNS}
+    return files, exclusions, records
+
+
+def _published_shas(storage: Storage) -> frozenset[str]:
+    """Contents of the latest version's images (stored already), or none for an empty store."""
+    version = dataset.latest_version(storage)
+    if version is None:
+        return frozenset()
+    return frozenset(dataset.read_table(storage, version, "images").column("sha256").to_pylist())
+
+
+def content_digest(metadata_bytes: bytes, files: Iterable[SourceFile]) -> str:
+    """Hex sha256 of a source's listing (its metadata bytes) and every read file's path and content
+    hash, in order: what a source's version is made of."""
+    digest = hashlib.sha256(metadata_bytes)
+    for item in files:
+        digest.update(f"\n{item.row.image_path}\t{item.sha256}".encode())
+    return digest.hexdigest()
+
+
+# -- step 3: decode and fingerprint on Ray Data -------------------------------------------------------
+def fingerprint_batch(batch: dict[str, np.ndarray], limits: ImageLimits) -> dict[str, list]:
+    """Ray Data task: decode each image and fingerprint it, or record why it cannot be decoded."""
+    out: dict[str, list] = defaultdict(list)
+    for sha256, data in zip(batch["sha256"], batch["data"], strict=True):
+        record = _fingerprint_one(sha256, bytes(data), limits)
+        for column in RECORD_COLUMNS:
+            out[column].append(record.get(column))
+    return dict(out)
+
+
+def _fingerprint_one(sha256: str, data: bytes, limits: ImageLimits) -> dict[str, Any]:
+    """Decode one content and fingerprint it, or record why it cannot be decoded."""
+    try:
+        decoded = decode_image(data, limits)
+        record: dict[str, Any] = {
+            "error": None,
+            "width": decoded.width,
+            "height": decoded.height,
+            "source_format": decoded.source_format,
+            "source_mode": decoded.source_mode,
+            **fingerprint(to_grayscale(decoded.image)),
+        }
+    except ImageRejected as error:
+        record = {"error": str(error)}
+    except Exception as error:  # a hostile file must cost one row, never the run
+        record = {"error": f"undecodable ({type(error).__name__}: {error})"}
+    record["sha256"] = sha256
+    return record
+
+
+def fingerprint_contents(
+    snapshots: Mapping[str, Snapshot],
+    storage: Storage,
+    items: list[SourceFile],
+    config: IngestConfig,
+    fetched: Mapping[str, dict[str, Any]],
+) -> tuple[dict[str, dict[str, Any]], int]:
+    """Fingerprints of every item's content, computing only what the cache and ``fetched`` (records made
+    while fetching a remote source) lack; (records, hashed)."""
+    cache = _load_cache(storage)
+    todo = [item for item in items if item.sha256 not in cache and item.sha256 not in fetched]
+    log(f"{len(items) - len(todo)} images already fingerprinted, {len(todo)} to decode on Ray Data")
+    computed: list[dict[str, Any]] = list(fetched.values())
+    for chunk in _chunks(todo, config.decode_chunk_bytes):
+        computed += _fingerprint_on_ray(snapshots, chunk, config)
+    fresh = [record for record in computed if not record["error"]]
+    if fresh:  # only successes are cached: a rejected file is retried when limits change
+        stamp = f"{datetime.now(timezone.utc):%Y%m%dT%H%M%S%fZ}"
+        storage.write_table(f"{FINGERPRINT_CACHE}/{stamp}.parquet", _records_table(fresh))
+    records = dict(cache)
+    records.update({record["sha256"]: record for record in computed})
+    return records, len(fresh)
+
+
+def _fingerprint_on_ray(
+    snapshots: Mapping[str, Snapshot], chunk: list[SourceFile], config: IngestConfig
+) -> list[dict[str, Any]]:
+    cluster.connect()
+    import ray
+
+    items = []
+    for item in chunk:
+        data = snapshots[item.source].read_file(item.row.image_path, config.limits.max_file_bytes)
+        if hashlib.sha256(data).hexdigest() != item.sha256:
+            raise RuntimeError(f"{item.row.image_path} changed while ingest was reading the source")
+        items.append({"sha256": item.sha256, "data": data})
+    blocks = _block_count(len(items), config.decode_batch_size, _cluster_cpus())
+    images = ray.data.from_items(items, override_num_blocks=blocks)
+    results = images.map_batches(
+        fingerprint_batch, fn_kwargs={"limits": config.limits}, batch_size=config.decode_batch_size
+    )
+    return [dict(row) for row in results.take_all()]
+
+
+def _block_count(n_items: int, batch_size: int, cpus: int, max_blocks: int = 64) -> int:
+    """Ray Data blocks for ``n_items`` rows: one per ``batch_size`` rows (at most ``max_blocks``), but never
+    fewer than ``cpus`` while there are rows for them, so that a few large films (a chunk is bounded by
+    bytes, not by count) still spread over every core."""
+    return max(1, min(n_items, max(min(math.ceil(n_items / batch_size), max_blocks), cpus)))
+
+
+def _cluster_cpus() -> int:
+    import ray
+
+    return int(ray.cluster_resources().get("CPU", 1))
+
+
+def _chunks(items: list[SourceFile], max_bytes: int) -> Iterable[list[SourceFile]]:
+    chunk, size = [], 0
+    for item in items:
+        if chunk and size + item.size > max_bytes:
+            yield chunk
+            chunk, size = [], 0
+        chunk.append(item)
+        size += item.size
+    if chunk:
+        yield chunk
+
+
+def _load_cache(storage: Storage) -> dict[str, dict[str, Any]]:
+    cache: dict[str, dict[str, Any]] = {}
+    for key in storage.list(FINGERPRINT_CACHE):
+        if key.endswith(".parquet"):
+            for record in storage.read_table(key).to_pylist():
+                if record.get("dedupe_version") == FINGERPRINT_VERSION:  # older fingerprints are recomputed
+                    cache[record["sha256"]] = record
+    return cache
+
+
+def _records_table(records: list[dict[str, Any]]) -> pa.Table:
+    return pa.Table.from_pylist(
+        [{column: record.get(column) for column in RECORD_COLUMNS} for record in records]
+    )
+
+
+def fingerprint_table(shas: list[str], fingerprints: Mapping[str, dict[str, Any]]) -> pa.Table:
+    """The version's ``fingerprints`` table: one row per content in ``shas``, its sha256 and dedupe
+    fingerprint columns."""
+    return pa.Table.from_pylist(
+        [
+            {"sha256": sha, **{column: fingerprints[sha][column] for column in FINGERPRINT_COLUMNS}}
+            for sha in shas
+        ]
+    )
+
+
+# -- step 6: store image bytes by content -------------------------------------------------------------
+def store_blobs(
+    snapshots: Mapping[str, Snapshot],
+    storage: Storage,
+    kept: list[SourceFile],
+    stored: frozenset[str],
+    limits: ImageLimits,
+) -> None:
+    """Store the bytes (:func:`storable`) of every kept content not in ``stored`` nor in storage, read again
+    from local sources. Raises RuntimeError when a file changed since it was hashed, or when a remote
+    source's content was not stored by its fetch tasks."""
+    todo = [
+        item
+        for item in kept
+        if item.sha256 not in stored and not storage.exists(dataset.blob_key(item.sha256))
+    ]
+    for item in todo:
+        if snapshots[item.source].remote:  # the fetch tasks store every readable content; never read it here
+            raise RuntimeError(f"{item.row.image_path} of {item.source} was not stored by the fetch tasks")
+    for item in tqdm(todo, desc="storing images", unit="image", file=sys.stderr, disable=None):
+        data = snapshots[item.source].read_file(item.row.image_path, item.size)
+        if hashlib.sha256(data).hexdigest() != item.sha256:
+            raise RuntimeError(f"{item.row.image_path} changed while ingest was reading the source")
+        storage.write_bytes(dataset.blob_key(item.sha256), storable(data, limits))
+
+
+def storable(data: bytes, limits: ImageLimits) -> bytes:
+    """What a blob holds for a source file: PNG and JPEG bytes as they are; a DICOM file as the PNG of
+    its film as a viewer shows it (:func:`lxn_ray.images.dicom.decode`), so no header field - names, dates,
+    ids - is ever stored. The blob keeps the source file's sha256 as its key: a film's identity is the
+    file the source holds."""
+    from lxn_ray.images.dicom import decode, is_dicom
+
+    if not is_dicom(data):
+        return data
+    buffer = io.BytesIO()
+    decode(data, limits).image.save(buffer, format="PNG")  # no text chunks: pixels only
+    return buffer.getvalue()

@@ -1,0 +1,75 @@
+"""Session-scoped fixtures shared across test modules: stores and trained tiny models that are expensive
+to make (loaded by tests/conftest.py as a pytest plugin).
+
+Each is made once per session and is read-only: a test or module that writes works on a copy
+(:func:`tests.helpers.copy_store`)."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any, NamedTuple
+
+import numpy as np
+import pytest
+from PIL import Image
+
+from tests.helpers import SourceBuilder, copy_store, radiograph
+
+# A tiny LxN's training settings (TrainConfig fields): seconds per epoch on the synthetic stores.
+TINY = dict(image_size=32, width=0.125, batch_size=8, learning_rate=1e-3)
+
+
+def labelled_source(builder: SourceBuilder, patients: int = 60, offset: int = 0) -> Path:
+    """One 96 x 96 radiograph per patient (``pt<offset>`` .. ``pt<offset + patients - 1>``), written in
+    the upstream layout by ``builder``; returns its folder. Even patients are COVID-19 and their images
+    carry a bright patch, so there is something to learn; the others are pneumonia. Every third is AP."""
+    for i in range(offset, offset + patients):
+        image = np.asarray(radiograph(1000 + i, size=(96, 96)), dtype=np.float64)
+        positive = i % 2 == 0
+        if positive:
+            image[30:60, 20:50] = np.minimum(255, image[30:60, 20:50] + 90)
+        builder.add(
+            f"x{i}.png",
+            f"pt{i}",
+            finding="COVID-19" if positive else "Pneumonia",
+            view="PA" if i % 3 else "AP",
+            image=Image.fromarray(image.astype(np.uint8)),
+        )
+    return builder.write()
+
+
+@pytest.fixture(scope="session")
+def labelled_store(tmp_path_factory: pytest.TempPathFactory, ray_local: None) -> Path:
+    """The folder of a store holding the 60-patient :func:`labelled_source` ingested: one dataset version,
+    no model yet. Its source is the folder ``source`` beside it. Read-only; the train, output and watchdog
+    tests each work on a copy."""
+    from lxn_ray.data.ingest import ingest
+    from lxn_ray.infra.storage import Storage
+    from lxn_ray.sources.transports import FolderSource
+
+    root = tmp_path_factory.mktemp("labelled")
+    ingest(FolderSource(labelled_source(SourceBuilder(root / "source"))), Storage.open(str(root / "store")))
+    return root / "store"
+
+
+class TrainedStore(NamedTuple):
+    store: Path  # the store's folder: labelled_store's dataset version, one model, and it is the champion
+    source: Path  # the source folder that dataset version was ingested from
+    report: dict[str, Any]  # train's report of the model
+
+
+@pytest.fixture(scope="session")
+def trained_store(labelled_store: Path, tmp_path_factory: pytest.TempPathFactory) -> TrainedStore:
+    """A copy of :func:`labelled_store` with one tiny model trained for one epoch in bfloat16 and promoted
+    to champion. Read-only, source included: the bfloat16 test reads it, the evaluation and retraining
+    tests work on copies."""
+    from lxn_ray import registry
+    from lxn_ray.infra.storage import Storage
+    from lxn_ray.training.config import TrainConfig
+    from lxn_ray.training.train import train
+
+    folder = copy_store(labelled_store, tmp_path_factory.mktemp("trained") / "store")
+    storage = Storage.open(str(folder))
+    report = train(storage, None, TrainConfig(**TINY, epochs=1, precision="bfloat16"))
+    registry.promote(storage, report["model_version"], reason="the tests' shared tiny champion")
+    return TrainedStore(folder, labelled_store.parent / "source", report)
