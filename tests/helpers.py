@@ -42,6 +42,80 @@ def own_stderr_lines(err: str) -> list[str]:
     return [line for line in plain.splitlines() if line.strip() and not line.startswith("(")]
 
 
+# -- what a person sees: a job's printed lines -------------------------------------------------------
+ANSI = re.compile(r"\x1b\[[0-9;]*m")
+WORKER_PREFIX = re.compile(r"^\([^)]*pid=\d+[^)]*\)\s*")
+# A job's own line: its progress lines ([job HH:MM:SS] ...), a warning it gives, an error line, or the
+# line it prints on a stop signal.
+OWN = re.compile(
+    r"^(\[(train|tune|ingest|evaluate|retrain|loso|serve)\b|warning:|WARNING source shortcut|error:"
+    r"|SIGTERM: |SIGINT: )"
+)
+
+
+def printed_lines(stdout: str, stderr: str) -> tuple[list[str], list[str]]:
+    """(every non-blank line a job printed - stdout's, then stderr's without colour codes and Ray's
+    ``(Actor pid=...)`` prefix -, the stderr lines that are not the job's own)."""
+    lines = [line.strip() for line in stdout.splitlines() if line.strip()]
+    others = []
+    for raw in stderr.splitlines():
+        line = WORKER_PREFIX.sub("", ANSI.sub("", raw)).strip()
+        if line:
+            lines.append(line)
+            if not OWN.match(line):
+                others.append(line)
+    return lines, others
+
+
+def own_share(stdout: str, stderr: str) -> tuple[float, list[str]]:
+    """(share of printed lines that are the job's own, the others)."""
+    lines, others = printed_lines(stdout, stderr)
+    return (len(lines) - len(others)) / max(1, len(lines)), others
+
+
+class Background:
+    """A Python child process that runs ``code`` until its stdin closes (or it ends by itself); ``ready``
+    is the first line it prints. Stopped by this object only - by closing its stdin, then by its pid."""
+
+    def __init__(self, code: str, env: dict[str, str] | None = None) -> None:
+        import subprocess
+        import sys
+
+        self.process = subprocess.Popen(
+            [sys.executable, "-c", code],
+            stdin=subprocess.PIPE,
+            stdout=subprocess.PIPE,
+            stderr=subprocess.DEVNULL,
+            env=env,
+            text=True,
+        )
+        self.ready = self.process.stdout.readline().strip()
+        assert self.ready, f"background process exited with {self.process.poll()} before it was ready"
+
+    def stop(self) -> None:
+        import subprocess
+
+        self.process.stdin.close()
+        try:
+            self.process.wait(timeout=60)
+        except subprocess.TimeoutExpired:
+            self.process.kill()
+            self.process.wait()
+
+
+# One core kept busy by a bounded loop (15 minutes at most) in a thread; stdin closing ends the process.
+BUSY_CORE = """
+import sys, threading, time
+def spin():
+    end = time.monotonic() + 900
+    while time.monotonic() < end:
+        pass
+threading.Thread(target=spin, daemon=True).start()
+print("spinning", flush=True)
+sys.stdin.read()
+"""
+
+
 def wait_for(condition: Callable[[], object], timeout_s: float, what: str, poll_s: float = 0.2) -> object:
     """Poll ``condition`` until it is truthy; fail with ``what`` after ``timeout_s``."""
     deadline = time.monotonic() + timeout_s

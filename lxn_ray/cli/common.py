@@ -65,10 +65,12 @@ def run_job(
     try:
         storage = Storage.open(args.storage)
         report = work(storage)
+        saved = []
         if record:
-            write_report(storage, name, report)
+            saved.append(write_report(storage, name, report))
         if args.report:
             save_report(args.report, report)
+            saved.append(str(args.report))
     except KeyboardInterrupt:
         print(f"error: {name} interrupted", file=sys.stderr)
         return 130
@@ -78,13 +80,17 @@ def run_job(
         message = " ".join(str(cause).split())[:ERROR_CHARS] or "no message"
         print(f"error: {name} failed: {type(cause).__name__}: {message}", file=sys.stderr)
         return 1
-    return print_quietly(summary(report))
+    text = summary(report)
+    if saved and not text.lstrip().startswith(("{", "[")):  # not after JSON (`registry show`)
+        text += f"\n  report: {' and '.join(saved)}"
+    return print_quietly(text)
 
 
-def write_report(storage: Storage, name: str, report: dict[str, Any]) -> None:
-    """Keep ``report`` as ``reports/<name>/<UTC stamp>.json`` in storage."""
+def write_report(storage: Storage, name: str, report: dict[str, Any]) -> str:
+    """Keep ``report`` as ``reports/<name>/<UTC stamp>.json`` in storage; returns its URI."""
     stamp = f"{datetime.now(timezone.utc):%Y%m%dT%H%M%S%fZ}"
     storage.write_json(f"reports/{name}/{stamp}.json", report)
+    return storage.uri_of(f"reports/{name}/{stamp}.json")
 
 
 def save_report(path: Path, report: dict[str, Any]) -> None:

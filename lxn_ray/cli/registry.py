@@ -9,8 +9,8 @@ from collections.abc import Sequence
 from typing import Any
 
 from lxn_ray import registry
-from lxn_ray.cli.common import job_parser, run_job
-from lxn_ray.evaluation.metrics import fmt
+from lxn_ray.cli.common import interval, job_parser, run_job
+from lxn_ray.evaluation.metrics import fmt, no_better_than_chance
 from lxn_ray.infra.storage import Storage
 
 
@@ -40,7 +40,10 @@ def main(argv: Sequence[str] | None = None) -> int:
         if args.command == "show":
             return {"command": "show", "card": registry.read_card(storage, args.version)}
         if args.command == "promote":
-            return {"command": "promote", **registry.promote(storage, args.version)}
+            entry = registry.promote(storage, args.version)
+            test = registry.read_card(storage, args.version).get("test", {})
+            chance = no_better_than_chance(test.get("auc_ci"))
+            return {"command": "promote", **entry, "no_better_than_chance": chance, "test": test}
         return {"command": "rollback", **registry.rollback(storage)}
 
     read_only = args.command in ("list", "show")
@@ -61,4 +64,11 @@ def summary(report: dict[str, Any]) -> str:
         return "\n".join(lines)
     if report["command"] == "show":
         return json.dumps(report["card"], indent=2)
-    return f"champion is now {report['version']} (was {report['previous'] or 'none'}): {report['reason']}"
+    line = f"champion is now {report['version']} (was {report['previous'] or 'none'}): {report['reason']}"
+    if report.get("no_better_than_chance"):
+        test = report.get("test") or {}
+        line += (
+            f"\n  warning: {report['version']} is no better than chance: test AUC {fmt(test.get('auc'))}"
+            f"{interval(test.get('auc_ci'))}; the endpoint flags every answer it gives"
+        )
+    return line

@@ -140,6 +140,8 @@ def summary(report: dict[str, Any]) -> str:
         f"GET /healthz, /model; docs {report['docs']}",
         f"  threshold {report['threshold']:.3f}, input {report['image_size']} px",
     ]
+    if report.get("warning"):
+        lines.append(f"  WARNING: {report['warning']}; every answer carries this warning")
     access = report.get("auth") or {}
     if not access.get("on", True):
         lines.append(f"  auth: OFF (--no-auth): anyone who can reach {report['url']} can call every route")

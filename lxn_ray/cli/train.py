@@ -11,6 +11,7 @@ from typing import Any
 from lxn_ray import registry
 from lxn_ray.cli.common import add_stall_flag, interval, job_parser, run_job, source_lines
 from lxn_ray.evaluation.metrics import fmt
+from lxn_ray.evaluation.promotion import guard
 from lxn_ray.infra.settings import add_flags, from_args
 from lxn_ray.infra.storage import Storage
 from lxn_ray.training.config import TrainConfig
@@ -68,16 +69,15 @@ def main(argv: Sequence[str] | None = None) -> int:
         report = train(
             storage, args.dataset_version, config, fresh=args.fresh, stall_timeout_s=args.stall_timeout_s
         )
-        # The first model of a store becomes its champion (so it can be served at once); after that only
-        # tune, retrain or `registry promote` replace a champion, by their stated rules.
-        fired = report["sources"]["test"]["shortcut"]["fired"]
-        report["promoted"] = registry.champion(storage) is None and not fired and not report["collapsed"]
+        # The first model of a store becomes its champion (so it can be served at once) when it passes
+        # promotion's guard; after that only tune, retrain or `registry promote` replace a champion.
+        version = report["model_version"]
+        refused = guard(version, report["collapsed"], report["sources"]["test"]["shortcut"], report["test"])
+        report["promoted"] = registry.champion(storage) is None and refused is None
         if report["promoted"]:
-            registry.promote(storage, report["model_version"], reason="the store's first model")
-        elif report["collapsed"]:
-            report["not_promoted_because"] = "the model collapsed to a constant output"
-        elif fired:
-            report["not_promoted_because"] = "the source-shortcut check fired (registry promote can still)"
+            registry.promote(storage, version, reason="the store's first model")
+        elif refused:
+            report["not_promoted_because"] = refused
         return report
 
     return run_job("train", args, work, summary)

@@ -101,7 +101,8 @@ def summary(report: dict[str, Any]) -> str:
         f"({report['searcher']}, {report['scheduler']}; {trials['completed']} completed, "
         f"{trials['stopped_early']} stopped early{errored}) in {report['seconds']} s\n"
         f"  best trial {best['trial_id']}: val objective {fmt(best['val_objective'])} with {config}\n"
-        f"  model {best['model_version']} ({report.get('task', 'covid-vs-rest')}): test AUC "
+        + _selection_line(report.get("selection"))
+        + f"  model {best['model_version']} ({report.get('task', 'covid-vs-rest')}): test AUC "
         f"{fmt(test.get('auc'))}{spread}, sensitivity {fmt(test.get('sensitivity'))}, "
         f"specificity {fmt(test.get('specificity'))}, n={test.get('n')}\n"
         + repeats
@@ -111,6 +112,31 @@ def summary(report: dict[str, Any]) -> str:
         )
         + f"  {'promoted' if report['promoted'] else 'not promoted'}: {report['promotion_reason']}\n"
         f"  champion: {report['champion']}\n"
-        f"  trials: {trials['csv']}\n  plot: {trials['plot']}\n"
-        "  research use only - not a diagnostic device"
+        f"  trials: {trials['csv']}\n  search plot: {trials['plot']}\n"
+        + _model_files_line(report.get("model_files"))
+        + "  research use only - not a diagnostic device"
     )
+
+
+def _selection_line(selection: dict[str, Any] | None) -> str:
+    """How the best trial was chosen, when the val split was too small to rank trials ("" otherwise)."""
+    if not selection or not selection.get("tolerance"):
+        return ""
+    split = (
+        f"a val split of {selection['val_positives']} positive and {selection['val_negatives']} negative "
+        f"films ranks trials only {selection['tolerance']:.3f} apart (one standard error)"
+    )
+    if len(selection["tied"]) == 1:
+        return f"  {split}; no other trial came that close to the best\n"
+    return (
+        f"  {split}: {len(selection['tied'])} trials tied, and the one-standard-error rule published the "
+        "one that trained the most epochs\n"
+    )
+
+
+def _model_files_line(files: dict[str, str] | None) -> str:
+    """Where the published model's card and plots are ("" for a report without them)."""
+    if not files:
+        return ""
+    plots = f"{files['plots']}/ (training curves, ROC, confusion matrix)"
+    return f"  model card: {files['card']}\n  model plots: {plots}\n"

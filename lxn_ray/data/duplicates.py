@@ -91,10 +91,10 @@ def drop_near_duplicates(
     duplicate search's counts and timings.
 
     Confirmed pairs form components. In each, images of the previous version are kept (they were judged
-    distinct then); if there are none, the image of the source listed first (``priority``: a curated
-    source's label and metadata beat a republished copy's), then the one with the most pixels, then the
-    smallest file name. The kept image's row - its finding, patient and metadata - is what survives.
-    Every other member is dropped against the kept image it was paired with (or the component's first).
+    distinct then); if there are none, the first by :func:`keep_rank` (the keep rule: first-listed source,
+    then the original - most pixels, lossless before lossy, most bytes). The kept image's row - its
+    finding, patient and metadata - is what survives. Every other member is dropped against the kept
+    image it was paired with (or the component's first).
     """
     by_sha = {item.sha256: item for item in items}
     known = {sha: fingerprints[sha] for sha in by_sha if sha in previous_shas}
@@ -112,15 +112,7 @@ def drop_near_duplicates(
         edges[pair.b][pair.a] = pair
 
     def rank(sha: str) -> tuple:
-        record = fingerprints[sha]
-        item = by_sha[sha]
-        rank_of_source = (priority or {}).get(item.source, 0)
-        return (
-            sha not in previous_shas,
-            rank_of_source,
-            -(record["width"] * record["height"]),
-            item.row.filename,
-        )
+        return keep_rank(by_sha[sha], fingerprints[sha], previous_shas, priority)
 
     dropped: list[dict[str, Any]] = []
     dropped_shas: set[str] = set()
@@ -145,6 +137,37 @@ def drop_near_duplicates(
     kept = [item for item in items if item.sha256 not in dropped_shas]
     dropped.sort(key=lambda d: (d["kept_source"], d["kept"], d["dropped_source"], d["dropped"]))
     return kept, dropped, search
+
+
+LOSSY_FORMATS = frozenset({"JPEG"})  # decoded source formats that lose detail when written (PNG, DICOM: not)
+
+
+def keep_rank(
+    item: SourceFile,
+    record: Mapping[str, Any],
+    previous_shas: frozenset[str] = frozenset(),
+    priority: Mapping[str, int] | None = None,
+) -> tuple:
+    """The keep rule for copies of one film, as a sort key: the copy with the smallest key is kept.
+
+    1. A copy already published in the previous version (it was judged distinct then; keeping it keeps
+       dataset versions stable).
+    2. The copy from the source listed first (``priority``: source name -> rank; a curated source's
+       finding and metadata beat a republished copy's).
+    3. The original over a copy made from it: the most pixels (copies are mostly downscaled), then a
+       lossless format (PNG, DICOM) before a lossy one (JPEG: a q80 re-encode of a PNG has its pixel count
+       but not its detail), then the most bytes (at equal size and format, the less compressed).
+    4. The smallest file name, so the choice never depends on listing order.
+
+    ``record`` is the content's fingerprint record (``width``, ``height``, ``source_format``)."""
+    return (
+        item.sha256 not in previous_shas,
+        (priority or {}).get(item.source, 0),
+        -(int(record["width"]) * int(record["height"])),
+        str(record.get("source_format") or "").upper() in LOSSY_FORMATS,
+        -item.size,
+        item.row.filename,
+    )
 
 
 def _verified(done: int, total: int) -> None:

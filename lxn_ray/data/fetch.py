@@ -22,6 +22,7 @@ from lxn_ray.data import dataset
 from lxn_ray.data.settings import IngestConfig
 from lxn_ray.dedupe.fingerprint import FINGERPRINT_COLUMNS, FINGERPRINT_VERSION, fingerprint
 from lxn_ray.images.decode import ImageLimits, ImageRejected, decode_image, to_grayscale
+from lxn_ray.images.dicom import REFUSALS, UnsupportedDicom
 from lxn_ray.infra import cluster
 from lxn_ray.infra.log import get_logger
 from lxn_ray.infra.storage import Storage
@@ -216,12 +217,22 @@ def _fingerprint_one(sha256: str, data: bytes, limits: ImageLimits) -> dict[str,
             "source_mode": decoded.source_mode,
             **fingerprint(to_grayscale(decoded.image)),
         }
+    except UnsupportedDicom as error:  # its reason leads, so ingest excludes the file with it
+        record = {"error": f"{error.reason}: {error}"}
     except ImageRejected as error:
         record = {"error": str(error)}
     except Exception as error:  # a hostile file must cost one row, never the run
         record = {"error": f"undecodable ({type(error).__name__}: {error})"}
     record["sha256"] = sha256
     return record
+
+
+def exclusion_of(error: str) -> str:
+    """The exclusion reason of a content that could not be fingerprinted, from its record's ``error``: a
+    DICOM refusal's own reason (``no_pixel_data``, ``multi_frame``, ...: :data:`lxn_ray.images.dicom.
+    REFUSALS`, which leads the message), else ``unreadable_image``."""
+    head = error.split(":", 1)[0]
+    return head if head in REFUSALS else UNREADABLE
 
 
 def fingerprint_contents(

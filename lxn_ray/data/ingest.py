@@ -35,7 +35,7 @@ import hashlib
 import json
 import time
 from collections import Counter
-from collections.abc import Iterator, Mapping, Sequence
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from dataclasses import dataclass
 from datetime import datetime, timezone
 from typing import Any
@@ -57,6 +57,7 @@ from lxn_ray.data.fetch import (
     Exclusion,
     SourceFile,
     content_digest,
+    exclusion_of,
     fetch_on_ray,
     fingerprint_contents,
     fingerprint_table,
@@ -68,7 +69,7 @@ from lxn_ray.data.splits import PATIENTS_SCHEMA, PreviousVersion, patient_of, sp
 from lxn_ray.infra.log import get_logger
 from lxn_ray.infra.storage import Storage
 from lxn_ray.sources.layouts import DEFAULT_SOURCE_NAME, SourceRows, SourceSpec, read_rows
-from lxn_ray.sources.metadata import DUPLICATE, UNREADABLE, MetadataRow
+from lxn_ray.sources.metadata import DUPLICATE, MetadataRow
 from lxn_ray.sources.tasks import Task, category, resolve_task
 from lxn_ray.sources.transports import Snapshot, Source, SourceError
 
@@ -153,12 +154,14 @@ def ingest(
     sources: Source | SourceSpec | Sequence[SourceSpec],
     storage: Storage,
     config: IngestConfig = DEFAULT_CONFIG,
+    planned: Callable[[int], None] | None = None,
 ) -> dict[str, Any]:
     """Bring the dataset in ``storage`` up to date with ``sources``; returns the ingest report.
 
     ``sources`` is a lone :class:`lxn_ray.sources.transports.Source` (``--source``) or the
     :class:`lxn_ray.sources.layouts.SourceSpec` list of a ``--sources`` file; their order is their priority
-    when one film sits in two of them.
+    when one film sits in two of them. ``planned``, when given, is called once every source's rows are
+    read and before any file is, with the number of films metadata did not exclude (a job's plan).
     """
     started = time.monotonic()
     stages = _Stopwatch()
@@ -167,10 +170,14 @@ def ingest(
     named = named_sources(sources)
     salt = _patient_salt(storage, [spec for spec, _ in named])
     with stages("read"):
+        opened = []
         for spec, source in named:
             snapshot = source.open()
+            opened.append((spec, snapshot, read_rows(snapshot, spec, config.frontal_views, salt)))
+        if planned is not None:
+            planned(sum(not row.exclusion for _, _, found in opened for row in found.rows))
+        for spec, snapshot, found in opened:
             log(f"source {spec.name}: {snapshot.description}")
-            found = read_rows(snapshot, spec, config.frontal_views, salt)
             exclusions += [Exclusion(row, row.exclusion, row.detail) for row in found.rows if row.exclusion]
             wanted = [row for row in found.rows if not row.exclusion]
             fetched: dict[str, dict[str, Any]] = {}
@@ -214,7 +221,7 @@ def ingest(
     readable = [item for item in primaries if not fingerprints[item.sha256].get("error")]
     for item in files:  # rows repeating an unreadable file are unreadable too
         if error := fingerprints[item.sha256].get("error"):
-            exclusions.append(Exclusion(item.row, UNREADABLE, error))
+            exclusions.append(Exclusion(item.row, exclusion_of(error), error))
     duplicates = [entry for entry in duplicates if not fingerprints[entry["sha256"]].get("error")]
 
     log(f"comparing {len(readable)} images for duplicates ({len(previous.usable_shas)} already published)")

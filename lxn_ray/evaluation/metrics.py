@@ -27,6 +27,7 @@ compute the same numbers through these functions.
 
 from __future__ import annotations
 
+import math
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 
@@ -257,6 +258,19 @@ def paired_bootstrap_auc_difference(
         return None, None
     resampled_a, resampled_b = _stratified_bootstrap_aucs(y, [a, b], n_resamples, seed)
     return auc_a - auc_b, _percentile_interval(resampled_a - resampled_b, confidence)
+
+
+def auc_standard_error(auc: float, positives: int, negatives: int) -> float:
+    """Standard error of an AUC measured on ``positives`` and ``negatives`` images (Hanley & McNeil 1982,
+    Radiology 143:29, eq. 2): sqrt((A(1-A) + (n1-1)(Q1-A^2) + (n2-1)(Q2-A^2)) / (n1 n2)) with
+    Q1 = A/(2-A), Q2 = 2A^2/(1+A). Unitless; ``inf`` when either class is empty. Used before any scores
+    exist, to say how far apart two models must be on a split for it to tell them apart."""
+    if positives < 1 or negatives < 1:
+        return math.inf
+    a = min(max(float(auc), 0.0), 1.0)
+    q1, q2 = a / (2 - a), 2 * a * a / (1 + a)
+    variance = a * (1 - a) + (positives - 1) * (q1 - a * a) + (negatives - 1) * (q2 - a * a)
+    return math.sqrt(max(variance, 0.0) / (positives * negatives))
 
 
 def no_better_than_chance(auc_ci: Sequence[float] | None) -> bool:

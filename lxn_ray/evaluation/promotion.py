@@ -15,7 +15,10 @@ classes, else the pooled AUC) and the comparison a paired bootstrap of its diffe
 * guard, both: a challenger whose source-shortcut check fires on the test split
   (:func:`lxn_ray.evaluation.metrics.shortcut_check`) is never promoted automatically (``registry promote``
   still can),
-  nor one whose training run collapsed to a constant or non-finite output (its card's ``collapsed``).
+  nor one whose training run collapsed to a constant or non-finite output (its card's ``collapsed``),
+  nor one that is no better than chance: the 95% bootstrap interval of its test AUC includes 0.5, or there
+  is no test AUC (:func:`lxn_ray.evaluation.metrics.no_better_than_chance`). It stays a published
+  candidate; ``registry promote`` makes it the champion by hand, and the endpoint then flags every answer.
 * a store without a champion takes the first model that passes the guard.
 """
 
@@ -41,6 +44,7 @@ def score_on_test(
     labels, scores, sources, reference = score_registered(storage, model_version, version, "test", task)
     result = metrics.binary_metrics(labels, scores, reference.threshold)
     objective, basis = metrics.selection_objective(labels, scores, sources)
+    auc_ci = metrics.bootstrap_auc_ci(labels, scores)
     return (
         labels,
         scores,
@@ -50,6 +54,8 @@ def score_on_test(
             "objective": objective,
             "objective_basis": basis,
             "auc": result.auc,
+            "auc_ci": list(auc_ci) if auc_ci else None,
+            "no_better_than_chance": metrics.no_better_than_chance(auc_ci),
             "sensitivity": result.sensitivity,
             "specificity": result.specificity,
             "accuracy": result.accuracy,
@@ -107,19 +113,46 @@ def evaluate_pair(
     return evaluation
 
 
+def guard(version: str, collapsed: bool, shortcut: dict[str, Any], test: dict[str, Any]) -> str | None:
+    """Why ``version`` may not become the champion by itself, or None: the module's guard, shared by every
+    job that promotes (tune, retrain, and train's first model). ``shortcut`` is a
+    :func:`lxn_ray.evaluation.metrics.shortcut_check` result; ``test`` holds the test split's ``auc`` and
+    ``auc_ci`` (``[low, high]`` or None)."""
+    by_hand = f"kept as a candidate; `registry promote {version}` makes it the champion by hand"
+    if collapsed:
+        return f"{version}'s training run collapsed to a constant or non-finite output"
+    if shortcut.get("fired"):
+        return f"{shortcut.get('warning')} ({by_hand})"
+    if metrics.no_better_than_chance(test.get("auc_ci")):
+        ci = test.get("auc_ci")
+        measured = (
+            f"test AUC {metrics.fmt(test.get('auc'))}, 95% CI {ci[0]:.3f}-{ci[1]:.3f} includes 0.5"
+            if ci
+            else "no test AUC (one class in the test split)"
+        )
+        return f"{version} is no better than chance ({measured}): {by_hand}"
+    return None
+
+
 def decide(
     evaluation: dict[str, Any], challenger: str, champion: str | None, margin: float | None
 ) -> tuple[bool, str]:
     """(promote?, why) by the module's rules; ``margin`` None is tune's superiority rule."""
-    shortcut = evaluation.get("shortcut") or {}
-    if evaluation.get("collapsed"):
-        return False, f"{challenger}'s training run collapsed to a constant or non-finite output"
-    if shortcut.get("fired"):
-        return False, f"{shortcut.get('warning')} (the guard: `registry promote` can still promote it)"
-    if champion is None:
-        return True, f"no champion yet: {challenger} is the first model to pass the shortcut guard"
     if challenger == champion:
         return False, f"{challenger} is already the champion"
+    refused = guard(
+        challenger,
+        bool(evaluation.get("collapsed")),
+        evaluation.get("shortcut") or {},
+        evaluation.get("challenger") or {},
+    )
+    if refused:
+        return False, refused
+    if champion is None:
+        return True, (
+            f"no champion yet: {challenger} is the first model to pass the guard (no collapse, no source "
+            "shortcut, better than chance)"
+        )
     difference, interval = evaluation["difference"], evaluation["difference_ci"]
     if difference is None or interval is None:
         return False, "no AUC on the test split (one class): no comparison possible; champion kept"

@@ -76,6 +76,7 @@ MULTI_FRAME = "multi_frame"
 NO_PIXELS = "no_pixel_data"
 UNSUPPORTED_PIXELS = "unsupported_pixels"
 BURNED_IN = "burned_in_annotation"  # ingest only: the pixels may show identifying text
+REFUSALS = (NOT_RADIOGRAPH, MULTI_FRAME, NO_PIXELS, UNSUPPORTED_PIXELS, BURNED_IN)
 
 
 class UnsupportedDicom(ImageRejected):
@@ -138,6 +139,13 @@ def transfer_syntax(data: bytes) -> str | None:
 
 
 def _dataset(data: bytes, stop_before_pixels: bool) -> Dataset:
+    """``data`` parsed (see :func:`_parse`)."""
+    return _parse(data, stop_before_pixels)[0]
+
+
+def _parse(data: bytes, stop_before_pixels: bool) -> tuple[Dataset, int]:
+    """``data`` parsed, and the offset where parsing stopped: Pixel Data's tag with ``stop_before_pixels``,
+    else the end. Raises :class:`ImageRejected` for bytes that are not a DICOM file read here."""
     import pydicom
 
     logging.getLogger("pydicom").setLevel(logging.ERROR)  # its warnings can quote header values
@@ -148,15 +156,32 @@ def _dataset(data: bytes, stop_before_pixels: bool) -> Dataset:
         raise ImageRejected("corrupt DICOM file: no transfer syntax in its file meta information")
     if syntax not in DECODED_SYNTAXES:
         raise ImageRejected(f"DICOM transfer syntax {syntax} is not decoded here")
+    stream = io.BytesIO(data)
     try:
         with warnings.catch_warnings():
             warnings.simplefilter("ignore")
-            ds = pydicom.dcmread(io.BytesIO(data), stop_before_pixels=stop_before_pixels)
+            ds = pydicom.dcmread(stream, stop_before_pixels=stop_before_pixels)
     except Exception as error:  # pydicom raises many kinds; the type only: messages can quote values
         raise ImageRejected(f"corrupt DICOM file: {type(error).__name__}") from None
     if "SOPClassUID" not in ds:  # type 1 in every IOD: a file cut short in its header lacks it
         raise ImageRejected("corrupt DICOM file: no SOP Class UID (truncated?)")
-    return ds
+    return ds, stream.tell()
+
+
+PIXEL_DATA_TAG = (0x7FE0, 0x0010)
+IMPLICIT_VR_SYNTAX = "1.2.840.10008.1.2"
+BIG_ENDIAN_SYNTAX = "1.2.840.10008.1.2.2"
+
+
+def _pixel_data_at(data: bytes, offset: int, syntax: str | None) -> bool:
+    """Whether a Pixel Data element (7FE0,0010) with a value starts at ``offset`` of ``data``: its tag, then
+    a length that is not 0 (undefined, 0xFFFFFFFF, for encapsulated pixels). False where ``data`` ends
+    first. Element layout from PS3.5 7.1: tag, [VR, 2 reserved bytes,] 4-byte length for OB/OW."""
+    order = ">" if syntax == BIG_ENDIAN_SYNTAX else "<"
+    start = offset + (4 if syntax == IMPLICIT_VR_SYNTAX else 8)
+    if start + 4 > len(data) or struct.unpack_from(f"{order}HH", data, offset) != PIXEL_DATA_TAG:
+        return False
+    return struct.unpack_from(f"{order}I", data, start)[0] != 0
 
 
 def _text(ds: Dataset, keyword: str) -> str:
@@ -198,7 +223,7 @@ def header_of(ds: Dataset, has_pixels: bool | None = None) -> DicomHeader:
             bits_allocated=_int(ds, "BitsAllocated", 0),
             bits_stored=_int(ds, "BitsStored", _int(ds, "BitsAllocated", 0)),
             samples_per_pixel=_int(ds, "SamplesPerPixel", 1),
-            has_pixels=("PixelData" in ds) if has_pixels is None else has_pixels,
+            has_pixels=bool(ds.get("PixelData")) if has_pixels is None else has_pixels,
             burned_in_annotation=_text(ds, "BurnedInAnnotation").upper() == "YES",
         )
     except Exception as error:  # a field of the wrong VR or length: the type only, never the value
@@ -206,12 +231,16 @@ def header_of(ds: Dataset, has_pixels: bool | None = None) -> DicomHeader:
 
 
 def read_header(data: bytes) -> DicomHeader:
-    """The header fields of a DICOM file (``data`` may be only its first bytes, as long as they reach the
-    pixel data or the end; a header cut short reads as having no Rows). Raises :class:`ImageRejected` for
-    bytes that are not a readable DICOM file."""
-    ds = _dataset(data, stop_before_pixels=True)
-    # stop_before_pixels drops Pixel Data itself; the image pixel module's Rows stands for it
-    return header_of(ds, has_pixels="Rows" in ds)
+    """The header fields of a DICOM file, read without its pixels.
+
+    ``has_pixels`` is whether a Pixel Data element with a value follows the header in ``data``: an object
+    without one (a header-only export, a structured report) holds no film and is refused as
+    ``no_pixel_data`` by :func:`refusal`, whatever its Rows and Columns say. ``data`` may be only the
+    file's first bytes: a prefix that ends before Pixel Data reads as having none, so a caller holding a
+    prefix reads the whole file when ``has_pixels`` is False. Raises :class:`ImageRejected` for bytes that
+    are not a readable DICOM file."""
+    ds, stopped_at = _parse(data, stop_before_pixels=True)
+    return header_of(ds, has_pixels=_pixel_data_at(data, stopped_at, transfer_syntax(data)))
 
 
 def refusal(header: DicomHeader) -> UnsupportedDicom | None:

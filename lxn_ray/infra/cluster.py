@@ -3,12 +3,120 @@
 from __future__ import annotations
 
 import logging
+import math
+import os
 import signal
 import sys
 import threading
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from typing import Any
+
+STARTUP_TIMEOUT_ENV = "LXN_RAY_STARTUP_TIMEOUT_S"
+DEFAULT_STARTUP_TIMEOUT_S = 300.0  # Ray's own fixed waits are 30 s; a loaded 2-core host has needed more
+GCS_PORT_WAIT_ENV = "RAY_gcs_server_port_wait_time_s"  # Ray's wait for a new GCS server's port (30 s)
+STARTUP_POLL_S = 0.5
+
+
+class RayStartupError(RuntimeError):
+    """Ray did not start, or accept this driver, within the start-up bound; the message says what was
+    awaited and how to wait longer."""
+
+
+def startup_timeout_s(environ: Mapping[str, str] | None = None) -> float:
+    """How long Ray's start-up may take, in seconds: ``$LXN_RAY_STARTUP_TIMEOUT_S``, default
+    :data:`DEFAULT_STARTUP_TIMEOUT_S`. Raises ValueError for a value that is not a positive number."""
+    raw = (os.environ if environ is None else environ).get(STARTUP_TIMEOUT_ENV, "").strip()
+    if not raw:
+        return DEFAULT_STARTUP_TIMEOUT_S
+    try:
+        value = float(raw)
+    except ValueError:
+        value = math.nan
+    if not math.isfinite(value) or value <= 0:
+        raise ValueError(f"{STARTUP_TIMEOUT_ENV}={raw!r}: expected a positive number of seconds, e.g. 600")
+    return value
+
+
+class PatientNodeLookup:
+    """``ray._private.services.get_node`` made to wait until a deadline instead of failing at once.
+
+    Starting a node, Ray polls that lookup until the new raylet has registered with the GCS and gives up
+    after a fixed 30 s (``ray._private.node.Node``), which a loaded host exceeds. While :func:`connect`
+    starts Ray, the lookup is this object: a lookup that fails (RuntimeError: the node is not registered
+    yet) is retried every ``poll_s`` until ``deadline`` (on ``clock``), then the failure is raised and
+    ``waited_for`` says what was awaited."""
+
+    def __init__(
+        self,
+        lookup: Callable[..., Any],
+        deadline: float,
+        clock: Callable[[], float] = time.monotonic,
+        pause: Callable[[float], None] = time.sleep,
+        poll_s: float = STARTUP_POLL_S,
+    ) -> None:
+        self.lookup = lookup
+        self.deadline = deadline
+        self.clock = clock
+        self.pause = pause
+        self.poll_s = poll_s
+        self.waited_for: str | None = None
+
+    def __call__(self, gcs_address: str, node_id: str) -> Any:
+        while True:
+            try:
+                found = self.lookup(gcs_address, node_id)
+                self.waited_for = None  # it came: nothing is awaited any more
+                return found
+            except RuntimeError:
+                self.waited_for = f"this node's raylet to register with the GCS at {gcs_address}"
+                if self.clock() >= self.deadline:
+                    raise
+                self.pause(self.poll_s)
+
+
+def start_ray(
+    init: Callable[[], None],
+    timeout_s: float,
+    clock: Callable[[], float] = time.monotonic,
+    pause: Callable[[float], None] = time.sleep,
+) -> None:
+    """``init()`` (a ``ray.init`` call) with Ray's start-up waits stretched to ``timeout_s`` in all.
+
+    Ray's wait for a new GCS server's port is set to ``timeout_s`` unless ``$RAY_gcs_server_port_wait_time_s``
+    says otherwise, and its 30 s wait for the raylet to register is stretched by :class:`PatientNodeLookup`.
+    Raises :class:`RayStartupError`, naming what it waited for and for how long, when start-up times out;
+    any other failure of ``init`` is raised as it is. (Ray's lookup is private API, pinned with Ray's
+    version in pyproject.toml; where it is missing only the GCS port wait is stretched.)"""
+    from ray._private import services
+
+    os.environ.setdefault(GCS_PORT_WAIT_ENV, str(math.ceil(timeout_s)))
+    started = clock()
+    ray_lookup = getattr(services, "get_node", None)
+    lookup = PatientNodeLookup(ray_lookup or (lambda *_: None), started + timeout_s, clock, pause)
+    if ray_lookup is not None:
+        services.get_node = lookup
+    try:
+        init()
+    except Exception as error:
+        message = str(error)
+        if lookup.waited_for:
+            waited = f"waited {clock() - started:.0f} s for {lookup.waited_for}"
+        elif "timed out waiting for file" in message.casefold():
+            waited = (
+                f"waited {os.environ[GCS_PORT_WAIT_ENV]} s for the GCS server's port ({GCS_PORT_WAIT_ENV})"
+            )
+        elif "timed out" in message.casefold() or isinstance(error, TimeoutError):
+            waited = f"waited {clock() - started:.0f} s for Ray to start"
+        else:
+            raise
+        raise RayStartupError(
+            f"Ray did not start: {waited} ({type(error).__name__}: {message.strip()}). A loaded host may "
+            f"need longer: set {STARTUP_TIMEOUT_ENV} (now {timeout_s:g} s)"
+        ) from error
+    finally:
+        if ray_lookup is not None:
+            services.get_node = ray_lookup
 
 
 def connect() -> None:
@@ -16,7 +124,9 @@ def connect() -> None:
 
     ``ray.init()`` with no address joins the cluster named by ``$RAY_ADDRESS`` (set by ``ray job submit``)
     or the one ``ray start`` last started on this machine, and otherwise starts a local instance. Ray's
-    token authentication stays as the cluster configured it.
+    token authentication stays as the cluster configured it. Start-up may take up to
+    :func:`startup_timeout_s` (``$LXN_RAY_STARTUP_TIMEOUT_S``, default 300 s) on a loaded host; past it,
+    raises :class:`RayStartupError` naming what it waited for (see :func:`start_ray`).
     """
     import ray
 
@@ -24,12 +134,16 @@ def connect() -> None:
 
     if ray.is_initialized():
         return
+    timeout_s = startup_timeout_s()
     quiet.setup_driver()
-    ray.init(
-        logging_level=logging.WARNING,
-        configure_logging=True,
-        log_to_driver=True,
-        runtime_env=quiet.runtime_env() or None,  # quiet workers, unless --verbose
+    start_ray(
+        lambda: ray.init(
+            logging_level=logging.WARNING,
+            configure_logging=True,
+            log_to_driver=True,
+            runtime_env=quiet.runtime_env() or None,  # quiet workers, unless --verbose
+        ),
+        timeout_s,
     )
 
 

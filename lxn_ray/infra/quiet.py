@@ -17,7 +17,10 @@ every Ray worker of the job:
   (:func:`setup_worker`); Ray Data's one-time "progress bars disabled" notice is dropped, since
   disabling them off a terminal is this module's choice; Ray Train's own logging at WARNING through
   its ``LoggingConfig`` (:func:`train_log_level`);
-- Ray Data progress bars only when stderr is a terminal, and no execution plan at each start.
+- Ray Data progress bars only when stderr is a terminal, and no execution plan at each start;
+- what Ray forwards to the driver from other processes: each line once (no log deduplication, which
+  printed lines again), without colour codes off a terminal, and without the notices listed in
+  :data:`FORWARDED_NOISE` (:func:`setup_driver`); Ray's token-authentication notice is dropped too.
 
 ``--verbose`` (or ``LXN_VERBOSE=1``) leaves every library as it is. Nothing happens at import.
 """
@@ -29,6 +32,7 @@ import importlib.abc
 import importlib.util
 import logging
 import os
+import re
 import sys
 from collections.abc import Iterator
 
@@ -46,11 +50,16 @@ QUIET_LOGGERS = ("ray.data", "ray.train", "ray.tune", "ray.serve", "absl", "tens
 # Ray Train's worker context logs each report ("Reporting training result ...") at INFO through a logger
 # named after its file, outside the "ray.train" hierarchy its LoggingConfig governs.
 RAY_TRAIN_CONTEXT = ("train", "v2", "_internal", "execution", "context.py")
+# Ray 2.60 warns on every ray.init that token authentication is on - the setting this project keeps
+# (docs/clusters.md); the notice is dropped, a warning that it is OFF is not (it is another message).
+AUTH_NOTICE = "Token authentication is enabled for this Ray cluster"
 NOISE = (
     "Progress bars disabled",
     "Progress bars for operators disabled",
     "Detected that the Ray Train controller actor",  # Ray Train cleaning up after each finished run
+    AUTH_NOTICE,
 )
+AUTH_LOGGER = "ray._private.authentication.authentication_token_setup"
 
 
 def verbose() -> bool:
@@ -109,6 +118,8 @@ def configure(be_verbose: bool) -> None:
     """Set this job's mode in its environment (the driver, before TensorFlow or Ray is imported); the
     driver's loggers are quieted when it connects to Ray (:func:`setup_driver`)."""
     os.environ[VERBOSE_ENV] = "1" if be_verbose or verbose() else "0"
+    if not sys.stderr.isatty():  # colour codes only on a terminal, not in a saved log (Ray's worker prefix)
+        os.environ.setdefault("RAY_COLOR_PREFIX", "0")
     if verbose():
         return
     for name, value in QUIET_ENV.items():
@@ -116,10 +127,66 @@ def configure(be_verbose: bool) -> None:
     _quiet_imports()
 
 
+# Lines Ray forwards to the driver from other processes that say nothing a user can act on in a normal
+# run (regular expressions, searched in each line; with --verbose every line is printed, and Ray's session
+# logs keep them all):
+FORWARDED_NOISE = re.compile(
+    "|".join(
+        (
+            # the raylet's notice at every few worker processes started: a Tune trial is 4-5 actors
+            # (trainable, Train controller, Train worker, Ray Data's split coordinator; ray-project/ray#3644)
+            r"PYTHON worker processes have been started on node",
+            # Ray core's C++ error about Ray Train's own PreemptionWatcher actor (ray-project/ray#53727)
+            r"has constructor arguments in the object store and max_restarts > 0",
+            # serve.shutdown() killing Serve's controller while its own graceful shutdown call is retried
+            r"Task ServeController\.\w+ failed\. .*killed by `ray\.kill`",
+            # a trial's helpers (Ray Data's split coordinator, its read tasks) dumping their stacks when
+            # Tune ends the trial with SIGTERM: the C++ failure handler's banner and frames
+            r"\*\*\* SIGTERM received at time=",
+            r"@\s+0x[0-9a-f]{6,}\s",
+            # faulthandler's dump of such a helper aborting as it is torn down ("Mutex corrupt: waiting
+            # writer with no waiters", then "Fatal Python error: Aborted" and its threads' frames, which
+            # read `File "...", line N in f` - no comma, unlike a Python traceback, which is kept)
+            r"Mutex corrupt: ",
+            r"^Fatal Python error: Aborted",
+            r"^(Current thread|Thread) 0x[0-9a-f]+ \(most recent call first\):",
+            r'^\s*File ".*", line \d+ in \S+$',
+            r"^Extension modules: ",
+        )
+    )
+)
+
+
 def setup_driver() -> None:
-    """Quiet the driver's library loggers (called when it connects to Ray)."""
+    """Quiet the driver's library loggers and the lines Ray forwards to it (called before it connects)."""
     if not verbose():
         _quiet_loggers()
+        _filter_forwarded_lines()
+
+
+def _filter_forwarded_lines() -> None:
+    """Drop :data:`FORWARDED_NOISE` from the lines Ray prints on the driver for its workers and raylet,
+    and print every forwarded line once (Ray's log deduplication holds similar lines back and prints
+    them again, with colour codes, as "[repeated Nx across cluster]").
+
+    Ray has no public filter for forwarded lines (ray-project/ray#63800), so this wraps
+    ``ray._private.worker.print_to_stdstream`` - the one function both the log and the error listener
+    print through - before ``ray.init`` binds it; where a Ray release lacks it, nothing changes."""
+    import ray._private.ray_logging as ray_logging
+    import ray._private.worker as ray_worker
+
+    ray_logging.RAY_DEDUP_LOGS = False  # read at each call; the env var only at import
+    original = getattr(ray_worker, "print_to_stdstream", None)
+    if original is None or getattr(original, "_lxn_filtered", False):
+        return
+
+    def print_to_stdstream(data: dict, ignore_prefix: bool) -> None:
+        lines = [line for line in data.get("lines", []) if not FORWARDED_NOISE.search(line)]
+        if lines:
+            original({**data, "lines": lines}, ignore_prefix=ignore_prefix)
+
+    print_to_stdstream._lxn_filtered = True  # type: ignore[attr-defined]
+    ray_worker.print_to_stdstream = print_to_stdstream
 
 
 def runtime_env() -> dict:
@@ -161,6 +228,9 @@ def _quiet_loggers() -> None:
         for handler in logger.handlers:
             if not any(isinstance(f, _DropNoise) for f in handler.filters):
                 handler.addFilter(_DropNoise())
+    auth = logging.getLogger(AUTH_LOGGER)
+    if not any(isinstance(f, _DropNoise) for f in auth.filters):
+        auth.addFilter(_DropNoise())
     ray_root = os.path.dirname(sys.modules["ray"].__file__)
     logging.getLogger(os.path.join(ray_root, *RAY_TRAIN_CONTEXT)).setLevel(logging.WARNING)
     for name in QUIET_LOGGERS:

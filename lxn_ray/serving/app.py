@@ -68,6 +68,9 @@ def create_api():
         label: str
         threshold: float
         model_version: str | None
+        task: str
+        no_better_than_chance: bool  # the model's test AUC interval includes 0.5 (or it has none)
+        warning: str | None  # a sentence saying so when no_better_than_chance, else null
 
     class Error(BaseModel):
         error: str
@@ -174,6 +177,7 @@ def create_api():
                 "X-Probability": f"{answer['probability']:.6f}",
                 "X-Label": answer["label"],
                 "X-Threshold": f"{answer['threshold']:.6f}",
+                "X-No-Better-Than-Chance": "true" if answer["no_better_than_chance"] else "false",
                 # where the film is in the picture (x, y, width, height): below the caption, left of the
                 # colour bar
                 "X-Film-Box": f"0,{layout.caption_height},{layout.film[0]},{layout.film[1]}",

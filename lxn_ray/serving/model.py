@@ -13,6 +13,7 @@ from typing import Any
 import numpy as np
 
 from lxn_ray import registry
+from lxn_ray.evaluation.metrics import fmt, no_better_than_chance
 from lxn_ray.infra.storage import Storage
 
 RESEARCH_NOTE = "research use only - not a diagnostic device"
@@ -34,16 +35,40 @@ class LoadedModel:
     explainer: Any  # lxn_ray.model.gradcam.GradCam, built once here rather than per request
     loaded_at: str = field(default_factory=lambda: datetime.now(timezone.utc).isoformat(timespec="seconds"))
 
+    @property
+    def no_better_than_chance(self) -> bool:
+        """True when the card's test AUC interval includes 0.5 or the card has none
+        (:func:`lxn_ray.evaluation.metrics.no_better_than_chance`): such a model is served only when a
+        person promoted or pinned it, and every answer says so."""
+        return no_better_than_chance(self.card.get("test", {}).get("auc_ci"))
+
+    @property
+    def warning(self) -> str | None:
+        """The sentence every answer of a model no better than chance carries (None for any other)."""
+        if not self.no_better_than_chance:
+            return None
+        test = self.card.get("test", {})
+        ci = test.get("auc_ci")
+        measured = (
+            f"its test AUC {fmt(test.get('auc'))} (95% CI {ci[0]:.3f}-{ci[1]:.3f}) includes 0.5"
+            if ci
+            else "it has no test AUC on record"
+        )
+        return f"model {self.version} is no better than chance: {measured}; do not act on this label"
+
     def prediction(self, probability: float) -> dict[str, Any]:
         """The JSON answer for one image's ``probability`` (float in [0, 1]): ``probability``, ``label``
         (``probability >= threshold`` is positive, in the card's label names), ``threshold``,
-        ``model_version`` and ``task``."""
+        ``model_version``, ``task``, ``no_better_than_chance`` (bool) and ``warning`` (a sentence, or None).
+        """
         return {
             "probability": probability,
             "label": label_for(probability, self.threshold, self.card.get("label_names")),
             "threshold": self.threshold,
             "model_version": self.version,
             "task": registry.card_task_name(self.card),
+            "no_better_than_chance": self.no_better_than_chance,
+            "warning": self.warning,
         }
 
 

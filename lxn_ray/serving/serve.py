@@ -54,7 +54,6 @@ from typing import Any
 import numpy as np
 
 from lxn_ray import registry
-from lxn_ray.evaluation.metrics import no_better_than_chance
 from lxn_ray.images.decode import ImageRejected
 from lxn_ray.infra.storage import Storage
 from lxn_ray.serving import auth
@@ -121,12 +120,15 @@ class LxnServer:
             loop = None
         if loop is not None:
             self._poller = loop.create_task(self._poll())
+        # At INFO: `jobs/serve.py` prints its own start-up lines (its WARNING included) and runs Serve at
+        # WARNING; under `serve run` / `serve deploy` this line, warning and all, is in the replica's log.
         logger.info(
-            "lxn: serving model %s (%s); auth %s, %d keys",
+            "lxn: serving model %s (%s); auth %s, %d keys%s",
             self.current.version,
             settings.model,
             "on" if settings.auth else "OFF",
             len(self.keys),
+            f"; WARNING: {self.current.warning}" if self.current.warning else "",
         )
 
     def __del__(self) -> None:
@@ -172,6 +174,8 @@ class LxnServer:
         self._failed_version = None
         self._reloads.inc(tags={"model_version": str(loaded.version)})
         logger.info("lxn: champion moved from %s to %s", previous, loaded.version)
+        if loaded.warning:
+            logger.warning("lxn: %s", loaded.warning)
         return True
 
     # -- inference ----------------------------------------------------------------------------------
@@ -231,6 +235,8 @@ class LxnServer:
             f"P({positive}) {answer['probability']:.3f}, threshold {answer['threshold']:.3f}: "
             f"{answer['label']}\nmodel {answer['model_version']} - {RESEARCH_NOTE}"
         )
+        if model.no_better_than_chance:
+            caption += "\nNO BETTER THAN CHANCE on its test split: do not act on this label"
         layout = overlay_layout(radiograph.size, caption)
         return render_overlay(radiograph, explanation.heatmap, caption, layout=layout), answer, layout
 
@@ -244,7 +250,8 @@ class LxnServer:
             "threshold": model.threshold,
             "loaded_at": model.loaded_at,
             "intended_use": RESEARCH_NOTE,
-            "no_better_than_chance": no_better_than_chance(model.card.get("test", {}).get("auc_ci")),
+            "no_better_than_chance": model.no_better_than_chance,
+            "warning": model.warning,
             "card": model.card,
         }
 
@@ -316,11 +323,20 @@ def deploy(settings: ServeSettings) -> dict[str, Any]:
     answered (a timeout error after 120 s)."""
     from ray import serve
 
-    from lxn_ray.infra import cluster
+    from lxn_ray.infra import cluster, quiet
 
     cluster.connect()
-    serve.start(http_options={"host": settings.host, "port": settings.port})
-    handle = serve.run(application(settings), name=settings.app_name, route_prefix=settings.route_prefix)
+    quiet.setup_driver()  # again: importing ray.serve set its driver-side logger back to INFO
+    # Serve's controller, proxy and replicas log at INFO to the driver (~40 lines per start-up); a job's
+    # own summary says what is served, so by default they log warnings only (--verbose: everything).
+    logs = None if quiet.verbose() else {"log_level": "WARNING"}
+    serve.start(http_options={"host": settings.host, "port": settings.port}, logging_config=logs)
+    handle = serve.run(
+        application(settings),
+        name=settings.app_name,
+        route_prefix=settings.route_prefix,
+        logging_config=logs,
+    )
     described = handle.describe.remote().result(timeout_s=120)
     return {
         "url": settings.url,
@@ -330,6 +346,8 @@ def deploy(settings: ServeSettings) -> dict[str, Any]:
         "model_version": described["model_version"],
         "threshold": described["threshold"],
         "image_size": described["image_size"],
+        "no_better_than_chance": described["no_better_than_chance"],
+        "warning": described["warning"],
         # the report is stored: key digests are replaced by their count
         "settings": {**dataclasses.asdict(settings), "api_key_digests": len(settings.api_key_digests)},
         "note": RESEARCH_NOTE,

@@ -12,7 +12,12 @@ folder, git, ``s3://``, ``https://``) and a layout:
     ``<class>/<file>``: the class is the first folder, mapped to a finding (``classes:`` or the folder
     name normalised, so ``No_findings`` is ``No Finding``) - Keras' ``image_dataset_from_directory``
     layout. The patient is the first group of ``patient_id_pattern`` matched on the file name; without
-    a pattern each file is its own patient (the report says so).
+    a pattern each file is its own patient (the report says so). Folders are listed by the transport's
+    one rule (hidden and system files are not data: :func:`lxn_ray.sources.transports.visible_files`).
+    Every listed file that is not read is named in the report: a film in a format this layout does not
+    read (``.tif``, ``.bmp``, ...) or outside any class folder is an excluded row (``unsupported_format``,
+    ``not_in_class_folder``); any other file (a README, notes) is named in the source's
+    ``files_skipped`` with the reason. A ``classes:`` entry that matches no folder is an error.
 ``manifest``
     A CSV (``manifest:``, default ``manifest.csv``) naming file, finding and patient columns
     (``columns:`` maps ``filename``/``finding``/``patient_id``/``view`` to this file's own names); paths
@@ -34,6 +39,7 @@ from __future__ import annotations
 import hashlib
 import hmac
 import re
+from collections.abc import Callable
 from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
@@ -43,9 +49,11 @@ from lxn_ray.sources.metadata import (
     DEFAULT_FRONTAL_VIEWS,
     MISSING_FILE,
     NON_FRONTAL,
+    NOT_IN_CLASS_FOLDER,
     UNLABELLED,
     UNREADABLE,
     UNSAFE_PATH,
+    UNSUPPORTED_FORMAT,
     MetadataRow,
     normalise_view,
     parse_metadata,
@@ -60,10 +68,18 @@ from lxn_ray.sources.transports import (
     is_plain_relative,
     open_source,
 )
+from lxn_ray.sources.yamltext import load_text_yaml, typed_value
 
 LAYOUTS = ("auto", "upstream", "class-folders", "manifest", "dicom")
 IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg")
 DICOM_SUFFIXES = (".dcm", ".dicom")  # and files without a suffix, as PACS exports name them
+# Films a layout may meet but not read: named in the report as excluded rows, never skipped unseen.
+FILM_SUFFIXES = (
+    *IMAGE_SUFFIXES,
+    *DICOM_SUFFIXES,
+    *(".tif", ".tiff", ".bmp", ".gif", ".webp", ".jp2", ".j2k", ".jpx", ".jfif", ".jpe", ".heic"),
+    *(".pgm", ".pnm", ".ppm", ".nii", ".nii.gz", ".nrrd", ".mha", ".mhd"),
+)
 DICOM_HEADER_BYTES = 256 * 1024  # read this much of a DICOM file for its header; the whole file if short
 NAME_PATTERN = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,63}$")
 SPEC_KEYS = frozenset(
@@ -128,15 +144,19 @@ def read_sources_file(path: str | Path) -> list[SourceSpec]:
     """The sources of a ``--sources`` YAML file, in the order given (the order is the priority when copies
     of one film sit in two sources). Relative locations resolve against the current directory.
 
-    Raises :class:`lxn_ray.sources.transports.SourceError` for an unreadable file, unknown keys, a duplicate
-    name or
-    a bad pattern.
+    Values are taken as written (:func:`lxn_ray.sources.yamltext.load_text_yaml`): ``ref: 1.10`` is the ref
+    ``1.10`` (not the float 1.1), ``ref: 0123`` is ``0123``, and ``classes: {Yes: COVID-19, No: No
+    Finding}`` maps the folders ``Yes`` and ``No``. Only ``hash_patient_ids`` is a boolean; an empty or
+    ``~`` value of an optional key means the key is absent.
+
+    Raises :class:`lxn_ray.sources.transports.SourceError` for an unreadable file, unknown keys, a value of
+    the wrong kind, a duplicate name or a bad pattern.
     """
     import yaml
 
     path = Path(path)
     try:
-        document = yaml.safe_load(path.read_text(encoding="utf-8"))
+        document = load_text_yaml(path.read_text(encoding="utf-8"))
     except (OSError, UnicodeDecodeError, yaml.YAMLError) as error:
         raise SourceError(f"{path}: not a readable sources file ({error})") from None
     entries = document.get("sources") if isinstance(document, dict) else None
@@ -149,25 +169,37 @@ def read_sources_file(path: str | Path) -> list[SourceSpec]:
         unknown = set(entry) - SPEC_KEYS
         if unknown:
             raise SourceError(f"{path}: source {entry['name']}: unknown keys {sorted(unknown)}")
-        for key, kind in (("uri", str), ("patient_id_pattern", (str, type(None)))):
-            if not isinstance(entry.get(key), kind) or str(entry.get(key)).strip() == "":
+        for key in ("uri", "patient_id_pattern"):
+            value = entry.get(key)
+            if key == "patient_id_pattern" and typed_value(value) is None:
+                continue  # optional
+            if not isinstance(value, str) or not value.strip():
                 raise SourceError(f"{path}: source {entry['name']}: {key} must be a non-empty string")
         for key in ("classes", "columns"):
-            if not isinstance(entry.get(key) or {}, dict):
+            mapping = typed_value(entry.get(key)) or {}
+            if not isinstance(mapping, dict):
                 raise SourceError(f"{path}: source {entry['name']}: {key} must be a mapping")
-        uri = entry["uri"]
+            for name, value in mapping.items():
+                if not all(isinstance(text, str) and text.strip() for text in (name, value)):
+                    raise SourceError(
+                        f"{path}: source {entry['name']}: {key} must map names to names ({name!r}: {value!r})"
+                    )
+        for key in ("ref", "layout", "manifest"):
+            if typed_value(entry.get(key)) is not None and not isinstance(entry[key], str):
+                raise SourceError(f"{path}: source {entry['name']}: {key} must be a string")
+        uri = str(entry["uri"])
         if "://" not in uri and not re.match(r"^[\w.-]+@[\w.-]+:", uri):
             uri = str(Path(uri).expanduser().resolve())
         specs.append(
             SourceSpec(
                 name=str(entry["name"]),
                 uri=uri,
-                ref=str(entry["ref"]) if entry.get("ref") is not None else None,
-                layout=str(entry.get("layout", "auto")),
-                patient_id_pattern=entry.get("patient_id_pattern"),
-                classes={str(k): str(v) for k, v in (entry.get("classes") or {}).items()},
-                manifest=str(entry.get("manifest", "manifest.csv")),
-                columns={str(k): str(v) for k, v in (entry.get("columns") or {}).items()},
+                ref=_optional_text(entry, "ref"),
+                layout=_optional_text(entry, "layout") or "auto",
+                patient_id_pattern=_optional_text(entry, "patient_id_pattern"),
+                classes={str(k): str(v) for k, v in (typed_value(entry.get("classes")) or {}).items()},
+                manifest=_optional_text(entry, "manifest") or "manifest.csv",
+                columns={str(k): str(v) for k, v in (typed_value(entry.get("columns")) or {}).items()},
                 hash_patient_ids=_optional_bool(entry, "hash_patient_ids", path),
             )
         )
@@ -177,8 +209,14 @@ def read_sources_file(path: str | Path) -> list[SourceSpec]:
     return specs
 
 
-def _optional_bool(entry: dict[str, Any], key: str, path: Path) -> bool | None:
+def _optional_text(entry: dict[str, Any], key: str) -> str | None:
+    """The key's text as written, or None when it is absent or left empty (``key:``, ``key: ~``)."""
     value = entry.get(key)
+    return None if typed_value(value) is None else str(value)
+
+
+def _optional_bool(entry: dict[str, Any], key: str, path: Path) -> bool | None:
+    value = typed_value(entry.get(key))
     if value is not None and not isinstance(value, bool):
         raise SourceError(f"{path}: source {entry['name']}: {key} must be true or false")
     return value
@@ -261,13 +299,26 @@ def _read_rows(snapshot: Snapshot, spec: SourceSpec, frontal_views: tuple[str, .
         return _dicom_rows(snapshot, spec, frontal_views)
     layout, data = _detect(snapshot, spec)
     if layout == "upstream":
-        return SourceRows(parse_metadata(data, frontal_views, source=spec.name), data, layout, {})
+        rows = parse_metadata(data, frontal_views, source=spec.name, name=_file_of(spec, METADATA_FILE))
+        return SourceRows(rows, data, layout, {})
     if layout == "manifest":
         renames = {theirs: canonical for canonical, theirs in spec.columns.items()}
-        rows = parse_metadata(data, frontal_views, source=spec.name, default_folder="", renames=renames)
+        rows = parse_metadata(
+            data,
+            frontal_views,
+            source=spec.name,
+            default_folder="",
+            renames=renames,
+            name=_file_of(spec, spec.manifest),
+        )
         rows = [_with_patient(row, spec) for row in rows]
         return SourceRows(rows, data, layout, _patient_notes(rows, spec))
     return _class_folder_rows(snapshot, spec)
+
+
+def _file_of(spec: SourceSpec, relative_path: str) -> str:
+    """How errors name a file the layout parses: the source and the file's own name in it."""
+    return f"source {spec.name}: {relative_path}"
 
 
 def _patient_from_name(filename: str, spec: SourceSpec) -> str:
@@ -306,20 +357,54 @@ def _is_image_name(path: str) -> bool:
     return path.casefold().endswith(IMAGE_SUFFIXES)
 
 
-def _class_folder_rows(snapshot: Snapshot, spec: SourceSpec, wanted=_is_image_name) -> SourceRows:
+IMAGE_FORMATS = "PNG or JPEG (.png, .jpg, .jpeg); DICOM films need layout: dicom"
+
+
+def _class_folder_rows(
+    snapshot: Snapshot,
+    spec: SourceSpec,
+    wanted: Callable[[str], bool] = _is_image_name,
+    formats: str = IMAGE_FORMATS,
+    layout: str = "class-folders",
+) -> SourceRows:
+    """Rows of ``<class>/<file>`` for each file ``wanted`` (a name this layout reads); ``formats`` says
+    which those are, in the report.
+
+    Every other listed file is named in the report with its reason: a film (:data:`FILM_SUFFIXES`) as an
+    excluded row - ``unsupported_format`` in a class folder, ``not_in_class_folder`` at the root - and any
+    other file in the notes' ``files_skipped`` (``files_ignored`` counts them). Raises
+    :class:`SourceError` when a ``classes:`` entry names no folder of the listing (a mapping that matches
+    nothing would leave its films under their folder's own name, silently), or when there is no
+    ``<class>/<file>`` at all."""
     files = snapshot.list_files()
-    rows, ignored = [], 0
+    folders = {path.partition("/")[0] for path in files if "/" in path}
+    unmatched = sorted(set(spec.classes) - folders)
+    if unmatched:
+        raise SourceError(
+            f"source {spec.name}: classes {unmatched} match no class folder in {snapshot.description} "
+            f"(its folders: {sorted(folders)}); class names are matched exactly as written"
+        )
+    rows, skipped = [], {}
     for line, path in enumerate(files, 1):
         folder, _, filename = path.partition("/")
-        if not filename or not wanted(path):
-            ignored += 1  # files at the root (README, licences) and non-images
-            continue
-        finding = normalise_finding(spec.classes.get(folder, folder))
-        exclusion, detail = None, ""
-        if not is_plain_relative(path):
+        if not filename:  # at the root: README, licences, or a film without a class
+            folder, filename = "", path
+        finding = normalise_finding(spec.classes.get(folder, folder)) if folder else ""
+        if not folder or not wanted(path):
+            if not path.casefold().endswith(FILM_SUFFIXES):
+                skipped[path] = f"not a film: {layout} reads {formats}" if folder else "not in a class folder"
+                continue
+            if not folder:
+                exclusion, detail = NOT_IN_CLASS_FOLDER, "a film at the source root, in no class folder"
+            else:
+                exclusion = UNSUPPORTED_FORMAT
+                detail = f"{Path(filename).suffix} is not read by {layout}: it reads {formats}"
+        elif not is_plain_relative(path):
             exclusion, detail = UNSAFE_PATH, f"file name leaves the source root: {path!r}"
         elif category(finding) is None:  # no task can use it
             exclusion, detail = UNLABELLED, f"class folder {folder!r}"
+        else:
+            exclusion, detail = None, ""
         rows.append(
             MetadataRow(
                 line=line,
@@ -338,7 +423,12 @@ def _class_folder_rows(snapshot: Snapshot, spec: SourceSpec, wanted=_is_image_na
         raise SourceError(f"source {spec.name}: no <class>/<image> files in {snapshot.description}")
     described = {"classes": spec.classes, "pattern": spec.patient_id_pattern, "files": files}
     listing = repr(sorted(described.items())).encode()
-    notes = {"files_ignored": ignored, "views": "not recorded by class folders: frontal by assumption"}
+    notes: dict[str, Any] = {
+        "files_ignored": len(skipped),
+        "views": "not recorded by class folders: frontal by assumption",
+    }
+    if skipped:
+        notes["files_skipped"] = skipped
     notes.update(_patient_notes(rows, spec))
     return SourceRows(rows, hashlib.sha256(listing).hexdigest().encode(), "class-folders", notes)
 
@@ -356,9 +446,9 @@ def _read_head(snapshot: Snapshot, relative_path: str) -> bytes:
 
 
 def _dicom_header(snapshot: Snapshot, relative_path: str):
-    """The file's :class:`lxn_ray.images.dicom.DicomHeader`. A prefix that ends before the image pixel
-    description (a large private element first) reads as failing or as having no Rows: then the whole
-    file is read."""
+    """The file's :class:`lxn_ray.images.dicom.DicomHeader`. A prefix that ends before Pixel Data (a large
+    private element first, or no Pixel Data at all) reads as failing or as having no pixels: then the whole
+    file is read, and a file without Pixel Data is refused as ``no_pixel_data``."""
     from lxn_ray.images.decode import ImageLimits
     from lxn_ray.images.dicom import read_header
 
@@ -367,11 +457,14 @@ def _dicom_header(snapshot: Snapshot, relative_path: str):
         return read_header(data)
     try:
         header = read_header(data)
-        if header.rows:
+        if header.has_pixels:  # Pixel Data starts inside the prefix: the header is complete
             return header
     except ImageRejected:
         pass
     return read_header(snapshot.read_file(relative_path, ImageLimits().max_file_bytes))
+
+
+DICOM_FORMATS = "DICOM files (.dcm, .dicom, or no suffix)"
 
 
 def _is_dicom_name(path: str) -> bool:
@@ -384,9 +477,11 @@ def _dicom_listing(snapshot: Snapshot, spec: SourceSpec) -> tuple[list[MetadataR
     manifest = _read_if_present(snapshot, spec.manifest)
     if manifest is not None:
         renames = {theirs: canonical for canonical, theirs in spec.columns.items()}
-        rows = parse_metadata(manifest, source=spec.name, default_folder="", renames=renames)
+        rows = parse_metadata(
+            manifest, source=spec.name, default_folder="", renames=renames, name=_file_of(spec, spec.manifest)
+        )
         return rows, manifest, {"findings_from": spec.manifest}
-    described = _class_folder_rows(snapshot, spec, _is_dicom_name)
+    described = _class_folder_rows(snapshot, spec, _is_dicom_name, DICOM_FORMATS, "dicom")
     return described.rows, described.listing, {"findings_from": "class folders"}
 
 

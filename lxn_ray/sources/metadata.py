@@ -17,7 +17,7 @@ import io
 from dataclasses import dataclass, field
 
 from lxn_ray.sources.tasks import category, normalise_finding
-from lxn_ray.sources.transports import is_plain_relative
+from lxn_ray.sources.transports import METADATA_FILE, is_hidden, is_plain_relative
 
 # Exclusion reasons, as they appear in ingest reports.
 MALFORMED_ROW = "malformed_row"
@@ -26,6 +26,9 @@ CT = "ct"
 NON_FRONTAL = "non_frontal_view"
 VOLUMES = "volumes_folder"
 UNSAFE_PATH = "unsafe_path"
+HIDDEN_FILE = "hidden_file"  # a row naming a hidden or system file (lxn_ray.sources.transports.is_hidden)
+UNSUPPORTED_FORMAT = "unsupported_format"  # a class-folder file that is not a film format read here
+NOT_IN_CLASS_FOLDER = "not_in_class_folder"  # a class-folder source's file at the root (README, licence)
 MISSING_FILE = "missing_file"
 UNREADABLE = "unreadable_image"
 DUPLICATE = "duplicate"
@@ -49,7 +52,8 @@ COLUMN_ALIASES = {
 
 
 class MetadataError(ValueError):
-    """metadata.csv cannot be read at all (no header, no filename column, not text)."""
+    """metadata.csv (or a manifest) cannot be read at all (no header, no filename column); the message names
+    the file."""
 
 
 @dataclass(frozen=True)
@@ -101,24 +105,28 @@ def parse_metadata(
     source: str = "",
     default_folder: str = "images",
     renames: dict[str, str] | None = None,
+    name: str = METADATA_FILE,
 ) -> list[MetadataRow]:
     """Parse metadata.csv bytes of any upstream schema into rows, each with its exclusion if any.
 
     ``renames`` maps a column of this file to a canonical one (``{"label": "finding"}``: a manifest's own
     names). A file without a ``view`` column holds frontal films by assumption (a manifest's choice; the
-    upstream file always has one). Raises :class:`MetadataError` when the file cannot be read at all.
+    upstream file always has one). A row naming a hidden or system file (``.ipynb_checkpoints/``,
+    ``__MACOSX/._x.png``: :func:`lxn_ray.sources.transports.is_hidden`, the rule listings follow) is
+    excluded as ``hidden_file``. ``name`` is the file's name in the source (a manifest's own), used in
+    errors. Raises :class:`MetadataError`, naming the file, when it cannot be read at all.
     """
     text = data.decode("utf-8-sig", errors="replace")
     reader = csv.reader(io.StringIO(text, newline=""))
     try:
         header = next(reader)
     except StopIteration:
-        raise MetadataError("metadata.csv is empty") from None
+        raise MetadataError(f"{name} is empty") from None
     except csv.Error as error:
-        raise MetadataError(f"metadata.csv header unreadable: {error}") from None
+        raise MetadataError(f"{name} header unreadable: {error}") from None
     columns = _column_index(_apply_renames(header, renames or {}))
     if "filename" not in columns:
-        raise MetadataError(f"metadata.csv has no filename column (header: {header[:8]}...)")
+        raise MetadataError(f"{name} has no filename column (header: {header[:8]}...)")
     frontal = {normalise_view(view) for view in frontal_views}
     named = [name.strip() for name in header]
 
@@ -210,6 +218,8 @@ def _row(
         exclusion, detail = MALFORMED_ROW, "no filename"
     elif not is_plain_relative(filename) or (folder and not is_plain_relative(folder)):
         exclusion, detail = UNSAFE_PATH, f"file name leaves the source root: {filename!r}"
+    elif is_hidden(f"{folder}/{filename}"):
+        exclusion, detail = HIDDEN_FILE, "a hidden or system file (dot-file, __MACOSX, Thumbs.db), not a film"
     elif category(finding) is None:  # no task can use it
         exclusion, detail = UNLABELLED, f"finding {finding!r}"
     elif is_ct:

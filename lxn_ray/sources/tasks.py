@@ -167,6 +167,9 @@ def resolve_task(spec: str | Task | dict | None = None) -> Task:
         positive_name: COVID-19                 # optional
         negative_name: bacterial pneumonia      # optional
 
+    Values are read as written (:func:`lxn_ray.sources.yamltext.load_text_yaml`): ``positive: [Yes]`` is the
+    finding ``Yes`` and ``name: 1.10`` the name ``1.10``, never a boolean or a number.
+
     Raises :class:`TaskError` for an unknown name or an invalid file.
     """
     if spec is None:
@@ -184,8 +187,10 @@ def resolve_task(spec: str | Task | dict | None = None) -> Task:
         raise TaskError(f"unknown task {spec!r}: expected one of {sorted(BUILTIN_TASKS)} or a task file")
     import yaml
 
+    from lxn_ray.sources.yamltext import load_text_yaml
+
     try:
-        definition = yaml.safe_load(path.read_text(encoding="utf-8"))
+        definition = load_text_yaml(path.read_text(encoding="utf-8"))
     except (yaml.YAMLError, UnicodeDecodeError) as error:
         raise TaskError(f"{path}: not a readable task file ({error})") from None
     return _task_from_mapping(definition, str(path))

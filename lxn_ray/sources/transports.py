@@ -4,7 +4,9 @@
 A :class:`Source` is opened into a :class:`Snapshot`: one fixed state of the data that can read
 ``metadata.csv`` and image files and names its own version (a git commit, or a content hash). Ingest
 never looks behind it. Every path a snapshot reads is checked to stay inside the source root: symlinks
-for folders, plain relative keys for S3, and for HTTP also no redirect out of the base URL.
+for folders, plain relative keys for S3, and for HTTP also no redirect out of the base URL. A listing
+(class-folder layouts) follows one rule on every transport, :func:`visible_files`: hidden and system files
+(dot-files and dot-folders at any depth, ``__MACOSX``, ``Thumbs.db``, ``desktop.ini``, ...) are not data.
 
 Local snapshots are read by the driver. Remote ones (``remote = True``) are small, picklable values that
 Ray Data tasks use to fetch images on the workers themselves, with timeouts, retries and size caps.
@@ -23,6 +25,7 @@ import time
 import urllib.error
 import urllib.parse
 import urllib.request
+from collections.abc import Iterable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Protocol
@@ -58,13 +61,70 @@ class Snapshot(Protocol):
         ...
 
     def list_files(self) -> list[str]:
-        """Every file below the root, as sorted relative paths (class-folder layouts). Raises SourceError
+        """Every file below the root, as sorted relative paths (class-folder layouts), less hidden and
+        system files (:func:`visible_files`, the same rule for every transport). Raises SourceError
         where the location cannot be listed (an HTTP mirror)."""
         ...
 
 
 class Source(Protocol):
     def open(self) -> Snapshot: ...
+
+
+# -- the one listing rule -----------------------------------------------------------------------------
+# Names that operating systems, archivers and tools leave beside the data. Compared case-insensitively
+# with each part of a path (a folder name hides everything below it); every name starting with "." is
+# hidden too (.DS_Store, ._* AppleDouble forks, .ipynb_checkpoints, .git, .Trashes, .Spotlight-V100).
+SYSTEM_NAMES = frozenset(
+    {
+        "__macosx",  # macOS Archive Utility: resource forks of a zip's files, as ._NAME
+        "thumbs.db",  # Windows Explorer thumbnail caches
+        "ehthumbs.db",
+        "ehthumbs_vista.db",
+        "desktop.ini",  # Windows folder settings
+        "$recycle.bin",
+        "system volume information",
+        "icon\r",  # macOS custom folder icon
+        "@eadir",  # Synology thumbnails (SYNOFILE_THUMB_*.jpg: images, but not films)
+        "#recycle",  # Synology recycle bin
+        "#snapshot",  # Synology / QNAP snapshots: copies of the tree
+        "lost+found",
+    }
+)
+
+
+def is_hidden_part(name: str) -> bool:
+    """Whether one file or folder name is hidden or a system file: it starts with ``.``, or is one of
+    :data:`SYSTEM_NAMES` (case-insensitive)."""
+    return name.startswith(".") or name.casefold() in SYSTEM_NAMES
+
+
+def is_hidden(relative_path: str) -> bool:
+    """Whether a path below a source root is, or lies below, a hidden or system file or folder
+    (:func:`is_hidden_part` on any of its parts, at any depth)."""
+    return any(is_hidden_part(part) for part in re.split(r"[/\\]", relative_path) if part)
+
+
+def visible_files(paths: Iterable[str]) -> list[str]:
+    """The listing rule: the sorted paths less those :func:`is_hidden` names. Every snapshot lists through
+    :meth:`Listing.list_files`, the one place it is applied, so one tree lists the same from a folder, a git
+    checkout or S3 (an HTTP mirror is not listed: a manifest names its files, and manifest rows naming
+    hidden files are excluded by :func:`lxn_ray.sources.metadata.parse_metadata` with the same test)."""
+    return sorted(path for path in paths if not is_hidden(path))
+
+
+class Listing:
+    """What every snapshot's listing shares: the transport finds every file (:meth:`every_file`), and
+    :meth:`list_files` applies the listing rule (:func:`visible_files`) - here, for all transports."""
+
+    def every_file(self) -> Iterable[str]:
+        """Every file below the root as a relative path, hidden ones included. Raises SourceError where
+        the location cannot be listed."""
+        raise NotImplementedError
+
+    def list_files(self) -> list[str]:
+        """The files below the root, sorted, less hidden and system files (:func:`visible_files`)."""
+        return visible_files(self.every_file())
 
 
 def is_plain_relative(path: str) -> bool:
@@ -74,7 +134,7 @@ def is_plain_relative(path: str) -> bool:
 
 
 @dataclass(frozen=True)
-class FolderSnapshot:
+class FolderSnapshot(Listing):
     """A local folder in the upstream layout: ``metadata.csv`` and ``images/``."""
 
     root: Path
@@ -125,16 +185,15 @@ class FolderSnapshot:
     def version(self, content_digest: str) -> str:
         return f"git:{self.commit}" if self.commit else f"sha256:{content_digest}"
 
-    def list_files(self) -> list[str]:
-        """Regular files below the root; symlinks (which could lead out of it) and dot-files are skipped."""
+    def every_file(self) -> list[str]:
+        """Regular files below the root; symlinks, which could lead out of it, are not files here."""
         found = []
-        for folder, subfolders, names in os.walk(self.root):  # os.walk does not follow linked folders
-            subfolders[:] = sorted(name for name in subfolders if not name.startswith("."))
+        for folder, _, names in os.walk(self.root):  # os.walk does not follow linked folders
             for name in names:
                 path = Path(folder) / name
-                if not name.startswith(".") and not path.is_symlink() and path.is_file():
+                if not path.is_symlink() and path.is_file():
                     found.append(path.relative_to(self.root).as_posix())
-        return sorted(found)
+        return found
 
 
 @dataclass(frozen=True)
@@ -186,7 +245,7 @@ def _key_below(root: str, relative_path: str) -> str:
     return f"{root}/{relative_path}" if root else relative_path
 
 
-class _RemoteSnapshot:
+class _RemoteSnapshot(Listing):
     """What S3 and HTTP mirrors share: read on the workers, versioned by content."""
 
     description: str
@@ -201,7 +260,7 @@ class _RemoteSnapshot:
     def version(self, content_digest: str) -> str:
         return f"sha256:{content_digest}"
 
-    def list_files(self) -> list[str]:
+    def every_file(self) -> list[str]:
         raise SourceError(f"{self.description}: an HTTP mirror cannot be listed; give it a manifest CSV")
 
 
@@ -234,7 +293,8 @@ class S3Snapshot(_RemoteSnapshot):
 
         return _with_retries(fetch, f"s3://{self.bucket}/{key}")
 
-    def list_files(self) -> list[str]:
+    def every_file(self) -> list[str]:
+        """Every object below the prefix (S3 has no folders: keys ending in ``/`` are folder markers)."""
         from botocore.exceptions import BotoCoreError, ClientError
 
         base = f"{self.prefix}/" if self.prefix else ""
@@ -249,7 +309,7 @@ class S3Snapshot(_RemoteSnapshot):
                         found.append(relative)
         except (BotoCoreError, ClientError) as error:
             raise SourceError(f"{self.description}: cannot list ({error})") from None
-        return sorted(found)
+        return found
 
 
 @dataclass(frozen=True)

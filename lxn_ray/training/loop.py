@@ -28,6 +28,7 @@ from typing import TYPE_CHECKING, Any
 import numpy as np
 
 from lxn_ray.evaluation import metrics
+from lxn_ray.infra.log import get_logger
 from lxn_ray.infra.storage import Storage
 from lxn_ray.training.config import TrainConfig
 from lxn_ray.training.pixel_cache import VAL_BATCH, PixelCache, epoch_shard, iter_cache
@@ -41,6 +42,8 @@ from lxn_ray.training.runs import (
 
 if TYPE_CHECKING:
     import tensorflow as tf
+
+log = get_logger("train").info  # rank 0's progress lines, forwarded to the driver's stderr by Ray
 
 
 def epoch_order(labels: np.ndarray, sources: np.ndarray, sampling: str, seed: int, epoch: int) -> np.ndarray:
@@ -259,7 +262,7 @@ def _restore(worker: _Worker) -> tuple[list[dict[str, Any]], int, int]:
             restore_optimizer_state(worker.optimizer, worker.model, {key: saved[key] for key in saved.files})
         state = json.loads((Path(folder) / CHECKPOINT_STATE).read_text())
     if worker.rank == 0:
-        print(f"[train] resuming after epoch {state['epoch']}", flush=True)
+        log(f"resuming after epoch {state['epoch']}")
     return state["history"], state["epoch"] + 1, state.get("resumes", 0) + 1
 
 
@@ -340,12 +343,11 @@ def _report(worker: _Worker, entry: dict[str, Any], history: list[dict[str, Any]
 
     epoch, stop = entry["epoch"], entry["stop"]
     if worker.rank == 0:
-        print(
-            f"[train] epoch {epoch}/{worker.config.epochs}: loss {metrics.fmt(entry['train_loss'], 4)} "
+        log(
+            f"epoch {epoch}/{worker.config.epochs}: loss {metrics.fmt(entry['train_loss'], 4)} "
             f"val_loss {metrics.fmt(entry['val_loss'], 4)} val_auc {metrics.fmt(entry['val_auc'])} "
             f"val_acc {metrics.fmt(entry['val_accuracy'])} "
-            f"({entry['epoch_seconds']:.1f} s, {worker.precision}){f'; stopping: {stop}' if stop else ''}",
-            flush=True,
+            f"({entry['epoch_seconds']:.1f} s, {worker.precision}){f'; stopping: {stop}' if stop else ''}"
         )
     report = {**entry, "val_auc": 0.5 if entry["val_auc"] is None else entry["val_auc"], "stop": stop or ""}
     # What ranks epochs, checkpoints and trials: a collapsed epoch gets 0 so nothing prefers it over a

@@ -40,6 +40,7 @@ PIXEL_CACHE = (
 CACHE_FORMAT = 1  # bump when the stored layout changes: older caches are then ignored, not misread
 CACHE_CHUNK_ROWS = 64  # images per cache file: one Ray Data task preprocesses and writes one file
 STREAM_BLOCK_ROWS = 64  # rows per block of an epoch's stream (what the streaming split hands out)
+FETCH_TASKS = 2  # _fetch_pixels tasks at once per stream: ranged reads of a local or S3 cache, I/O bound
 VAL_BATCH = 64  # validation images read and scored at a time
 
 
@@ -217,7 +218,8 @@ def stream_rows(cache: PixelCache, rows: np.ndarray) -> ray.data.Dataset:
     :func:`lxn_ray.training.loop.epoch_order`): an index dataset built from the small label/source arrays
     (one item per :data:`STREAM_BLOCK_ROWS` rows, put in the object store by this process: no task, so no
     CPU is needed while training workers hold every CPU), mapped to the cached uint8 images by tasks that
-    run as the consumers pull. Never materialised; the reads are I/O and reserve no CPU either."""
+    run as the consumers pull, at most :data:`FETCH_TASKS` at once. Never materialised; the reads are I/O
+    and reserve no CPU either."""
     import ray
 
     rows = np.asarray(rows, dtype=np.int64)
@@ -233,7 +235,13 @@ def stream_rows(cache: PixelCache, rows: np.ndarray) -> ray.data.Dataset:
     ]
     with _no_progress_bars():  # a dataset keeps the context it was made in
         return ray.data.from_items(items, override_num_blocks=len(items)).map_batches(
-            _fetch_pixels, fn_kwargs={"cache": cache.without_index()}, batch_size=1, num_cpus=0
+            _fetch_pixels,
+            fn_kwargs={"cache": cache.without_index()},
+            batch_size=1,
+            num_cpus=0,
+            # Tasks that reserve no CPU are otherwise started as fast as blocks arrive - 10+ Python workers
+            # per epoch on a 2-core node, and raylet's "worker processes have been started" warnings.
+            compute=ray.data.TaskPoolStrategy(size=max(1, min(FETCH_TASKS, len(items)))),
         )
 
 

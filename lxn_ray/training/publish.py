@@ -135,8 +135,9 @@ def publish_model_version(
     )
     storage.write_json(f"{prefix}/card.json", card)  # written last: the version's commit marker
     log(
-        f"published model {model_version}: val AUC {metrics.fmt(val.auc)}, test AUC {metrics.fmt(test.auc)} "
-        f"95% CI {auc_ci}, threshold {threshold:.3f}"
+        f"published model {model_version}: val AUC {metrics.fmt(val.auc)}, test AUC {metrics.fmt(test.auc)}"
+        + (f" (95% CI {auc_ci[0]:.3f}-{auc_ci[1]:.3f})" if auc_ci else "")
+        + f", threshold {threshold:.3f}"
     )
     return {
         "model_version": model_version,

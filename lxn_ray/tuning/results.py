@@ -12,6 +12,7 @@ from collections.abc import Sequence
 from typing import Any
 
 from lxn_ray import registry
+from lxn_ray.evaluation import metrics
 from lxn_ray.infra.log import get_logger
 from lxn_ray.infra.storage import Storage
 from lxn_ray.training.runs import RUNS, published_versions
@@ -70,9 +71,71 @@ def trial_rows(results: Any, settings: TuneSettings) -> list[dict[str, Any]]:
     return sorted(rows, key=lambda row: row["trial_id"])
 
 
-def choose_best(rows: Sequence[dict[str, Any]], name: str = "the search") -> dict[str, Any]:
-    """The trial with the highest best val objective (ties: the faster). A trial that collapsed is never
-    the best, even by an epoch before it collapsed; raises RuntimeError when no trial is left."""
+# A val split whose AUC has a standard error above this cannot rank trials that differ by a few hundredths:
+# the plan says so (Hanley & McNeil's SE at AUC 0.75; a 95% interval about +-0.05 wide at the limit).
+COARSE_VAL_SE = 0.025
+NOMINAL_AUC = 0.75  # the AUC at which the plan states the val split's resolution, before any trial ran
+
+
+@dataclasses.dataclass(frozen=True)
+class Selection:
+    """Which trial a search publishes, and why (:func:`select_best`)."""
+
+    best: dict[str, Any]  # the chosen row of :func:`trial_rows`
+    tied: list[str]  # ids of the trials within ``tolerance`` of the highest objective (the chosen included)
+    tolerance: float  # one standard error of the val objective at the highest value (0: plain maximum)
+    positives: int  # the val split's images of each class, for the task
+    negatives: int
+
+    def as_dict(self) -> dict[str, Any]:
+        """JSON-ready: the report's ``selection``."""
+        return {
+            "rule": "one standard error" if self.tolerance > 0 else "highest val objective",
+            "tolerance": round(self.tolerance, 4),
+            "tied": self.tied,
+            "val_positives": self.positives,
+            "val_negatives": self.negatives,
+        }
+
+
+def val_counts(storage: Storage, version: str, task: str) -> tuple[int, int]:
+    """(positives, negatives) of ``version``'s val split for ``task``."""
+    from lxn_ray.data import dataset
+
+    labels = dataset.read_split(storage, version, "val", task).column("label").to_pylist()
+    return sum(labels), len(labels) - sum(labels)
+
+
+def val_resolution(positives: int, negatives: int) -> str:
+    """The plan's sentence on how finely a val split of ``positives`` and ``negatives`` ranks trials."""
+    se = metrics.auc_standard_error(NOMINAL_AUC, positives, negatives)
+    counts = f"val split: {positives} positive and {negatives} negative films"
+    if se <= COARSE_VAL_SE:
+        return f"{counts} (standard error of an AUC ~{se:.3f}); the best trial is the highest val objective"
+    return (
+        f"{counts}: too few to rank trials - an AUC on it has a standard error of ~{se:.2f} (Hanley & "
+        "McNeil), so trials within one standard error of the best count as tied and the one that trained "
+        "the most epochs is published (the one-standard-error rule)"
+    )
+
+
+def choose_best(
+    rows: Sequence[dict[str, Any]], name: str = "the search", tolerance: float = 0.0
+) -> dict[str, Any]:
+    """The trial to publish, by the one-standard-error rule (Breiman et al. 1984, section 3.4.3; Hastie,
+    Tibshirani & Friedman 2009, section 7.10): the trials whose best val objective is within
+    ``tolerance`` (one standard error, unitless AUC) of the highest are tied - the val split cannot tell
+    them apart - and of those the one that trained the most epochs wins (ASHA let it go on, so its score
+    rests on more than one early peak), then the higher objective, then the faster. ``tolerance`` 0 is
+    the plain maximum. A trial that collapsed is never the best, even by an epoch before it collapsed;
+    raises RuntimeError when no trial is left."""
+    tied = _tied(rows, name, tolerance)
+    return max(tied, key=lambda row: (row["epochs_run"], row["objective_best"], -row["seconds"]))
+
+
+def _tied(rows: Sequence[dict[str, Any]], name: str, tolerance: float) -> list[dict[str, Any]]:
+    """The usable trials within ``tolerance`` of the highest best val objective; raises RuntimeError when
+    none is usable (all collapsed or unscored)."""
     candidates = [row for row in rows if row["objective_best"] is not None and row["status"] != "COLLAPSED"]
     if not candidates:
         collapsed = sum(row["status"] == "COLLAPSED" for row in rows)
@@ -80,7 +143,23 @@ def choose_best(rows: Sequence[dict[str, Any]], name: str = "the search") -> dic
             f"no trial of {name} has a usable val objective ({len(rows)} trials, {collapsed} collapsed to "
             "a constant output: search lower learning rates)"
         )
-    return max(candidates, key=lambda row: (row["objective_best"], -row["seconds"]))
+    top = max(row["objective_best"] for row in candidates)
+    return [row for row in candidates if row["objective_best"] >= top - tolerance]
+
+
+def select_best(
+    rows: Sequence[dict[str, Any]], positives: int, negatives: int, name: str = "the search"
+) -> Selection:
+    """:func:`choose_best` with the tolerance one standard error of an AUC at the highest val objective
+    on a val split of ``positives`` and ``negatives`` (:func:`lxn_ray.evaluation.metrics.auc_standard_error`;
+    for a within-source objective the pooled counts make it a lower bound) when that split is coarse
+    (SE above :data:`COARSE_VAL_SE`), else 0. Raises RuntimeError as :func:`choose_best`."""
+    usable = [row["objective_best"] for row in rows if row["objective_best"] is not None]
+    se = metrics.auc_standard_error(max(usable, default=NOMINAL_AUC), positives, negatives)
+    tolerance = se if COARSE_VAL_SE < se < math.inf else 0.0
+    best = choose_best(rows, name, tolerance)
+    tied = [row["trial_id"] for row in _tied(rows, name, tolerance)]
+    return Selection(best, tied, tolerance, positives, negatives)
 
 
 def _flag(value: Any) -> bool:

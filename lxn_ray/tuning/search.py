@@ -21,6 +21,7 @@ progress for ``--stall-timeout-s`` while the cluster could take on no new work (
 from __future__ import annotations
 
 import dataclasses
+import math
 import time
 from collections.abc import Sequence
 from typing import Any
@@ -39,6 +40,7 @@ from lxn_ray.infra.resources import (
     release_orphans,
 )
 from lxn_ray.infra.storage import Storage
+from lxn_ray.tuning.results import val_counts, val_resolution
 from lxn_ray.tuning.settings import TuneSettings
 from lxn_ray.tuning.space import (
     METRIC,
@@ -62,31 +64,77 @@ TRAIN_FLOPS_PER_GPU = 5e12  # a conservative float16 figure for a data-centre GP
 TRIAL_START_S = 30.0  # a trial's Ray Train worker and TensorFlow start-up on a small machine
 
 
-def plan(storage: Storage, version: str, settings: TuneSettings) -> str:
-    """The line a search prints before it starts: trials, epochs, image size, precision, expected time.
+# Ingest's cost per film per CPU core - read, decode, fingerprint, duplicate search and verification - an
+# upper bound from benchmarks/RESULTS.md (0.09 s per film on a quiet 2-core machine, ~0.3 s beside a test
+# suite, ~0.13 s among 1,593 look-alike NIH films).
+INGEST_S_PER_FILM_CORE = 0.6
 
-    The time is an upper bound - every trial running every epoch - from :data:`TRAIN_FLOPS_PER_CORE` times
-    the cluster's CPUs (trials side by side share them), or one GPU per running trial; ASHA and early
-    stopping usually end the search sooner. A rough guide, printed so a user can stop and shrink a
-    search that would not fit their time."""
+
+def _cluster() -> tuple[int, int]:
+    """(GPUs, CPUs) of the connected Ray cluster."""
     import ray
 
+    total = ray.cluster_resources()
+    return int(total.get("GPU", 0)), max(1, int(total.get("CPU", 1)))
+
+
+def search_bound(settings: TuneSettings, images: int) -> tuple[float, str]:
+    """(upper bound in seconds on a search of ``settings`` over ``images`` training images, precision).
+
+    Every trial running every epoch, from :data:`TRAIN_FLOPS_PER_CORE` times the cluster's CPUs (trials
+    side by side share them), or one GPU per running trial, plus each trial's start-up; ASHA and early
+    stopping usually end the search sooner."""
     from lxn_ray.model.network import ModelConfig, flops_per_image, resolve_precision
 
-    total = ray.cluster_resources()
-    gpus, cpus = int(total.get("GPU", 0)), max(1, int(total.get("CPU", 1)))
+    gpus, cpus = _cluster()
     precision = resolve_precision(settings.precision, on_gpu=gpus > 0)
     sizes = settings.image_sizes or (settings.image_size,)
-    images = dataset.read_split(storage, version, "train", settings.task).num_rows
     step = 3 * max(flops_per_image(ModelConfig(image_size=size, width=settings.width)) for size in sizes)
     work = settings.num_samples * settings.epochs * images * step
     seconds = work / (TRAIN_FLOPS_PER_GPU * gpus if gpus else TRAIN_FLOPS_PER_CORE[precision] * cpus)
-    seconds += settings.num_samples * TRIAL_START_S
+    return seconds + settings.num_samples * TRIAL_START_S, precision
+
+
+def _trials(settings: TuneSettings, images: str, precision: str) -> str:
+    sizes = "/".join(map(str, settings.image_sizes or (settings.image_size,)))
     return (
-        f"plan: {settings.num_samples} trials x up to {settings.epochs} epochs of {images} training images "
-        f"at {'/'.join(map(str, sizes))} px in {precision}; expected at most ~{seconds / 60:.0f} min "
-        "(ASHA and early stopping usually end sooner)"
+        f"{settings.num_samples} trials x up to {settings.epochs} epochs of {images} training images at "
+        f"{sizes} px in {precision}"
     )
+
+
+def ingest_plan(settings: TuneSettings, films: int) -> tuple[str, float]:
+    """(the line a tune job prints before it ingests ``films`` films, its upper bound in seconds): ingest's
+    share and the search's, with every film counted as a training image (the train split is a part of
+    them), so the search's own plan after ingest can only be lower."""
+    ingest_s = films * INGEST_S_PER_FILM_CORE / _cluster()[1]
+    search_s, precision = search_bound(settings, films)
+    line = (
+        f"plan: ingest {films} films (at most ~{_minutes(ingest_s)}), then "
+        f"{_trials(settings, f'at most {films}', precision)} (at most ~{_minutes(search_s)}); in all at most "
+        f"~{_minutes(ingest_s + search_s)} (ASHA and early stopping usually end sooner)"
+    )
+    return line, ingest_s + search_s
+
+
+def plan(storage: Storage, version: str, settings: TuneSettings) -> tuple[list[str], float]:
+    """(the lines a search prints before it starts, its upper bound in seconds): trials, epochs, image
+    size, precision and time (:func:`search_bound`); then how finely the val split ranks trials
+    (:func:`lxn_ray.tuning.results.val_resolution`). A rough guide, printed so a user can stop and shrink a
+    search that would not fit their time."""
+    images = dataset.read_split(storage, version, "train", settings.task).num_rows
+    seconds, precision = search_bound(settings, images)
+    lines = [
+        f"plan: {_trials(settings, str(images), precision)}; at most ~{_minutes(seconds)} "
+        "(ASHA and early stopping usually end sooner)",
+        f"plan: {val_resolution(*val_counts(storage, version, settings.task))}",
+    ]
+    return lines, seconds
+
+
+def _minutes(seconds: float) -> str:
+    """A duration for people, in whole minutes (at least 1): ``3 min``."""
+    return f"{max(1, round(seconds / 60))} min"
 
 
 def make_searcher(settings: TuneSettings) -> tuple[Any, str]:
@@ -157,29 +205,38 @@ def plan_concurrency(settings: TuneSettings, total: dict[str, float] | None = No
 class Progress(Callback):
     """A Tune callback on the driver: one line per trial epoch and per finished trial, with the time left.
 
-    The estimate is an upper bound, like the plan's: the epochs still possible (every unfinished trial
+    The time left is one estimate that only shrinks: the lowest of the plan's upper bound less the time
+    spent (``bound_s``), every earlier estimate, and the epochs still possible (every unfinished trial
     running all its epochs; ASHA and early stopping only shorten it) times the mean seconds per epoch so
     far, divided by the trials that run at once."""
 
-    def __init__(self, num_samples: int, epochs: int, concurrent: int) -> None:
+    def __init__(self, num_samples: int, epochs: int, concurrent: int, bound_s: float = math.inf) -> None:
         self.num_samples, self.epochs, self.concurrent = num_samples, epochs, max(1, concurrent)
+        self.bound_s = bound_s
         self.setup()
 
     def setup(self, **_info: Any) -> None:
         self.started = time.monotonic()
         self.epochs_done: dict[str, int] = {}
         self.finished: set[str] = set()
+        self.estimate_s = self.bound_s
 
     def _left(self) -> str:
+        elapsed = time.monotonic() - self.started
         done = sum(self.epochs_done.values())
-        if not done:
+        estimates = [self.estimate_s, self.bound_s - elapsed]
+        if done:
+            seconds_per_epoch = elapsed * self.concurrent / done  # one trial's epoch
+            running = [t for t in self.epochs_done if t not in self.finished]
+            possible = sum(self.epochs - self.epochs_done[t] for t in running)
+            possible += (self.num_samples - len(self.epochs_done)) * self.epochs  # trials not started yet
+            estimates.append(possible * seconds_per_epoch / self.concurrent)
+        self.estimate_s = max(0.0, min(estimates))
+        if self.estimate_s == math.inf:
             return "time left: estimated after the first epoch"
-        seconds_per_epoch = (time.monotonic() - self.started) * self.concurrent / done  # one trial's epoch
-        running = [t for t in self.epochs_done if t not in self.finished]
-        possible = sum(self.epochs - self.epochs_done[t] for t in running)
-        possible += (self.num_samples - len(self.epochs_done)) * self.epochs  # trials not started yet
-        minutes = possible * seconds_per_epoch / self.concurrent / 60
-        return f"at most ~{minutes:.0f} min left" if minutes >= 1 else "under a minute left"
+        if self.estimate_s < 60:
+            return "under a minute left"
+        return f"at most ~{_minutes(self.estimate_s)} left"
 
     def on_trial_result(self, iteration: int, trials: list, trial: Any, result: dict, **_info: Any) -> None:
         self.epochs_done[trial.trial_id] = int(
@@ -363,6 +420,7 @@ def build_tuner(
         f"{TUNE}/{name}/search_settings.json",
         {**dataclasses.asdict(settings), "searcher_used": searcher_name, "dataset_version": version},
     )
+    plan_lines, bound_s = plan(storage, version, settings)
     tuner = tune.Tuner(
         trainable,
         param_space=search_space(settings),
@@ -383,7 +441,7 @@ def build_tuner(
             verbose=1 if quiet.verbose() else 0,
             callbacks=[
                 *([keeper] if keeper is not None else []),
-                Progress(settings.num_samples, settings.epochs, max_concurrent),
+                Progress(settings.num_samples, settings.epochs, max_concurrent, bound_s),
             ],
         ),
     )
@@ -393,7 +451,8 @@ def build_tuner(
         f"up to {max_concurrent} at once "
         f"({settings.workers_per_trial} worker(s) x {cpus_per_worker} CPU each)"
     )
-    log(plan(storage, version, settings))
+    for line in plan_lines:
+        log(line)
     return tuner, searcher_name, max_concurrent
 
 

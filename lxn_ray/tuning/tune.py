@@ -6,7 +6,8 @@ given); :func:`search` then runs the search (:mod:`lxn_ray.tuning.search`), writ
 and publishes the best trial's best checkpoint (:mod:`lxn_ray.tuning.results`), and promotes that model
 version by :mod:`lxn_ray.evaluation.promotion`'s superiority rule (a paired bootstrap on the same test
 images). Trials, epochs and checkpoints are ranked by the source-aware validation objective
-(:data:`lxn_ray.training.runs.OBJECTIVE`).
+(:data:`lxn_ray.training.runs.OBJECTIVE`); where the val split is too small to rank trials, the trial
+published is chosen by the one-standard-error rule (:func:`lxn_ray.tuning.results.select_best`).
 
 The tuning layer in the order its data flows: :mod:`~lxn_ray.tuning.settings` (one search's settings),
 :mod:`~lxn_ray.tuning.space` (what is searched, and the names of experiments and trial runs),
@@ -35,17 +36,19 @@ from lxn_ray.evaluation.promotion import decide, evaluate_pair
 from lxn_ray.infra.log import get_logger
 from lxn_ray.infra.storage import Storage
 from lxn_ray.tuning.results import (
-    choose_best,
     publish_best,
     repeat_best,
     search_plot,
+    select_best,
     trial_rows,
     trials_csv,
+    val_counts,
 )
 from lxn_ray.tuning.search import (
     ResourceKeeper,
     build_tuner,
     fit_and_give_back,
+    ingest_plan,
 )
 from lxn_ray.tuning.settings import TuneSettings
 from lxn_ray.tuning.space import (
@@ -92,7 +95,8 @@ def search(
     storage.write_bytes(
         f"{TUNE}/{name}/search.png", search_plot(rows, f"experiment {name}, dataset {version}")
     )
-    best_row = choose_best(rows, name)
+    selection = select_best(rows, *val_counts(storage, version, settings.task), name)
+    best_row = selection.best
     collapsed = sum(row["status"] == "COLLAPSED" for row in rows)
     published = publish_best(storage, version, settings, name, best_row, time.monotonic() - started)
     promotion = None
@@ -128,6 +132,10 @@ def search(
             "csv": storage.uri_of(f"{TUNE}/{name}/trials.csv"),
             "plot": storage.uri_of(f"{TUNE}/{name}/search.png"),
         },
+        "model_files": {  # what a person opens next about the published model
+            "card": storage.uri_of(registry.model_key(published["model_version"], "card.json")),
+            "plots": storage.uri_of(registry.model_key(published["model_version"], "plots")),
+        },
         "best": {
             "trial_id": best_row["trial_id"],
             "config": best_row["config"],
@@ -135,6 +143,7 @@ def search(
             "model_version": published["model_version"],
             "train_run": published["train_run"],
         },
+        "selection": selection.as_dict(),
         "test": published["test"],
         "threshold": published["threshold"],
         "repeats": repeats,
@@ -163,14 +172,16 @@ def tune_job(
     ingested = None
     if sources is not None or dataset.latest_version(storage) is None:
         from lxn_ray.data.ingest import ingest
+        from lxn_ray.infra import cluster
         from lxn_ray.sources.transports import open_source
 
-        log(
-            "ingesting the sources first"
-            if sources is not None
-            else "ingesting the upstream repository first"
-        )
-        report = ingest(sources if sources is not None else open_source(None), storage)
+        def announce(films: int) -> None:  # the plan comes first: before any of ingest's own lines
+            cluster.connect()  # the plan needs the cluster's size (a source that cannot be read has failed)
+            log(ingest_plan(settings, films)[0])
+
+        what = "the sources" if sources is not None else "the upstream repository"
+        log(f"reading {what} first")
+        report = ingest(sources if sources is not None else open_source(None), storage, planned=announce)
         ingested = {"dataset_version": report["dataset_version"], "changed": report["changed"]}
     report = search(storage, settings, resume=resume, crash_once=crash_once)
     return {**report, "ingest": ingested}

@@ -12,7 +12,9 @@ from lxn_ray.sources.transports import (
     SourceError,
     UnsafePath,
     is_git_location,
+    is_hidden,
     open_source,
+    visible_files,
 )
 
 
@@ -94,3 +96,35 @@ def test_open_source_kinds(upstream: Path, tmp_path: Path):
         open_source(str(tmp_path / "missing"))
     with pytest.raises(SourceError, match="--ref"):
         open_source(str(upstream), ref="v1")
+
+
+@pytest.mark.parametrize(
+    ("path", "hidden"),
+    [
+        (".ipynb_checkpoints/a-checkpoint.png", True),
+        ("Covid-19/.ipynb_checkpoints/a-checkpoint.png", True),
+        ("Covid-19/._a.png", True),  # AppleDouble fork
+        ("__MACOSX/Covid-19/._a.png", True),
+        ("__macosx/a.png", True),
+        ("Covid-19/.DS_Store", True),
+        ("No_findings/Thumbs.db", True),
+        ("No_findings/THUMBS.DB", True),
+        ("No_findings/desktop.ini", True),
+        ("@eaDir/a.png/SYNOFILE_THUMB_M.jpg", True),
+        (".git/objects/ab/cdef", True),
+        ("Covid-19/a.png", False),
+        ("Covid-19/a.b.png", False),
+        ("images/MACOSX.png", False),
+        ("Thumbs/a.png", False),
+    ],
+)
+def test_one_rule_names_hidden_and_system_files_at_any_depth(path, hidden):
+    assert is_hidden(path) is hidden
+    assert visible_files([path]) == ([] if hidden else [path])
+
+
+def test_a_folder_lists_files_by_the_one_rule(tmp_path: Path):
+    for path in ("Covid-19/a.png", "Covid-19/._a.png", ".ipynb_checkpoints/a-checkpoint.png", "x/Thumbs.db"):
+        (tmp_path / path).parent.mkdir(parents=True, exist_ok=True)
+        (tmp_path / path).write_bytes(b"x")
+    assert FolderSource(tmp_path, marker=None).open().list_files() == ["Covid-19/a.png"]

@@ -190,7 +190,7 @@ def test_negative_rest_in_a_task_file(tmp_path):
         ("name: t\npositive: []\nnegative: [normal]\n", "'positive' must be a non-empty list"),
         ("name: t\npositive: [covid]\n", "'negative' must be a non-empty list"),
         ("name: t\npositive: [covid, '']\nnegative: [normal]\n", "'positive' must be a non-empty list"),
-        ("name: t\npositive: [covid, 3]\nnegative: [normal]\n", "'positive' must be a non-empty list"),
+        ("name: t\npositive: [covid, [3]]\nnegative: [normal]\n", "'positive' must be a non-empty list"),
         ("name: t\npositive: [covid, normal]\nnegative: [No_findings]\n", "['normal'] on both sides"),
         ("name: t\npositive: [Covid-19]\nnegative: [COVID-19]\n", "on both sides"),
         ("name: t\npositive: [No_findings]\nnegative: [No Finding]\n", "on both sides"),

@@ -173,3 +173,22 @@ def test_a_few_large_films_spread_over_every_cpu():
     assert _block_count(100_000, 16, cpus=2) == 64
     assert _block_count(100_000, 16, cpus=256) == 256
     assert _block_count(0, 16, cpus=2) == 1
+
+
+def test_the_lossless_original_is_kept_over_its_lossy_copy(tmp_path):
+    """The keep rule kept a q80 JPEG re-encode of a film because its name sorted first; the lossless
+    original (same pixels, more bytes) is kept and the copy dropped against it."""
+    from lxn_ray.sources.layouts import SourceSpec
+
+    root = tmp_path / "films"
+    (root / "Covid-19").mkdir(parents=True)
+    (root / "No_findings").mkdir()
+    film = radiograph(31)
+    (root / "Covid-19" / "a-copy.jpg").write_bytes(encode(film, "JPEG", quality=80))
+    (root / "Covid-19" / "b-original.png").write_bytes(encode(film, "PNG"))
+    (root / "No_findings" / "n.png").write_bytes(encode(radiograph(32), "PNG"))
+    storage = Storage.open(str(tmp_path / "store"))
+    report = ingest([SourceSpec("films", str(root), layout="class-folders")], storage)
+    assert [(d["dropped"], d["kept"]) for d in report["duplicates"]] == [("a-copy.jpg", "b-original.png")]
+    kept = dataset.read_table(storage, report["dataset_version"], "images").to_pylist()
+    assert sorted(row["image_path"] for row in kept) == ["Covid-19/b-original.png", "No_findings/n.png"]

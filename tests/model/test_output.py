@@ -1,6 +1,5 @@
-"""What a person sees: a default train job prints mostly its own lines; ``--verbose`` the rest. (The same
-rule for a default tune job is checked on the soak's ``jobs/tune.py`` run in test_resources.py, which
-imports :func:`own_share` from here: one search fewer.)
+"""What a person sees: a default train job prints mostly its own lines; ``--verbose`` the rest. (A default
+tune job's lines are checked on the soak's ``jobs/tune.py`` run in test_resources.py: one search fewer.)
 
 The jobs run as a person runs them (``python jobs/train.py ...`` at 64 px, tiny width) against the test
 session's Ray cluster, and every line they print, on stdout and stderr, is counted. A line is the job's
@@ -11,7 +10,6 @@ shortcut``), or an error line.
 
 from __future__ import annotations
 
-import re
 import subprocess
 import sys
 from pathlib import Path
@@ -19,28 +17,11 @@ from pathlib import Path
 import pytest
 
 from lxn_ray.infra.storage import Storage
-from tests.helpers import copy_store, job_env
+from tests.helpers import copy_store, job_env, own_share
 
 pytestmark = [pytest.mark.usefixtures("ray_local"), pytest.mark.slow]  # whole jobs: `-m "not slow"` skips
 
 REPO = Path(__file__).resolve().parents[2]
-ANSI = re.compile(r"\x1b\[[0-9;]*m")
-WORKER_PREFIX = re.compile(r"^\([^)]*pid=\d+[^)]*\)\s*")
-OWN = re.compile(r"^(\[(train|tune|ingest|evaluate|retrain|loso)\b|warning:|WARNING source shortcut|error:)")
-
-
-def own_share(stdout: str, stderr: str) -> tuple[float, list[str]]:
-    """(share of printed lines that are the job's own, the others)."""
-    own, others = len([line for line in stdout.splitlines() if line.strip()]), []
-    for raw in stderr.splitlines():
-        line = WORKER_PREFIX.sub("", ANSI.sub("", raw)).strip()
-        if not line:
-            continue
-        if OWN.match(line):
-            own += 1
-        else:
-            others.append(line)
-    return own / max(1, own + len(others)), others
 
 
 @pytest.fixture(scope="module")

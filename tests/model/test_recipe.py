@@ -276,7 +276,69 @@ def test_a_collapsed_challenger_is_never_promoted():
         "difference_ci": [0.2, 0.4],
         "basis": "pooled AUC",
         "n": 100,
+        "challenger": {"auc": 0.8, "auc_ci": [0.7, 0.9]},
     }
     promoted, reason = decide(evaluation, "new", None, margin=None)
     assert not promoted and "collapsed" in reason
     assert decide({**evaluation, "collapsed": False}, "new", "old", margin=None)[0]
+
+
+@pytest.mark.parametrize("champion", [None, "old"])
+@pytest.mark.parametrize("auc_ci", [[0.33, 0.62], None])
+def test_a_challenger_no_better_than_chance_is_never_promoted(champion, auc_ci):
+    """The first model included: an interval that includes 0.5 (or no test AUC) keeps it a candidate."""
+    from lxn_ray.evaluation.promotion import decide
+
+    evaluation = {
+        "collapsed": False,
+        "shortcut": {"fired": False},
+        "difference": 0.3,
+        "difference_ci": [0.2, 0.4],
+        "basis": "pooled AUC",
+        "n": 100,
+        "challenger": {"auc": 0.477 if auc_ci else None, "auc_ci": auc_ci},
+    }
+    for margin in (None, 0.05):
+        promoted, reason = decide(evaluation, "new", champion, margin=margin)
+        assert not promoted
+        assert "new is no better than chance" in reason and "`registry promote new`" in reason
+
+
+def test_auc_standard_error_is_hanley_and_mcneil():
+    from lxn_ray.evaluation.metrics import auc_standard_error
+
+    # Hanley & McNeil (1982), eq. 2 worked by hand: A 0.8 on 50 positives and 50 negatives.
+    assert auc_standard_error(0.8, 50, 50) == pytest.approx(0.0445, abs=5e-4)
+    assert auc_standard_error(0.75, 45, 15) > 0.06 > auc_standard_error(0.75, 300, 300)
+    assert auc_standard_error(0.75, 10, 0) == float("inf")
+
+
+def test_a_val_split_too_small_to_rank_trials_publishes_the_longest_trained_of_the_tied():
+    """The issue's case: an epoch-1 peak on a val split with 15 negatives does not win over a trial that
+    trained every epoch and scored within one standard error of it; on a large val split it does."""
+    from lxn_ray.tuning.results import select_best, val_resolution
+
+    def row(trial_id, best, epochs, status):
+        return {
+            "trial_id": trial_id,
+            "objective_best": best,
+            "epochs_run": epochs,
+            "status": status,
+            "seconds": 10.0,
+            "config": {},
+        }
+
+    rows = [
+        row("aaaaaaaa", 0.703, 1, "STOPPED"),
+        row("bbbbbbbb", 0.66, 3, "COMPLETED"),
+        row("cccccccc", 0.52, 3, "COMPLETED"),
+    ]
+    small = select_best(rows, positives=45, negatives=15)
+    assert small.best["trial_id"] == "bbbbbbbb" and small.tied == ["aaaaaaaa", "bbbbbbbb"]
+    assert small.as_dict()["rule"] == "one standard error" and small.tolerance > 0.06
+    large = select_best(rows, positives=400, negatives=400)
+    assert large.best["trial_id"] == "aaaaaaaa" and large.tolerance == 0.0 and large.tied == ["aaaaaaaa"]
+    assert "too few to rank trials" in val_resolution(45, 15) and "one-standard-error rule" in val_resolution(
+        45, 15
+    )
+    assert "the best trial is the highest val objective" in val_resolution(400, 400)

@@ -1,10 +1,11 @@
 """Resource accounting that cannot deadlock (issue 11), on the test session's real 2-CPU Ray cluster.
 
-- A soak: the main job (``jobs/tune.py``, 2 trials with ASHA, side by side) on the 2020-04-20 snapshot,
+- A soak: the main job (``jobs/tune.py --source``, 4 trials with ASHA, 2 side by side) on the 2020-04-20
+  snapshot,
   while a second, unrelated Ray instance runs on the same machine (which breaks Ray Train's own
   placement-group cleaner) and a busy loop keeps one core busy. It must finish in bounded time and give
   back every placement group its trials' Train runs created (the hang it guards against came in the
-  first run, so one run is enough). Its output also stands for a default tune job's in test_output.py.
+  first run, so one run is enough). Its output stands for a default tune job's: only the job's own lines.
 - The watchdog: with the cluster's CPUs held by another job's placement group, ``jobs/train.py`` and
   ``jobs/tune.py`` stop with one clear error naming that group and what waits for it, within the stated
   time, and leave the other job's group alone.
@@ -20,6 +21,7 @@ import os
 import subprocess
 import sys
 import time
+from collections import Counter
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -28,36 +30,18 @@ import pytest
 from lxn_ray import registry
 from lxn_ray.infra.resources import Watchdog, current_job_id, orphans, placement_groups, release_orphans
 from lxn_ray.infra.storage import Storage
-from tests.helpers import copy_store, job_env, own_stderr_lines, wait_for
-from tests.model.test_output import own_share
+from tests.helpers import (
+    BUSY_CORE,
+    Background,
+    copy_store,
+    job_env,
+    own_stderr_lines,
+    printed_lines,
+    wait_for,
+)
 
 REPO = Path(__file__).resolve().parents[2]
 TINY = ["--image-size", "32", "--width", "0.125", "--batch-size", "8"]
-
-
-class Background:
-    """A Python child process that runs ``code`` until its stdin closes (or it ends by itself); ``ready``
-    is the first line it prints. Stopped by this object only - by closing its stdin, then by its pid."""
-
-    def __init__(self, code: str, env: dict[str, str] | None = None) -> None:
-        self.process = subprocess.Popen(
-            [sys.executable, "-c", code],
-            stdin=subprocess.PIPE,
-            stdout=subprocess.PIPE,
-            stderr=subprocess.DEVNULL,
-            env=env,
-            text=True,
-        )
-        self.ready = self.process.stdout.readline().strip()
-        assert self.ready, f"background process exited with {self.process.poll()} before it was ready"
-
-    def stop(self) -> None:
-        self.process.stdin.close()
-        try:
-            self.process.wait(timeout=60)
-        except subprocess.TimeoutExpired:
-            self.process.kill()
-            self.process.wait()
 
 
 # A second Ray instance, unrelated to the test cluster: its own GCS, raylet and 1 CPU.
@@ -67,18 +51,6 @@ ray.init(address="local", num_cpus=1, include_dashboard=False)
 print(ray.get_runtime_context().gcs_address, flush=True)
 sys.stdin.read()
 ray.shutdown()
-"""
-
-# One core kept busy by a bounded loop (15 minutes at most) in a thread; stdin closing ends the process.
-BUSY_CORE = """
-import sys, threading, time
-def spin():
-    end = time.monotonic() + 900
-    while time.monotonic() < end:
-        pass
-threading.Thread(target=spin, daemon=True).start()
-print("spinning", flush=True)
-sys.stdin.read()
 """
 
 # Another job on the test cluster that holds every CPU in a placement group and uses none of them.
@@ -136,12 +108,18 @@ def live_groups_of_other_jobs() -> list:
 
 @pytest.mark.slow  # a whole tune job: `-m "not slow"` skips it
 @pytest.mark.usefixtures("ray_local")
-def test_main_job_beside_another_ray_instance_and_a_busy_core(snapshot_store, crowded_machine, tmp_path):
-    """The smallest search that still runs trials side by side: 2 trials, 2 at a time, ASHA on."""
+def test_main_job_beside_another_ray_instance_and_a_busy_core(
+    snapshot_store, bundle_checkout, crowded_machine, tmp_path
+):
+    """The main job as a user runs it - ``--source`` given, so it ingests first (the store already holds
+    that snapshot: nothing new), then 4 trials, 2 at a time, ASHA on - on a loaded host. It finishes,
+    gives back every placement group, and prints only its own lines: the plan before any of ingest's,
+    each line once, no traceback, nothing from Ray or TensorFlow."""
     storage = snapshot_store
     report_path = tmp_path / "tune.json"
-    argv = ["--storage", storage.uri, "--num-samples", "2", "--epochs", "2", *TINY]
-    argv += ["--max-concurrent", "2", "--report", str(report_path)]
+    argv = ["--storage", storage.uri, "--source", str(bundle_checkout("2020-04-20"))]
+    argv += ["--num-samples", "4", "--epochs", "2", *TINY, "--max-concurrent", "2"]
+    argv += ["--report", str(report_path)]
     started = time.monotonic()
     job = subprocess.run(
         [sys.executable, "jobs/tune.py", *argv],
@@ -150,16 +128,21 @@ def test_main_job_beside_another_ray_instance_and_a_busy_core(snapshot_store, cr
         capture_output=True,
         text=True,
         # Bounded: the hang this guards against never ended. 4 trials took ~3 min on a quiet 2-core
-        # machine and came past 8 min on a loaded CI host; this is half the search, and the same bound.
-        timeout=900,
+        # machine and came past 8 min on a loaded CI host.
+        timeout=1200,
     )
     assert job.returncode == 0, "the search failed:\n" + "\n".join(own_stderr_lines(job.stderr)[-30:])
-    # What a person sees (test_output.py's rule, for a default tune job): nearly every line its own.
-    share, others = own_share(job.stdout, job.stderr)
-    assert share >= 0.9, f"{share:.2f} of the lines are the job's own; the others:\n" + "\n".join(others)
+    lines, others = printed_lines(job.stdout, job.stderr)
+    assert others == [], "lines that are not the job's own:\n" + "\n".join(others)
+    twice = [line for line, count in Counter(lines).items() if count > 1]
+    assert twice == [], "printed more than once:\n" + "\n".join(twice)
+    assert not any("Traceback" in line for line in lines)
+    plan = next(i for i, line in enumerate(lines) if "] plan: ingest" in line)
+    assert plan < next(i for i, line in enumerate(lines) if line.startswith("[ingest"))
     report = json.loads(report_path.read_text())
-    assert report["trials"]["count"] == 2 and report["max_concurrent"] == 2
-    assert report["trials"]["completed"] + report["trials"]["stopped_early"] == 2
+    assert report["ingest"]["changed"] is False
+    assert report["trials"]["count"] == 4 and report["max_concurrent"] == 2
+    assert report["trials"]["completed"] + report["trials"]["stopped_early"] == 4
     assert report["best"]["model_version"] in registry.list_versions(storage)
     # Every Train run's worker group was given back before the job ended - not left for Ray to
     # reclaim when the job died - and nothing of the job is left on the cluster afterwards.

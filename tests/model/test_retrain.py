@@ -66,17 +66,26 @@ class Replay:
 
 @pytest.fixture(scope="module")
 def replay(tmp_path_factory, ray_local) -> tuple[Replay, dict]:
-    """A store whose first retrain tick trained and promoted the first model."""
+    """A store whose first retrain tick trained the first model and made it the champion - by hand where
+    promotion's guard kept it out for being no better than chance, as a user would."""
     replay = Replay(tmp_path_factory.mktemp("retrain"))
-    return replay, replay.run("first", "--min-new-images", "5")
+    first = replay.run("first", "--min-new-images", "5")
+    if registry.champion(replay.storage) is None:
+        registry.promote(replay.storage, first["challenger"], reason="the tests: by hand")
+    return replay, first
 
 
 @pytest.mark.slow
-def test_decision_sequence_promoted_no_change_below_threshold_then_judged(replay):
+def test_decision_sequence_first_no_change_below_threshold_then_judged(replay):
     replay, first = replay
     storage = replay.storage
-    assert first["decision"] == "promoted" and first["champion_before"] is None
-    assert first["champion"] == first["challenger"] == registry.champion(storage)
+    # The first model is promoted unless it is no better than chance (then it is rejected, saying so).
+    chance = first["metrics"]["challenger"]["no_better_than_chance"]
+    assert first["decision"] == ("rejected" if chance else "promoted") and first["champion_before"] is None
+    assert first["champion"] == (None if chance else first["challenger"])
+    if chance:
+        assert "is no better than chance" in first["reason"]
+    assert registry.champion(storage) == first["challenger"]  # by hand, where the guard kept it out
     assert first["metrics"]["champion"] is None and first["metrics"]["challenger"]["auc"] is not None
     assert first["new_images"] == first["changed_rows"] == first["ingest"]["usable"] > 0
     assert "non-inferiority" in first["rule"] and "-0.05" in first["rule"] and "shortcut" in first["rule"]
@@ -86,7 +95,7 @@ def test_decision_sequence_promoted_no_change_below_threshold_then_judged(replay
     again = replay.run("again")
     assert again["decision"] == "no-change" and again["new_images"] == 0
     assert again["ingest"]["changed"] is False and again["challenger"] is None
-    assert again["champion"] == first["champion"]
+    assert again["champion"] == first["challenger"]
 
     replay.grow(14)
     below = replay.run("below", "--min-new-images", "1000")
@@ -97,11 +106,11 @@ def test_decision_sequence_promoted_no_change_below_threshold_then_judged(replay
 
     judged = replay.run("judged", "--min-new-images", "5")
     assert judged["decision"] in ("promoted", "rejected")
-    assert judged["new_images"] == below["new_images"] and judged["challenger"] != first["champion"]
+    assert judged["new_images"] == below["new_images"] and judged["challenger"] != first["challenger"]
     metrics = judged["metrics"]
     test_split = dataset.read_split(storage, judged["dataset_version"], "test")
     assert metrics["n"] == test_split.num_rows
-    for role, version in (("challenger", judged["challenger"]), ("champion", first["champion"])):
+    for role, version in (("challenger", judged["challenger"]), ("champion", first["challenger"])):
         model = metrics[role]
         assert model["model_version"] == version and model["n"] == test_split.num_rows
         assert {"auc", "sensitivity", "specificity", "threshold"} <= set(model)
@@ -111,15 +120,16 @@ def test_decision_sequence_promoted_no_change_below_threshold_then_judged(replay
     assert metrics["difference"] == pytest.approx(
         metrics["challenger"]["objective"] - metrics["champion"]["objective"]
     )
-    assert (judged["decision"] == "promoted") == (low >= -0.05)
-    expected = judged["challenger"] if judged["decision"] == "promoted" else first["champion"]
+    passes = low >= -0.05 and not metrics["challenger"]["no_better_than_chance"]
+    assert (judged["decision"] == "promoted") == passes
+    expected = judged["challenger"] if judged["decision"] == "promoted" else first["challenger"]
     assert judged["champion"] == registry.champion(storage) == expected
     # The champion's hyperparameters were reused: same config, new dataset version.
     assert registry.read_card(storage, judged["challenger"])["config"] == card["config"]
 
     history = read_history(storage)
     assert [entry["decision"] for entry in history] == [
-        "promoted",
+        first["decision"],
         "no-change",
         "below-threshold",
         "below-threshold",

@@ -84,8 +84,13 @@ def test_train_job_two_workers_publishes_a_model_version(store, tmp_path):
         "not a diagnostic device" in card["intended_use"].lower()
         or "not a diagnostic" in card["intended_use"]
     )
-    # The store's first model becomes its champion, so it can be served at once; later ones do not.
-    assert report["promoted"] is True and registry.champion(store) == version
+    # The store's first model becomes its champion, so it can be served at once - unless it is no better
+    # than chance (a tiny model on 9 test films seldom is): then it stays a candidate, and says why.
+    chance = report["test"]["no_better_than_chance"]
+    assert report["promoted"] is (not chance)
+    assert registry.champion(store) == (None if chance else version)
+    if chance:
+        assert report["not_promoted_because"].startswith(f"{version} is no better than chance")
     model = predict.load(store, version).model  # safe mode
     assert model.predict(np.zeros((1, 32, 32, 3), np.float32), verbose=0).shape == (1, 1)
     run_checkpoints = [key for key in store.list("runs") if "train-" in key]

@@ -37,20 +37,37 @@ from lxn_ray.serving import auth
 from lxn_ray.serving.model import RESEARCH_NOTE
 from lxn_ray.serving.serve import deploy
 from lxn_ray.serving.settings import ServeSettings
-from tests.helpers import dicom_film, encode, free_port, huge_png, own_stderr_lines, radiograph
+from tests.helpers import (
+    BUSY_CORE,
+    Background,
+    dicom_film,
+    encode,
+    free_port,
+    huge_png,
+    own_stderr_lines,
+    printed_lines,
+    radiograph,
+)
 
 pytestmark = [pytest.mark.usefixtures("ray_local"), pytest.mark.slow]  # whole jobs: `-m "not slow"` skips
 
 REPO_ROOT = Path(__file__).resolve().parents[2]
 TIMEOUT = 120  # seconds for any single HTTP request (a 2-core CI machine under load)
 SWITCH_DEADLINE = 60  # seconds for a replica to move to a new champion (polls every 0.5 s)
-# (version, image size, threshold): b has another input size, so a swap also changes preprocessing.
-MODELS = (("lxn-a", 32, 0.5), ("lxn-b", 36, 0.45), ("lxn-c", 32, 0.55))
+# (version, image size, threshold, test AUC interval): b has another input size, so a swap also changes
+# preprocessing; a and b are no better than chance (their intervals include 0.5), c is better.
+MODELS = (
+    ("lxn-a", 32, 0.5, [0.4, 0.6]),
+    ("lxn-b", 36, 0.45, [0.45, 0.65]),
+    ("lxn-c", 32, 0.55, [0.7, 0.9]),
+)
 # Every request of this module goes through this session; the endpoint fixture gives it a minted key.
 API = requests.Session()
 
 
-def publish_tiny_model(storage: Storage, version: str, image_size: int, threshold: float, seed: int) -> None:
+def publish_tiny_model(
+    storage: Storage, version: str, image_size: int, threshold: float, seed: int, auc_ci: list[float]
+) -> None:
     """A model version as jobs/train.py's publish_model_version writes it: model.keras, then card.json."""
     import keras
 
@@ -61,7 +78,7 @@ def publish_tiny_model(storage: Storage, version: str, image_size: int, threshol
     model = build_lxn(config)
     path = save_model(model, Path(storage.root) / "tmp" / f"{version}.keras")
     storage.write_bytes(registry.model_key(version, "model.keras"), path.read_bytes())
-    test = {"auc": 0.5, "accuracy": 0.5, "sensitivity": 0.5, "specificity": 0.5, "auc_ci": [0.4, 0.6]}
+    test = {"auc": 0.5, "accuracy": 0.5, "sensitivity": 0.5, "specificity": 0.5, "auc_ci": auc_ci}
     storage.write_json(
         registry.model_key(version, "card.json"),
         {
@@ -95,8 +112,8 @@ def endpoint(tmp_path_factory) -> Iterator[Endpoint]:
     from ray import serve
 
     storage = Storage.open(str(tmp_path_factory.mktemp("serve") / "store"))
-    for seed, (version, size, threshold) in enumerate(MODELS):
-        publish_tiny_model(storage, version, size, threshold, seed)
+    for seed, (version, size, threshold, auc_ci) in enumerate(MODELS):
+        publish_tiny_model(storage, version, size, threshold, seed, auc_ci)
     registry.promote(storage, "lxn-a")
     API.headers["Authorization"] = f"Bearer {auth.mint(storage, 'tests')}"
     port = free_port()
@@ -155,8 +172,20 @@ def test_predict_matches_the_model_run_locally(endpoint, local_model, how):
         response = API.post(endpoint.url + "/predict", files={"file": part}, timeout=TIMEOUT)
     assert response.status_code == 200, response.text
     answer = response.json()
-    assert set(answer) == {"probability", "label", "threshold", "model_version", "task"}
+    assert set(answer) == {
+        "probability",
+        "label",
+        "threshold",
+        "model_version",
+        "task",
+        "no_better_than_chance",
+        "warning",
+    }
     version = answer["model_version"]
+    # Every answer says whether its model is no better than chance (its test AUC interval includes 0.5).
+    low, high = registry.read_card(endpoint.storage, version)["test"]["auc_ci"]
+    assert answer["no_better_than_chance"] is (low <= 0.5 <= high)
+    assert (answer["warning"] is not None) is answer["no_better_than_chance"]
     assert response.headers["X-Model-Version"] == version
     assert answer["threshold"] == registry.read_card(endpoint.storage, version)["threshold"]
     # Same bytes, same preprocessing function, same weights: the same number (no train/serve skew).
@@ -179,6 +208,7 @@ def test_predict_batch_answers_in_order(endpoint):
     assert [a["probability"] for a in batch] == pytest.approx([s["probability"] for s in singles], abs=1e-5)
     assert len({a["probability"] for a in batch}) == len(images)  # distinct images, so order is tested
     assert {a["model_version"] for a in batch} == {"lxn-a"}
+    assert all(a["no_better_than_chance"] and "no better than chance" in a["warning"] for a in batch)
 
     files[3] = ("files", ("broken.png", images[3][:100], "image/png"))
     response = API.post(endpoint.pinned_url + "/predict/batch", files=files, timeout=TIMEOUT)
@@ -396,6 +426,15 @@ def test_the_page_scores_an_uploaded_film_in_a_real_browser(endpoint, browser, t
     wait.until(lambda d: d.find_elements(By.ID, "card-version"))
     assert browser.find_element(By.ID, "card-version").text == expected["model_version"]
     assert "no better than chance" in browser.find_element(By.ID, "chance").text
+    # The champion (lxn-a) is no better than chance: said at the top of the page and above the answer,
+    # and its label is in no reassuring colour.
+    for warning in ("chance-banner", "answer-warning"):
+        shown = browser.find_element(By.ID, warning)
+        assert shown.is_displayed() and "no better than chance" in shown.text, warning
+    answer = browser.find_element(By.ID, "answer")
+    assert browser.find_element(By.ID, "answer-warning").location["y"] < answer.location["y"]
+    assert browser.find_element(By.ID, "chance-banner").location["y"] < answer.location["y"]
+    assert browser.find_element(By.ID, "label").get_attribute("class") == "unproven"
     if shot := os.environ.get("LXN_PAGE_SCREENSHOT"):  # README's picture: LXN_PAGE_SCREENSHOT=docs/page.png
         browser.save_screenshot(shot)
 
@@ -452,6 +491,7 @@ def test_health_model_card_and_docs(endpoint):
     assert card["card"]["model_version"] == card["model_version"]
     assert card["image_size"] == card["card"]["config"]["image_size"]
     assert card["no_better_than_chance"] is True  # its test AUC interval [0.4, 0.6] includes 0.5
+    assert "no better than chance" in card["warning"]
     pinned = API.get(endpoint.pinned_url + "/model", timeout=TIMEOUT).json()
     assert pinned["serving"] == "pinned" and pinned["model_version"] == "lxn-a"
     docs = API.get(endpoint.url + "/docs", timeout=TIMEOUT)
@@ -597,8 +637,8 @@ def test_a_champion_that_fails_to_load_leaves_the_old_model_serving(tmp_path):
     from lxn_ray.serving.serve import LxnServer
 
     storage = Storage.open(str(tmp_path / "store"))
-    publish_tiny_model(storage, "lxn-a", 32, 0.5, seed=0)
-    publish_tiny_model(storage, "lxn-b", 36, 0.45, seed=1)
+    publish_tiny_model(storage, "lxn-a", 32, 0.5, seed=0, auc_ci=[0.4, 0.6])
+    publish_tiny_model(storage, "lxn-b", 36, 0.45, seed=1, auc_ci=[0.7, 0.9])
     storage.write_bytes(registry.model_key("lxn-broken", "model.keras"), b"not a keras archive")
     storage.write_json(registry.model_key("lxn-broken", "card.json"), {"model_version": "lxn-broken"})
     registry.promote(storage, "lxn-a")
@@ -660,9 +700,18 @@ def test_serve_job_fails_in_one_line_without_a_model(tmp_path, capsys):
 
 def test_serve_job_in_the_foreground_stops_cleanly_on_sigterm(tmp_path):
     """``python jobs/serve.py`` as a person runs it: its own local Ray (RAY_ADDRESS=local keeps it off
-    this session's instance), serving until SIGTERM, then Serve shut down and exit 0."""
+    this session's instance), on a loaded host (a busy core beside it), serving until SIGTERM, then Serve
+    shut down and exit 0. It prints only its own lines - none of Serve's start-up logging -, each once."""
+    busy = Background(BUSY_CORE)
+    try:
+        _serve_in_the_foreground(tmp_path)
+    finally:
+        busy.stop()
+
+
+def _serve_in_the_foreground(tmp_path: Path) -> None:
     storage = Storage.open(str(tmp_path / "store"))
-    publish_tiny_model(storage, "lxn-a", 32, 0.5, seed=0)
+    publish_tiny_model(storage, "lxn-a", 32, 0.5, seed=0, auc_ci=[0.4, 0.6])
     registry.promote(storage, "lxn-a")
     port = free_port()
     command = [sys.executable, str(REPO_ROOT / "jobs" / "serve.py"), "--storage", storage.uri]
@@ -684,6 +733,7 @@ def test_serve_job_in_the_foreground_stops_cleanly_on_sigterm(tmp_path):
         out = "".join(lines)
         assert f"serving model lxn-a (follows the champion) at http://127.0.0.1:{port}" in out, out
         assert RESEARCH_NOTE in out
+        assert "WARNING: model lxn-a is no better than chance" in out  # its start-up says so
         assert "auth: on" in out and "1 from LXN_API_KEYS" in out and "--mint-key NAME" in out
         assert key not in out
         assert assert_answers(f"http://127.0.0.1:{port}", session)["model_version"] == "lxn-a"
@@ -692,6 +742,9 @@ def test_serve_job_in_the_foreground_stops_cleanly_on_sigterm(tmp_path):
         rest = process.stdout.read()
         assert process.wait(timeout=120) == 0
         assert "SIGTERM: Serve shut down" in rest
+        printed, others = printed_lines(out + rest, (tmp_path / "stderr.txt").read_text())
+        assert others == [], "lines that are not the job's own:\n" + "\n".join(others)
+        assert len(set(printed)) == len(printed), printed
     finally:
         watchdog.cancel()
         if process.poll() is None:

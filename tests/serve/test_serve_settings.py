@@ -73,3 +73,23 @@ def test_multipart_parser_and_error_mapping():
     assert rejected_image(ImageRejected("image is 9x9 pixels, over the 5-pixel cap")).status == 413
     assert rejected_image(ImageRejected("not a PNG, JPEG or DICOM file")).status == 415
     assert rejected_image(ImageRejected("corrupt image: truncated")).status == 400
+
+
+@pytest.mark.parametrize(
+    ("auc_ci", "flagged"), [([0.33, 0.62], True), ([0.5, 0.7], True), (None, True), ([0.62, 0.81], False)]
+)
+def test_every_answer_of_a_model_no_better_than_chance_says_so(auc_ci, flagged):
+    """The answer /predict and /predict/batch return, for a card whose test AUC interval includes 0.5
+    (or that has none), carries the flag and a warning; a model better than chance carries neither."""
+    from lxn_ray.serving.model import LoadedModel
+
+    card = {"test": {"auc": 0.48 if flagged else 0.7, "auc_ci": auc_ci}, "task": {"name": "covid-vs-rest"}}
+    model = LoadedModel("m1", card, 0.5, 32, None, forward=lambda images: images, explainer=None)
+    answer = model.prediction(0.2)
+    assert answer["no_better_than_chance"] is flagged
+    if flagged:
+        assert answer["warning"].startswith("model m1 is no better than chance")
+        assert ("includes 0.5" if auc_ci else "no test AUC") in answer["warning"]
+    else:
+        assert answer["warning"] is None
+    assert answer["label"] == "negative" and answer["task"] == "covid-vs-rest"
