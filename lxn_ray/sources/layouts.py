@@ -294,10 +294,22 @@ def read_rows(
     return found
 
 
+def _classes_need_class_folders(spec: SourceSpec, layout: str) -> None:
+    """Raise :class:`SourceError` when ``classes:`` is given to a source whose findings come from a
+    metadata file (``layout``), where the mapping would be silently ignored."""
+    if spec.classes:
+        raise SourceError(
+            f"source {spec.name}: classes: maps class folders to findings, but its layout is {layout} "
+            "(findings come from its metadata file): remove classes:, or point the source at class folders"
+        )
+
+
 def _read_rows(snapshot: Snapshot, spec: SourceSpec, frontal_views: tuple[str, ...]) -> SourceRows:
     if spec.layout == "dicom":
         return _dicom_rows(snapshot, spec, frontal_views)
     layout, data = _detect(snapshot, spec)
+    if layout in ("upstream", "manifest"):
+        _classes_need_class_folders(spec, layout)
     if layout == "upstream":
         rows = parse_metadata(data, frontal_views, source=spec.name, name=_file_of(spec, METADATA_FILE))
         return SourceRows(rows, data, layout, {})
@@ -476,6 +488,7 @@ def _dicom_listing(snapshot: Snapshot, spec: SourceSpec) -> tuple[list[MetadataR
     """Rows naming file, finding and (optionally) patient and view, from the manifest or class folders."""
     manifest = _read_if_present(snapshot, spec.manifest)
     if manifest is not None:
+        _classes_need_class_folders(spec, f"dicom with a {spec.manifest}")
         renames = {theirs: canonical for canonical, theirs in spec.columns.items()}
         rows = parse_metadata(
             manifest, source=spec.name, default_folder="", renames=renames, name=_file_of(spec, spec.manifest)

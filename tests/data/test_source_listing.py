@@ -226,6 +226,18 @@ def test_a_class_mapping_that_matches_no_folder_is_an_error_naming_it(tmp_path):
     assert "['covid']" in message and "match no class folder" in message and "'Covid-19'" in message
 
 
+def test_a_class_mapping_on_a_source_with_a_metadata_file_is_an_error(source_builder):
+    """``classes:`` only maps class folders; on a source whose findings come from its metadata.csv it
+    would be ignored, so it is refused, naming the layout."""
+    builder = source_builder()
+    builder.add("a.png", "p1", finding="COVID-19", image=radiograph(1, size=(96, 96)))
+    spec = SourceSpec("ieee", str(builder.write()), classes={"Yes": "COVID-19"})
+    with pytest.raises(
+        SourceError, match="classes: maps class folders to findings, but its layout is upstream"
+    ):
+        read_rows(spec.open().open(), spec)
+
+
 def film_without_pixel_data(padding: int = 0) -> bytes:
     """A DX chest film's header with Rows and Columns but no Pixel Data (a header-only export); ``padding``
     bytes of ImageComments push the end of the header past the first ``padding`` bytes."""
