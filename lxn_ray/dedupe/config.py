@@ -78,6 +78,19 @@ class DedupeConfig:
     flat_mass: float = 0.04
     #: A pair is a duplicate when its score (trimmed mean rank-interval gap) is at most this.
     max_residual: float = 0.012
+    #: The score is the larger of that trimmed mean and this times the median rank-interval gap (same
+    #: pixels, nothing trimmed), so a duplicate's median gap must also stay below max_residual / 1.2 = 0.01
+    #: (0 disables it). Two films of one patient taken minutes apart with the same framing (NIH follow-ups;
+    #: issue 24) reach trimmed means of 0.010-0.012 like a heavily re-encoded copy, but their gaps are small
+    #: and nonzero nearly everywhere: medians of 0.013 and up, where copies stay at <= 0.008 (most at 0).
+    #: Measured with ``benchmarks/dedupe_quality.py`` (its serial-film pool against its copies).
+    median_weight: float = 1.2
+    #: A pair scoring above max_residual but at most this one way round is also aligned and scored the other
+    #: way round (B onto A), and the lower score counts (``verify._score``): the alignment is asymmetric, and
+    #: a shrunk, re-encoded copy can settle a pixel off one way only (seed 0 of the benchmark: 0.015 one way,
+    #: 0.007 the other). Serial films of one patient stay above 0.016 both ways. Costs a second alignment for
+    #: those pairs only.
+    reverse_below: float = 0.05
     #: ... or at most this for a pair the caller proposes because both files carry the same name in two
     #: sources (``find_duplicates(named_pairs=...)``): the name is evidence of its own, so the image test may
     #: be looser. Measured on darkcovidnet's republished ieee8023 films (re-cropped figure panels score

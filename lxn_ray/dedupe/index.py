@@ -16,6 +16,10 @@ matrix product, ~0.1 ms per 10k images; results do not depend on insertion order
   brightness, contrast, gamma, re-encoding and small crops barely move it. Queried a second time with the
   left-right mirrored vector: a mirrored figure (a common publishing error) is proposed as a *mirrored*
   candidate and verified against the mirrored thumbnail.
+* ``oriented``: the same vector in each of the 14 other orientations of :mod:`lxn_ray.dedupe.orientation`
+  (quarter and half turns, each mirrored or not, and all eight with the grey scale inverted: a negative
+  print), like the mirrored one: each hit is proposed in the orientation that matched and verified against
+  the thumbnail in that orientation.
 * ``windows``: the same 8x8 vector of sub-windows of each thumbnail (:data:`WINDOW_SCALES` x 3x3
   anchors). A new image's whole vector is searched among others' windows (it is a crop of another), and
   its windows among others' whole vectors (another is a crop of it, or it shows another inside a figure).
@@ -36,6 +40,8 @@ import numpy as np
 from PIL import Image
 from threadpoolctl import threadpool_limits
 
+from lxn_ray.dedupe.orientation import IDENTITY, MIRROR, ORIENTATIONS, inverse, is_mirrored, orient_vectors
+
 __all__ = ["VECTOR_SIDE", "WINDOW_SCALES", "Candidate", "CandidateIndex", "SearchConfig", "vectors_of"]
 
 #: Side of the low-resolution appearance grid: vectors have VECTOR_SIDE**2 = 64 entries.
@@ -55,6 +61,10 @@ class SearchConfig:
     phash_k: int = 3
     lowres_k: int = 6
     mirror_k: int = 2
+    #: The appearance vector in each of the 14 other orientations (turned, mirrored and turned, inverted):
+    #: this many per orientation. Per orientation, not pooled: a film republished in several orientations
+    #: matches a query perfectly in each, and a pooled few would be spent on those copies alone.
+    orient_k: int = 1
     #: A new image's whole vector among others' windows: this many distinct images.
     crop_of_k: int = 3
     #: The windows of a new image among others' whole vectors: this many distinct images.
@@ -63,11 +73,17 @@ class SearchConfig:
 
 @dataclass(frozen=True, order=True)
 class Candidate:
-    """A pair to verify: ``a < b``; ``mirrored``: compare ``a`` with ``b`` flipped left-right."""
+    """A pair to verify: ``a < b``; compare ``a`` with ``b`` in ``orientation`` (a code of
+    :mod:`lxn_ray.dedupe.orientation`: 0 as stored, 1 flipped left-right, ...)."""
 
     a: str
     b: str
-    mirrored: bool = False
+    orientation: int = IDENTITY
+
+    @property
+    def mirrored(self) -> bool:
+        """Whether ``b`` is compared mirrored (left and right swapped, whatever the turns)."""
+        return is_mirrored(self.orientation)
 
 
 def _rank_equalize(img: np.ndarray) -> np.ndarray:
@@ -161,7 +177,7 @@ class CandidateIndex:
     ) -> list[Candidate]:
         """Sorted candidate pairs with one side in ``new`` and the other in ``searchable`` (default: the
         whole index), never an image with itself. Every channel of the module docstring contributes its
-        k nearest per new key; a pair proposed plain and mirrored is verified both ways.
+        k nearest per new key; a pair proposed in several orientations is verified in each.
 
         Raises KeyError for a key of ``new`` that is not indexed.
         """
@@ -186,14 +202,20 @@ class CandidateIndex:
             return []
         base = np.flatnonzero(allowed)  # rows searched, in key order
 
-        def add(query_rows: np.ndarray, hits: np.ndarray, mirrored: bool = False) -> None:
-            """``hits``: (len(query_rows), k) rows of ``self.keys`` (or -1)."""
+        def add(query_rows: np.ndarray, hits: np.ndarray, orientation: int = IDENTITY) -> None:
+            """``hits``: (len(query_rows), k) rows of ``self.keys`` (or -1) whose vectors are like the query's
+            in ``orientation`` (hit ~ query turned by ``orientation``). The candidate compares the pair's
+            ``a`` with its ``b`` turned by ``orientation`` (the query is ``b``) or by its inverse (it is
+            ``a``)."""
             for q, row_hits in zip(query_rows, hits, strict=True):
                 for h in row_hits:
                     if h < 0 or h == q:
                         continue
                     a, b = self.keys[q], self.keys[h]
-                    found.add(Candidate(*((a, b) if a < b else (b, a)), mirrored=mirrored))
+                    if a < b:
+                        found.add(Candidate(a, b, inverse(orientation)))
+                    else:
+                        found.add(Candidate(b, a, orientation))
 
         def add_distinct(query_rows: np.ndarray, sims: np.ndarray, owners: np.ndarray, k: int) -> None:
             """Per query, the k most similar distinct other images among ``owners`` (rows of keys)."""
@@ -216,7 +238,12 @@ class CandidateIndex:
         flat = faiss.IndexFlatIP(64)
         flat.add(self.lowres[base])
         add(queries, nearest(flat, self.lowres[queries], config.lowres_k))
-        add(queries, nearest(flat, _mirror(self.lowres[queries]), config.mirror_k), mirrored=True)
+        add(queries, nearest(flat, _mirror(self.lowres[queries]), config.mirror_k), orientation=MIRROR)
+        if config.orient_k > 0:  # the 14 other orientations, each searched like the mirrored one
+            oriented = orient_vectors(self.lowres[queries], VECTOR_SIDE)  # (16, q, 64)
+            for code in ORIENTATIONS:
+                if code not in (IDENTITY, MIRROR):
+                    add(queries, nearest(flat, oriented[code], config.orient_k), orientation=code)
         if config.window_k > 0:  # the windows of a new image among others' whole vectors
             window_rows = (queries[:, None] * N_WINDOWS + np.arange(N_WINDOWS)).ravel()
             sims, ids = flat.search(self.windows[window_rows], min(config.window_k + 1, flat.ntotal))
@@ -233,5 +260,26 @@ class CandidateIndex:
             )
             owners = np.where(ids >= 0, base[np.maximum(ids, 0) // N_WINDOWS], -1)
             add_distinct(queries, sims, owners, config.crop_of_k)
+        found = self._best_orientations_only(found, row)
         self.query_seconds += time.perf_counter() - started
         return sorted(found)
+
+    def _best_orientations_only(self, found: set[Candidate], row: Mapping[str, int]) -> set[Candidate]:
+        """``found`` without the turned/inverted candidates (codes other than 0 and 1) whose orientation is
+        not the one, of all 16, in which the pair's appearance vectors agree best.
+
+        A copy turned or inverted agrees with its original far better in its own orientation than in any
+        other, so this loses nothing; and most of what the 14 extra queries propose otherwise is the same
+        film in another orientation (a chest film is nearly symmetric left-right, so its mirror-turned
+        versions still pass the cheap verification stage and cost a full alignment each) or another film in a
+        turned orientation that happened to be nearest (both of which verification would reject).
+        """
+        oriented = [c for c in found if c.orientation not in (IDENTITY, MIRROR)]
+        if not oriented:
+            return found
+        va = self.lowres[[row[c.a] for c in oriented]]  # (m, 64)
+        vb = orient_vectors(self.lowres[[row[c.b] for c in oriented]], VECTOR_SIDE)  # (16, m, 64)
+        sims = np.einsum("md,omd->mo", va, vb)  # (m, 16): a against b in every orientation
+        best = sims.max(axis=1)
+        drop = {c for c, s, top in zip(oriented, sims, best, strict=True) if s[c.orientation] < top - 1e-6}
+        return found - drop

@@ -8,8 +8,10 @@ radiograph of the same patient a day later": serial films share anatomy and posi
 are as close as those of a cropped or padded copy (at phash distance 10 about one reported pair in three is
 wrong). So hashes and low-resolution appearance only propose *candidates*: each new image's k nearest
 images in several channels (:mod:`lxn_ray.dedupe.index`: two hashes, the 8x8 appearance vector plain and
-mirrored, and sub-windows for heavy crops), a bounded number per image however large the collection. Each
-candidate pair is then *verified* on the stored thumbnails (:mod:`lxn_ray.dedupe.verify`).
+mirrored, in the other orientations of :mod:`lxn_ray.dedupe.orientation` - quarter and half turns, negative
+prints - and sub-windows for heavy crops), a bounded number per image however large the collection. Each
+candidate pair is then *verified* on the stored thumbnails (:mod:`lxn_ray.dedupe.verify`), in the orientation
+it was proposed in.
 
 Candidate search is cheap and runs here; verification (milliseconds per pair) is split into self-contained
 chunks (:class:`~lxn_ray.dedupe.verify.VerifyChunk`: the chunk's thumbnails once, and index pairs) handed
@@ -29,6 +31,7 @@ import numpy as np
 from lxn_ray.dedupe.config import DedupeConfig
 from lxn_ray.dedupe.fingerprint import hamming
 from lxn_ray.dedupe.index import Candidate, CandidateIndex
+from lxn_ray.dedupe.orientation import describe, is_mirrored
 from lxn_ray.dedupe.verify import VerifyChunk, verify_chunk
 
 __all__ = [
@@ -60,16 +63,27 @@ class DuplicatePair:
     comparison with plain hash thresholds).  ``score`` is the verification score in [0, 1]: after
     aligning the two thumbnails (scale + shift per axis), the mean rank-interval gap between their blurred
     intensities over the overlap, leaving out pixels in a uniform mass on both sides (``flat_mass``) and
-    ignoring the worst ``ignore_fraction`` of the rest (see :mod:`lxn_ray.dedupe.verify`).
+    ignoring the worst ``ignore_fraction`` of the rest, or ``median_weight`` times their median gap where
+    that is larger (see :mod:`lxn_ray.dedupe.verify`).
     0 means identical up to crop/pad/resize/brightness/contrast/gamma; pairs are reported when
     ``score <= config.max_residual``.
+
+    ``orientation`` is the code (:mod:`lxn_ray.dedupe.orientation`) in which ``b`` matched ``a``: 0 as stored,
+    1 flipped left-right, others turned and/or inverted; ``mirrored`` is whether that orientation swaps left
+    and right (the plain mirror, or a mirror with turns).
     """
 
     a: str
     b: str
     distance: int
     score: float
-    mirrored: bool = False  # ``b`` is ``a`` flipped left-right
+    mirrored: bool = False  # ``b`` is ``a`` flipped left-right (possibly turned as well)
+    orientation: int = 0
+
+    @property
+    def orientation_name(self) -> str:
+        """``orientation`` in words: "identity", "mirrored", "turned 90", "turned 180+inverted", ..."""
+        return describe(self.orientation)
 
 
 @dataclass(frozen=True)
@@ -77,7 +91,7 @@ class DuplicateSearch:
     """What :func:`search_duplicates` found and what it cost (seconds of wall time in this process)."""
 
     pairs: list[DuplicatePair]
-    candidates: int  # pairs verified (a pair checked plain and mirrored counts twice)
+    candidates: int  # pairs verified (a pair checked in two orientations counts twice)
     new_images: int
     index_seconds: float  # building the candidate index from stored vectors
     query_seconds: float  # the k-nearest-neighbour queries
@@ -145,8 +159,9 @@ def search_duplicates(
     ``named_pairs`` are extra candidates the caller has reason to suspect (the same file name in two
     sources); they are verified like the others, against ``config.same_name_max_residual``.
     ``within_new=False`` compares new keys only with known ones (e.g. films under evaluation with a
-    model's training images), not with each other. A mirrored candidate is verified against ``b``
-    flipped left-right; a pair confirmed both ways keeps its better score.
+    model's training images), not with each other. A candidate proposed in another orientation (mirrored,
+    turned, inverted) is verified against ``b`` in that orientation; a pair confirmed in several keeps its
+    best score.
 
     Candidate search (:mod:`lxn_ray.dedupe.index`) runs here; the verification of the candidate pairs is
     split into :class:`~lxn_ray.dedupe.verify.VerifyChunk` s of ``chunk_size`` pairs and run as
@@ -177,7 +192,7 @@ def search_duplicates(
             VerifyChunk(
                 thumbs=thumbs,
                 pairs=np.array([(row[c.a], row[c.b]) for c in part], dtype=np.int64),
-                mirrored=np.array([c.mirrored for c in part], dtype=bool),
+                orientations=np.array([c.orientation for c in part], dtype=np.int64),
                 config=config,
             )
         )
@@ -193,7 +208,9 @@ def search_duplicates(
         score = round(float(score), 6)
         if score <= limit and ((c.a, c.b) not in best or score < best[(c.a, c.b)].score):
             distance = hamming(int(str(fps[c.a]["phash"]), 16), int(str(fps[c.b]["phash"]), 16))
-            best[(c.a, c.b)] = DuplicatePair(c.a, c.b, distance, score, c.mirrored)
+            best[(c.a, c.b)] = DuplicatePair(
+                c.a, c.b, distance, score, is_mirrored(c.orientation), c.orientation
+            )
     return DuplicateSearch(
         pairs=[best[k] for k in sorted(best)],
         candidates=len(candidates),

@@ -3,7 +3,9 @@
 run as Ray tasks); lower is more alike (see :class:`~lxn_ray.dedupe.search.DuplicatePair`).
 
 What is left between two copies of one film after the fingerprint's trimming is a scale + translation per
-axis (:mod:`lxn_ray.dedupe.fingerprint`). A mirrored candidate is compared with the flipped thumbnail.
+axis (:mod:`lxn_ray.dedupe.fingerprint`). A candidate proposed in another orientation (mirrored, turned,
+inverted: :mod:`lxn_ray.dedupe.orientation`) is compared with the other thumbnail in that orientation; the
+scores below are all rank-based, so an inverted thumbnail is compared exactly as a plain one.
 
 0. at 64 px, the best 1-D alignment of the row/column profiles must correlate (each axis's profile is also
    taken over the central band of the other axis, so a copy cropped along that axis still correlates);
@@ -13,7 +15,8 @@ axis (:mod:`lxn_ray.dedupe.fingerprint`). A mirrored candidate is compared with 
 2. at 128 px, blurred and rank-equalized, two coordinate descents polish the alignment (one on the absolute
    difference, one on the correlation, which also recovers the alignment of a heavy crop), and the score,
    the lower of the two, is the mean gap between the two images' rank intervals over the overlap after
-   dropping the worst ``ignore_fraction`` of pixels. Ranks make brightness/contrast/gamma (clipping
+   dropping the worst ``ignore_fraction`` of pixels (or their weighted median gap where that is larger:
+   it tells serial films taken minutes apart from copies). Ranks make brightness/contrast/gamma (clipping
    included) free; dropping the worst pixels makes drawn arrows, letters and markers free. Pixels in a
    uniform mass on BOTH sides (a gray level holding more than ``flat_mass`` of the overlap in each image:
    flat background, saturation) are left out: they match for any two films on the same background.
@@ -36,6 +39,7 @@ import numpy as np
 from threadpoolctl import threadpool_limits
 
 from lxn_ray.dedupe.config import DedupeConfig
+from lxn_ray.dedupe.orientation import IDENTITY, orient_thumb
 
 __all__ = ["VerifyChunk", "verify_chunk", "verify_pair"]
 
@@ -326,21 +330,26 @@ def _refine_2d(
 
 
 def _gap_residual(a_raw: np.ndarray, b_raw: np.ndarray, y_hyp, x_hyp, config: DedupeConfig) -> float:
-    """Final score: trimmed mean rank-interval gap between aligned A and B over the overlap.
+    """Final score: trimmed mean rank-interval gap between aligned A and B over the overlap, or their
+    median gap times ``median_weight`` where that is larger.
 
     Each pixel's gray level occupies an interval of ranks [F(v-), F(v)] within the overlap.  The gap
     between A's and B's intervals is 0 when the ranks agree, and also when one image is clipped (a
     saturated block is one wide interval), so brightness/contrast/gamma changes, clipping included, cost
     nothing.  Pixels in a uniform mass on both sides (``flat_mass``: shared background) carry no evidence
     and are left out; of the rest, the worst ``ignore_fraction`` is dropped (annotations, text, arrows).
+
+    The median is what separates serial films taken minutes apart from copies: a copy's gaps are 0 at most
+    pixels and large at a few (annotations, compression), a serial film's are small but nonzero almost
+    everywhere (breathing, a slight turn of the patient, moved leads), so the two can have the same trimmed
+    mean while their medians differ several-fold (see ``DedupeConfig.median_weight``).
     """
     n = b_raw.shape[0]
     mask = _overlap_mask(y_hyp, x_hyp, n)
     if not _overlap_ok(mask, y_hyp, x_hyp, config):
         return math.inf
-    return _trimmed_gap(
-        _warp2(a_raw, y_hyp, x_hyp)[mask], b_raw[mask], config.ignore_fraction, config.flat_mass
-    )
+    a_in, b_in = _warp2(a_raw, y_hyp, x_hyp)[mask], b_raw[mask]
+    return _trimmed_gap(a_in, b_in, config.ignore_fraction, config.flat_mass, config.median_weight)
 
 
 def _rank_interval(v: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
@@ -352,8 +361,15 @@ def _rank_interval(v: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
     return lo[levels], hi[levels]
 
 
-def _trimmed_gap(av: np.ndarray, bv: np.ndarray, ignore_fraction: float, flat_mass: float = 1.0) -> float:
-    """Mean gap between the rank intervals of paired values, after dropping the worst ``ignore_fraction``.
+def _trimmed_gap(
+    av: np.ndarray,
+    bv: np.ndarray,
+    ignore_fraction: float,
+    flat_mass: float = 1.0,
+    median_weight: float = 0.0,
+) -> float:
+    """Mean gap between the rank intervals of paired values (``av``, ``bv``: (m,) gray levels), after
+    dropping the worst ``ignore_fraction``; or ``median_weight`` times their median gap where that is larger.
 
     Pairs where both values belong to a gray level holding more than ``flat_mass`` of the values (a uniform
     background or a saturated block on both sides) are left out first, unless nothing else is left.
@@ -366,7 +382,7 @@ def _trimmed_gap(av: np.ndarray, bv: np.ndarray, ignore_fraction: float, flat_ma
         gap = gap[informative]
     gap = np.sort(gap)
     keep = max(1, int(round(len(gap) * (1.0 - ignore_fraction))))
-    return float(gap[:keep].mean())
+    return max(float(gap[:keep].mean()), median_weight * float(gap[len(gap) // 2]))
 
 
 #: The spans of the other axis over which a thumbnail's profiles are averaged: whole, and an eighth off both
@@ -510,27 +526,44 @@ def _align_and_score(ta: _Thumb, tb: _Thumb, config: DedupeConfig) -> float:
     return score
 
 
+def _score(ta: _Thumb, tb: _Thumb, config: DedupeConfig) -> float:
+    """Stages 1 and 2 of a pair that passed :func:`_screen`, both ways round where the first way is unsure.
+
+    The alignment is asymmetric (A is resampled onto B's grid, and the search starts from B's profiles), so a
+    pair whose score lands between ``max_residual`` and ``reverse_below`` is aligned and scored again with
+    the roles swapped, and the lower score counts: a copy shrunk and re-encoded, whose one-way alignment
+    settles a pixel off, then scores like its other-way one. Clear pairs and clear rejections pay nothing.
+    """
+    score = _align_and_score(ta, tb, config)
+    if config.max_residual < score <= config.reverse_below:
+        score = min(score, _align_and_score(tb, ta, config))
+    return score
+
+
 def verify_pair(
     fa: Mapping[str, object],
     fb: Mapping[str, object],
     config: DedupeConfig = DedupeConfig(),
+    orientation: int = IDENTITY,
 ) -> float:
     """Verification score between two fingerprints (see :class:`~lxn_ray.dedupe.search.DuplicatePair`);
-    lower = more alike.
+    lower = more alike. ``fb``'s thumbnail is compared in ``orientation`` (a code of
+    :mod:`lxn_ray.dedupe.orientation`: 0 as stored).
 
     Stage 0 (64 px profiles, :func:`_screen`): the best 1-D alignment's correlation per axis; clearly
     different pairs stop here. Stage 1 (64 px): profile alignment and a rank residual. Stage 2 (full
     thumbnail): 2-D refinements of the alignment (:func:`_refine_2d`) and the lower rank-interval gap
-    score of the two.
+    score of the two; near the threshold, the lower of both ways round (:func:`_score`).
     Returns ``inf`` when no alignment gives enough overlap; raises ValueError for thumbnails of different
     sizes.
     """
-    a_raw, b_raw = _thumb_array(fa), _thumb_array(fb)
+    a_raw, b_raw = _thumb_array(fa), orient_thumb(_thumb_array(fb), orientation)
     if a_raw.shape != b_raw.shape:
         raise ValueError("fingerprints with different thumb_size cannot be compared")
-    ta, tb = _Thumb.of(a_raw), _Thumb.of(b_raw)
-    rejected = _screen([(ta, tb)], config)[0]
-    return rejected if rejected is not None else _align_and_score(ta, tb, config)
+    with threadpool_limits(limits=1):  # as in verify_chunk: BLAS threads only spin on these small products
+        ta, tb = _Thumb.of(a_raw), _Thumb.of(b_raw)
+        rejected = _screen([(ta, tb)], config)[0]
+        return rejected if rejected is not None else _score(ta, tb, config)
 
 
 def _match_resolution(
@@ -556,13 +589,14 @@ def _match_resolution(
 class VerifyChunk:
     """A self-contained batch of pairs for :func:`verify_chunk`: only the thumbnails it uses travel.
 
-    ``thumbs``: (u, n, n) uint8; ``pairs``: (P, 2) int64 rows of ``thumbs`` (a, b); ``mirrored``: (P,) bool,
-    compare ``a`` with ``b`` flipped left-right.
+    ``thumbs``: (u, n, n) uint8; ``pairs``: (P, 2) int64 rows of ``thumbs`` (a, b); ``orientations``: (P,)
+    integer codes of :mod:`lxn_ray.dedupe.orientation`, compare ``a`` with ``b`` in that orientation (a bool
+    array reads as "flipped left-right or not": code 1 is the mirror).
     """
 
     thumbs: np.ndarray
     pairs: np.ndarray
-    mirrored: np.ndarray
+    orientations: np.ndarray
     config: DedupeConfig
 
 
@@ -575,22 +609,20 @@ def verify_chunk(chunk: VerifyChunk) -> list[float]:
     # 128 px matrix products gain nothing from BLAS threads, and on a busy host threads that spin waiting
     # for cores cost 10-100x; parallelism comes from running chunks side by side (Ray tasks).
     with threadpool_limits(limits=1):
-        plain: dict[int, _Thumb] = {}
-        flipped: dict[int, _Thumb] = {}
+        cache: dict[tuple[int, int], _Thumb] = {}
 
-        def thumb(row: int, mirror: bool) -> _Thumb:
-            cache = flipped if mirror else plain
-            if row not in cache:
-                raw = chunk.thumbs[row].astype(np.float32)
-                cache[row] = _Thumb.of(np.ascontiguousarray(raw[:, ::-1]) if mirror else raw)
-            return cache[row]
+        def thumb(row: int, orientation: int) -> _Thumb:
+            if (row, orientation) not in cache:
+                raw = orient_thumb(chunk.thumbs[row].astype(np.float32), orientation)
+                cache[(row, orientation)] = _Thumb.of(raw)
+            return cache[(row, orientation)]
 
         pairs = [
-            (thumb(int(a), False), thumb(int(b), bool(m)))
-            for (a, b), m in zip(chunk.pairs, chunk.mirrored, strict=True)
+            (thumb(int(a), IDENTITY), thumb(int(b), int(o)))
+            for (a, b), o in zip(chunk.pairs, np.asarray(chunk.orientations).astype(np.int64), strict=True)
         ]
         screened = _screen(pairs, chunk.config)
         return [
-            score if score is not None else _align_and_score(ta, tb, chunk.config)
+            score if score is not None else _score(ta, tb, chunk.config)
             for (ta, tb), score in zip(pairs, screened, strict=True)
         ]

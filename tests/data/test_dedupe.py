@@ -354,6 +354,7 @@ def test_candidates_per_new_image_are_bounded_and_the_nearest(originals, fps) ->
         + config.phash_k
         + config.lowres_k
         + config.mirror_k
+        + 14 * config.orient_k  # the other orientations (lxn_ray.dedupe.orientation), one search each
         + config.crop_of_k
         + config.window_k
     )
