@@ -1,10 +1,56 @@
-"""Scale benchmark: ingest and duplicate detection as the collection grows (1k ... 100k films).
+"""Scale benchmark: one incremental ingest of 1,000 films into stores of 1k ... 100k films.
 
-    python benchmarks/scale.py [--sizes 1000,5000,20000] [--source DIR] [--new 1000] [--planted 200]
-                               [--workdir DIR] [--seed 0] [--jobs 2] [--budget-minutes M]
+    python benchmarks/scale.py [--sizes 1000,10000,100000] [--source DIR] [--new 1000] [--planted 200]
+                               [--workdir DIR] [--seed 0] [--jobs 2]
 
-What it builds
---------------
+What is measured (and what is not)
+----------------------------------
+At every size N, the **incremental ingest** of ``--new`` films (``--planted`` of them near-duplicates of
+stored films) into a store of N films, through the real ingest (:func:`lxn_ray.data.ingest.ingest`, Python
+API, on a local Ray instance this script starts once: its own temp dir, 2 GB object store, workers at nice 0
+like this process - Ray's default of 15 would hand most of a shared machine's CPU to other work;
+``--ray-niceness``). That run reads and hashes every film of the source (N + new), fingerprints the new ones
+on Ray Data, loads the store's fingerprint cache, builds the candidate index over all N + new, verifies the
+candidate pairs as Ray tasks and publishes the version. Per size: its wall seconds and ``stage_seconds``,
+the report's ``dedupe`` entry (candidate pairs, index/query/verify seconds), recall and precision against
+the planted pairs (a planted copy counts as found only when paired with its own original), and memory:
+
+* **peak RSS per process** - the kernel's high-water mark (``VmHWM``), reset (``/proc/PID/clear_refs`` = 5)
+  for this process and every descendant just before the incremental ingest and read every 0.2 s and at its
+  end: the driver's, and the largest of any other process this script started (Ray workers, raylet, GCS,
+  ...; a Ray worker's RSS counts the object-store pages it touched);
+* the peak of the **summed proportional set size** (PSS, ``/proc/PID/smaps_rollup``; shared pages such as
+  the object store split among the processes mapping them) of this process and all its descendants, sampled
+  every 0.2 s.
+
+The store: a benchmark-only shortcut (not measured as ingest)
+-------------------------------------------------------------
+Ingesting 100k films through the job costs ~95 s per 1,000 (2 cores), so the stored films are built
+cheaply, and the only measured ingest is the incremental one:
+
+1. **Cheap stored films** ``cheap-NNNNNNN.jpg`` (all but the planted originals): the synthesis below run at
+   a third of the resolution (bases fitted to 128 px, films 86-128 px per side; same crops, mask, elastic
+   warp, gamma, noise and JPEG 85-95), ~4 KB each, written to the source folder, and fingerprinted by
+   ingest's own decode + fingerprint function (:func:`lxn_ray.data.fetch.fingerprint_batch`) in a process
+   pool; their records are written **directly into the store's fingerprint cache** (``cache/fingerprints``,
+   shards of 1,000 films with ingest's row groups, as 100 chained ingests of 1,000 would leave it). Their
+   hashes, appearance vectors, windows and thumbnails are those of real (small) films of this synthesis,
+   so the index's neighbours and the candidates per new film are exercised as for full-size films; their
+   thumbnails are upsampled from ~100 px, so a little smoother than a full-size film's.
+2. **Real stored films** ``syn-NNNNNNN.jpg``: the films that the planted copies are made from (``plant``:
+   drawn uniformly from the N), synthesised at full size (below) and fingerprinted by ingest itself.
+3. A **store-building ingest** of those N films with candidate search switched off (every ``k`` of
+   :class:`~lxn_ray.dedupe.index.SearchConfig` 0, so no pair is verified), which fingerprints the real
+   films, stores every film's bytes and publishes a real first version (images, patients, fingerprints
+   tables) for the incremental run to grow. Its seconds and memory are printed but are not an ingest's:
+   it verified nothing, and the incremental ingest has another config hash (the default one).
+
+Not measured, therefore: building a 100k store through the job (deduplicating 100k films against each
+other), chained growth, and duplicate detection *among* stored films (the cheap films were never compared
+with each other). Nor is any store that does not fit one machine's disk.
+
+The films
+---------
 Distinct synthetic films, derived from the frontal X-rays of a real ieee8023 checkout (``--source``,
 ``metadata.csv`` + ``images/``; each real film is fitted to 384x384 once). Film ``i`` is a pure function of
 ``(--seed, i)``:
@@ -19,75 +65,41 @@ Distinct synthetic films, derived from the frontal X-rays of a real ieee8023 che
    field) and JPEG quality 85-95.
 
 Two films that share a real film share at most a region of it, differently cropped, scaled and warped, with
-different noise: no radiologist would call them the same film, and the verifier must not either. This is
-checked, not assumed: the duplicates the store-building ingests report among synthetic films are false pairs
-and are counted (``false pairs`` below; they also lower the precision of the incremental run if any of the
-new distinct films is matched).
+different noise: no radiologist would call them the same film, and the verifier must not either (a new
+distinct film paired with a stored one lowers the precision).
 
-The collection grows by chained ingests, as a store does: size 1k is ingested into an empty store, size 5k
-is the same store with films 1k..5k added, and so on (``build s`` is that step's ingest; ``cum. build s``
-the sum up to this size). Every size is a folder in the upstream layout (``metadata.csv`` + ``images/``, one
-patient per film, finding and view drawn at random) read by :class:`lxn_ray.sources.transports.FolderSource`.
+The incremental run's films: ``--new - --planted`` distinct new films (full size, indices far above any
+store film's) and ``--planted`` near-duplicates of stored films (the real originals of 2.), made by
+``benchmarks/dedupe_quality.py``'s ``make_copy`` - resize, JPEG, crop, border, brightness/contrast/gamma,
+annotations, bit depth - and a quarter by its ``make_kind_copy``: mirror, crop by an eighth, off-centre crop,
+figure panel), under patient ids of their own. Every size is a folder in the upstream layout
+(``metadata.csv`` + ``images/``, one patient per film, finding and view drawn at random) read by
+:class:`lxn_ray.sources.transports.FolderSource`; a copy of the built store (blobs and cache hard-linked)
+receives the incremental ingest.
 
-At every size N, a copy of the store (blobs hard-linked: they are written once, by content) receives an
-incremental ingest of ``--new`` films, of which ``--planted`` are near-duplicates of films already in the
-store (originals drawn uniformly from the N; the copies are made by ``benchmarks/dedupe_quality.py``'s
-``make_copy`` - resize, JPEG, crop, border, brightness/contrast/gamma, annotations, bit depth - and, where
-that module has them, a quarter by ``make_kind_copy``: mirror, crop by an eighth, off-centre crop, figure
-panel), under a patient id of their own, and the rest are distinct new synthetic films. Recall and precision
-are read from that version's ``duplicates`` table against the planted pairs (a planted copy counts as found
-only when paired with its own original).
+The plain baseline, on the same fingerprints (read back from the store's fingerprint cache): the radius
+candidate search of old done by brute force - every new film's two 64-bit phashes XOR-ed with every stored
+film's and popcounted in numpy (``phash_trim`` within 16 bits or ``phash`` within 10) - its seconds and
+candidates per new image; and the plain duplicate decision "whole-image phash distance <= 6" scored on the
+same planted pairs.
 
-What is measured
-----------------
-Ingest goes through the Python API (:func:`lxn_ray.data.ingest.ingest`) on a local Ray instance started once
-by
-this script, outside the timings (its own temp dir, 2 GB object store, workers at nice 0 like this process
-and the baseline - Ray's default of 15 would hand most of a shared machine's CPU to other work;
-``--ray-niceness``). Per size: wall seconds of each
-ingest and the report's ``stage_seconds``; the report's ``dedupe`` entry (``candidate_pairs``,
-``new_images``, ``index_seconds``, ``query_seconds``, ``verify_seconds``; ``-`` where a version of lxn_ray
-does not report them); peak memory: the driver's ``ru_maxrss`` (process lifetime, so it only grows) and the
-peak of the summed proportional set size (PSS, from ``/proc/PID/smaps_rollup``; shared pages such as the
-object store are split among the processes mapping them, not counted twice) of this process and every
-descendant (the Ray processes it started: GCS, raylet, workers, object store), sampled every 0.5 s during
-each ingest.
-
-Growth exponents are least-squares slopes of log(value) against log(N) over the sizes that ran. Sizes that
-do not fit (``--budget-minutes``: a size whose predicted time - the last size's build seconds per added film
-times the films to add, plus its incremental run - exceeds what is left is skipped, and a running size is
-interrupted at the deadline) and 100k are extrapolated from those fits (two sizes or more), marked so.
-
-The plain baseline, on the same fingerprints (read back from the store's fingerprint cache): today's
-radius candidate search done by brute force - every new film's two 64-bit phashes XOR-ed with every stored
-film's and popcounted in numpy (``phash_trim`` within 16 bits or ``phash`` within 10, the radii of the
-BK-tree search this replaced) - its seconds and candidates per new image; and the plain duplicate decision
-"whole-image phash distance <= 6" (the best-precision threshold of the duplicate-quality harness) scored on
-the same planted pairs.
-
-Generated films are cached under ``--workdir`` (default: a new temp dir, removed at the end; pass a folder
-to keep them for reruns). Every built store is kept there too (blobs hard-linked), with its build
-measurements; ``--reuse-stores`` starts from them instead of rebuilding (when their fingerprints are of
-the current version - a store built under an older dedupe config is still used, and the log says so),
-marks those build rows ``(cached)``, and measures only the incremental runs anew.
+Films and cheap cache shards are cached under ``--workdir`` (default: a new temp dir, removed at the end;
+pass a folder to keep them for reruns); stores are built anew every run.
 """
 
 from __future__ import annotations
 
-import _thread
 import argparse
 import contextlib
 import csv
 import hashlib
 import importlib.util
 import io
-import json
 import math
 import multiprocessing
 import os
 import platform
 import random
-import resource
 import shutil
 import sys
 import tempfile
@@ -98,6 +110,7 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
+import pyarrow as pa
 import pyarrow.parquet as pq
 from PIL import Image, ImageOps
 
@@ -106,9 +119,12 @@ sys.path.insert(0, str(REPO))
 
 from common import BUNDLE, checkout, start_ray  # noqa: E402 (benchmarks/common.py)
 
+from lxn_ray.data.fetch import RECORD_COLUMNS, fingerprint_batch  # noqa: E402
 from lxn_ray.data.ingest import ingest  # noqa: E402
 from lxn_ray.data.settings import IngestConfig  # noqa: E402
-from lxn_ray.dedupe.fingerprint import FINGERPRINT_VERSION  # noqa: E402
+from lxn_ray.dedupe.config import DedupeConfig  # noqa: E402
+from lxn_ray.dedupe.index import SearchConfig  # noqa: E402
+from lxn_ray.dedupe.thumbs import THUMB_ROWS_PER_GROUP, compression_for  # noqa: E402
 from lxn_ray.infra.storage import Storage  # noqa: E402
 from lxn_ray.sources.transports import FolderSource  # noqa: E402
 
@@ -119,6 +135,10 @@ FINDINGS = ("COVID-19", "Pneumonia", "No Finding")
 HEADER = ("patientid", "offset", "sex", "age", "finding", "view", "modality", "date", "location", "folder")
 NOISE_SIDE = 768
 TARGET_SIZE = 100_000
+CHEAP_SCALE = 3  # cheap films: bases and films at a third of the resolution
+SHARD = 1000  # cheap films per fingerprint-cache shard (one ingest of 1,000 films writes one)
+#: Candidate search switched off: the store-building ingest publishes a version without verifying a pair.
+NO_SEARCH = IngestConfig(dedupe=DedupeConfig(search=SearchConfig(0, 0, 0, 0, 0, 0, 0)))
 
 
 # -- synthesis ------------------------------------------------------------------------------------------
@@ -202,6 +222,58 @@ def synthesise(seed: int, index: int, bases: Sequence[Image.Image]) -> bytes:
     return buffer.getvalue()
 
 
+def synthesise_cheap(seed: int, index: int, small: Sequence[Image.Image]) -> bytes:
+    """Cheap film ``index`` (JPEG bytes): :func:`synthesise` at 1/CHEAP_SCALE resolution from ``small``
+    bases (BASE_SIDE / CHEAP_SCALE px), films 86-128 px per side; its own random stream."""
+    rng = np.random.default_rng([seed, SYNTH_VERSION, 7, index])
+    w, h = (int(v) for v in rng.integers(256 // CHEAP_SCALE, 384 // CHEAP_SCALE + 1, size=2))
+    first, second = (int(v) for v in rng.choice(len(small), size=2, replace=False))
+    a, b = _crop(rng, small[first], w, h), _crop(rng, small[second], w, h)
+    mask = (255.0 / (1.0 + np.exp(-_smooth(rng, (w, h), 3.0)))).astype(np.uint8)
+    image = Image.composite(a, b, Image.fromarray(mask))
+    image = _elastic(rng, image, float(rng.uniform(0.04, 0.07)) * min(w, h))
+    gamma = rng.uniform(0.75, 1.35)
+    image = image.point([round(255 * (v / 255) ** gamma) for v in range(256)])
+    oy, ox = (int(v) for v in rng.integers(0, NOISE_SIDE - 384 // CHEAP_SCALE, size=2))
+    pixels = np.asarray(image, dtype=np.float32)
+    pixels += _NOISE[oy : oy + h, ox : ox + w] * np.float32(rng.uniform(2.0, 6.0))
+    buffer = io.BytesIO()
+    Image.fromarray(np.clip(pixels, 0, 255).astype(np.uint8)).save(
+        buffer, format="JPEG", quality=int(rng.integers(85, 96))
+    )
+    return buffer.getvalue()
+
+
+def cheap_name(index: int) -> str:
+    return f"cheap-{index:07d}.jpg"
+
+
+def shard_path(pool: Path, shard: int) -> Path:
+    return pool / "cheap-shards" / f"shard-{shard:05d}.parquet"
+
+
+def _cheap_shard(job: tuple[int, int, str]) -> None:
+    """Worker: cheap films SHARD*shard ... as files in the pool, fingerprinted by ingest's own function,
+    and their records as one fingerprint-cache shard (ingest's columns and row groups)."""
+    seed, shard, pool_dir = job
+    pool = Path(pool_dir)
+    shas, datas = [], []
+    for index in range(shard * SHARD, (shard + 1) * SHARD):
+        data = synthesise_cheap(seed, index, _SMALL)
+        _write_atomic(pool / cheap_name(index), data)
+        shas.append(hashlib.sha256(data).hexdigest())
+        datas.append(data)
+    out = fingerprint_batch({"sha256": shas, "data": datas}, IngestConfig().limits)
+    if any(out["error"]):
+        raise RuntimeError(f"cheap shard {shard}: a film could not be fingerprinted")
+    table = pa.table({column: out[column] for column in RECORD_COLUMNS})
+    buffer = io.BytesIO()
+    pq.write_table(
+        table, buffer, compression=compression_for(table.column_names), row_group_size=THUMB_ROWS_PER_GROUP
+    )
+    _write_atomic(shard_path(pool, shard), buffer.getvalue())
+
+
 def _write_atomic(path: Path, data: bytes) -> None:
     partial = path.with_name(f".{path.name}.{os.getpid()}.part")
     partial.write_bytes(data)
@@ -213,9 +285,14 @@ def _synthesise_to(job: tuple[int, int, str]) -> None:
     _write_atomic(Path(path), synthesise(seed, index, _BASES))
 
 
+_SMALL: list[Image.Image] = []
+
+
 def _init_worker(source: str) -> None:
-    global _BASES
+    global _BASES, _SMALL
     _BASES = load_bases(Path(source))
+    side = BASE_SIDE // CHEAP_SCALE
+    _SMALL = [base.resize((side, side), Image.Resampling.BOX) for base in _BASES]
 
 
 def film_name(index: int) -> str:
@@ -262,29 +339,38 @@ def load_dedupe_quality() -> Any:
 
 
 def prepare_films(args: argparse.Namespace, pool: Path, size: int) -> dict[str, str]:
-    """The films size ``size`` needs, in ``pool`` (cached): store films, new distinct films and the planted
-    copies; returns the planted truth {copy: original}."""
+    """The films size ``size`` needs, in ``pool`` (cached): cheap shards (films + cache records), the real
+    planted originals, the new distinct films and the planted copies; returns the truth {copy: original}."""
     pool.mkdir(parents=True, exist_ok=True)
-    jobs = [
-        (args.seed, i, str(pool / film_name(i))) for i in range(size) if not (pool / film_name(i)).exists()
-    ]
+    shard_path(pool, 0).parent.mkdir(parents=True, exist_ok=True)
+    originals = plant(size, args.planted, args.seed)
+    jobs = [(args.seed, i, str(pool / film_name(i))) for i in originals if not (pool / film_name(i)).exists()]
     # new distinct films: a stream of indices far above any store film's
     jobs += [
         (args.seed, 10_000_000 + j, str(pool / new_name(j)))
         for j in range(args.new - args.planted)
         if not (pool / new_name(j)).exists()
     ]
+    shards = [
+        (args.seed, s, str(pool)) for s in range(math.ceil(size / SHARD)) if not shard_path(pool, s).exists()
+    ]
     started = time.perf_counter()
-    if jobs:
-        log(f"synthesising {len(jobs)} films with {args.jobs} processes")
-        # spawn, not fork: this process may already hold Ray's threads
-        context = multiprocessing.get_context("spawn")
+    # spawn, not fork: this process may already hold Ray's threads
+    context = multiprocessing.get_context("spawn")
+    if jobs or shards:
+        log(
+            f"synthesising {len(jobs)} full-size films and {len(shards)} cheap shards "
+            f"with {args.jobs} processes"
+        )
         with context.Pool(args.jobs, _init_worker, (str(args.source),)) as workers:
-            for _ in workers.imap_unordered(_synthesise_to, jobs, chunksize=64):
+            for _ in workers.imap_unordered(_synthesise_to, jobs, chunksize=16):
                 pass
+            for done, _ in enumerate(workers.imap_unordered(_cheap_shard, shards), 1):
+                if done % 10 == 0:
+                    log(f"cheap shards: {done} of {len(shards)} ({time.perf_counter() - started:.0f}s)")
     dq = load_dedupe_quality()
     truth: dict[str, str] = {}
-    for j, original in enumerate(plant(size, args.planted, args.seed)):
+    for j, original in enumerate(originals):
         name = copy_name(size, args.planted, j)
         how_path = pool / f"{name}.how"
         if not (pool / name).exists() or not how_path.exists():
@@ -293,8 +379,14 @@ def prepare_films(args: argparse.Namespace, pool: Path, size: int) -> dict[str, 
             how_path.write_text(ops)
         truth[name] = film_name(original)
         args.copy_ops[name] = how_path.read_text()
-    log(f"films for size {size} ready in {time.perf_counter() - started:.1f}s ({len(jobs)} synthesised now)")
+    log(f"films for size {size} ready in {time.perf_counter() - started:.1f}s")
     return truth
+
+
+def store_names(size: int, originals: Sequence[int]) -> list[str]:
+    """The stored films of size ``size``: the real planted originals, cheap films for the rest."""
+    real = set(originals)
+    return [film_name(i) if i in real else cheap_name(i) for i in range(size)]
 
 
 def write_source(root: Path, pool: Path, names: Sequence[str], seed: int) -> Path:
@@ -354,24 +446,60 @@ def _pss_bytes(pid: int) -> int:
     return 0
 
 
-class MemorySampler:
-    """Peak summed PSS of this process and its descendants, sampled in a thread while active."""
+def _hwm_bytes(pid: int) -> int:
+    """The process's peak resident set size since start or the last reset (``VmHWM``), bytes."""
+    try:
+        with open(f"/proc/{pid}/status", encoding="ascii") as stream:
+            for line in stream:
+                if line.startswith("VmHWM:"):
+                    return int(line.split()[1]) * 1024
+    except OSError:
+        pass
+    return 0
 
-    def __init__(self, interval: float = 0.5) -> None:
+
+def _reset_hwm(pid: int) -> None:
+    with contextlib.suppress(OSError), open(f"/proc/{pid}/clear_refs", "w", encoding="ascii") as stream:
+        stream.write("5")
+
+
+def _name(pid: int) -> str:
+    try:
+        with open(f"/proc/{pid}/comm", encoding="ascii", errors="replace") as stream:
+            return stream.read().strip()
+    except OSError:
+        return "?"
+
+
+class MemorySampler:
+    """While active: the peak summed PSS of this process and its descendants, and every process's peak
+    RSS (VmHWM, reset for all of them on entry), sampled in a thread every ``interval`` s and at the end."""
+
+    def __init__(self, interval: float = 0.2) -> None:
         self.interval = interval
         self.peak = 0
+        self.hwm: dict[int, tuple[int, str]] = {}
         self._stop = threading.Event()
         self._thread: threading.Thread | None = None
 
+    def _sample(self) -> None:
+        pids = _descendants(os.getpid())
+        self.peak = max(self.peak, sum(_pss_bytes(pid) for pid in pids))
+        for pid in pids:
+            hwm = _hwm_bytes(pid)
+            if hwm > self.hwm.get(pid, (0, ""))[0]:
+                self.hwm[pid] = (hwm, _name(pid))
+
     def _run(self) -> None:
         while not self._stop.is_set():
-            total = sum(_pss_bytes(pid) for pid in _descendants(os.getpid()))
-            self.peak = max(self.peak, total)
+            self._sample()
             self._stop.wait(self.interval)
 
     @contextlib.contextmanager
     def measuring(self) -> Iterator[MemorySampler]:
-        self.peak = 0
+        self.peak, self.hwm = 0, {}
+        for pid in _descendants(os.getpid()):
+            _reset_hwm(pid)
         self._stop.clear()
         self._thread = threading.Thread(target=self._run, daemon=True)
         self._thread.start()
@@ -380,18 +508,24 @@ class MemorySampler:
         finally:
             self._stop.set()
             self._thread.join()
+            self._sample()
+
+    def driver_peak(self) -> int:
+        return self.hwm.get(os.getpid(), (0, ""))[0]
+
+    def other_peak(self) -> tuple[int, str]:
+        """The largest peak RSS of any other process (bytes, its name), (0, "-") when none."""
+        others = [value for pid, value in self.hwm.items() if pid != os.getpid()]
+        return max(others, default=(0, "-"))
 
 
-def driver_maxrss() -> int:
-    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
-
-
-def timed_ingest(root: Path, store: Path, sampler: MemorySampler) -> dict[str, Any]:
+def timed_ingest(root: Path, store: Path, sampler: MemorySampler, config: IngestConfig) -> dict[str, Any]:
     with sampler.measuring():
         started = time.perf_counter()
-        report = ingest(FolderSource(root), Storage.open(str(store)), IngestConfig())
+        report = ingest(FolderSource(root), Storage.open(str(store)), config)
         seconds = time.perf_counter() - started
     dedupe = report.get("dedupe") if isinstance(report.get("dedupe"), dict) else {}
+    other, other_name = sampler.other_peak()
     return {
         "seconds": seconds,
         "stages": report.get("stage_seconds", {}),
@@ -401,7 +535,9 @@ def timed_ingest(root: Path, store: Path, sampler: MemorySampler) -> dict[str, A
         "usable": report.get("usable"),
         "duplicates": report.get("duplicates", []),
         "peak_pss": sampler.peak,
-        "driver_maxrss": driver_maxrss(),
+        "driver_rss": sampler.driver_peak(),
+        "other_rss": other,
+        "other_name": other_name,
     }
 
 
@@ -417,18 +553,6 @@ def copy_store(src: Path, dst: Path) -> None:
             shutil.copy2(a, b)
 
     shutil.copytree(src, dst, copy_function=link_or_copy)
-
-
-def store_stamp(store: Path) -> dict[str, Any]:
-    """What a kept store was built with: its fingerprints' version and its latest version's config hash."""
-    versions = {
-        int(v)
-        for path in (store / "cache" / "fingerprints").glob("*.parquet")
-        for v in pq.read_table(path, columns=["dedupe_version"]).column(0).to_pylist()
-    }
-    latest = (store / "datasets" / "LATEST").read_text().strip()
-    manifest = json.loads((store / "datasets" / latest / "manifest.json").read_text())
-    return {"fingerprint_version": max(versions, default=None), "config": manifest["config_hash"]}
 
 
 def fingerprints_by_sha(store: Path) -> dict[str, tuple[int, int]]:
@@ -500,36 +624,6 @@ def slope(sizes: Sequence[float], values: Sequence[float]) -> float | None:
     return float(np.polyfit(x, y, 1)[0])
 
 
-def extrapolate(sizes: Sequence[float], values: Sequence[float], target: float) -> float | None:
-    """value at ``target`` from the least-squares power law over the measured sizes (None below two)."""
-    points = [(math.log(s), math.log(v)) for s, v in zip(sizes, values, strict=True) if v and v > 0]
-    if len(points) < 2:
-        return None
-    x, y = np.array(points).T
-    exponent, intercept = np.polyfit(x, y, 1)
-    return float(math.exp(intercept + exponent * math.log(target)))
-
-
-# -- the run --------------------------------------------------------------------------------------------
-class Deadline:
-    """Interrupts the main thread (KeyboardInterrupt) when the budget runs out."""
-
-    def __init__(self, minutes: float | None) -> None:
-        self.end = time.monotonic() + minutes * 60 if minutes else None
-        self._timer: threading.Timer | None = None
-        if self.end is not None:
-            self._timer = threading.Timer(self.end - time.monotonic(), _thread.interrupt_main)
-            self._timer.daemon = True
-            self._timer.start()
-
-    def cancel(self) -> None:
-        if self._timer is not None:
-            self._timer.cancel()
-
-    def left(self) -> float:
-        return math.inf if self.end is None else self.end - time.monotonic()
-
-
 def fmt(value: Any, digits: int = 1, unit: str = "") -> str:
     if value is None or (isinstance(value, float) and math.isnan(value)):
         return "-"
@@ -542,98 +636,71 @@ def mib(value: int | None) -> str:
     return "-" if not value else f"{value / 2**20:,.0f}"
 
 
+# -- the run --------------------------------------------------------------------------------------------
+def build_store(
+    args: argparse.Namespace, size: int, names: Sequence[str], work: Path, sampler: MemorySampler
+) -> tuple[Path, dict[str, Any]]:
+    """The store of ``size`` films (the shortcut of the module docstring): cheap shards linked into its
+    fingerprint cache, then an ingest of the films with candidate search off."""
+    pool, store = work / "pool", work / f"store-{size}"
+    shutil.rmtree(store, ignore_errors=True)
+    cache = store / "cache" / "fingerprints"
+    cache.mkdir(parents=True)
+    for s in range(math.ceil(size / SHARD)):
+        os.link(shard_path(pool, s), cache / f"00000000T000000000000Z-cheap-{s:05d}.parquet")
+    log(f"size {size}: store-building ingest (candidate search off) of {len(names)} films")
+    build = timed_ingest(
+        write_source(work / f"src-{size}", pool, names, args.seed), store, sampler, NO_SEARCH
+    )
+    return store, build
+
+
 def run_size(
-    args: argparse.Namespace,
-    size: int,
-    previous: int,
-    truth: dict[str, str],
-    work: Path,
-    sampler: MemorySampler,
+    args: argparse.Namespace, size: int, truth: dict[str, str], work: Path, sampler: MemorySampler
 ) -> dict[str, Any]:
-    pool, store = work / "pool", work / "store"
-    films = [film_name(i) for i in range(size)]
-    cached = args.workdir / f"stores-v{SYNTH_VERSION}-seed{args.seed}" / f"size-{size}"
-    build_json = cached / "build.json"
-    saved = json.loads(build_json.read_text()) if build_json.exists() else {}
-    stamp = store_stamp(cached / "store") if saved else {}
-    # fingerprints of another version would all be recomputed: the incremental run would not be incremental
-    if args.reuse_stores and stamp.get("fingerprint_version") == FINGERPRINT_VERSION:
-        same = "same" if stamp["config"] == IngestConfig().digest() else f"older ({stamp['config']})"
-        log(f"size {size}: reusing the store built {saved['when']} ({cached}; {same} ingest config)")
-        shutil.rmtree(store, ignore_errors=True)
-        copy_store(cached / "store", store)
-        build = {**saved["build"], "cached": saved["when"]}
-    else:
-        log(f"size {size}: building the store (+{size - previous} films)")
-        build = timed_ingest(write_source(work / f"src-{size}", pool, films, args.seed), store, sampler)
-        shutil.rmtree(cached, ignore_errors=True)
-        cached.mkdir(parents=True)
-        copy_store(store, cached / "store")
-        when = time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime())
-        build_json.write_text(json.dumps({"when": when, "build": build}, default=str))
-    synthetic = [d for d in build["duplicates"] if d["dropped"].startswith("syn-")]
+    pool = work / "pool"
+    names = store_names(size, plant(size, args.planted, args.seed))
+    store, build = build_store(args, size, names, work, sampler)
     inc_store = work / f"store-{size}-inc"
     shutil.rmtree(inc_store, ignore_errors=True)
     copy_store(store, inc_store)
+    shutil.rmtree(store, ignore_errors=True)
     new_names = [new_name(j) for j in range(args.new - args.planted)] + sorted(truth)
-    root = write_source(work / f"src-{size}-inc", pool, films + new_names, args.seed)
+    root = write_source(work / f"src-{size}-inc", pool, names + new_names, args.seed)
     log(f"size {size}: incremental ingest of {len(new_names)} films ({len(truth)} planted copies)")
-    inc = timed_ingest(root, inc_store, sampler)
+    inc = timed_ingest(root, inc_store, sampler, IngestConfig())
     scored = score_duplicates(inc["duplicates"], truth, set(new_names))
     by_sha = fingerprints_by_sha(inc_store)
-    sha_of = {name: hashlib.sha256((pool / name).read_bytes()).hexdigest() for name in films + new_names}
-    known = {n: by_sha[sha_of[n]] for n in films if sha_of[n] in by_sha}
+    sha_of = {name: hashlib.sha256((pool / name).read_bytes()).hexdigest() for name in names + new_names}
+    known = {n: by_sha[sha_of[n]] for n in names if sha_of[n] in by_sha}
     new = {n: by_sha[sha_of[n]] for n in new_names if sha_of[n] in by_sha}
     base = baseline(known, new, truth)
     shutil.rmtree(inc_store, ignore_errors=True)
-    return {
-        "size": size,
-        "added": size - previous,
-        "build": build,
-        "build_false": len(synthetic),
-        "inc": inc,
-        "scored": scored,
-        "baseline": base,
-    }
+    for folder in (work / f"src-{size}", root):
+        shutil.rmtree(folder, ignore_errors=True)
+    return {"size": size, "build": build, "inc": inc, "scored": scored, "baseline": base}
 
 
-def print_tables(args: argparse.Namespace, results: list[dict[str, Any]], skipped: list[int]) -> None:
+def print_tables(args: argparse.Namespace, results: list[dict[str, Any]]) -> None:
     print(
         f"machine: {platform.node()} {platform.machine()}, {os.cpu_count()} cores, Python "
         f"{platform.python_version()}; load average {os.getloadavg()[0]:.1f} at the end"
     )
     print(
-        f"synthetic films 256-384 px, seed {args.seed}; each size's incremental run adds {args.new} films "
-        f"({args.planted} planted near-duplicates of stored films)"
+        f"store: cheap synthetic films written into the fingerprint cache + the real originals of the "
+        f"planted copies (see the docstring); seed {args.seed}; each incremental run adds {args.new} films "
+        f"({args.planted} planted near-duplicates of stored films) through the real ingest"
     )
     print()
-    print("Growing the store (chained ingests):")
-    print(
-        "| films in store | films added | build s | cum. build s | s per 1k added | build dedupe s "
-        "| false pairs among synthetic films | peak PSS MiB (driver + Ray) | driver maxrss MiB |"
-    )
-    print("| ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: |")
-    cumulative = 0.0
-    cum_values = []
-    for r in results:
-        b = r["build"]
-        cumulative += b["seconds"]
-        cum_values.append(cumulative)
-        print(
-            f"| {r['size']:,} | {r['added']:,} | {b['seconds']:.1f}{' (cached)' if b.get('cached') else ''} "
-            f"| {cumulative:.1f} | "
-            f"{1000 * b['seconds'] / r['added']:.1f} | {fmt(b['stages'].get('dedupe'))} | "
-            f"{r['build_false']} | "
-            f"{mib(b['peak_pss'])} | {mib(b['driver_maxrss'])} |"
-        )
-    print()
-    print(f"Incremental ingest of {args.new} new films into the store:")
+    print(f"Incremental ingest of {args.new} new films into the store (measured):")
     print(
         "| films in store | ingest s | read / fingerprint / dedupe / publish s | candidate pairs "
-        "| candidates per new image | index build s | index query s | verify s | recall | precision "
-        "| false pairs | peak PSS MiB | driver maxrss MiB |"
+        "| candidates per new film | index build s | index query s | verify s | recall | precision "
+        "| false pairs | driver peak RSS MiB | largest other peak RSS MiB | peak summed PSS MiB |"
     )
-    print("| ---: | ---: | --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: |")
+    print(
+        "| ---: | ---: | --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: |"
+    )
     for r in results:
         i, d, s = r["inc"], r["inc"]["dedupe"], r["scored"]
         st = i["stages"]
@@ -644,7 +711,26 @@ def print_tables(args: argparse.Namespace, results: list[dict[str, Any]], skippe
             f"| {r['size']:,} | {i['seconds']:.1f} | {stages} | {fmt(pairs)} | {fmt(per_new)} | "
             f"{fmt(d.get('index_seconds'), 2)} | {fmt(d.get('query_seconds'), 2)} | "
             f"{fmt(d.get('verify_seconds'))} | {s['recall']:.3f} | {fmt(s['precision'], 3)} | "
-            f"{s['false']} | {mib(i['peak_pss'])} | {mib(i['driver_maxrss'])} |"
+            f"{s['false']} | {mib(i['driver_rss'])} | {mib(i['other_rss'])} ({i['other_name']}) | "
+            f"{mib(i['peak_pss'])} |"
+        )
+    print()
+    print(
+        "Store-building ingest (the shortcut: cached fingerprints, candidate search off; not an ingest's "
+        "cost):"
+    )
+    print(
+        "| films in store | build s | read / fingerprint / dedupe / publish s | driver peak RSS MiB "
+        "| largest other peak RSS MiB | peak summed PSS MiB |"
+    )
+    print("| ---: | ---: | --- | ---: | ---: | ---: |")
+    for r in results:
+        b = r["build"]
+        st = b["stages"]
+        stages = " / ".join(fmt(st.get(k)) for k in ("read", "fingerprint", "dedupe", "publish"))
+        print(
+            f"| {r['size']:,} | {b['seconds']:.1f} | {stages} | {mib(b['driver_rss'])} | "
+            f"{mib(b['other_rss'])} ({b['other_name']}) | {mib(b['peak_pss'])} |"
         )
     print()
     print(
@@ -668,63 +754,32 @@ def print_tables(args: argparse.Namespace, results: list[dict[str, Any]], skippe
             f"{fmt(s['precision'], 3)} |"
         )
     sizes = [r["size"] for r in results]
+    print()
+    print(
+        f"Growth exponents (least-squares slope of log value vs log films in store, over "
+        f"{', '.join(f'{s:,}' for s in sizes)}):"
+    )
     series = {
-        "cumulative build s": cum_values,
         "incremental ingest s": [r["inc"]["seconds"] for r in results],
         "incremental dedupe stage s": [r["inc"]["stages"].get("dedupe") for r in results],
         "verify s": [r["inc"]["dedupe"].get("verify_seconds") for r in results],
         "index query s": [r["inc"]["dedupe"].get("query_seconds") for r in results],
-        "candidates per new image": [
-            r["inc"]["dedupe"]["candidate_pairs"] / r["inc"]["dedupe"]["new_images"]
-            if r["inc"]["dedupe"].get("candidate_pairs") is not None and r["inc"]["dedupe"].get("new_images")
-            else None
-            for r in results
-        ],
-        "baseline candidates per new image": [r["baseline"]["candidates_per_new"] for r in results],
-        "baseline search s": [r["baseline"]["seconds"] for r in results],
+        "driver peak RSS": [r["inc"]["driver_rss"] for r in results],
+        "largest other peak RSS": [r["inc"]["other_rss"] for r in results],
     }
-    targets = sorted({*skipped, TARGET_SIZE} - set(sizes))
-    print()
-    print(
-        "Growth exponents (least-squares slope of log value vs log films in store, over "
-        f"{', '.join(f'{s:,}' for s in sizes)}) and extrapolations by that power-law fit "
-        "(EXTRAPOLATED, not measured):"
-    )
-    print("| quantity | exponent | " + " | ".join(f"at {t:,} (extrapolated)" for t in targets) + " |")
-    print("| --- | ---: |" + " ---: |" * len(targets))
     for name, values in series.items():
-        pts = [(s, v) for s, v in zip(sizes, values, strict=True) if v is not None]
-        e = slope([p[0] for p in pts], [p[1] for p in pts]) if pts else None
-        extra = [extrapolate([p[0] for p in pts], [p[1] for p in pts], t) for t in targets]
-        print(f"| {name} | {fmt(e, 2)} | " + " | ".join(fmt(v) for v in extra) + " |")
-    if skipped:
-        print(f"skipped (predicted not to fit the --budget-minutes, or interrupted): {skipped}")
-    inc_values = series["incremental ingest s"]
-    at_target = extrapolate(sizes, inc_values, TARGET_SIZE) if TARGET_SIZE not in sizes else None
-    measured = next((r["inc"]["seconds"] for r in results if r["size"] == TARGET_SIZE), None)
-    print()
-    per_1k = 1000 / args.new  # incremental work grows with the new films' number (candidates per new image)
-    scaled = "" if args.new == 1000 else f" (measured with {args.new} new films, scaled x{per_1k:.2f})"
-    if measured is not None:
+        print(f"- {name}: {fmt(slope(sizes, values), 2)}")
+    per_1k = 1000 / args.new
+    for r in results:
+        if r["size"] != TARGET_SIZE:
+            continue
+        i = r["inc"]
+        peak = max(i["driver_rss"], i["other_rss"])
+        print()
         print(
-            f"target: 1k new films into a 100k store in < 300 s: measured {measured * per_1k:.0f} s{scaled}"
-        )
-    elif at_target is None:
-        print(
-            "target: 1k new films into a 100k store in < 300 s: not measured, and one measured size "
-            "cannot be extrapolated"
-        )
-    else:
-        print(
-            f"target: 1k new films into a 100k store in < 300 s: EXTRAPOLATED "
-            f"{at_target * per_1k:.0f} s{scaled}"
-        )
-    per_new = [v for v in series["candidates per new image"] if v is not None]
-    if len(per_new) >= 2:
-        print(
-            f"target: candidates per new image flat within 2x from smallest to largest size: "
-            f"{per_new[0]:.1f} -> {per_new[-1]:.1f} ({per_new[-1] / per_new[0]:.2f}x over "
-            f"{sizes[0]:,} -> {sizes[-1]:,})"
+            f"target: 1k new films into a 100k store in < 300 s: measured {i['seconds'] * per_1k:.0f} s "
+            f"({'met' if i['seconds'] * per_1k < 300 else 'NOT met'}); peak RSS of the driver and of any "
+            f"worker < 4 GB: {peak / 2**30:.2f} GiB ({'met' if peak < 4 * 10**9 else 'NOT met'})"
         )
     for r in results:
         if r["scored"]["missed"]:
@@ -740,7 +795,7 @@ def main() -> None:
     parser = argparse.ArgumentParser(
         description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
     )
-    parser.add_argument("--sizes", default="1000,5000,20000", help="comma-separated store sizes (films)")
+    parser.add_argument("--sizes", default="1000,10000,100000", help="comma-separated store sizes (films)")
     parser.add_argument(
         "--source",
         type=Path,
@@ -755,14 +810,7 @@ def main() -> None:
     parser.add_argument("--workdir", type=Path, default=None, help="cache of films (default: a temp dir)")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--jobs", type=int, default=min(2, os.cpu_count() or 1), help="synthesis processes")
-    parser.add_argument("--budget-minutes", type=float, default=None, help="skip/stop sizes past this")
     parser.add_argument("--object-store-mb", type=int, default=2000)
-    parser.add_argument(
-        "--reuse-stores",
-        action="store_true",
-        help="reuse the stores (and build measurements) an earlier run kept under --workdir for the same "
-        "films, fingerprint version and ingest config; only the incremental runs are measured anew",
-    )
     parser.add_argument(
         "--ray-niceness",
         type=int,
@@ -774,7 +822,8 @@ def main() -> None:
     args.sizes = sorted({int(s) for s in args.sizes.split(",")})
     if not 0 <= args.planted <= args.new:
         parser.error("--planted must be between 0 and --new")
-    deadline = Deadline(args.budget_minutes)
+    if any(size < args.planted for size in args.sizes):
+        parser.error("every size must hold at least --planted films")
 
     with contextlib.ExitStack() as stack:
         if args.workdir is None:
@@ -794,35 +843,16 @@ def main() -> None:
         stack.callback(ray.shutdown)
         sampler = MemorySampler()
         results: list[dict[str, Any]] = []
-        skipped: list[int] = []
-        previous = 0
         for size in args.sizes:
-            if results:
-                # build time per added film and the incremental run's time as at the last size (the
-                # candidate index bounds the candidates per image); the deadline stops a size that overruns
-                last = results[-1]
-                per_film = last["build"]["seconds"] / last["added"]
-                predicted = per_film * (size - previous) + last["inc"]["seconds"]
-                if predicted > deadline.left():
-                    log(f"size {size}: predicted {predicted:.0f}s, {deadline.left():.0f}s left: skipped")
-                    skipped.append(size)
-                    continue
-            try:
-                truth = prepare_films(args, pool, size)
-                results.append(run_size(args, size, previous, truth, work, sampler))
-                previous = size
-            except KeyboardInterrupt:
-                log(f"size {size}: interrupted at the deadline")
-                skipped.append(size)
-                break
+            truth = prepare_films(args, pool, size)
+            results.append(run_size(args, size, truth, work, sampler))
             r = results[-1]
             log(
                 f"size {size}: build {r['build']['seconds']:.0f}s, incremental {r['inc']['seconds']:.0f}s, "
-                f"recall {r['scored']['recall']:.3f}, precision {fmt(r['scored']['precision'], 3)}"
+                f"recall {r['scored']['recall']:.3f}, precision {fmt(r['scored']['precision'], 3)}, "
+                f"driver peak RSS {mib(r['inc']['driver_rss'])} MiB, other {mib(r['inc']['other_rss'])} MiB"
             )
-        skipped += [s for s in args.sizes if s not in skipped and s not in {r["size"] for r in results}]
-        deadline.cancel()
-        print_tables(args, results, sorted(set(skipped)))
+        print_tables(args, results)
 
 
 if __name__ == "__main__":

@@ -35,6 +35,12 @@ def job_parser(description: str) -> argparse.ArgumentParser:
         help="where everything persistent lives: a folder, file:// or s3:// URI "
         "(default: $LXN_STORAGE, else ./lxn-store)",
     )
+    parser.add_argument(
+        "--shared-storage",
+        action="store_true",
+        help="the local --storage folder is mounted at the same path on every node of the Ray cluster (NFS, "
+        "EFS); without it a local folder on a multi-node cluster is refused (use s3://)",
+    )
     parser.add_argument("--report", type=Path, help="also write the job's JSON report to this file")
     parser.add_argument(
         "--verbose",
@@ -51,18 +57,25 @@ def run_job(
     work: Callable[[Storage], dict[str, Any]],
     summary: Callable[[dict[str, Any]], str],
     record: bool = True,
+    on_ray: bool = True,
 ) -> int:
     """Run ``work`` against the job's storage, then report; returns the exit code.
 
-    The report goes to ``--report`` and, when ``record``, under ``reports/<name>/`` in storage (False for
-    read-only commands, which must leave storage as they found it); then ``summary(report)`` is printed:
-    0. Any exception becomes one ``error: <name> failed: <Type>: <message>`` line on stderr: 1 (a store
+    A job ``on_ray`` (all but ``registry``) first refuses a local store on a multi-node cluster
+    (:func:`lxn_ray.infra.cluster.require_reachable_storage`), before it touches storage. The report goes
+    to ``--report`` and, when ``record``, under ``reports/<name>/`` in storage (False for read-only
+    commands, which must leave storage as they found it); then ``summary(report)`` is printed: 0. Any
+    exception becomes one ``error: <name> failed: <Type>: <message>`` line on stderr: 1 (a store
     folder the job created and left empty is removed). Ctrl-C: ``error: <name> interrupted``, 130."""
     from lxn_ray.infra import quiet
 
     quiet.configure(getattr(args, "verbose", False))
     new_folder = _new_local_folder(args.storage)
     try:
+        if on_ray:
+            from lxn_ray.infra.cluster import require_reachable_storage
+
+            require_reachable_storage(args.storage, getattr(args, "shared_storage", False))
         storage = Storage.open(args.storage)
         report = work(storage)
         saved = []

@@ -47,7 +47,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         return {"command": "rollback", **registry.rollback(storage)}
 
     read_only = args.command in ("list", "show")
-    return run_job("registry", args, work, summary, record=not read_only)
+    return run_job("registry", args, work, summary, record=not read_only, on_ray=False)
 
 
 def summary(report: dict[str, Any]) -> str:

@@ -8,6 +8,7 @@ import hashlib
 import io
 import math
 import sys
+import uuid
 from collections import defaultdict
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass
@@ -16,11 +17,14 @@ from typing import Any
 
 import numpy as np
 import pyarrow as pa
+import pyarrow.fs as pafs
+import pyarrow.parquet as pq
 from tqdm.auto import tqdm
 
 from lxn_ray.data import dataset
 from lxn_ray.data.settings import IngestConfig
 from lxn_ray.dedupe.fingerprint import FINGERPRINT_COLUMNS, FINGERPRINT_VERSION, fingerprint
+from lxn_ray.dedupe.thumbs import THUMB_ROWS_PER_GROUP, ThumbRef, compression_for, refs_of_shard
 from lxn_ray.images.decode import ImageLimits, ImageRejected, decode_image, to_grayscale
 from lxn_ray.images.dicom import REFUSALS, UnsupportedDicom
 from lxn_ray.infra import cluster
@@ -148,7 +152,7 @@ def fetch_on_ray(
     import ray
 
     stored = _published_shas(storage)
-    fingerprinted = frozenset(_load_cache(storage))
+    fingerprinted = _cached_shas(storage)
     log(f"fetching {len(rows)} files from {snapshot.description} on Ray Data")
     items = [{"line": row.line, "image_path": row.image_path} for row in rows]
     results = ray.data.from_items(
@@ -253,7 +257,7 @@ def fingerprint_contents(
     fresh = [record for record in computed if not record["error"]]
     if fresh:  # only successes are cached: a rejected file is retried when limits change
         stamp = f"{datetime.now(timezone.utc):%Y%m%dT%H%M%S%fZ}"
-        storage.write_table(f"{FINGERPRINT_CACHE}/{stamp}.parquet", _records_table(fresh))
+        _write_grouped(storage, f"{FINGERPRINT_CACHE}/{stamp}.parquet", _records_table(fresh))
     records = dict(cache)
     records.update({record["sha256"]: record for record in computed})
     return records, len(fresh)
@@ -304,14 +308,62 @@ def _chunks(items: list[SourceFile], max_bytes: int) -> Iterable[list[SourceFile
         yield chunk
 
 
+def _cache_shards(storage: Storage) -> list[str]:
+    return [key for key in storage.list(FINGERPRINT_CACHE) if key.endswith(".parquet")]
+
+
+def _cached_shas(storage: Storage) -> frozenset[str]:
+    """The contents the fingerprint cache holds a current fingerprint of (two small columns read)."""
+    found = set()
+    for key in _cache_shards(storage):
+        with storage.filesystem.open_input_file(storage.path(key)) as stream:
+            table = pq.ParquetFile(stream, pre_buffer=True).read(columns=["sha256", "dedupe_version"])
+        versions = table["dedupe_version"].to_pylist()
+        found.update(
+            sha
+            for sha, version in zip(table["sha256"].to_pylist(), versions, strict=True)
+            if version == FINGERPRINT_VERSION
+        )
+    return frozenset(found)
+
+
 def _load_cache(storage: Storage) -> dict[str, dict[str, Any]]:
+    """sha256 -> cached record, every column but ``thumb``, which is a :class:`ThumbRef` to its row in
+    the shard: the 16 KB thumbnails stay on storage until a verification worker reads the few it needs
+    (:mod:`lxn_ray.dedupe.thumbs`), so loading the cache costs ~3 KB of memory per stored image.
+
+    A shard written before row groups were small (one row group of the whole shard) keeps its thumbnails
+    inline, as before: a ref into it would make every verification chunk decode the shard's whole
+    ``thumb`` column."""
     cache: dict[str, dict[str, Any]] = {}
-    for key in storage.list(FINGERPRINT_CACHE):
-        if key.endswith(".parquet"):
-            for record in storage.read_table(key).to_pylist():
-                if record.get("dedupe_version") == FINGERPRINT_VERSION:  # older fingerprints are recomputed
-                    cache[record["sha256"]] = record
+    for key in _cache_shards(storage):
+        # pre_buffer: the column chunks of the shard's many row groups in coalesced reads (S3 requests)
+        with storage.filesystem.open_input_file(storage.path(key)) as stream:
+            shard = pq.ParquetFile(stream, pre_buffer=True)
+            meta = shard.metadata
+            grouped = all(
+                meta.row_group(g).num_rows <= THUMB_ROWS_PER_GROUP for g in range(meta.num_row_groups)
+            )
+            columns = [name for name in shard.schema_arrow.names if name != "thumb" or not grouped]
+            records = shard.read(columns=columns).to_pylist()
+            refs = refs_of_shard(storage.uri, key, meta) if grouped else [None] * len(records)
+        for record, ref in zip(records, refs, strict=True):
+            if record.get("dedupe_version") == FINGERPRINT_VERSION:  # older fingerprints are recomputed
+                if ref is not None:
+                    record["thumb"] = ref
+                cache[record["sha256"]] = record
     return cache
+
+
+def _write_grouped(storage: Storage, key: str, table: pa.Table) -> None:
+    """``table`` at ``key`` as Parquet (:func:`~lxn_ray.dedupe.thumbs.compression_for`) in row groups of
+    :data:`THUMB_ROWS_PER_GROUP` rows, so one stored thumbnail can be read without the rest
+    (:func:`lxn_ray.dedupe.thumbs.read_thumbs`)."""
+    buffer = io.BytesIO()
+    pq.write_table(
+        table, buffer, compression=compression_for(table.column_names), row_group_size=THUMB_ROWS_PER_GROUP
+    )
+    storage.write_bytes(key, buffer.getvalue())
 
 
 def _records_table(records: list[dict[str, Any]]) -> pa.Table:
@@ -320,15 +372,91 @@ def _records_table(records: list[dict[str, Any]]) -> pa.Table:
     )
 
 
+FINGERPRINTS_SCHEMA = pa.schema(
+    [
+        ("sha256", pa.string()),
+        ("dedupe_version", pa.int64()),
+        ("phash", pa.string()),
+        ("phash_trim", pa.string()),
+        ("dhash_trim", pa.string()),
+        ("width", pa.int64()),
+        ("height", pa.int64()),
+        ("trim_box", pa.string()),
+        ("thumb_size", pa.int64()),
+        ("thumb", pa.binary()),
+        ("lowres", pa.binary()),
+        ("windows", pa.binary()),
+    ]
+)
+
+
 def fingerprint_table(shas: list[str], fingerprints: Mapping[str, dict[str, Any]]) -> pa.Table:
     """The version's ``fingerprints`` table: one row per content in ``shas``, its sha256 and dedupe
-    fingerprint columns."""
+    fingerprint columns (every ``thumb`` inline: see :func:`write_fingerprint_table` for stored ones)."""
     return pa.Table.from_pylist(
         [
             {"sha256": sha, **{column: fingerprints[sha][column] for column in FINGERPRINT_COLUMNS}}
             for sha in shas
         ]
     )
+
+
+def write_fingerprint_table(
+    storage: Storage, key: str, shas: list[str], fingerprints: Mapping[str, dict[str, Any]]
+) -> None:
+    """Write the version's ``fingerprints`` table (:func:`fingerprint_table`'s rows) at ``key``, streaming:
+    contents whose ``thumb`` is a :class:`ThumbRef` into the fingerprint cache are copied from their cache
+    shard a row group at a time (in shard order, first), then those fingerprinted in this run (in
+    ``shas`` order), so memory stays a row group, not the collection's thumbnails. On local storage the
+    file is written beside ``key`` and renamed into place (atomic); elsewhere it is uploaded in one piece.
+    When no thumb is a ref, the table is exactly :func:`fingerprint_table`'s."""
+    refs: dict[tuple[str, int], list[int]] = defaultdict(list)
+    inline = []
+    for sha in shas:
+        thumb = fingerprints[sha]["thumb"]
+        if isinstance(thumb, ThumbRef):
+            if thumb.storage != storage.uri:
+                raise ValueError(f"{sha}: its thumbnail is stored in {thumb.storage}, not in {storage.uri}")
+            refs[(thumb.key, thumb.row_group)].append(thumb.row)
+        else:
+            inline.append(sha)
+    if not refs:
+        _write_grouped(storage, key, fingerprint_table(shas, fingerprints))
+        return
+    columns = FINGERPRINTS_SCHEMA.names
+    codecs = compression_for(columns)
+
+    def write(writer: pq.ParquetWriter) -> None:
+        for at in sorted({k for k, _ in refs}):
+            with storage.filesystem.open_input_file(storage.path(at)) as stream:
+                shard = pq.ParquetFile(stream)
+                for group in sorted(g for k, g in refs if k == at):
+                    table = shard.read_row_group(group, columns=columns).take(sorted(refs[(at, group)]))
+                    writer.write_table(table.cast(FINGERPRINTS_SCHEMA), row_group_size=THUMB_ROWS_PER_GROUP)
+        for start in range(0, len(inline), 1024):
+            table = fingerprint_table(inline[start : start + 1024], fingerprints)
+            writer.write_table(table.cast(FINGERPRINTS_SCHEMA), row_group_size=THUMB_ROWS_PER_GROUP)
+
+    if not storage.is_local:
+        sink = pa.BufferOutputStream()
+        with pq.ParquetWriter(sink, FINGERPRINTS_SCHEMA, compression=codecs) as writer:
+            write(writer)
+        storage.write_bytes(key, sink.getvalue().to_pybytes())
+        return
+    final = storage.path(key)
+    parent = final.rsplit("/", 1)[0]
+    storage.filesystem.create_dir(parent, recursive=True)
+    temporary = f"{parent}/.tmp-{uuid.uuid4().hex}"
+    try:
+        with (
+            storage.filesystem.open_output_stream(temporary) as stream,
+            pq.ParquetWriter(stream, FINGERPRINTS_SCHEMA, compression=codecs) as writer,
+        ):
+            write(writer)
+        storage.filesystem.move(temporary, final)
+    finally:
+        if storage.filesystem.get_file_info(temporary).type != pafs.FileType.NotFound:
+            storage.filesystem.delete_file(temporary)
 
 
 # -- step 6: store image bytes by content -------------------------------------------------------------

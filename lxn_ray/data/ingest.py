@@ -60,12 +60,13 @@ from lxn_ray.data.fetch import (
     exclusion_of,
     fetch_on_ray,
     fingerprint_contents,
-    fingerprint_table,
     read_files,
     store_blobs,
+    write_fingerprint_table,
 )
 from lxn_ray.data.settings import IngestConfig
 from lxn_ray.data.splits import PATIENTS_SCHEMA, PreviousVersion, patient_of, split_patients
+from lxn_ray.dedupe.thumbs import ThumbRef
 from lxn_ray.infra.log import get_logger
 from lxn_ray.infra.storage import Storage
 from lxn_ray.sources.layouts import DEFAULT_SOURCE_NAME, SourceRows, SourceSpec, read_rows
@@ -251,8 +252,14 @@ def ingest(
             "patients": pa.Table.from_pylist(
                 [{"patient_id": p, "split": s} for p, s in sorted(splits.items())], schema=PATIENTS_SCHEMA
             ),
-            "fingerprints": fingerprint_table([item.sha256 for item in kept], fingerprints),
         }
+        # written first and streamed: stored thumbnails are copied from the cache a row group at a time
+        write_fingerprint_table(
+            storage,
+            dataset.version_key(version, "fingerprints.parquet"),
+            [item.sha256 for item in kept],
+            fingerprints,
+        )
         report = _report(version, source_version, rows, kept, exclusions, duplicates, splits, hashed, parent)
         report["sources"] = {
             read.spec.name: {
@@ -293,7 +300,7 @@ def ingest(
             "counts": {
                 k: report[k] for k in ("rows", "usable", "positives", "negatives", "excluded", "splits")
             },
-            "tables": sorted(tables),
+            "tables": sorted([*tables, "fingerprints"]),
         }
         dataset.publish(storage, version, tables, report, manifest)
     report["stage_seconds"] = stages.seconds
@@ -339,7 +346,7 @@ def _images_table(
                 **{
                     column: record[column]
                     for column in RECORD_COLUMNS[2:]
-                    if not isinstance(record[column], bytes)
+                    if not isinstance(record[column], bytes | ThumbRef)  # a stored thumb: a ThumbRef
                 },
                 "line": row.line,
                 "metadata": json.dumps(row.extra, ensure_ascii=False, sort_keys=True),

@@ -129,9 +129,17 @@ def _hash_bytes(values: Iterable[str]) -> np.ndarray:
     return np.array([list(bytes.fromhex(str(v))) for v in values], dtype=np.uint8).reshape(-1, 8)
 
 
-def _as_array(data: object, shape: tuple[int, ...]) -> np.ndarray:
+def _as_float16(data: object, shape: tuple[int, ...]) -> np.ndarray:
     buf = data if isinstance(data, bytes) else bytes(data)  # type: ignore[arg-type]  # Parquet: bytearray
-    return np.frombuffer(buf, dtype=np.float16).reshape(shape).astype(np.float32)
+    return np.frombuffer(buf, dtype=np.float16).reshape(shape)
+
+
+def _as_array(data: object, shape: tuple[int, ...]) -> np.ndarray:
+    return _as_float16(data, shape).astype(np.float32)
+
+
+#: Rows of float16 windows converted to float32 at a time when they are added to a faiss index.
+_ADD_BATCH = 65_536
 
 
 @dataclass
@@ -145,26 +153,30 @@ class CandidateIndex:
     phash_trim: np.ndarray  # (n, 8) uint8
     phash: np.ndarray  # (n, 8) uint8
     lowres: np.ndarray  # (n, 64) float32, unit norm
-    windows: np.ndarray  # (n * N_WINDOWS, 64) float32, unit norm; rows i*N_WINDOWS.. belong to key i
+    windows: np.ndarray  # (n * N_WINDOWS, 64) float16, unit norm; rows i*N_WINDOWS.. belong to key i
     build_seconds: float = 0.0
     query_seconds: float = 0.0
 
     @classmethod
     def from_fingerprints(cls, fingerprints: Mapping[str, Mapping[str, object]]) -> CandidateIndex:
-        """Index ``fingerprints`` ({key: fingerprint}); keys are sorted, so the result is deterministic."""
+        """Index ``fingerprints`` ({key: fingerprint}); keys are sorted, so the result is deterministic.
+
+        Reads only ``phash_trim``, ``phash``, ``lowres`` and ``windows`` (never ``thumb``): about 2.5 KB per
+        image as stored, the windows kept as float16 (converted to float32 only in batches for faiss)."""
         started = time.perf_counter()
         keys = sorted(fingerprints)
         fps = [fingerprints[k] for k in keys]
+        lowres = np.zeros((len(fps), 64), np.float32)
+        windows = np.zeros((len(fps) * N_WINDOWS, 64), np.float16)
+        for i, fp in enumerate(fps):
+            lowres[i] = _as_array(fp["lowres"], (64,))
+            windows[i * N_WINDOWS : (i + 1) * N_WINDOWS] = _as_float16(fp["windows"], (N_WINDOWS, 64))
         index = cls(
             keys=keys,
             phash_trim=_hash_bytes(fp["phash_trim"] for fp in fps),
             phash=_hash_bytes(fp["phash"] for fp in fps),
-            lowres=np.stack([_as_array(fp["lowres"], (64,)) for fp in fps])
-            if fps
-            else np.zeros((0, 64), np.float32),
-            windows=np.concatenate([_as_array(fp["windows"], (N_WINDOWS, 64)) for fp in fps])
-            if fps
-            else np.zeros((0, 64), np.float32),
+            lowres=lowres,
+            windows=windows,
         )
         index.build_seconds = time.perf_counter() - started
         return index
@@ -246,14 +258,18 @@ class CandidateIndex:
                     add(queries, nearest(flat, oriented[code], config.orient_k), orientation=code)
         if config.window_k > 0:  # the windows of a new image among others' whole vectors
             window_rows = (queries[:, None] * N_WINDOWS + np.arange(N_WINDOWS)).ravel()
-            sims, ids = flat.search(self.windows[window_rows], min(config.window_k + 1, flat.ntotal))
+            sims, ids = flat.search(
+                self.windows[window_rows].astype(np.float32), min(config.window_k + 1, flat.ntotal)
+            )
             sims = sims.reshape(len(queries), -1)
             owners = np.where(ids >= 0, base[np.maximum(ids, 0)], -1).reshape(len(queries), -1)
             add_distinct(queries, sims, owners, config.window_k)
         if config.crop_of_k > 0:  # a new image's whole vector among others' windows
             windowed = faiss.IndexFlatIP(64)
-            window_rows = (base[:, None] * N_WINDOWS + np.arange(N_WINDOWS)).ravel()
-            windowed.add(self.windows[window_rows])
+            for start in range(0, len(base), _ADD_BATCH // N_WINDOWS):  # float32 a batch at a time
+                part = base[start : start + _ADD_BATCH // N_WINDOWS]
+                window_rows = (part[:, None] * N_WINDOWS + np.arange(N_WINDOWS)).ravel()
+                windowed.add(self.windows[window_rows].astype(np.float32))
             # one image owns N_WINDOWS rows: ask for enough rows to reach crop_of_k distinct other images
             sims, ids = windowed.search(
                 self.lowres[queries], min((config.crop_of_k + 1) * 4, windowed.ntotal)

@@ -15,14 +15,17 @@ it was proposed in.
 
 Candidate search is cheap and runs here; verification (milliseconds per pair) is split into self-contained
 chunks (:class:`~lxn_ray.dedupe.verify.VerifyChunk`: the chunk's thumbnails once, and index pairs) handed
-to an optional ``map_chunks(verify_chunk, chunks)``. ``verify_chunk`` is a module-level pure function, so
+to an optional ``map_chunks(verify_chunk, chunks)``. A fingerprint's ``thumb`` may be inline bytes or a
+:class:`~lxn_ray.dedupe.thumbs.ThumbRef` into a stored shard: a chunk carries refs, and the worker running it
+reads just those rows' row groups, so no process holds the thumbnails of the whole collection.
+``verify_chunk`` is a module-level pure function, so
 the result does not depend on where or in which order the chunks run.
 """
 
 from __future__ import annotations
 
 import time
-from collections.abc import Callable, Iterable, Mapping
+from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass
 from typing import TypeVar
 
@@ -32,6 +35,7 @@ from lxn_ray.dedupe.config import DedupeConfig
 from lxn_ray.dedupe.fingerprint import hamming
 from lxn_ray.dedupe.index import Candidate, CandidateIndex
 from lxn_ray.dedupe.orientation import describe, is_mirrored
+from lxn_ray.dedupe.thumbs import ThumbRef
 from lxn_ray.dedupe.verify import VerifyChunk, verify_chunk
 
 __all__ = [
@@ -130,6 +134,31 @@ def _thumb_bytes(fp: Mapping[str, object]) -> bytes:
     return data if isinstance(data, bytes) else bytes(data)  # type: ignore[arg-type]
 
 
+def _chunk(
+    part: Sequence[Candidate], fps: Mapping[str, Mapping[str, object]], size: int, config: DedupeConfig
+) -> VerifyChunk:
+    """The :class:`VerifyChunk` of ``part``: thumbnails computed in this run travel inline, stored ones
+    (:class:`~lxn_ray.dedupe.thumbs.ThumbRef`) as refs read by the worker; rows in sorted key order."""
+    used = sorted({k for c in part for k in (c.a, c.b)})
+    row = {k: i for i, k in enumerate(used)}
+    inline, stored, stored_rows = [], [], []
+    for i, k in enumerate(used):
+        thumb = fps[k]["thumb"]
+        if isinstance(thumb, ThumbRef):
+            stored.append(thumb)
+            stored_rows.append(i)
+        else:
+            inline.append(np.frombuffer(_thumb_bytes(fps[k]), np.uint8).reshape(size, size))
+    return VerifyChunk(
+        thumbs=np.stack(inline) if inline else np.zeros((0, size, size), np.uint8),
+        pairs=np.array([(row[c.a], row[c.b]) for c in part], dtype=np.int64),
+        orientations=np.array([c.orientation for c in part], dtype=np.int64),
+        config=config,
+        stored=tuple(stored),
+        stored_rows=np.array(stored_rows, dtype=np.int64) if stored else None,
+    )
+
+
 def find_duplicates(
     known: Mapping[str, Mapping[str, object]],
     new: Mapping[str, Mapping[str, object]],
@@ -182,20 +211,10 @@ def search_duplicates(
     if len(sizes) != 1:
         raise ValueError("fingerprints with different thumb_size cannot be compared")
     size = sizes.pop()
-    chunks = []
-    for start in range(0, len(candidates), chunk_size):
-        part = candidates[start : start + chunk_size]
-        used = sorted({k for c in part for k in (c.a, c.b)})
-        row = {k: i for i, k in enumerate(used)}
-        thumbs = np.stack([np.frombuffer(_thumb_bytes(fps[k]), np.uint8).reshape(size, size) for k in used])
-        chunks.append(
-            VerifyChunk(
-                thumbs=thumbs,
-                pairs=np.array([(row[c.a], row[c.b]) for c in part], dtype=np.int64),
-                orientations=np.array([c.orientation for c in part], dtype=np.int64),
-                config=config,
-            )
-        )
+    chunks = [
+        _chunk(candidates[start : start + chunk_size], fps, size, config)
+        for start in range(0, len(candidates), chunk_size)
+    ]
     results = (map_chunks or _serial_map)(verify_chunk, chunks)
     scores = [score for chunk_scores in results for score in chunk_scores]
     if len(scores) != len(candidates):

@@ -40,15 +40,13 @@ from threadpoolctl import threadpool_limits
 
 from lxn_ray.dedupe.config import DedupeConfig
 from lxn_ray.dedupe.orientation import IDENTITY, orient_thumb
+from lxn_ray.dedupe.thumbs import ThumbRef, read_thumbs, thumb_array
 
 __all__ = ["VerifyChunk", "verify_chunk", "verify_pair"]
 
 
 def _thumb_array(fp: Mapping[str, object]) -> np.ndarray:
-    size = int(fp["thumb_size"])  # type: ignore[arg-type]
-    data = fp["thumb"]
-    buf = data if isinstance(data, bytes) else bytes(data)  # bytearray/memoryview after Parquet
-    return np.frombuffer(buf, dtype=np.uint8).reshape(size, size).astype(np.float32)
+    return thumb_array(fp).astype(np.float32)  # inline bytes, or read through a stored ThumbRef
 
 
 def _equalize(img: np.ndarray) -> np.ndarray:
@@ -587,17 +585,38 @@ def _match_resolution(
 
 @dataclass(frozen=True)
 class VerifyChunk:
-    """A self-contained batch of pairs for :func:`verify_chunk`: only the thumbnails it uses travel.
+    """A self-contained batch of pairs for :func:`verify_chunk`: only the thumbnails it uses travel, inline
+    or as refs into stored shards that are read where the chunk runs.
 
-    ``thumbs``: (u, n, n) uint8; ``pairs``: (P, 2) int64 rows of ``thumbs`` (a, b); ``orientations``: (P,)
-    integer codes of :mod:`lxn_ray.dedupe.orientation`, compare ``a`` with ``b`` in that orientation (a bool
-    array reads as "flipped left-right or not": code 1 is the mirror).
+    ``thumbs``: (u, n, n) uint8, the chunk's inline thumbnails (u may be 0; n is the thumbnails' side);
+    ``pairs``: (P, 2) int64 rows (a, b) of the chunk's thumbnail table; ``orientations``: (P,) integer
+    codes of :mod:`lxn_ray.dedupe.orientation`, compare ``a`` with ``b`` in that orientation (a bool array
+    reads as "flipped left-right or not": code 1 is the mirror). ``stored``: the thumbnails not carried
+    inline, as :class:`~lxn_ray.dedupe.thumbs.ThumbRef` s, and ``stored_rows``: (len(stored),) int64,
+    their rows in the table; the table has ``u + len(stored)`` rows, the inline ones filling the rows
+    ``stored_rows`` leaves free, in order.
     """
 
     thumbs: np.ndarray
     pairs: np.ndarray
     orientations: np.ndarray
     config: DedupeConfig
+    stored: tuple[ThumbRef, ...] = ()
+    stored_rows: np.ndarray | None = None
+
+    def thumbnail_table(self) -> np.ndarray:
+        """(u + len(stored), n, n) uint8: the inline thumbnails with the stored ones read into their rows.
+        Reads only the row groups of ``stored`` (:func:`~lxn_ray.dedupe.thumbs.read_thumbs`)."""
+        if not self.stored:
+            return self.thumbs
+        n = self.thumbs.shape[1]  # (0, n, n) when every thumbnail is stored
+        table = np.empty((len(self.thumbs) + len(self.stored), n, n), dtype=np.uint8)
+        rows = np.asarray(self.stored_rows, dtype=np.int64)
+        inline = np.ones(len(table), dtype=bool)
+        inline[rows] = False
+        table[inline] = self.thumbs
+        table[rows] = read_thumbs(self.stored, n)
+        return table
 
 
 def verify_chunk(chunk: VerifyChunk) -> list[float]:
@@ -608,12 +627,13 @@ def verify_chunk(chunk: VerifyChunk) -> list[float]:
     """
     # 128 px matrix products gain nothing from BLAS threads, and on a busy host threads that spin waiting
     # for cores cost 10-100x; parallelism comes from running chunks side by side (Ray tasks).
+    thumbs = chunk.thumbnail_table()  # stored thumbnails are read here, on the worker, by row group
     with threadpool_limits(limits=1):
         cache: dict[tuple[int, int], _Thumb] = {}
 
         def thumb(row: int, orientation: int) -> _Thumb:
             if (row, orientation) not in cache:
-                raw = orient_thumb(chunk.thumbs[row].astype(np.float32), orientation)
+                raw = orient_thumb(thumbs[row].astype(np.float32), orientation)
                 cache[(row, orientation)] = _Thumb.of(raw)
             return cache[(row, orientation)]
 

@@ -147,6 +147,69 @@ def connect() -> None:
     )
 
 
+class StorageNotShared(RuntimeError):
+    """A local storage folder given to a job on a multi-node Ray cluster, whose other nodes cannot
+    reach it."""
+
+
+def joins_running_cluster() -> bool:
+    """Whether :func:`connect` would join a running cluster rather than start a local Ray of its own:
+    ``$RAY_ADDRESS`` is set (``ray job submit`` sets it), or ``ray start`` left a cluster on this machine."""
+    import ray
+    from ray._private.utils import read_ray_address
+
+    return ray.is_initialized() or bool(os.environ.get("RAY_ADDRESS")) or bool(read_ray_address())
+
+
+def alive_nodes() -> list[dict[str, Any]]:
+    """The cluster's alive nodes (``ray.nodes()`` rows), connecting first."""
+    connect()
+    import ray
+
+    return [node for node in ray.nodes() if node.get("Alive")]
+
+
+def largest_node_cpus() -> int | None:
+    """The most CPUs one node can give a new Ray Train worker: the most free now on any alive node, or,
+    when no node has a whole CPU free, the most any node has; None without a CPU node.
+
+    A worker lives on one node, so asking for more than that could never be placed, however many CPUs the
+    cluster has in all - nor while other work (a Serve replica on every node, say) leaves each node only a
+    part of its CPUs (ray-project/ray#37177 is the storage side of the same one-node assumption).
+    Per-node free resources come from ``ray._private.state`` (no public API has them in Ray 2.60)."""
+    from ray._private import state
+
+    connect()
+    free = state.available_resources_per_node()
+    alive = alive_nodes()
+    totals = [int(node.get("Resources", {}).get("CPU", 0)) for node in alive]
+    spare = [int(free.get(node["NodeID"], {}).get("CPU", 0)) for node in alive]
+    if max(spare, default=0) >= 1:
+        return max(spare)
+    return max(totals) if any(totals) else None
+
+
+def require_reachable_storage(uri: str, shared: bool = False) -> None:
+    """Refuse a local storage folder on a multi-node cluster, before the job does any work.
+
+    Ray Train and Tune on more than one node need a ``storage_path`` every node can reach (S3, or a folder
+    mounted at the same path everywhere; ray-project/ray#37177), and so do the pixel caches, model files
+    and dataset versions every node reads. A local folder (a path or ``file://``) is allowed when this
+    process would start its own one-node Ray, when the cluster it joins has one node, or when ``shared``
+    says the folder is mounted at the same path on every node (``--shared-storage``). Raises
+    :class:`StorageNotShared` otherwise."""
+    local = "://" not in uri or uri.startswith("file://")
+    if not local or shared or not joins_running_cluster():
+        return
+    nodes = len(alive_nodes())
+    if nodes > 1:
+        raise StorageNotShared(
+            f"--storage {uri} is a folder on this machine, and the Ray cluster has {nodes} nodes that cannot "
+            "all reach it: use --storage s3://BUCKET/PREFIX, or a folder every node mounts at the same path "
+            "(NFS, EFS) with --shared-storage"
+        )
+
+
 PROGRESS_EVERY_S = 10.0  # how often map_chunks_on_ray reports, at most
 
 

@@ -330,7 +330,11 @@ def deploy(settings: ServeSettings) -> dict[str, Any]:
     # Serve's controller, proxy and replicas log at INFO to the driver (~40 lines per start-up); a job's
     # own summary says what is served, so by default they log warnings only (--verbose: everything).
     logs = None if quiet.verbose() else {"log_level": "WARNING"}
-    serve.start(http_options={"host": settings.host, "port": settings.port}, logging_config=logs)
+    serve.start(
+        proxy_location=settings.proxy_location,
+        http_options={"host": settings.host, "port": settings.port},
+        logging_config=logs,
+    )
     handle = serve.run(
         application(settings),
         name=settings.app_name,

@@ -31,6 +31,13 @@ class ServeSettings:
     # The HTTP proxy's address is jobs/serve.py's only; `serve deploy` takes http_options instead.
     host: str = setting("127.0.0.1", help="HTTP address (0.0.0.0 for all interfaces)")
     port: int = setting(8000, help="HTTP port")
+    # Serve's default runs a proxy on every node, for a load balancer in front of the cluster; HeadOnly
+    # suits one entry point (and nodes that share a host, as in the cluster tests).
+    proxy_location: str = setting(
+        "EveryNode",
+        choices=("EveryNode", "HeadOnly"),
+        help="where Serve runs HTTP proxies: EveryNode (behind a load balancer) or HeadOnly",
+    )
     app_name: str = setting("lxn", help="Serve application name")
     route_prefix: str = setting("/", help="the path every route sits under")
     min_replicas: int = setting(1, help="fewest replicas autoscaling keeps (0: none while idle)")

@@ -69,7 +69,7 @@ def run_trainer(
     w_pos, w_neg = class_weights(positives, negatives)
     train = pixel_cache(storage, version, "train", config)
     val = pixel_cache(storage, version, "val", config)
-    scaling = scaling_config(config, ray.cluster_resources(), cpus_per_worker)
+    scaling = scaling_config(config, ray.cluster_resources(), cpus_per_worker, cluster.largest_node_cpus())
     use_gpu, cpus = scaling.use_gpu, int(scaling.resources_per_worker["CPU"])
     trainer = TensorflowTrainer(
         train_loop_per_worker,
@@ -105,16 +105,22 @@ def run_trainer(
 
 
 def scaling_config(
-    config: TrainConfig, available: dict[str, float], cpus_per_worker: int | None = None
+    config: TrainConfig,
+    available: dict[str, float],
+    cpus_per_worker: int | None = None,
+    largest_node: int | None = None,
 ) -> ray.train.ScalingConfig:
     """What each Ray Train worker asks for: one GPU (and a CPU to feed it) when the cluster has GPUs or
-    ``use_gpu`` is set; otherwise ``cpus_per_worker`` CPUs (Tune's sizing) or an even share of the CPUs."""
+    ``use_gpu`` is set; otherwise ``cpus_per_worker`` CPUs (Tune's sizing) or an even share of the
+    ``available`` CPUs - never more than the ``largest_node`` has, since a worker lives on one node."""
     from ray.train import ScalingConfig
 
     workers = max(config.workers, 1)
     if config.use_gpu or available.get("GPU", 0) > 0:
         return ScalingConfig(num_workers=workers, use_gpu=True, resources_per_worker={"CPU": 1, "GPU": 1})
     cpus = cpus_per_worker or max(1, int(available.get("CPU", 1) // workers))
+    if largest_node:
+        cpus = min(cpus, largest_node)
     return ScalingConfig(num_workers=workers, use_gpu=False, resources_per_worker={"CPU": cpus})
 
 

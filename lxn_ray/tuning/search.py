@@ -29,7 +29,7 @@ from typing import Any
 from ray.tune import Callback
 
 from lxn_ray.data import dataset
-from lxn_ray.infra import quiet
+from lxn_ray.infra import cluster, quiet
 from lxn_ray.infra.log import get_logger
 from lxn_ray.infra.resources import (
     POLL_S,
@@ -178,8 +178,11 @@ def make_scheduler(settings: TuneSettings) -> Any:
 TRIAL_RESOURCES = {"CPU": 0, "memory": 1}
 
 
-def plan_concurrency(settings: TuneSettings, total: dict[str, float] | None = None) -> tuple[int, int]:
-    """(trials at once, CPUs per Train worker) for the cluster's resources ``total`` (default: Ray's).
+def plan_concurrency(
+    settings: TuneSettings, total: dict[str, float] | None = None, largest_node: int | None = None
+) -> tuple[int, int]:
+    """(trials at once, CPUs per Train worker) for the cluster's resources ``total`` (default: Ray's) and
+    the CPUs of its ``largest_node`` (default: Ray's; a worker lives on one node, so it never asks for more).
 
     Each Train worker takes one GPU and one CPU where the cluster has GPUs, else ``cpus_per_worker``
     CPUs. Narrow trials side by side beat one wide trial on a CPU box (ASHA compares trials that report
@@ -190,7 +193,8 @@ def plan_concurrency(settings: TuneSettings, total: dict[str, float] | None = No
     """
     import ray
 
-    total = ray.cluster_resources() if total is None else total
+    if total is None:
+        total, largest_node = ray.cluster_resources(), cluster.largest_node_cpus()
     workers = max(1, settings.workers_per_trial)
     cpus, gpus = int(total.get("CPU", 0)), int(total.get("GPU", 0))
     fits = max(1, (min(gpus, cpus) if gpus else cpus) // workers)
@@ -199,7 +203,19 @@ def plan_concurrency(settings: TuneSettings, total: dict[str, float] | None = No
         log(f"--max-concurrent {wanted} exceeds what fits ({fits}); extra trials will queue for workers")
     concurrent = max(1, min(wanted, settings.num_samples))
     cpus_per_worker = 1 if gpus else max(1, cpus // (min(concurrent, fits) * workers))
-    return concurrent, cpus_per_worker
+    return concurrent, min(cpus_per_worker, largest_node or cpus_per_worker)
+
+
+class TrialRetries(Callback):
+    """How often a failed trial is run again (from its Train run's last checkpoint in storage), set on
+    every trial as it starts. Tune pickles ``FailureConfig.max_failures`` into each trial when it creates
+    it, so a restored search would otherwise keep the policy of the run that created its trials."""
+
+    def __init__(self, max_failures: int) -> None:
+        self.max_failures = max_failures
+
+    def on_trial_start(self, iteration: int, trials: list, trial: Any, **_info: Any) -> None:
+        trial.max_failures = self.max_failures
 
 
 class Progress(Callback):
@@ -395,16 +411,19 @@ def build_tuner(
         ),
         TRIAL_RESOURCES,
     )
+    # A trial whose node is lost is run again, and its Train run resumes from its last checkpoint in storage
+    # (the run is named by the trial); fault injection (tests) wants the error instead.
+    retries = TrialRetries(max_failures=0 if crash_once else 2)
     exists = tune.Tuner.can_restore(path, storage_filesystem=storage.filesystem)
     if resume and exists:
         log(f"resuming search {name} (errored and unfinished trials restart)")
         tuner = tune.Tuner.restore(
             path, trainable=trainable, resume_errored=True, storage_filesystem=storage.filesystem
         )
-        if keeper is not None:  # Tune restores the callbacks it pickled; use this run's keeper instead
-            run_config = tuner._local_tuner.get_run_config()
-            kept = [c for c in run_config.callbacks or [] if not isinstance(c, ResourceKeeper)]
-            run_config.callbacks = [*kept, keeper]
+        # Tune restores the callbacks it pickled; this run's keeper and retry policy instead
+        run_config = tuner._local_tuner.get_run_config()
+        kept = [c for c in run_config.callbacks or [] if not isinstance(c, (ResourceKeeper, TrialRetries))]
+        run_config.callbacks = [*kept, retries, *([keeper] if keeper is not None else [])]
         return tuner, _searcher_used(storage, name) or settings.searcher, max_concurrent
     if exists:
         raise FileExistsError(f"search {name} already exists in {storage.uri_of(TUNE)}")
@@ -440,6 +459,7 @@ def build_tuner(
             # Tune's own status table only with --verbose; by default Progress prints a line per epoch
             verbose=1 if quiet.verbose() else 0,
             callbacks=[
+                retries,
                 *([keeper] if keeper is not None else []),
                 Progress(settings.num_samples, settings.epochs, max_concurrent, bound_s),
             ],

@@ -112,13 +112,13 @@ def test_main_job_beside_another_ray_instance_and_a_busy_core(
     snapshot_store, bundle_checkout, crowded_machine, tmp_path
 ):
     """The main job as a user runs it - ``--source`` given, so it ingests first (the store already holds
-    that snapshot: nothing new), then 4 trials, 2 at a time, ASHA on - on a loaded host. It finishes,
+    that snapshot: nothing new), then 2 trials side by side, ASHA on - on a loaded host. It finishes,
     gives back every placement group, and prints only its own lines: the plan before any of ingest's,
     each line once, no traceback, nothing from Ray or TensorFlow."""
     storage = snapshot_store
     report_path = tmp_path / "tune.json"
     argv = ["--storage", storage.uri, "--source", str(bundle_checkout("2020-04-20"))]
-    argv += ["--num-samples", "4", "--epochs", "2", *TINY, "--max-concurrent", "2"]
+    argv += ["--num-samples", "2", "--epochs", "2", *TINY, "--max-concurrent", "2"]
     argv += ["--report", str(report_path)]
     started = time.monotonic()
     job = subprocess.run(
@@ -128,7 +128,7 @@ def test_main_job_beside_another_ray_instance_and_a_busy_core(
         capture_output=True,
         text=True,
         # Bounded: the hang this guards against never ended. 4 trials took ~3 min on a quiet 2-core
-        # machine and came past 8 min on a loaded CI host.
+        # machine and came past 8 min on a loaded CI host; 2 trials half that.
         timeout=1200,
     )
     assert job.returncode == 0, "the search failed:\n" + "\n".join(own_stderr_lines(job.stderr)[-30:])
@@ -141,8 +141,8 @@ def test_main_job_beside_another_ray_instance_and_a_busy_core(
     assert plan < next(i for i, line in enumerate(lines) if line.startswith("[ingest"))
     report = json.loads(report_path.read_text())
     assert report["ingest"]["changed"] is False
-    assert report["trials"]["count"] == 4 and report["max_concurrent"] == 2
-    assert report["trials"]["completed"] + report["trials"]["stopped_early"] == 4
+    assert report["trials"]["count"] == 2 and report["max_concurrent"] == 2
+    assert report["trials"]["completed"] + report["trials"]["stopped_early"] == 2
     assert report["best"]["model_version"] in registry.list_versions(storage)
     # Every Train run's worker group was given back before the job ended - not left for Ray to
     # reclaim when the job died - and nothing of the job is left on the cluster afterwards.
@@ -265,3 +265,11 @@ def test_concurrency_fits_the_cluster(total, num_samples, workers, max_concurren
 
     settings = TuneSettings(num_samples=num_samples, workers_per_trial=workers, max_concurrent=max_concurrent)
     assert plan_concurrency(settings, total) == expected
+
+
+def test_a_trial_worker_never_asks_for_more_cpus_than_one_node_has():
+    from lxn_ray.tuning.search import plan_concurrency
+    from lxn_ray.tuning.settings import TuneSettings
+
+    # 8 CPUs on four 2-CPU nodes, one trial: 8 CPUs for its worker would fit no node
+    assert plan_concurrency(TuneSettings(num_samples=1), {"CPU": 8}, largest_node=2) == (1, 2)
