@@ -15,6 +15,7 @@ from pathlib import Path
 import boto3
 import pytest
 
+from lxn_ray.data import dataset
 from lxn_ray.infra.storage import Storage
 from tests.cluster.local_cluster import JobResult, LocalCluster
 from tests.helpers import SourceBuilder, free_port
@@ -98,6 +99,7 @@ class ClusterStore:
     source_folder: Path  # its local original
     store: str  # s3:// URI of the store the source was ingested into
     ingest: JobResult  # that ingest job
+    version: str  # the dataset version it published (tests may publish later ones)
 
     @property
     def storage(self) -> Storage:
@@ -113,4 +115,5 @@ def cluster_store(jobs: Jobs, tmp_path_factory: pytest.TempPathFactory) -> Clust
     folder = labelled_source(SourceBuilder(tmp_path_factory.mktemp("cluster-source") / "source"))
     source = upload(folder, bucket, "source")
     store = f"s3://{bucket}/store"
-    return ClusterStore(bucket, source, folder, store, jobs.run("ingest", store, "--source", source))
+    ingested = jobs.run("ingest", store, "--source", source)
+    return ClusterStore(bucket, source, folder, store, ingested, dataset.latest_version(Storage.open(store)))

@@ -1,7 +1,7 @@
 """The whole service on a 3-node Ray cluster with its storage on S3 (:mod:`tests.cluster.conftest`): ingest,
-train, tune, evaluate, serve and a retraining tick, each submitted with ``ray job submit --working-dir .``
-from a folder that is not the checkout, with where their work ran read back from Ray's state API; and a
-local store refused on that cluster before any work starts."""
+train, evaluate, serve and a retraining tick (the search: :mod:`tests.cluster.test_node_failure`), each
+submitted with ``ray job submit --working-dir .`` from a folder that is not the checkout, with where their
+work ran read back from Ray's state API; and a local store refused on that cluster before any work starts."""
 
 from __future__ import annotations
 
@@ -10,9 +10,14 @@ import sys
 import time
 from pathlib import Path
 
+import numpy as np
 import pytest
 import requests
 
+from lxn_ray import registry
+from lxn_ray.data import dataset
+from lxn_ray.evaluation import predict
+from lxn_ray.infra.storage import Storage
 from lxn_ray.serving import auth
 from tests.cluster.conftest import TINY, WORKERS, ClusterStore, Jobs, latest_report, upload
 from tests.cluster.local_cluster import LocalCluster
@@ -45,6 +50,31 @@ def serve_replicas(cluster: LocalCluster, app: str) -> list[str]:
     )
 
 
+def assert_published(storage: Storage, report: dict, epochs: int) -> None:
+    """A train job's report and what it published in storage: metrics with intervals, the model and its
+    card and plots, per-epoch checkpoints, and a model that loads in Keras safe mode from S3."""
+    assert report["dataset_version"] == dataset.latest_version(storage)
+    for split in ("val", "test"):
+        assert set(report[split]) >= {"auc", "accuracy", "sensitivity", "specificity"}
+    assert len(report["test"]["auc_ci"]) == 2 and report["test"]["auc_ci"][0] <= report["test"]["auc_ci"][1]
+    assert 0.0 <= report["threshold"] <= 1.0
+    version = report["model_version"]
+    assert report["checkpoint"].endswith(f"models/{version}/model.keras")
+    plots = ("plots/training_curves.png", "plots/roc.png", "plots/confusion_test.png")
+    for name in ("model.keras", "card.json", *plots):
+        assert storage.exists(registry.model_key(version, name)), name
+    card = registry.read_card(storage, version)
+    assert card["dataset_version"] == report["dataset_version"] and card["threshold"] == report["threshold"]
+    assert [entry["epoch"] for entry in card["history"]] == list(range(1, epochs + 1))
+    metrics = {"train_loss", "val_loss", "val_auc", "val_sensitivity", "val_specificity"}
+    assert metrics <= set(card["history"][0])
+    assert "not a diagnostic" in card["intended_use"].lower()
+    runs = [key for key in storage.list("runs") if "train-" in key]
+    assert any("checkpoint_" in key for run in runs for key in storage.list(run))  # epochs kept on S3
+    model = predict.load(storage, version).model  # safe mode
+    assert model.predict(np.zeros((1, 32, 32, 3), np.float32), verbose=0).shape == (1, 1)
+
+
 def test_the_service_runs_on_the_cluster_with_its_work_on_the_worker_nodes(
     ray_cluster: LocalCluster, jobs: Jobs, cluster_store: ClusterStore, tmp_path: Path
 ):
@@ -56,12 +86,10 @@ def test_the_service_runs_on_the_cluster_with_its_work_on_the_worker_nodes(
     trained = jobs.run("train", store, *TINY, "--lr", "1e-3", "--epochs", "2", "--workers", "2")
     assert placed(ray_cluster, trained.submission_id, "RayTrainWorker") == WORKERS
     assert placed(ray_cluster, trained.submission_id, "TrainController", "_Step") == {"head"}
-    version = latest_report(storage, "train")["model_version"]
-
-    searched = jobs.run("tune", store, *TINY, "--num-samples", "2", "--epochs", "1", "--no-asha")
-    assert placed(ray_cluster, searched.submission_id, "RayTrainWorker") <= WORKERS
-    search = latest_report(storage, "tune")
-    assert search["trials"]["count"] == search["trials"]["completed"] == 2
+    report = latest_report(storage, "train")
+    version = report["model_version"]
+    assert_published(storage, report, epochs=2)
+    # (tune on the cluster: test_node_failure.py's search, which also loses a node)
 
     other = labelled_source(SourceBuilder(tmp_path / "other"), 16, offset=500)
     held_out = upload(other, cluster_store.bucket, "other")

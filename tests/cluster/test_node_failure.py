@@ -19,7 +19,7 @@ from lxn_ray.data import dataset
 from lxn_ray.infra.storage import Storage
 from tests.cluster.conftest import TINY, WORKERS, ClusterStore, Jobs, latest_report
 from tests.cluster.local_cluster import LocalCluster
-from tests.cluster.test_cluster import serve_replicas
+from tests.cluster.test_cluster import placed, serve_replicas
 from tests.helpers import encode, radiograph, wait_for
 
 pytestmark = pytest.mark.slow
@@ -121,6 +121,7 @@ def test_a_search_finishes_with_the_interrupted_trial_resumed(
     search = latest_report(storage, "tune")
     assert search["trials"]["count"] == search["trials"]["completed"] == 2
     assert not search["trials"]["errored"]
+    assert placed(ray_cluster, submission, "RayTrainWorker") == WORKERS  # both nodes trained
     # {worker pid: the epoch it resumed after} (nodes sharing this host may forward a line more than once)
     resumed = dict(re.findall(r"RayTrainWorker pid=(\d+)\).*resuming after epoch (\d+)", result.logs))
     assert resumed, result.logs[-6000:]  # a trial went on from its checkpoint: it did not start over
@@ -158,16 +159,17 @@ def test_an_ingest_that_loses_a_node_publishes_once_with_the_same_rows(
     published = [k for k in storage.list(dataset.DATASETS) if storage.exists(f"{k}/manifest.json")]
     assert len(published) == 1, published  # published once
 
-    def rows(of) -> set[tuple]:
-        table = dataset.read_table(of, dataset.latest_version(of), "images")
+    def rows(of: Storage, version: str) -> set[tuple]:
+        table = dataset.read_table(of, version, "images")
         return {
             (r["filename"], r["patient_id"], r["label"], r["split"], r["sha256"]) for r in table.to_pylist()
         }
 
-    assert rows(storage) == rows(undisturbed)
+    disturbed = rows(storage, dataset.latest_version(storage))
+    assert disturbed == rows(undisturbed, cluster_store.version)  # the fixture's ingest of the same source
     print(
         f"ingest: lost {lost} while a Ray Data task ran on it; one version published "
-        f"{time.monotonic() - killed:.0f} s later with the undisturbed ingest's {len(rows(storage))} rows"
+        f"{time.monotonic() - killed:.0f} s later with the undisturbed ingest's {len(disturbed)} rows"
     )
 
 

@@ -19,7 +19,7 @@ from lxn_ray.data.ingest import ingest
 from lxn_ray.evaluation import predict
 from lxn_ray.infra.storage import Storage
 from lxn_ray.training.config import TrainConfig
-from lxn_ray.training.train import scaling_config, train
+from lxn_ray.training.train import train
 from tests.helpers import copy_store, radiograph
 from tests.shared_stores import TINY, labelled_source  # other test modules import both from here
 
@@ -31,101 +31,6 @@ from tests.shared_stores import TINY, labelled_source  # other test modules impo
 def store(labelled_store, tmp_path_factory) -> Storage:
     """The session's 60-patient store, copied: this module's tests train into it, one after another."""
     return Storage.open(str(copy_store(labelled_store, tmp_path_factory.mktemp("train") / "store")))
-
-
-@pytest.mark.slow
-def test_train_job_two_workers_publishes_a_model_version(store, tmp_path):
-    report_path = tmp_path / "t.json"
-    code = train_main(
-        [
-            "--storage",
-            store.uri,
-            "--image-size",
-            "32",
-            "--width",
-            "0.125",
-            "--epochs",
-            "2",
-            "--workers",
-            "2",
-            "--batch-size",
-            "8",
-            "--lr",
-            "1e-3",
-            "--report",
-            str(report_path),
-        ]
-    )
-    assert code == 0
-    report = json.loads(report_path.read_text())
-    assert report["dataset_version"] == dataset.latest_version(store)
-    for split in ("val", "test"):
-        assert set(report[split]) >= {"auc", "accuracy", "sensitivity", "specificity"}
-    assert len(report["test"]["auc_ci"]) == 2 and report["test"]["auc_ci"][0] <= report["test"]["auc_ci"][1]
-    assert 0.0 <= report["threshold"] <= 1.0
-    version = report["model_version"]
-    assert report["checkpoint"].endswith(f"models/{version}/model.keras")
-    for name in (
-        "model.keras",
-        "card.json",
-        "plots/training_curves.png",
-        "plots/roc.png",
-        "plots/confusion_test.png",
-    ):
-        assert store.exists(registry.model_key(version, name)), name
-    card = registry.read_card(store, version)
-    assert card["dataset_version"] == report["dataset_version"] and card["threshold"] == report["threshold"]
-    assert [entry["epoch"] for entry in card["history"]] == [1, 2]
-    assert {"train_loss", "val_loss", "val_auc", "val_sensitivity", "val_specificity"} <= set(
-        card["history"][0]
-    )
-    assert (
-        "not a diagnostic device" in card["intended_use"].lower()
-        or "not a diagnostic" in card["intended_use"]
-    )
-    # The store's first model becomes its champion, so it can be served at once - unless it is no better
-    # than chance (a tiny model on 9 test films seldom is): then it stays a candidate, and says why.
-    chance = report["test"]["no_better_than_chance"]
-    assert report["promoted"] is (not chance)
-    assert registry.champion(store) == (None if chance else version)
-    if chance:
-        assert report["not_promoted_because"].startswith(f"{version} is no better than chance")
-    model = predict.load(store, version).model  # safe mode
-    assert model.predict(np.zeros((1, 32, 32, 3), np.float32), verbose=0).shape == (1, 1)
-    run_checkpoints = [key for key in store.list("runs") if "train-" in key]
-    assert run_checkpoints  # per-epoch checkpoints live under storage
-
-
-@pytest.mark.slow
-def test_an_interrupted_job_rerun_continues_its_run(store, tmp_path):
-    other = TrainConfig(**TINY, epochs=3, workers=1, seed=1)
-    with pytest.raises(Exception):  # noqa: B017 - Ray wraps the worker's death in its own error types
-        train(
-            store,
-            None,
-            other,
-            max_failures=0,
-            crash_once={"epoch": 3, "rank": 0, "marker": str(tmp_path / "b")},
-        )
-    rerun = train(store, None, other)
-    card = registry.read_card(store, rerun["model_version"])
-    assert [entry["epoch"] for entry in card["history"]] == [1, 2, 3]
-    assert card["resumes"] == 1  # epochs 1-2 came from the interrupted run
-
-
-def test_workers_ask_for_one_gpu_each_when_the_cluster_has_gpus():
-    config = TrainConfig(**TINY, workers=4)
-    on_gpus = scaling_config(config, {"CPU": 16, "GPU": 4})
-    assert on_gpus.use_gpu and on_gpus.num_workers == 4
-    assert on_gpus.resources_per_worker == {"CPU": 1, "GPU": 1}
-    on_cpus = scaling_config(config, {"CPU": 16})
-    assert not on_cpus.use_gpu and on_cpus.resources_per_worker == {"CPU": 4}  # an even share
-    assert scaling_config(config, {"CPU": 16}, cpus_per_worker=1).resources_per_worker == {"CPU": 1}
-    forced = scaling_config(TrainConfig(**TINY, use_gpu=True), {"CPU": 2})
-    assert forced.use_gpu and forced.resources_per_worker == {"CPU": 1, "GPU": 1}
-    # a worker lives on one node: never more than one node can give (two 2-CPU nodes: not one 4-CPU worker)
-    one = TrainConfig(**TINY, workers=1)
-    assert scaling_config(one, {"CPU": 4}, largest_node=2).resources_per_worker == {"CPU": 2}
 
 
 @pytest.mark.slow
