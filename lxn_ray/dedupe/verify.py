@@ -95,28 +95,24 @@ def _profile_grid(n_src: int, n_dst: int, scales: np.ndarray, offsets: np.ndarra
     return i0, i1, frac, w, np.maximum(cnt, 1.0), ok
 
 
-def _profile_corr_grid(pa: np.ndarray, pb: np.ndarray, grid) -> np.ndarray:
-    """Pearson correlation of B's profile with A's profile resampled on a :func:`_profile_grid`."""
-    i0, i1, frac, w, cnt_safe, ok = grid
-    sampled = pa[i0] + (pa[i1] - pa[i0]) * frac
-    ma = (sampled * w).sum(axis=-1) / cnt_safe
-    mb = (w @ pb) / cnt_safe
-    da = (sampled - ma[..., None]) * w
-    db = (pb - mb[..., None]) * w
-    corr = (da * db).sum(axis=-1) / np.sqrt((da * da).sum(axis=-1) * (db * db).sum(axis=-1) + 1e-12)
-    return np.where(ok, corr, -2.0)
-
-
 def _profile_corr(
     pa: np.ndarray, pb: np.ndarray, scales: np.ndarray, offsets: np.ndarray, min_overlap: float
-):
-    """Pearson correlation of B's profile with A's profile resampled at every (scale, offset) hypothesis.
+) -> np.ndarray:
+    """Pearson correlation of each B profile with its A profile resampled at each of its hypotheses.
 
-    Returns an array of shape ``scales.shape`` (scales and offsets are broadcast); hypotheses whose overlap
-    covers less than ``min_overlap`` of either profile get -2.
+    ``pa``, ``pb``: (J, m) profiles; ``scales``, ``offsets``: (J, H) hypotheses per row. Returns (J, H)
+    float32; hypotheses whose overlap covers less than ``min_overlap`` of either profile get -2.
     """
-    scales, offsets = np.broadcast_arrays(scales, offsets)
-    return _profile_corr_grid(pa, pb, _profile_grid(len(pa), len(pb), scales, offsets, min_overlap))
+    i0, i1, frac, w, cnt_safe, ok = _profile_grid(pa.shape[1], pb.shape[1], scales, offsets, min_overlap)
+    rows = pa[:, None, :]
+    lo, hi = np.take_along_axis(rows, i0, axis=-1), np.take_along_axis(rows, i1, axis=-1)
+    sampled = lo + (hi - lo) * frac  # (J, H, m)
+    ma = (sampled * w).sum(axis=-1) / cnt_safe
+    mb = np.einsum("jhm,jm->jh", w, pb) / cnt_safe
+    da = (sampled - ma[..., None]) * w
+    db = (pb[:, None, :] - mb[..., None]) * w
+    corr = (da * db).sum(axis=-1) / np.sqrt((da * da).sum(axis=-1) * (db * db).sum(axis=-1) + 1e-12)
+    return np.where(ok, corr, -2.0)
 
 
 @functools.lru_cache(maxsize=8)
@@ -137,30 +133,18 @@ def _coarse_grid(
     return scales, offsets, _profile_grid(n_src, n_dst, grid_s, grid_o, min_overlap)
 
 
-def _coarse_axis(pa: np.ndarray, pb: np.ndarray, config: DedupeConfig) -> list[tuple[float, float, float]]:
-    """The ``top_k`` best, mutually distinct (scale, offset, correlation) hypotheses on a coarse grid."""
-    scales, offsets, grid = _coarse_grid(
-        len(pa),
-        len(pb),
-        config.max_scale,
-        config.max_offset,
-        config.scale_steps,
-        config.offset_steps,
-        config.min_overlap,
+def _coarse_hypotheses(m: int, config: DedupeConfig) -> tuple[np.ndarray, np.ndarray]:
+    """(H,) scales and (H,) offsets of the coarse grid, in the hypothesis order of :func:`_coarse_corr`."""
+    scales, offsets, _ = _coarse_grid(
+        m, m, config.max_scale, config.max_offset, config.scale_steps, config.offset_steps, config.min_overlap
     )
-    corr = _profile_corr_grid(pa, pb, grid)
-    ranked = []
-    for idx in np.argsort(-corr.ravel(), kind="stable"):
-        si, oi = divmod(int(idx), len(offsets))
-        if corr[si, oi] < -1.5:
-            break
-        ranked.append((float(scales[si]), float(offsets[oi]), float(corr[si, oi])))
-    return _distinct(ranked, config.top_k)
+    grid_s, grid_o = np.broadcast_arrays(scales[:, None], offsets[None, :])
+    return grid_s.ravel(), grid_o.ravel()
 
 
 def _distinct(ranked: Iterable[tuple[float, float, float]], top_k: int) -> list[tuple[float, float, float]]:
     """The first ``top_k`` (scale, offset, correlation) hypotheses of ``ranked`` (best first) that differ
-    from every earlier pick by more than 0.04 in scale or in offset."""
+    from every earlier pick by more than 0.04 in scale or in offset. Stops reading ``ranked`` there."""
     picks: list[tuple[float, float, float]] = []
     for cand in ranked:
         if all(abs(cand[0] - s) > 0.04 or abs(cand[1] - o) > 0.04 for s, o, _ in picks):
@@ -170,68 +154,96 @@ def _distinct(ranked: Iterable[tuple[float, float, float]], top_k: int) -> list[
     return picks
 
 
-def _coarse_starts(pa: np.ndarray, pb: np.ndarray, config: DedupeConfig) -> list[tuple[float, float, float]]:
-    """The ``top_k`` best, mutually distinct hypotheses of :func:`_coarse_axis` over rows of profile pairs
-    ((k, m) each, e.g. :func:`_band_pairs`)."""
-    ranked = sorted(
-        (c for a, b in zip(pa, pb, strict=True) for c in _coarse_axis(a, b, config)), key=lambda c: -c[2]
-    )
-    return _distinct(ranked, config.top_k)
+def _x_starts(
+    pairs: Sequence[tuple[_Thumb, _Thumb]], config: DedupeConfig
+) -> list[list[tuple[float, float]]]:
+    """Per pair, the ``top_k`` best mutually distinct coarse x hypotheses (scale, offset) over its
+    :func:`_band_pairs`: each band pair's own ``top_k`` distinct best, merged by correlation."""
+    bands = [_band_pairs(ta.bands_x, tb.bands_x) for ta, tb in pairs]
+    n_bands = len(bands[0][0])
+    corr = _coarse_corr(np.concatenate([a for a, _ in bands]), np.concatenate([b for _, b in bands]), config)
+    order = np.argsort(-corr, axis=1, kind="stable")
+    scales, offsets = _coarse_hypotheses(bands[0][0].shape[1], config)
+
+    def ranked(row: int) -> Iterable[tuple[float, float, float]]:
+        for h in order[row]:
+            if corr[row, h] < -1.5:
+                return
+            yield float(scales[h]), float(offsets[h]), float(corr[row, h])
+
+    starts = []
+    for p in range(len(pairs)):
+        per_band = [
+            c for row in range(p * n_bands, (p + 1) * n_bands) for c in _distinct(ranked(row), config.top_k)
+        ]
+        starts.append([(s, o) for s, o, _ in _distinct(sorted(per_band, key=lambda c: -c[2]), config.top_k)])
+    return starts
 
 
-def _refine_axis(pa: np.ndarray, pb: np.ndarray, start: tuple[float, float], config: DedupeConfig):
-    """Local coarse-to-fine search around ``start``: 7x7 grids with halving spans."""
-    s0, o0 = start[0], start[1]
-    span_s, span_o = 0.06, 0.06
+def _refine_axis(pa: np.ndarray, pb: np.ndarray, start: np.ndarray, config: DedupeConfig) -> np.ndarray:
+    """Local coarse-to-fine search around each row's ``start``: 7x7 grids with halving spans.
+
+    ``pa``, ``pb``: (J, m) profiles; ``start``: (J, 2) float32 (scale, offset). Returns (J, 2) float32.
+    """
+    s0, o0 = start[:, 0], start[:, 1]
+    span = 0.06
     steps = np.linspace(-1.0, 1.0, 7, dtype=np.float32)
+    rows = np.arange(len(start))
     for _ in range(4):
-        scales = (s0 * np.exp(steps * span_s))[:, None]
-        offsets = (o0 + steps * span_o)[None, :]
-        scales, offsets = np.broadcast_arrays(scales, offsets)
-        corr = _profile_corr(pa, pb, scales, offsets, config.min_overlap)
-        i = int(np.argmax(corr))
-        s0, o0 = float(scales.flat[i]), float(offsets.flat[i])
-        span_s, span_o = span_s / 3.0, span_o / 3.0
-    return s0, o0
+        scales = np.repeat(s0[:, None] * np.exp(steps * span), 7, axis=1)  # (J, 49): scale-major, as a 7x7
+        offsets = np.tile(o0[:, None] + steps * span, 7)
+        best = _profile_corr(pa, pb, scales, offsets, config.min_overlap).argmax(axis=1)
+        s0, o0 = scales[rows, best], offsets[rows, best]
+        span /= 3.0
+    return np.stack([s0, o0], axis=1)
 
 
-def _warp_axis(
-    a: np.ndarray, axis: int, n_dst: int, hyp: tuple[float, float]
-) -> tuple[np.ndarray, np.ndarray]:
-    """Resample ``a`` along ``axis`` onto B's grid for one hypothesis; returns values and inside mask."""
+def _warp_axis(a: np.ndarray, axis: int, n_dst: int, hyp: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """Resample each image of ``a`` (J, n, n) along ``axis`` (1: rows, 2: columns) onto B's grid for its
+    hypothesis ``hyp`` (J, 2) (scale, offset); returns the values and the inside mask (J, n_dst)."""
     n_src = a.shape[axis]
-    pos, inside = _axis_positions(n_src, n_dst, np.float32(hyp[0]), np.float32(hyp[1]))
+    pos, inside = _axis_positions(n_src, n_dst, hyp[:, 0], hyp[:, 1])
     pos = np.clip(pos, 0.0, n_src - 1.0)
     i0 = np.floor(pos).astype(np.intp)
     i1 = np.minimum(i0 + 1, n_src - 1)
-    frac = pos - i0
-    if axis == 0:
-        out = a[i0, :] * (1.0 - frac)[:, None] + a[i1, :] * frac[:, None]
-    else:
-        out = a[:, i0] * (1.0 - frac)[None, :] + a[:, i1] * frac[None, :]
-    return out, inside
+    frac = (pos - i0).astype(np.float32)
+    at = (slice(None), slice(None), None) if axis == 1 else (slice(None), None, slice(None))
+    lo, hi = np.take_along_axis(a, i0[at], axis=axis), np.take_along_axis(a, i1[at], axis=axis)
+    return lo + (hi - lo) * frac[at], inside
 
 
-def _align(a: np.ndarray, b: np.ndarray, x_start: tuple[float, ...], config: DedupeConfig):
-    """Alternate per-axis searches, each using only the rows/columns that overlap on the other axis.
+def _masked_mean(values: np.ndarray, mask: np.ndarray, axis: int) -> np.ndarray:
+    """Mean of (J, n, n) ``values`` along ``axis`` over the entries where the (J, n) ``mask`` holds."""
+    at = (slice(None), None, slice(None)) if axis == 2 else (slice(None), slice(None), None)
+    weights = mask.astype(np.float32)
+    return (values * weights[at]).sum(axis=axis) / np.maximum(weights.sum(axis=1), 1.0)[:, None]
 
+
+def _align(a: np.ndarray, b: np.ndarray, x_start: np.ndarray, config: DedupeConfig):
+    """Stage 1's alignment of J pairs at once: alternate per-axis searches, each using only the rows/columns
+    that overlap on the other axis.
+
+    ``a``, ``b``: (J, m, m) float32 half thumbnails; ``x_start``: (J, 2) (scale, offset) of x. Returns
+    ``found`` (J,) bool (False: no y hypothesis overlaps enough), ``y_hyp`` and ``x_hyp`` (J, 2) float32.
     Profiles of the full thumbnails are polluted where one image extends beyond the other (a crop along y
     changes the column means); restricting them to the current overlap removes that bias.
     """
-    x_hyp = (x_start[0], x_start[1])
-    y_hyp: tuple[float, float] | None = None
+    m = b.shape[1]
+    x_hyp, y_hyp = x_start.astype(np.float32), None
+    found = np.ones(len(a), dtype=bool)
     for _ in range(2):
-        ax, inx = _warp_axis(a, 1, b.shape[1], x_hyp)  # A resampled onto B's columns
-        pa, pb = ax[:, inx].mean(axis=1), b[:, inx].mean(axis=1)
+        ax, inx = _warp_axis(a, 2, m, x_hyp)  # A resampled onto B's columns
+        pa, pb = _masked_mean(ax, inx, 2), _masked_mean(b, inx, 2)
         if y_hyp is None:
-            cands = _coarse_axis(pa, pb, config)
-            if not cands:
-                return None
-            y_hyp = cands[0][:2]
+            corr = _coarse_corr(pa, pb, config)
+            best = corr.argmax(axis=1)
+            found = corr[np.arange(len(a)), best] >= -1.5
+            scales, offsets = _coarse_hypotheses(m, config)
+            y_hyp = np.stack([scales[best], offsets[best]], axis=1)
         y_hyp = _refine_axis(pa, pb, y_hyp, config)
-        ay, iny = _warp_axis(a, 0, b.shape[0], y_hyp)  # A resampled onto B's rows
-        x_hyp = _refine_axis(ay[iny].mean(axis=0), b[iny].mean(axis=0), x_hyp, config)
-    return y_hyp, x_hyp
+        ay, iny = _warp_axis(a, 1, m, y_hyp)  # A resampled onto B's rows
+        x_hyp = _refine_axis(_masked_mean(ay, iny, 1), _masked_mean(b, iny, 1), x_hyp, config)
+    return found, y_hyp, x_hyp
 
 
 def _overlap_mask(y_hyp, x_hyp, n: int) -> np.ndarray:
@@ -248,8 +260,8 @@ def _overlap_ok(mask: np.ndarray, y_hyp, x_hyp, config: DedupeConfig) -> bool:
 
 def _rank_residual(a: np.ndarray, b: np.ndarray, y_hyp, x_hyp, config: DedupeConfig) -> float:
     """Coarse score: trimmed mean |rank(A) - rank(B)| over the overlap, ranks taken within the overlap."""
-    ay, _ = _warp_axis(a, 0, b.shape[0], y_hyp)
-    axy, _ = _warp_axis(ay, 1, b.shape[1], x_hyp)
+    ay, _ = _warp_axis(a[None], 1, b.shape[0], np.asarray([y_hyp], dtype=np.float32))
+    axy = _warp_axis(ay, 2, b.shape[1], np.asarray([x_hyp], dtype=np.float32))[0][0]
     mask = _overlap_mask(y_hyp, x_hyp, b.shape[0])
     if not _overlap_ok(mask, y_hyp, x_hyp, config):
         return math.inf
@@ -439,10 +451,11 @@ def _coarse_sampler(
     return sampler.reshape(m, n_hyp * m), w, cnt_safe.reshape(n_hyp), ok.reshape(n_hyp)
 
 
-def _best_profile_corr(pa: np.ndarray, pb: np.ndarray, config: DedupeConfig) -> np.ndarray:
-    """Best coarse-grid profile correlation of each row pair: (P, m) and (P, m) -> (P,) float32, -2 when
-    no hypothesis gives enough overlap. Vectorised over pairs: one matrix product resamples a block of A
-    profiles at every hypothesis (:func:`_coarse_sampler`), and the correlations follow from sums."""
+def _coarse_corr(pa: np.ndarray, pb: np.ndarray, config: DedupeConfig) -> np.ndarray:
+    """Profile correlation of each row pair at every hypothesis of the coarse grid: (P, m) and (P, m) ->
+    (P, H) float32, hypotheses in :func:`_coarse_hypotheses` order, -2 where the overlap is too small.
+    Vectorised over pairs: one matrix product resamples a block of A profiles at every hypothesis
+    (:func:`_coarse_sampler`), and the correlations follow from sums."""
     sampler, w, cnt, ok = _coarse_sampler(
         pa.shape[1],
         config.max_scale,
@@ -454,7 +467,7 @@ def _best_profile_corr(pa: np.ndarray, pb: np.ndarray, config: DedupeConfig) -> 
     # centred first, so the sums below do not cancel in float32
     pa = (pa - pa.mean(axis=1, keepdims=True)).astype(np.float32)
     pb = (pb - pb.mean(axis=1, keepdims=True)).astype(np.float32)
-    out = np.empty(len(pa), dtype=np.float32)
+    out = np.empty((len(pa), len(cnt)), dtype=np.float32)
     for start in range(0, len(pa), 64):
         a, b = pa[start : start + 64], pb[start : start + 64]
         sampled = (a @ sampler).reshape(len(a), len(cnt), -1)  # (P, H, m)
@@ -463,7 +476,7 @@ def _best_profile_corr(pa: np.ndarray, pb: np.ndarray, config: DedupeConfig) -> 
         var_a = np.einsum("phj,phj->ph", sampled, sampled) - sum_a * sum_a / cnt
         var_b = (b * b) @ w.T - sum_b * sum_b / cnt
         corr = cov / np.sqrt(np.maximum(var_a * var_b, 0.0) + 1e-12)
-        out[start : start + 64] = np.where(ok, corr, -2.0).max(axis=1)
+        out[start : start + 64] = np.where(ok, corr, -2.0)
     return out
 
 
@@ -477,10 +490,10 @@ def _screen(pairs: Sequence[tuple[_Thumb, _Thumb]], config: DedupeConfig) -> lis
 
     def best_corr(axis: str, rows: list[int]) -> np.ndarray:
         stacked = [_band_pairs(getattr(pairs[i][0], axis), getattr(pairs[i][1], axis)) for i in rows]
-        corr = _best_profile_corr(
+        corr = _coarse_corr(
             np.concatenate([a for a, _ in stacked]), np.concatenate([b for _, b in stacked]), config
         )
-        return corr.reshape(len(rows), -1).max(axis=1)
+        return corr.max(axis=1).reshape(len(rows), -1).max(axis=1)
 
     corr_x = best_corr("bands_x", list(range(len(pairs))))
     scores: list[float | None] = [
@@ -497,17 +510,35 @@ def _screen(pairs: Sequence[tuple[_Thumb, _Thumb]], config: DedupeConfig) -> lis
     return scores
 
 
-def _align_and_score(ta: _Thumb, tb: _Thumb, config: DedupeConfig) -> float:
-    """Stages 1 and 2 of a pair that passed :func:`_screen` (see :func:`verify_pair`)."""
-    a, b = ta.half, tb.half
-    x_starts = _coarse_starts(*_band_pairs(ta.bands_x, tb.bands_x), config)
-    coarse, best = math.inf, None
-    for x_start in x_starts:
-        aligned = _align(a, b, x_start, config)
-        if aligned is not None:
-            r = _rank_residual(a, b, aligned[0], aligned[1], config)
-            if r < coarse:
-                coarse, best = r, aligned
+Alignment = tuple[tuple[float, float], tuple[float, float]]  # ((scale_y, offset_y), (scale_x, offset_x))
+
+
+def _stage1(
+    pairs: Sequence[tuple[_Thumb, _Thumb]], config: DedupeConfig
+) -> list[tuple[float, Alignment | None]]:
+    """Stage 1 of pairs that passed :func:`_screen`, all aligned at once (:func:`_align`) from each pair's
+    x starts (:func:`_x_starts`): per pair, its lowest rank residual and that alignment, or (inf, None)
+    where no alignment overlaps enough."""
+    results: list[tuple[float, Alignment | None]] = [(math.inf, None)] * len(pairs)
+    jobs = [
+        (p, start) for p, starts in enumerate(_x_starts(pairs, config) if pairs else []) for start in starts
+    ]
+    if not jobs:
+        return results
+    a = np.stack([pairs[p][0].half for p, _ in jobs])
+    b = np.stack([pairs[p][1].half for p, _ in jobs])
+    found, y_hyp, x_hyp = _align(a, b, np.asarray([start for _, start in jobs], dtype=np.float32), config)
+    for j, (p, _) in enumerate(jobs):  # a pair's starts in rank order; the first of equal residuals wins
+        if found[j]:
+            y, x = (float(y_hyp[j, 0]), float(y_hyp[j, 1])), (float(x_hyp[j, 0]), float(x_hyp[j, 1]))
+            residual = _rank_residual(a[j], b[j], y, x, config)
+            if residual < results[p][0]:
+                results[p] = (residual, (y, x))
+    return results
+
+
+def _stage2(ta: _Thumb, tb: _Thumb, coarse: float, best: Alignment | None, config: DedupeConfig) -> float:
+    """Stage 2 of one pair from its stage-1 residual and alignment (see :func:`verify_pair`)."""
     if best is None:
         return math.inf
     if coarse > config.prefilter_residual:
@@ -524,18 +555,23 @@ def _align_and_score(ta: _Thumb, tb: _Thumb, config: DedupeConfig) -> float:
     return score
 
 
-def _score(ta: _Thumb, tb: _Thumb, config: DedupeConfig) -> float:
-    """Stages 1 and 2 of a pair that passed :func:`_screen`, both ways round where the first way is unsure.
+def _verify(pairs: Sequence[tuple[_Thumb, _Thumb]], config: DedupeConfig) -> list[float]:
+    """The score of every pair: stage 0 for all (:func:`_screen`), then stages 1 and 2 for those it passes.
 
     The alignment is asymmetric (A is resampled onto B's grid, and the search starts from B's profiles), so a
     pair whose score lands between ``max_residual`` and ``reverse_below`` is aligned and scored again with
     the roles swapped, and the lower score counts: a copy shrunk and re-encoded, whose one-way alignment
     settles a pixel off, then scores like its other-way one. Clear pairs and clear rejections pay nothing.
     """
-    score = _align_and_score(ta, tb, config)
-    if config.max_residual < score <= config.reverse_below:
-        score = min(score, _align_and_score(tb, ta, config))
-    return score
+    scores = _screen(pairs, config)
+    todo = [i for i, score in enumerate(scores) if score is None]
+    for i, stage1 in zip(todo, _stage1([pairs[i] for i in todo], config), strict=True):
+        scores[i] = _stage2(*pairs[i], *stage1, config)
+    unsure = [i for i in todo if config.max_residual < scores[i] <= config.reverse_below]
+    swapped = [(pairs[i][1], pairs[i][0]) for i in unsure]
+    for i, pair, stage1 in zip(unsure, swapped, _stage1(swapped, config), strict=True):
+        scores[i] = min(scores[i], _stage2(*pair, *stage1, config))
+    return scores  # type: ignore[return-value]  # every None was filled
 
 
 def verify_pair(
@@ -559,9 +595,7 @@ def verify_pair(
     if a_raw.shape != b_raw.shape:
         raise ValueError("fingerprints with different thumb_size cannot be compared")
     with threadpool_limits(limits=1):  # as in verify_chunk: BLAS threads only spin on these small products
-        ta, tb = _Thumb.of(a_raw), _Thumb.of(b_raw)
-        rejected = _screen([(ta, tb)], config)[0]
-        return rejected if rejected is not None else _score(ta, tb, config)
+        return _verify([(_Thumb.of(a_raw), _Thumb.of(b_raw))], config)[0]
 
 
 def _match_resolution(
@@ -641,8 +675,4 @@ def verify_chunk(chunk: VerifyChunk) -> list[float]:
             (thumb(int(a), IDENTITY), thumb(int(b), int(o)))
             for (a, b), o in zip(chunk.pairs, np.asarray(chunk.orientations).astype(np.int64), strict=True)
         ]
-        screened = _screen(pairs, chunk.config)
-        return [
-            score if score is not None else _score(ta, tb, chunk.config)
-            for (ta, tb), score in zip(pairs, screened, strict=True)
-        ]
+        return _verify(pairs, chunk.config)

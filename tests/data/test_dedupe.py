@@ -314,26 +314,19 @@ def test_verify_chunk_is_picklable_and_matches_verify_pair(originals, fps) -> No
 
 
 def test_stage0_correlation_matches_the_direct_one() -> None:
-    """Stage 0's matrix form of the coarse-grid profile correlation equals resampling each pair's profile
-    per hypothesis and correlating (the form stage 1 uses), to float32 rounding."""
-    from lxn_ray.dedupe.verify import _best_profile_corr, _coarse_grid, _profile_corr_grid
+    """The matrix form of the coarse-grid profile correlation (stages 0 and 1) equals resampling each pair's
+    profile per hypothesis and correlating (the form stage 1's refinement uses), to float32 rounding."""
+    from lxn_ray.dedupe.verify import _coarse_corr, _coarse_hypotheses, _profile_corr
 
     config = DedupeConfig()
     rng = np.random.default_rng(0)
     pa = np.cumsum(rng.normal(size=(40, 64)), axis=1).astype(np.float32)
     pb = pa[rng.permutation(40)] + rng.normal(scale=0.3, size=(40, 64)).astype(np.float32)
     pb[:10] = pa[:10, ::-1]  # some pairs correlate well, some do not
-    grid = _coarse_grid(
-        64,
-        64,
-        config.max_scale,
-        config.max_offset,
-        config.scale_steps,
-        config.offset_steps,
-        config.min_overlap,
-    )[2]
-    direct = [float(_profile_corr_grid(a, b, grid).max()) for a, b in zip(pa, pb, strict=True)]
-    assert _best_profile_corr(pa, pb, config) == pytest.approx(direct, abs=1e-4)
+    scales, offsets = (np.tile(h, (40, 1)) for h in _coarse_hypotheses(64, config))
+    direct = _profile_corr(pa, pb, scales, offsets, config.min_overlap)
+    assert (direct > 0.9).any() and (direct < 0.5).any()
+    assert _coarse_corr(pa, pb, config) == pytest.approx(direct, abs=1e-4)
 
 
 def test_candidates_per_new_image_are_bounded_and_the_nearest(originals, fps) -> None:
