@@ -2,7 +2,8 @@
 run's best checkpoint as a model version.
 
 :func:`train` names the run after the dataset version and config (:func:`lxn_ray.training.runs.run_name_of`),
-so a rerun of the same job resumes it; :func:`run_trainer` builds the ``TensorflowTrainer`` that runs
+so a rerun of the same job resumes it; :func:`run_trainer` builds the Ray Train trainer (TensorFlow's
+backend, :mod:`lxn_ray.training.backend`) that runs
 :func:`lxn_ray.training.loop.train_loop_per_worker` on every worker over the uint8 pixel cache
 (:mod:`lxn_ray.training.pixel_cache`), shared with each Tune trial; afterwards the best checkpoint by the
 validation objective picks its threshold on val and is scored once on test
@@ -56,9 +57,10 @@ def run_trainer(
     """
     import ray
     from ray.train import CheckpointConfig, FailureConfig, LoggingConfig, RunConfig
-    from ray.train.tensorflow import TensorflowTrainer
+    from ray.train.v2.api.data_parallel_trainer import DataParallelTrainer
 
     from lxn_ray.infra import quiet
+    from lxn_ray.training.backend import TensorflowBackendConfig
 
     point_ray_train_at_this_cluster()
     images = dataset.read_split(storage, version, "train", config.task, config.sources)
@@ -71,8 +73,9 @@ def run_trainer(
     val = pixel_cache(storage, version, "val", config)
     scaling = scaling_config(config, ray.cluster_resources(), cpus_per_worker, cluster.largest_node_cpus())
     use_gpu, cpus = scaling.use_gpu, int(scaling.resources_per_worker["CPU"])
-    trainer = TensorflowTrainer(
+    trainer = DataParallelTrainer(  # = ray.train.tensorflow.TensorflowTrainer (lxn_ray.training.backend)
         train_loop_per_worker,
+        backend_config=TensorflowBackendConfig(),
         train_loop_config={
             "train": dataclasses.asdict(config),
             "w_pos": w_pos,

@@ -1,7 +1,9 @@
 """Fixtures of the cluster tests: one 3-node Ray cluster on this machine (a head with no CPUs and two
 worker nodes, :mod:`tests.cluster.local_cluster`) with its storage on the local S3 server, the folder jobs
 are submitted from (a copy of the checkout's jobs and package, not the checkout itself), and one labelled
-source on S3 ingested once into a store every cluster test shares."""
+source on S3 ingested once into a store every cluster test shares. They are package-scoped: the cluster's
+processes stop when the last test of this folder ends, not at the end of the session, so the rest of the
+suite does not share the machine's cores with an idle cluster."""
 
 from __future__ import annotations
 
@@ -64,7 +66,7 @@ def latest_report(storage: Storage, job: str) -> dict:
     return storage.read_json(storage.list(f"reports/{job}")[-1])
 
 
-@pytest.fixture(scope="session")
+@pytest.fixture(scope="package")
 def submit_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
     """What a user submits from: the jobs and the package, copied out of the checkout (so nothing of the
     submitter's disk but what ``--working-dir .`` uploads reaches the cluster)."""
@@ -76,7 +78,7 @@ def submit_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
     return folder
 
 
-@pytest.fixture(scope="session")
+@pytest.fixture(scope="package")
 def ray_cluster(s3_server: str, tmp_path_factory: pytest.TempPathFactory) -> Iterator[LocalCluster]:
     """The 3-node cluster (head: 0 CPUs; worker0, worker1: 2 CPUs each), its nodes reaching S3 at the
     local server. A test that loses a worker node starts it again before it ends."""
@@ -87,7 +89,7 @@ def ray_cluster(s3_server: str, tmp_path_factory: pytest.TempPathFactory) -> Ite
     cluster.stop()
 
 
-@pytest.fixture(scope="session")
+@pytest.fixture(scope="package")
 def jobs(ray_cluster: LocalCluster, submit_dir: Path) -> Jobs:
     return Jobs(ray_cluster, submit_dir, ray_cluster.job_seconds)
 
@@ -106,7 +108,7 @@ class ClusterStore:
         return Storage.open(self.store)
 
 
-@pytest.fixture(scope="session")
+@pytest.fixture(scope="package")
 def cluster_store(jobs: Jobs, tmp_path_factory: pytest.TempPathFactory) -> ClusterStore:
     """The labelled source uploaded to a new bucket and ingested by ``jobs/ingest.py`` on the cluster.
     Tests add models to the store; none removes anything, and none changes the source."""

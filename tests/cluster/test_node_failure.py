@@ -112,9 +112,9 @@ def test_a_search_finishes_with_the_interrupted_trial_resumed(
 ):
     store, storage = cluster_store.store, cluster_store.storage
     submission = jobs.start(
-        "tune", store, *TINY, "--num-samples", "2", "--epochs", "5", "--no-asha", "--seed", "7"
+        "tune", store, *TINY, "--num-samples", "2", "--epochs", "4", "--no-asha", "--seed", "7"
     )
-    lost = node_training(ray_cluster, submission, "epoch 2/5")
+    lost = node_training(ray_cluster, submission, "epoch 2/4")
     killed = lose_a_node(lost)
     result = ray_cluster.wait(submission)
     assert result.succeeded, result.logs[-6000:]
