@@ -83,12 +83,12 @@ def test_the_service_runs_on_the_cluster_with_its_work_on_the_worker_nodes(
     assert placed(ray_cluster, cluster_store.ingest.submission_id, "MapBatches") <= WORKERS
 
     # two data-parallel Train workers, one on each worker node; the run's coordinators on the head
-    trained = jobs.run("train", store, *TINY, "--lr", "1e-3", "--epochs", "2", "--workers", "2")
+    trained = jobs.run("train", store, *TINY, "--lr", "1e-3", "--epochs", "1", "--workers", "2")
     assert placed(ray_cluster, trained.submission_id, "RayTrainWorker") == WORKERS
     assert placed(ray_cluster, trained.submission_id, "TrainController", "_Step") == {"head"}
     report = latest_report(storage, "train")
     version = report["model_version"]
-    assert_published(storage, report, epochs=2)
+    assert_published(storage, report, epochs=1)
     # (tune on the cluster: test_node_failure.py's search, which also loses a node)
 
     other = labelled_source(SourceBuilder(tmp_path / "other"), 16, offset=500)
