@@ -4,9 +4,9 @@
 backend gives every worker ``TF_CONFIG`` (the worker group's addresses and its rank) before the training
 function runs. Importing ``ray.train.tensorflow`` - which unpickling that config does, in the Train
 controller and in whatever process builds the trainer (the training job's step actor, every Tune trial) -
-imports TensorFlow itself: 4-5 s of CPU per process on a 2-core machine, and ~400 MB, in processes that
-never run a TF op. :class:`TensorflowBackendConfig` is the same backend (Ray 2.60's
-``ray/train/tensorflow/config.py``, verbatim in effect: the same two variables, set the same way) defined
+imports TensorFlow itself: 4-5 s of CPU per process on a 2-core machine, in processes that never run a
+TF op. :class:`TensorflowBackendConfig` is that backend as Ray 2.60 writes it
+(``ray/train/tensorflow/config.py``: the same two variables, set the same way on every worker) defined
 here, so only the Train workers, which build the model, import TensorFlow.
 """
 
