@@ -86,7 +86,7 @@ class DedupeConfig:
     #: Measured with ``benchmarks/dedupe_quality.py`` (its serial-film pool against its copies).
     median_weight: float = 1.2
     #: A pair scoring above max_residual but at most this one way round is also aligned and scored the other
-    #: way round (B onto A), and the lower score counts (``verify._score``): the alignment is asymmetric, and
+    #: way round (B onto A), and the lower score counts (``verify._verify``): the alignment is asymmetric, and
     #: a shrunk, re-encoded copy can settle a pixel off one way only (seed 0 of the benchmark: 0.015 one way,
     #: 0.007 the other). Serial films of one patient stay above 0.016 both ways. Costs a second alignment for
     #: those pairs only.

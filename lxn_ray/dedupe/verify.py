@@ -9,7 +9,8 @@ scores below are all rank-based, so an inverted thumbnail is compared exactly as
 
 0. at 64 px, the best 1-D alignment of the row/column profiles must correlate (each axis's profile is also
    taken over the central band of the other axis, so a copy cropped along that axis still correlates);
-   vectorised over a whole chunk before any pair is aligned (:func:`_screen`);
+   vectorised over a whole chunk before any pair is aligned (:func:`_screen`; the profile machinery of
+   stages 0 and 1 is :mod:`lxn_ray.dedupe.profiles`);
 1. at 64 px, alternating x/y profile searches restricted to the overlap align the pair, and a rank
    residual rejects clearly different pairs;
 2. at 128 px, blurred and rank-equalized, two coordinate descents polish the alignment (one on the absolute
@@ -29,7 +30,6 @@ positioning to the pixel) is indistinguishable from an annotated copy.
 
 from __future__ import annotations
 
-import functools
 import math
 from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass
@@ -40,6 +40,17 @@ from threadpoolctl import threadpool_limits
 
 from lxn_ray.dedupe.config import DedupeConfig
 from lxn_ray.dedupe.orientation import IDENTITY, orient_thumb
+from lxn_ray.dedupe.profiles import (
+    PROFILE_BANDS,
+    axis_positions,
+    band_pairs,
+    coarse_corr,
+    coarse_hypotheses,
+    distinct_hypotheses,
+    masked_mean,
+    refine_axis,
+    warp_axis,
+)
 from lxn_ray.dedupe.thumbs import ThumbRef, read_thumbs, thumb_array
 
 __all__ = ["VerifyChunk", "verify_chunk", "verify_pair"]
@@ -58,112 +69,16 @@ def _equalize(img: np.ndarray) -> np.ndarray:
     return mid[levels].astype(np.float32)
 
 
-# An axis hypothesis (scale, offset) maps B's normalized coordinate u_b in [0, 1] to A's:
-#     u_a = 0.5 + offset + scale * (u_b - 0.5)
-# (offset between box centres, so scale and shift decouple).  scale < 1: B shows part of A (B is a crop of
-# A, or A carries an untrimmed border); scale > 1: the other way round.
-
-
-def _axis_positions(
-    n_src: int, n_dst: int, scale: np.ndarray, offset: np.ndarray
-) -> tuple[np.ndarray, np.ndarray]:
-    """Source pixel positions of the destination pixel centres, and whether they fall inside the source.
-
-    ``scale``/``offset`` broadcast against each other; the output gets a trailing axis of length n_dst.
-    """
-    ub = (np.arange(n_dst, dtype=np.float32) + 0.5) / n_dst
-    ua = 0.5 + offset[..., None] + scale[..., None] * (ub - 0.5)
-    pos = ua * n_src - 0.5
-    return pos, (pos >= -0.5) & (pos <= n_src - 0.5)
-
-
-def _profile_grid(n_src: int, n_dst: int, scales: np.ndarray, offsets: np.ndarray, min_overlap: float):
-    """Everything about a grid of (scale, offset) hypotheses that does not depend on the profiles.
-
-    Returns (i0, i1, frac, w, cnt_safe, ok): linear-interpolation indices/weights of A's profile at B's
-    sample positions, the inside mask as weights, the per-hypothesis sample count and the overlap test.
-    """
-    pos, inside = _axis_positions(n_src, n_dst, scales, offsets)
-    pos = np.clip(pos, 0.0, n_src - 1.0)
-    i0 = np.floor(pos).astype(np.intp)
-    i1 = np.minimum(i0 + 1, n_src - 1)
-    frac = (pos - i0).astype(np.float32)
-    w = inside.astype(np.float32)
-    cnt = w.sum(axis=-1)
-    # overlap as a fraction of B (samples inside A) and of A (covered length = scale * fraction of B)
-    ok = (cnt >= min_overlap * n_dst) & (scales * cnt / n_dst >= min_overlap)
-    return i0, i1, frac, w, np.maximum(cnt, 1.0), ok
-
-
-def _profile_corr(
-    pa: np.ndarray, pb: np.ndarray, scales: np.ndarray, offsets: np.ndarray, min_overlap: float
-) -> np.ndarray:
-    """Pearson correlation of each B profile with its A profile resampled at each of its hypotheses.
-
-    ``pa``, ``pb``: (J, m) profiles; ``scales``, ``offsets``: (J, H) hypotheses per row. Returns (J, H)
-    float32; hypotheses whose overlap covers less than ``min_overlap`` of either profile get -2.
-    """
-    i0, i1, frac, w, cnt_safe, ok = _profile_grid(pa.shape[1], pb.shape[1], scales, offsets, min_overlap)
-    rows = pa[:, None, :]
-    lo, hi = np.take_along_axis(rows, i0, axis=-1), np.take_along_axis(rows, i1, axis=-1)
-    sampled = lo + (hi - lo) * frac  # (J, H, m)
-    ma = (sampled * w).sum(axis=-1) / cnt_safe
-    mb = np.einsum("jhm,jm->jh", w, pb) / cnt_safe
-    da = (sampled - ma[..., None]) * w
-    db = (pb[:, None, :] - mb[..., None]) * w
-    corr = (da * db).sum(axis=-1) / np.sqrt((da * da).sum(axis=-1) * (db * db).sum(axis=-1) + 1e-12)
-    return np.where(ok, corr, -2.0)
-
-
-@functools.lru_cache(maxsize=8)
-def _coarse_grid(
-    n_src: int,
-    n_dst: int,
-    max_scale: float,
-    max_offset: float,
-    scale_steps: int,
-    offset_steps: int,
-    min_overlap: float,
-):
-    """The coarse (scale, offset) grid and its :func:`_profile_grid`; the same for every pair, so cached."""
-    log_s = math.log(max_scale)
-    scales = np.exp(np.linspace(-log_s, log_s, scale_steps, dtype=np.float32))
-    offsets = np.linspace(-max_offset, max_offset, offset_steps, dtype=np.float32)
-    grid_s, grid_o = np.broadcast_arrays(scales[:, None], offsets[None, :])
-    return scales, offsets, _profile_grid(n_src, n_dst, grid_s, grid_o, min_overlap)
-
-
-def _coarse_hypotheses(m: int, config: DedupeConfig) -> tuple[np.ndarray, np.ndarray]:
-    """(H,) scales and (H,) offsets of the coarse grid, in the hypothesis order of :func:`_coarse_corr`."""
-    scales, offsets, _ = _coarse_grid(
-        m, m, config.max_scale, config.max_offset, config.scale_steps, config.offset_steps, config.min_overlap
-    )
-    grid_s, grid_o = np.broadcast_arrays(scales[:, None], offsets[None, :])
-    return grid_s.ravel(), grid_o.ravel()
-
-
-def _distinct(ranked: Iterable[tuple[float, float, float]], top_k: int) -> list[tuple[float, float, float]]:
-    """The first ``top_k`` (scale, offset, correlation) hypotheses of ``ranked`` (best first) that differ
-    from every earlier pick by more than 0.04 in scale or in offset. Stops reading ``ranked`` there."""
-    picks: list[tuple[float, float, float]] = []
-    for cand in ranked:
-        if all(abs(cand[0] - s) > 0.04 or abs(cand[1] - o) > 0.04 for s, o, _ in picks):
-            picks.append(cand)
-            if len(picks) >= top_k:
-                break
-    return picks
-
-
 def _x_starts(
     pairs: Sequence[tuple[_Thumb, _Thumb]], config: DedupeConfig
 ) -> list[list[tuple[float, float]]]:
     """Per pair, the ``top_k`` best mutually distinct coarse x hypotheses (scale, offset) over its
-    :func:`_band_pairs`: each band pair's own ``top_k`` distinct best, merged by correlation."""
-    bands = [_band_pairs(ta.bands_x, tb.bands_x) for ta, tb in pairs]
+    :func:`band_pairs`: each band pair's own ``top_k`` distinct best, merged by correlation."""
+    bands = [band_pairs(ta.bands_x, tb.bands_x) for ta, tb in pairs]
     n_bands = len(bands[0][0])
-    corr = _coarse_corr(np.concatenate([a for a, _ in bands]), np.concatenate([b for _, b in bands]), config)
+    corr = coarse_corr(np.concatenate([a for a, _ in bands]), np.concatenate([b for _, b in bands]), config)
     order = np.argsort(-corr, axis=1, kind="stable")
-    scales, offsets = _coarse_hypotheses(bands[0][0].shape[1], config)
+    scales, offsets = coarse_hypotheses(bands[0][0].shape[1], config)
 
     def ranked(row: int) -> Iterable[tuple[float, float, float]]:
         for h in order[row]:
@@ -174,49 +89,14 @@ def _x_starts(
     starts = []
     for p in range(len(pairs)):
         per_band = [
-            c for row in range(p * n_bands, (p + 1) * n_bands) for c in _distinct(ranked(row), config.top_k)
+            c
+            for row in range(p * n_bands, (p + 1) * n_bands)
+            for c in distinct_hypotheses(ranked(row), config.top_k)
         ]
-        starts.append([(s, o) for s, o, _ in _distinct(sorted(per_band, key=lambda c: -c[2]), config.top_k)])
+        starts.append(
+            [(s, o) for s, o, _ in distinct_hypotheses(sorted(per_band, key=lambda c: -c[2]), config.top_k)]
+        )
     return starts
-
-
-def _refine_axis(pa: np.ndarray, pb: np.ndarray, start: np.ndarray, config: DedupeConfig) -> np.ndarray:
-    """Local coarse-to-fine search around each row's ``start``: 7x7 grids with halving spans.
-
-    ``pa``, ``pb``: (J, m) profiles; ``start``: (J, 2) float32 (scale, offset). Returns (J, 2) float32.
-    """
-    s0, o0 = start[:, 0], start[:, 1]
-    span = 0.06
-    steps = np.linspace(-1.0, 1.0, 7, dtype=np.float32)
-    rows = np.arange(len(start))
-    for _ in range(4):
-        scales = np.repeat(s0[:, None] * np.exp(steps * span), 7, axis=1)  # (J, 49): scale-major, as a 7x7
-        offsets = np.tile(o0[:, None] + steps * span, 7)
-        best = _profile_corr(pa, pb, scales, offsets, config.min_overlap).argmax(axis=1)
-        s0, o0 = scales[rows, best], offsets[rows, best]
-        span /= 3.0
-    return np.stack([s0, o0], axis=1)
-
-
-def _warp_axis(a: np.ndarray, axis: int, n_dst: int, hyp: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-    """Resample each image of ``a`` (J, n, n) along ``axis`` (1: rows, 2: columns) onto B's grid for its
-    hypothesis ``hyp`` (J, 2) (scale, offset); returns the values and the inside mask (J, n_dst)."""
-    n_src = a.shape[axis]
-    pos, inside = _axis_positions(n_src, n_dst, hyp[:, 0], hyp[:, 1])
-    pos = np.clip(pos, 0.0, n_src - 1.0)
-    i0 = np.floor(pos).astype(np.intp)
-    i1 = np.minimum(i0 + 1, n_src - 1)
-    frac = (pos - i0).astype(np.float32)
-    at = (slice(None), slice(None), None) if axis == 1 else (slice(None), None, slice(None))
-    lo, hi = np.take_along_axis(a, i0[at], axis=axis), np.take_along_axis(a, i1[at], axis=axis)
-    return lo + (hi - lo) * frac[at], inside
-
-
-def _masked_mean(values: np.ndarray, mask: np.ndarray, axis: int) -> np.ndarray:
-    """Mean of (J, n, n) ``values`` along ``axis`` over the entries where the (J, n) ``mask`` holds."""
-    at = (slice(None), None, slice(None)) if axis == 2 else (slice(None), slice(None), None)
-    weights = mask.astype(np.float32)
-    return (values * weights[at]).sum(axis=axis) / np.maximum(weights.sum(axis=1), 1.0)[:, None]
 
 
 def _align(a: np.ndarray, b: np.ndarray, x_start: np.ndarray, config: DedupeConfig):
@@ -232,23 +112,23 @@ def _align(a: np.ndarray, b: np.ndarray, x_start: np.ndarray, config: DedupeConf
     x_hyp, y_hyp = x_start.astype(np.float32), None
     found = np.ones(len(a), dtype=bool)
     for _ in range(2):
-        ax, inx = _warp_axis(a, 2, m, x_hyp)  # A resampled onto B's columns
-        pa, pb = _masked_mean(ax, inx, 2), _masked_mean(b, inx, 2)
+        ax, inx = warp_axis(a, 2, m, x_hyp)  # A resampled onto B's columns
+        pa, pb = masked_mean(ax, inx, 2), masked_mean(b, inx, 2)
         if y_hyp is None:
-            corr = _coarse_corr(pa, pb, config)
+            corr = coarse_corr(pa, pb, config)
             best = corr.argmax(axis=1)
             found = corr[np.arange(len(a)), best] >= -1.5
-            scales, offsets = _coarse_hypotheses(m, config)
+            scales, offsets = coarse_hypotheses(m, config)
             y_hyp = np.stack([scales[best], offsets[best]], axis=1)
-        y_hyp = _refine_axis(pa, pb, y_hyp, config)
-        ay, iny = _warp_axis(a, 1, m, y_hyp)  # A resampled onto B's rows
-        x_hyp = _refine_axis(_masked_mean(ay, iny, 1), _masked_mean(b, iny, 1), x_hyp, config)
+        y_hyp = refine_axis(pa, pb, y_hyp, config)
+        ay, iny = warp_axis(a, 1, m, y_hyp)  # A resampled onto B's rows
+        x_hyp = refine_axis(masked_mean(ay, iny, 1), masked_mean(b, iny, 1), x_hyp, config)
     return found, y_hyp, x_hyp
 
 
 def _overlap_mask(y_hyp, x_hyp, n: int) -> np.ndarray:
-    _, iny = _axis_positions(n, n, np.float32(y_hyp[0]), np.float32(y_hyp[1]))
-    _, inx = _axis_positions(n, n, np.float32(x_hyp[0]), np.float32(x_hyp[1]))
+    _, iny = axis_positions(n, n, np.float32(y_hyp[0]), np.float32(y_hyp[1]))
+    _, inx = axis_positions(n, n, np.float32(x_hyp[0]), np.float32(x_hyp[1]))
     return iny[:, None] & inx[None, :]
 
 
@@ -260,8 +140,8 @@ def _overlap_ok(mask: np.ndarray, y_hyp, x_hyp, config: DedupeConfig) -> bool:
 
 def _rank_residual(a: np.ndarray, b: np.ndarray, y_hyp, x_hyp, config: DedupeConfig) -> float:
     """Coarse score: trimmed mean |rank(A) - rank(B)| over the overlap, ranks taken within the overlap."""
-    ay, _ = _warp_axis(a[None], 1, b.shape[0], np.asarray([y_hyp], dtype=np.float32))
-    axy = _warp_axis(ay, 2, b.shape[1], np.asarray([x_hyp], dtype=np.float32))[0][0]
+    ay, _ = warp_axis(a[None], 1, b.shape[0], np.asarray([y_hyp], dtype=np.float32))
+    axy = warp_axis(ay, 2, b.shape[1], np.asarray([x_hyp], dtype=np.float32))[0][0]
     mask = _overlap_mask(y_hyp, x_hyp, b.shape[0])
     if not _overlap_ok(mask, y_hyp, x_hyp, config):
         return math.inf
@@ -279,7 +159,7 @@ def _blur_matrix(n: int, sigma: float) -> np.ndarray:
 
 def _interp_matrix(n: int, hyp) -> np.ndarray:
     """(n, n) linear-interpolation matrix W with ``W @ a`` = A resampled onto B's grid along one axis."""
-    pos, _ = _axis_positions(n, n, np.float32(hyp[0]), np.float32(hyp[1]))
+    pos, _ = axis_positions(n, n, np.float32(hyp[0]), np.float32(hyp[1]))
     pos = np.clip(pos, 0.0, n - 1.0)
     i0 = np.floor(pos).astype(np.intp)
     i1 = np.minimum(i0 + 1, n - 1)
@@ -399,7 +279,6 @@ def _trimmed_gap(
 #: ends. A copy cropped along y has column means over only part of the rows, and its x profile matches the
 #: original's over the central band better than over all rows (and likewise for x). Each band costs one
 #: more stage-0 correlation per pair and axis.
-PROFILE_BANDS: tuple[tuple[float, float], ...] = ((0.0, 1.0), (0.125, 0.875))
 
 
 @dataclass(frozen=True)
@@ -423,74 +302,17 @@ class _Thumb:
         return cls(raw, half, bands_x, bands_y)
 
 
-def _band_pairs(a: np.ndarray, b: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-    """The profile pairs compared for one axis: A's whole profile with each of B's bands and each of A's
-    other bands with B's whole profile; (2 * len(PROFILE_BANDS) - 1, m) each."""
-    nb = len(PROFILE_BANDS)
-    return np.concatenate([np.repeat(a[:1], nb, axis=0), a[1:]]), np.concatenate(
-        [b, np.repeat(b[:1], nb - 1, axis=0)]
-    )
-
-
-@functools.lru_cache(maxsize=8)
-def _coarse_sampler(
-    m: int, max_scale: float, max_offset: float, scale_steps: int, offset_steps: int, min_overlap: float
-) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
-    """The coarse grid of :func:`_coarse_grid` as one matrix: ``a @ sampler`` is profile ``a`` (m,)
-    resampled at every hypothesis h and B sample j, zero outside A: (m, H * m) float32 (~11 MB at m=64).
-    Also the inside weights (H, m), the sample counts (H,) and the overlap test (H,)."""
-    _, _, (i0, i1, frac, w, cnt_safe, ok) = _coarse_grid(
-        m, m, max_scale, max_offset, scale_steps, offset_steps, min_overlap
-    )
-    n_hyp = i0.shape[0] * i0.shape[1]
-    i0, i1, frac, w = (x.reshape(n_hyp, m) for x in (i0, i1, frac, w))
-    hyp, sample = np.meshgrid(np.arange(n_hyp), np.arange(m), indexing="ij")
-    sampler = np.zeros((m, n_hyp, m), dtype=np.float32)
-    np.add.at(sampler, (i0, hyp, sample), (1.0 - frac) * w)
-    np.add.at(sampler, (i1, hyp, sample), frac * w)
-    return sampler.reshape(m, n_hyp * m), w, cnt_safe.reshape(n_hyp), ok.reshape(n_hyp)
-
-
-def _coarse_corr(pa: np.ndarray, pb: np.ndarray, config: DedupeConfig) -> np.ndarray:
-    """Profile correlation of each row pair at every hypothesis of the coarse grid: (P, m) and (P, m) ->
-    (P, H) float32, hypotheses in :func:`_coarse_hypotheses` order, -2 where the overlap is too small.
-    Vectorised over pairs: one matrix product resamples a block of A profiles at every hypothesis
-    (:func:`_coarse_sampler`), and the correlations follow from sums."""
-    sampler, w, cnt, ok = _coarse_sampler(
-        pa.shape[1],
-        config.max_scale,
-        config.max_offset,
-        config.scale_steps,
-        config.offset_steps,
-        config.min_overlap,
-    )
-    # centred first, so the sums below do not cancel in float32
-    pa = (pa - pa.mean(axis=1, keepdims=True)).astype(np.float32)
-    pb = (pb - pb.mean(axis=1, keepdims=True)).astype(np.float32)
-    out = np.empty((len(pa), len(cnt)), dtype=np.float32)
-    for start in range(0, len(pa), 64):
-        a, b = pa[start : start + 64], pb[start : start + 64]
-        sampled = (a @ sampler).reshape(len(a), len(cnt), -1)  # (P, H, m)
-        sum_a, sum_b = sampled.sum(axis=-1), b @ w.T
-        cov = np.einsum("phj,pj->ph", sampled, b) - sum_a * sum_b / cnt
-        var_a = np.einsum("phj,phj->ph", sampled, sampled) - sum_a * sum_a / cnt
-        var_b = (b * b) @ w.T - sum_b * sum_b / cnt
-        corr = cov / np.sqrt(np.maximum(var_a * var_b, 0.0) + 1e-12)
-        out[start : start + 64] = np.where(ok, corr, -2.0)
-    return out
-
-
 def _screen(pairs: Sequence[tuple[_Thumb, _Thumb]], config: DedupeConfig) -> list[float | None]:
     """Stage 0 for many pairs at once: the score of each pair rejected by its best 1-D profile correlation
     (``2 - corr`` of the failing axis, x first; ``inf`` with no overlapping hypothesis), or None for a pair
-    that goes on to stages 1 and 2. An axis's correlation is the best over :func:`_band_pairs`, so a copy
+    that goes on to stages 1 and 2. An axis's correlation is the best over :func:`band_pairs`, so a copy
     cropped along the other axis is not rejected. Cheap (no alignment), and it rejects most candidates."""
     if not pairs:
         return []
 
     def best_corr(axis: str, rows: list[int]) -> np.ndarray:
-        stacked = [_band_pairs(getattr(pairs[i][0], axis), getattr(pairs[i][1], axis)) for i in rows]
-        corr = _coarse_corr(
+        stacked = [band_pairs(getattr(pairs[i][0], axis), getattr(pairs[i][1], axis)) for i in rows]
+        corr = coarse_corr(
             np.concatenate([a for a, _ in stacked]), np.concatenate([b for _, b in stacked]), config
         )
         return corr.max(axis=1).reshape(len(rows), -1).max(axis=1)

@@ -316,17 +316,17 @@ def test_verify_chunk_is_picklable_and_matches_verify_pair(originals, fps) -> No
 def test_stage0_correlation_matches_the_direct_one() -> None:
     """The matrix form of the coarse-grid profile correlation (stages 0 and 1) equals resampling each pair's
     profile per hypothesis and correlating (the form stage 1's refinement uses), to float32 rounding."""
-    from lxn_ray.dedupe.verify import _coarse_corr, _coarse_hypotheses, _profile_corr
+    from lxn_ray.dedupe.profiles import coarse_corr, coarse_hypotheses, profile_corr
 
     config = DedupeConfig()
     rng = np.random.default_rng(0)
     pa = np.cumsum(rng.normal(size=(40, 64)), axis=1).astype(np.float32)
     pb = pa[rng.permutation(40)] + rng.normal(scale=0.3, size=(40, 64)).astype(np.float32)
     pb[:10] = pa[:10, ::-1]  # some pairs correlate well, some do not
-    scales, offsets = (np.tile(h, (40, 1)) for h in _coarse_hypotheses(64, config))
-    direct = _profile_corr(pa, pb, scales, offsets, config.min_overlap)
+    scales, offsets = (np.tile(h, (40, 1)) for h in coarse_hypotheses(64, config))
+    direct = profile_corr(pa, pb, scales, offsets, config.min_overlap)
     assert (direct > 0.9).any() and (direct < 0.5).any()
-    assert _coarse_corr(pa, pb, config) == pytest.approx(direct, abs=1e-4)
+    assert coarse_corr(pa, pb, config) == pytest.approx(direct, abs=1e-4)
 
 
 def test_candidates_per_new_image_are_bounded_and_the_nearest(originals, fps) -> None:
