@@ -1,8 +1,9 @@
-"""Model versions under storage and the champion pointer.
+"""Model versions under storage and the champion pointer; lung-field segmenter versions beside them.
 
 A model version is ``models/<version>/`` with ``model.keras``, ``card.json`` (written last: the version
 exists once its card does) and ``plots/``. ``models/CHAMPION`` names the version being served; it is
-replaced atomically and only by this module.
+replaced atomically and only by this module. A segmenter version is ``segmenters/<version>/``, laid out
+the same way, without a champion (:func:`resolve_segmenter`).
 """
 
 from __future__ import annotations
@@ -173,3 +174,52 @@ def describe(storage: Storage) -> list[dict[str, Any]]:
             }
         )
     return rows
+
+
+# -- lung-field segmenters ------------------------------------------------------------------------------
+# A segmenter version is ``segmenters/<version>/`` with ``model.keras``, ``plots/`` and ``card.json``
+# (written last: the version exists once its card does). Versions sort by creation (their ids start with
+# a UTC stamp); ``latest`` is the newest. lxn_ray.model.lungs.LungSegmenter loads one.
+SEGMENTERS = "segmenters"
+
+
+@dataclass(frozen=True)
+class SegmenterRef:
+    """A segmenter version resolved from its id or ``latest``: its card and ``model.keras`` bytes."""
+
+    version: str
+    card: dict[str, Any]
+    model_bytes: bytes
+
+    @property
+    def image_size(self) -> int:
+        """The U-Net's input side in pixels (its card's ``unet``)."""
+        return int(self.card["unet"]["image_size"])
+
+
+def segmenter_key(version: str, name: str) -> str:
+    return f"{SEGMENTERS}/{version}/{name}"
+
+
+def list_segmenters(storage: Storage) -> list[str]:
+    """Published segmenter versions (those with a card), oldest first."""
+    names = [key.rsplit("/", 1)[-1] for key in storage.list(SEGMENTERS)]
+    return sorted(name for name in names if storage.exists(segmenter_key(name, "card.json")))
+
+
+def read_segmenter_card(storage: Storage, version: str) -> dict[str, Any]:
+    if not storage.exists(segmenter_key(version, "card.json")):
+        raise FileNotFoundError(f"segmenter version {version} is not published in {storage.uri}")
+    return storage.read_json(segmenter_key(version, "card.json"))
+
+
+def resolve_segmenter(storage: Storage, reference: str = "latest") -> SegmenterRef:
+    """``latest`` (the newest published segmenter) or a segmenter version id. Raises FileNotFoundError
+    when there is none (train one with ``jobs/lungs.py``) or the version is not published."""
+    if reference == "latest":
+        versions = list_segmenters(storage)
+        if not versions:
+            raise FileNotFoundError(f"no lung segmenter in {storage.uri}: train one with jobs/lungs.py first")
+        reference = versions[-1]
+    card = read_segmenter_card(storage, reference)
+    return SegmenterRef(reference, card, storage.read_bytes(segmenter_key(reference, "model.keras")))

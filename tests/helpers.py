@@ -347,3 +347,36 @@ class SourceBuilder:
             for line in self.raw_lines:
                 stream.write(line + "\r\n")
         return self.root
+
+
+def synthetic_film(seed: int) -> tuple[np.ndarray, np.ndarray]:
+    """A radiograph-like film of a random size (noise and a smooth gradient) with two dark ellipses as the
+    lungs: (film uint8 ``(h, w)``, mask bool ``(h, w)``)."""
+    rng = np.random.default_rng(seed)
+    height, width = int(rng.integers(56, 84)), int(rng.integers(52, 80))
+    y, x = np.mgrid[0:height, 0:width] / np.array([height, width])[:, None, None]
+    film = 150 + 40 * y + rng.normal(0, 12, (height, width))
+    mask = np.zeros((height, width), bool)
+    for side in (-1, 1):
+        cx, cy = 0.5 + side * rng.uniform(0.18, 0.24), rng.uniform(0.45, 0.55)
+        rx, ry = rng.uniform(0.12, 0.17), rng.uniform(0.22, 0.3)
+        mask |= ((x - cx) / rx) ** 2 + ((y - cy) / ry) ** 2 <= 1
+    film[mask] -= 90
+    return np.clip(film, 0, 255).astype(np.uint8), mask
+
+
+def write_masks_folder(root: Path, films: int = 36, film_column: bool = True) -> Path:
+    """A masks folder: ``films/f<i>.png``, ``masks/f<i>.png`` (0/255) and ``masks.csv`` with ``film``,
+    ``mask``, ``patient`` (two films per patient) and the sizes."""
+    (root / "films").mkdir(parents=True)
+    (root / "masks").mkdir()
+    with open(root / "masks.csv", "w", newline="") as stream:
+        writer = csv.writer(stream)
+        writer.writerow(["film" if film_column else "image", "mask", "patient", "width", "height"])
+        for i in range(films):
+            film, mask = synthetic_film(i)
+            Image.fromarray(film).save(root / "films" / f"f{i}.png")
+            Image.fromarray(mask.astype(np.uint8) * 255).save(root / "masks" / f"f{i}.png")
+            name = f"films/f{i}.png" if film_column else f"f{i}.png"
+            writer.writerow([name, f"masks/f{i}.png", f"patient-{i // 2}", film.shape[1], film.shape[0]])
+    return root

@@ -13,7 +13,7 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from tests.helpers import SourceBuilder, copy_store, radiograph
+from tests.helpers import SourceBuilder, copy_store, radiograph, write_masks_folder
 
 # A tiny LxN's training settings (TrainConfig fields): seconds per epoch on the synthetic stores.
 TINY = dict(image_size=32, width=0.125, batch_size=8, learning_rate=1e-3)
@@ -73,3 +73,39 @@ def trained_store(labelled_store: Path, tmp_path_factory: pytest.TempPathFactory
     report = train(storage, None, TrainConfig(**TINY, epochs=1, precision="bfloat16"))
     registry.promote(storage, report["model_version"], reason="the tests' shared tiny champion")
     return TrainedStore(folder, labelled_store.parent / "source", report)
+
+
+# One tiny segmenter trained through the lungs job on Ray Train: 3 epochs of 8 steps on 48 synthetic films,
+# without augmentation (it slows convergence on so few films; tests/model/test_lungs.py covers it): ~23 s,
+# most of it Ray Train starting a worker and TensorFlow (test Dice ~0.93).
+TINY_SEGMENTER = ["--image-size", "32", "--filters", "4", "--depth", "2", "--epochs", "3"]
+TINY_SEGMENTER += ["--batch-size", "4", "--lr", "3e-2", "--no-augment"]
+
+
+class Segmenter(NamedTuple):
+    store: Path  # a store holding one segmenter version and nothing else
+    report: dict[str, Any]  # the lungs job's report
+
+    def copy_into(self, store: Path) -> str:
+        """Copy the segmenter version into the local store folder ``store``, as if trained there; returns
+        its version."""
+        version = self.report["segmenter_version"]
+        copy_store(self.store / "segmenters" / version, store / "segmenters" / version)
+        return version
+
+
+@pytest.fixture(scope="session")
+def tiny_segmenter(tmp_path_factory: pytest.TempPathFactory, ray_local: None) -> Segmenter:
+    """A tiny U-Net trained by ``lxn lungs`` on 48 synthetic films (:func:`tests.helpers.write_masks_folder`)
+    in a store of its own. Read-only: the lungs tests read it, the train and serve tests copy the segmenter
+    into their stores (:meth:`Segmenter.copy_into`)."""
+    import json
+
+    from lxn_ray.cli.lungs import main
+
+    root = tmp_path_factory.mktemp("lungs")
+    masks = write_masks_folder(root / "masks", films=48)
+    report = root / "report.json"
+    arguments = ["--masks", str(masks), "--storage", str(root / "store"), "--report", str(report)]
+    assert main(arguments + TINY_SEGMENTER) == 0
+    return Segmenter(root / "store", json.loads(report.read_text()))

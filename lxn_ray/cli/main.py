@@ -17,6 +17,7 @@ COMMANDS: dict[str, str] = {
     "evaluate": "score a model on a dataset version, pooled and within each source",
     "loso": "leave-one-source-out: train on the other sources, test on the one left out",
     "retrain": "ingest, retrain and promote when the data changed (once or on a schedule)",
+    "lungs": "train a lung-field segmenter (U-Net) on a masks folder and register it",
     "registry": "model versions and the champion: list, show, promote, rollback",
     "serve": "serve the champion over HTTP with Ray Serve (page, API keys, DICOM)",
 }

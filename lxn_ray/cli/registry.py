@@ -1,5 +1,6 @@
 """``lxn registry`` / ``jobs/registry.py``: model versions and the champion - list, show, promote, rollback
-(:mod:`lxn_ray.registry`); its subcommands and summary. ``list`` and ``show`` write nothing."""
+(:mod:`lxn_ray.registry`); its subcommands and summary. ``list`` also lists the lung segmenters. ``list``
+and ``show`` write nothing."""
 
 from __future__ import annotations
 
@@ -18,7 +19,9 @@ def make_parser() -> argparse.ArgumentParser:
     """The ``registry`` subcommands: list, show VERSION, promote VERSION, rollback."""
     parser = job_parser("Model versions and the champion: list, show, promote, rollback.")
     commands = parser.add_subparsers(dest="command", required=True)
-    commands.add_parser("list", help="every model version with its test AUC; * marks the champion")
+    commands.add_parser(
+        "list", help="every model version with its test AUC (* marks the champion), then every segmenter"
+    )
     commands.add_parser("show", help="a version's model card").add_argument("version")
     commands.add_parser("promote", help="make a version the champion").add_argument("version")
     commands.add_parser("rollback", help="return to the previous champion")
@@ -36,6 +39,13 @@ def main(argv: Sequence[str] | None = None) -> int:
                 "command": "list",
                 "champion": registry.champion(storage),
                 "models": registry.describe(storage),
+                "segmenters": [
+                    {
+                        "version": v,
+                        "test_dice": registry.read_segmenter_card(storage, v).get("test", {}).get("dice"),
+                    }
+                    for v in registry.list_segmenters(storage)
+                ],
             }
         if args.command == "show":
             return {"command": "show", "card": registry.read_card(storage, args.version)}
@@ -61,6 +71,13 @@ def summary(report: dict[str, Any]) -> str:
                 f" {mark} {row['model_version']}  {row.get('task') or 'covid-vs-rest'}  "
                 f"test AUC {fmt(row['test_auc'])}{chance}  dataset {row['dataset_version']}"
             )
+        if report.get("segmenters"):
+            lines.append(f"{len(report['segmenters'])} lung segmenters (latest last)")
+            for row in report["segmenters"]:
+                dice = row["test_dice"] or {}
+                lines.append(
+                    f"   {row['version']}  test Dice {fmt(dice.get('value'))}{interval(dice.get('interval'))}"
+                )
         return "\n".join(lines)
     if report["command"] == "show":
         return json.dumps(report["card"], indent=2)

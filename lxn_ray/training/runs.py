@@ -29,6 +29,33 @@ CHECKPOINT_OPTIMIZER = "optimizer.npz"  # the optimizer's variables (lxn_ray.mod
 CHECKPOINT_STATE = "state.json"  # {"epoch", "history": one dict of metrics per epoch, "resumes"}
 
 
+def run_config(
+    storage: Storage,
+    run_name: str,
+    max_failures: int,
+    callbacks: list | None = None,
+    objective: str = OBJECTIVE,
+):
+    """The ``ray.train.RunConfig`` of a run named ``run_name`` under :data:`RUNS`: the two best checkpoints
+    by the reported metric ``objective`` (higher is better) kept, ``max_failures`` restarts from the
+    latest one (a lost worker or node)."""
+    from ray.train import CheckpointConfig, FailureConfig, LoggingConfig, RunConfig
+
+    from lxn_ray.infra import quiet
+
+    return RunConfig(
+        name=run_name,
+        storage_path=storage.path(RUNS),
+        storage_filesystem=storage.filesystem,
+        checkpoint_config=CheckpointConfig(
+            num_to_keep=2, checkpoint_score_attribute=objective, checkpoint_score_order="max"
+        ),
+        failure_config=FailureConfig(max_failures=max_failures),
+        callbacks=callbacks or None,
+        logging_config=LoggingConfig(log_level=quiet.train_log_level()),
+    )
+
+
 def run_name_of(version: str, config: TrainConfig) -> str:
     """The training run of ``config`` on dataset ``version`` (without ``fresh``): rerunning the same job
     resumes it, and a model card's ``train_run`` names it."""
