@@ -220,3 +220,42 @@ def source_lines(evaluation: dict[str, Any]) -> list[str]:
     elif checked:
         lines.append(f"  source-shortcut check: {checked} comparison(s), none fired")
     return lines
+
+
+def baseline_lines(report: dict[str, Any]) -> list[str]:
+    """The shortcut baselines beside a model's test AUC (train and tune; nothing for a report without)."""
+    from lxn_ray.evaluation.baselines import describe
+
+    shortcut = report.get("baselines")
+    if not shortcut:
+        return []
+    beats = (shortcut.get("model") or {}).get("beats_baselines")
+    verdict = {True: "; the model beats them", False: "; the model does NOT beat them"}.get(beats, "")
+    return [f"  shortcut baselines (test AUC given only): {describe(shortcut)}{verdict}"]
+
+
+def saliency_lines(report: dict[str, Any]) -> list[str]:
+    """The share of the model's Grad-CAM mass inside the lung fields over the test films."""
+    looked = report.get("saliency")
+    if not looked:
+        return []
+    if not looked.get("measured"):
+        return [f"  saliency inside the lungs: not measured ({looked.get('reason')})"]
+    return [
+        f"  saliency inside the lungs: {looked['mean']:.0%} of the Grad-CAM mass on average (sd "
+        f"{looked['sd']:.0%}, n={looked['n']}; the lungs cover {looked['lung_area']:.0%} of the image)"
+    ]
+
+
+def calibration_lines(report: dict[str, Any]) -> list[str]:
+    """How a model's probabilities were calibrated, and Brier and ECE on test before and after."""
+    calibrated = report.get("calibration")
+    if not calibrated:
+        return []
+    test = calibrated["test"]
+    return [
+        f"  calibrated on val (Platt scaling, slope {calibrated['slope']:.2f}, intercept "
+        f"{calibrated['intercept']:.2f}): test Brier "
+        f"{fmt(test['brier'])} (uncalibrated {fmt(test['brier_uncalibrated'])}), ECE {fmt(test['ece'])} "
+        f"(uncalibrated {fmt(test['ece_uncalibrated'])})"
+    ]

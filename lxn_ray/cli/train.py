@@ -9,7 +9,16 @@ from collections.abc import Sequence
 from typing import Any
 
 from lxn_ray import registry
-from lxn_ray.cli.common import add_stall_flag, interval, job_parser, run_job, source_lines
+from lxn_ray.cli.common import (
+    add_stall_flag,
+    baseline_lines,
+    calibration_lines,
+    interval,
+    job_parser,
+    run_job,
+    saliency_lines,
+    source_lines,
+)
 from lxn_ray.evaluation.metrics import fmt
 from lxn_ray.evaluation.promotion import guard
 from lxn_ray.infra.settings import add_flags, from_args
@@ -30,6 +39,8 @@ RECIPE_FIELDS = (
     "architecture",
     "trim_borders",
     "equalization",
+    "lungs",
+    "segmenter",
     "augment",
 )
 
@@ -119,6 +130,9 @@ def summary(report: dict[str, Any]) -> str:
         f"{fmt(test['sensitivity'])}, specificity {fmt(test['specificity'])}, n={test['n']} "
         "(patient-disjoint)",
         *(source_lines(report["sources"]) if report.get("sources") else []),
+        *baseline_lines(report),
+        *saliency_lines(report),
+        *calibration_lines(report),
         *(f"  warning: {w}" for w in report.get("warnings", []) if not w.startswith("source shortcut")),
         f"  model: {report['checkpoint']}{promoted}",
         "  research use only - not a diagnostic device",

@@ -11,9 +11,12 @@ from typing import Any
 
 from lxn_ray.cli.common import (
     add_source_flags,
+    baseline_lines,
+    calibration_lines,
     interval,
     job_parser,
     run_job,
+    saliency_lines,
     source_lines,
     sources_from_args,
 )
@@ -107,6 +110,10 @@ def summary(report: dict[str, Any]) -> str:
         f"specificity {fmt(test.get('specificity'))}, n={test.get('n')}\n"
         + repeats
         + "".join(f"{line}\n" for line in (source_lines(report["sources"]) if report.get("sources") else []))
+        + "".join(
+            f"{line}\n"
+            for line in (*baseline_lines(report), *saliency_lines(report), *calibration_lines(report))
+        )
         + "".join(
             f"  warning: {w}\n" for w in report.get("warnings", []) if not w.startswith("source shortcut")
         )

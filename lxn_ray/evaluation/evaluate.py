@@ -30,6 +30,7 @@ from lxn_ray.dedupe.search import ChunkMapper, find_duplicates
 from lxn_ray.dedupe.verify import VerifyChunk
 from lxn_ray.evaluation import metrics, plots, predict
 from lxn_ray.images.decode import ImageLimits, ImageRejected, decode_image, to_grayscale
+from lxn_ray.images.preprocess import LungFinder
 from lxn_ray.infra import cluster
 from lxn_ray.infra.log import get_logger
 from lxn_ray.infra.storage import Storage
@@ -83,7 +84,9 @@ def evaluate(
         exclusions += unreadable
 
     training = _training_images(storage, model_ref)
-    scored, inputs, fingerprints, rejected = _decode(files, image_size, limits, model_ref, training)
+    scored, inputs, fingerprints, rejected = _decode(
+        files, image_size, limits, model_ref, training, loaded.lungs
+    )
     exclusions += rejected
     if not scored:
         raise ValueError(
@@ -91,7 +94,7 @@ def evaluate(
         )
     started = time.monotonic()
     log(f"scoring {len(scored)} images with model {model_ref.version or model_reference} at {image_size} px")
-    probabilities = predict_probabilities(model, inputs)
+    probabilities = loaded.calibration(predict_probabilities(model, inputs))
     log(f"scored {len(scored)} images in {time.monotonic() - started:.1f} s")
     labels = np.array([task_of.label_of(item.row.finding) for item in scored], dtype=np.int64)
     groups = [item.row.source for item in scored]
@@ -202,6 +205,7 @@ def _decode(
     limits: ImageLimits,
     model_ref: ModelRef,
     training: TrainingImages | None,
+    lungs: LungFinder | None = None,
 ) -> tuple[list[SourceFile], list[np.ndarray], dict[str, dict[str, Any]], list[Exclusion]]:
     """Each file's model input, and the fingerprints the overlap check needs, decoding each file once:
     (scored files, model inputs, sha256 -> fingerprint, exclusions of undecodable files).
@@ -210,12 +214,13 @@ def _decode(
     training image, or one ingest judged distinct from them: see :class:`TrainingImages`) nor when there
     is no training set to compare with; any other is computed from the same decode as the model input
     (the untrimmed grayscale film is what :func:`~lxn_ray.images.preprocess.preprocess_for_explanation`
-    returns
-    when the model does not trim borders; a model that trims needs a second decode for those files).
+    returns when the model neither trims borders nor crops to the lungs; one that does needs a second
+    decode for those files). ``lungs`` finds the lung fields of a model that crops or masks to them.
     """
     from lxn_ray.images.preprocess import preprocess_bytes, preprocess_for_explanation
 
     preprocessing = model_ref.preprocessing
+    whole = not preprocessing.trim_borders and preprocessing.lungs == "none"  # the model sees the whole film
     published = training.published if training is not None else frozenset()
     scored: list[SourceFile] = []
     inputs: list[np.ndarray] = []
@@ -235,12 +240,14 @@ def _decode(
         sha = item.sha256
         needs_fingerprint = training is not None and sha not in published and sha not in fingerprints
         try:
-            if needs_fingerprint and not preprocessing.trim_borders:
-                model_input, film = preprocess_for_explanation(item.data, image_size, limits, preprocessing)
+            if needs_fingerprint and whole:
+                model_input, film, _ = preprocess_for_explanation(
+                    item.data, image_size, limits, preprocessing
+                )
                 fingerprints[sha] = fingerprint(to_grayscale(film))  # untrimmed: the whole film, one decode
             else:
-                model_input = preprocess_bytes(item.data, image_size, limits, preprocessing)
-                if needs_fingerprint:  # the model saw a trimmed film; a fingerprint is of the whole one
+                model_input = preprocess_bytes(item.data, image_size, limits, preprocessing, lungs)
+                if needs_fingerprint:  # the model saw part of the film; a fingerprint is of the whole one
                     fingerprints[sha] = fingerprint(to_grayscale(decode_image(item.data, limits).image))
         except ImageRejected as error:
             exclusions.append(Exclusion(item.row, UNREADABLE, str(error)))

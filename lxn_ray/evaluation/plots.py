@@ -1,4 +1,5 @@
-"""PNG pictures users look at: training curves, ROC curves and confusion matrices (matplotlib, no display)."""
+"""PNG pictures users look at: training curves, ROC curves, reliability diagrams and confusion matrices
+(matplotlib, no display)."""
 
 from __future__ import annotations
 
@@ -128,6 +129,45 @@ def roc(
     axis.set_ylabel("sensitivity")
     dot = f"; dot: threshold {threshold:.3f}" if threshold is not None else ""
     axis.set_title(f"ROC with 95% bands{dot}" + (f"\n{about}" if about else ""), fontsize=9)
+    _legend_outside(axis)
+    axis.grid(alpha=0.3)
+    return png_bytes(figure)
+
+
+def reliability(calibration: Mapping[str, object], about: str = "") -> bytes:
+    """The reliability diagram of a model card's ``calibration`` (:mod:`lxn_ray.evaluation.calibration`):
+    per split (val, test), the observed fraction of positives against the mean calibrated probability in
+    each bin, markers sized by the bin's films, the diagonal as perfect calibration; Brier and ECE before
+    and after calibration in the legend."""
+    plt = new_pyplot()
+    figure, axis = plt.subplots(figsize=(7.6, 4.8))
+    for split in ("val", "test"):
+        summary = calibration.get(split) or {}
+        points = summary.get("reliability") or []
+        if not points:
+            continue
+        x = [point["mean_probability"] for point in points]
+        y = [point["observed"] for point in points]
+        sizes = [12 + 4 * point["n"] ** 0.5 for point in points]
+        label = (
+            f"{split}: ECE {summary['ece']:.3f} (uncalibrated {summary['ece_uncalibrated']:.3f}), "
+            f"Brier {summary['brier']:.3f} ({summary['brier_uncalibrated']:.3f}), n={summary['n']}"
+        )
+        (line,) = axis.plot(x, y, "-", label=label)
+        axis.scatter(x, y, s=sizes, color=line.get_color())
+    axis.plot([0, 1], [0, 1], ":", color="grey", label="perfectly calibrated")
+    axis.set_xlim(0, 1)
+    axis.set_ylim(0, 1)
+    axis.set_aspect("equal")
+    axis.set_xlabel("mean calibrated probability in the bin")
+    axis.set_ylabel("observed fraction of positives")
+    title = "reliability"
+    if "slope" in calibration:
+        title += (
+            f" after Platt scaling (slope {calibration['slope']:.2f}, intercept "
+            f"{calibration['intercept']:.2f}, fitted on val)"
+        )
+    axis.set_title(title + (f"\n{about}" if about else ""), fontsize=9)
     _legend_outside(axis)
     axis.grid(alpha=0.3)
     return png_bytes(figure)

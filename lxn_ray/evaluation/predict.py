@@ -9,6 +9,7 @@ at its own input size, through its own preprocessing, in the precision it was sa
 
 from __future__ import annotations
 
+import functools
 import tempfile
 from dataclasses import dataclass
 from pathlib import Path
@@ -18,7 +19,8 @@ import numpy as np
 
 from lxn_ray import registry
 from lxn_ray.data import dataset
-from lxn_ray.images.preprocess import DEFAULT_PREPROCESSING, PreprocessConfig
+from lxn_ray.evaluation.calibration import Calibration
+from lxn_ray.images.preprocess import DEFAULT_PREPROCESSING, LungFinder, PreprocessConfig
 from lxn_ray.infra.storage import Storage
 from lxn_ray.sources.tasks import DEFAULT_TASK, Task, resolve_task
 
@@ -34,7 +36,9 @@ class ScoringModel:
     task: Task
     image_size: int  # input side in pixels
     preprocessing: PreprocessConfig  # as trained and validated (the card's)
-    threshold: float  # chosen on the model's validation split
+    threshold: float  # chosen on the model's validation split, on the calibrated scale
+    calibration: Calibration  # the card's (the identity for a card made before calibration existed)
+    lungs: LungFinder | None  # the card's lung segmenter when its preprocessing crops or masks to the lungs
 
     @property
     def version(self) -> str | None:
@@ -77,7 +81,30 @@ def load(storage: Storage, reference: str | registry.ModelRef, task: str | None 
         image_size=int(shape[1]),  # the model says what it was trained on
         preprocessing=ref.preprocessing,
         threshold=ref.threshold,
+        calibration=Calibration.of_card(ref.card),
+        lungs=lung_finder(storage.uri, ref.preprocessing),
     )
+
+
+def lung_finder(storage_uri: str, preprocessing: PreprocessConfig) -> LungFinder | None:
+    """The :data:`~lxn_ray.images.preprocess.LungFinder` that ``preprocessing`` needs: its segmenter
+    version (``latest`` when unnamed) of the store at ``storage_uri``, loaded once per process; None when
+    it does not crop or mask to the lung fields. Raises FileNotFoundError when the store has no such
+    segmenter."""
+    if preprocessing.lungs == "none":
+        return None
+    return segmenter_finder(storage_uri, preprocessing.segmenter or "latest")
+
+
+@functools.lru_cache(maxsize=4)
+def segmenter_finder(storage_uri: str, version: str) -> LungFinder:
+    """The lung masks of a registered segmenter (:class:`lxn_ray.model.lungs.LungSegmenter`) as a
+    one-film :data:`~lxn_ray.images.preprocess.LungFinder`, loaded once per process and version (a Ray
+    Data task building a pixel cache, a replica, a job)."""
+    from lxn_ray.model.lungs import LungSegmenter
+
+    segmenter = LungSegmenter.load(Storage.open(storage_uri), version)
+    return lambda gray: segmenter.masks([gray])[0]
 
 
 def score_split(
@@ -89,34 +116,41 @@ def score_split(
     task: str | Task = DEFAULT_TASK,
     sources: tuple[str, ...] = (),
     preprocessing: PreprocessConfig = DEFAULT_PREPROCESSING,
+    calibration: Calibration = Calibration(),
+    lungs: LungFinder | None = None,
 ) -> tuple[np.ndarray, np.ndarray, list[str]]:
-    """(labels int64 (n,), probabilities float32 (n,), source names (n,)) of a Keras ``model`` on the rows
+    """(labels int64 (n,), probabilities float64 (n,), source names (n,)) of a Keras ``model`` on the rows
     of one split (None: all splits) of dataset ``version`` that ``task`` uses, from ``sources`` (empty:
-    all), through ``preprocessing`` at ``image_size`` px. Images are decoded and scored
-    :data:`SCORE_BATCH` at a time (the batches :func:`lxn_ray.model.network.predict_probabilities` would
-    make of the whole split), never the split at once."""
+    all), through ``preprocessing`` at ``image_size`` px, calibrated by ``calibration``
+    (:class:`lxn_ray.evaluation.calibration.Calibration`; the identity: the model's own output);
+    ``lungs`` finds the lung fields when ``preprocessing`` crops or masks to them (default:
+    :func:`lung_finder`'s). Images are decoded and scored :data:`SCORE_BATCH` at a time (the batches
+    :func:`lxn_ray.model.network.predict_probabilities` would make of the whole split), never the split
+    at once."""
     from lxn_ray.images.preprocess import preprocess_bytes
     from lxn_ray.model.network import predict_probabilities
 
+    lungs = lungs or lung_finder(storage.uri, preprocessing)
     table = dataset.read_split(storage, version, split, task, sources)
     labels = np.asarray(table.column("label").to_pylist(), dtype=np.int64)
     keys = table.column("image_key").to_pylist()
     scores = [np.zeros(0, dtype=np.float32)]
     for start in range(0, len(keys), SCORE_BATCH):
         images = [
-            preprocess_bytes(storage.read_bytes(key), image_size, preprocessing=preprocessing)
+            preprocess_bytes(storage.read_bytes(key), image_size, preprocessing=preprocessing, lungs=lungs)
             for key in keys[start : start + SCORE_BATCH]
         ]
         scores.append(predict_probabilities(model, images, batch_size=SCORE_BATCH))
-    return labels, np.concatenate(scores), table.column("source").to_pylist()
+    probabilities = calibration(np.concatenate(scores))
+    return labels, probabilities, table.column("source").to_pylist()
 
 
 def score_registered(
     storage: Storage, model_version: str, version: str, split: str | None, task: str | None = None
 ) -> tuple[np.ndarray, np.ndarray, list[str], registry.ModelRef]:
     """(labels, scores, sources, ModelRef) of a registered model on one split of dataset ``version`` for
-    ``task`` (default: the model's own), at the model's own input size and preprocessing - how promotion
-    rules compare two models on the same images."""
+    ``task`` (default: the model's own), at the model's own input size, preprocessing and calibration -
+    how promotion rules compare two models on the same images."""
     loaded = load(storage, model_version)
     labels, scores, sources = score_split(
         loaded.model,
@@ -127,5 +161,7 @@ def score_registered(
         task or loaded.task,
         (),
         loaded.preprocessing,
+        loaded.calibration,
+        loaded.lungs,
     )
     return labels, scores, sources, loaded.reference

@@ -7,10 +7,12 @@ module only turns a decoded radiograph into model input.
 
 Optional source harmonisation (:class:`PreprocessConfig`) runs inside that one path: :func:`trim_borders`
 crops the uniform frames and burnt-in label margins whose size, colour and position differ per hospital,
-and :func:`equalize` normalises contrast (global histogram equalisation or CLAHE). Both attack shortcuts a
+:func:`lung_fields` crops the film to its lung fields (and may blank everything outside them), and
+:func:`equalize` normalises contrast (global histogram equalisation or CLAHE). All attack shortcuts a
 classifier trained on this multi-source dataset could otherwise learn - telling sources apart by their
-framing or exposure instead of by the lungs. The default config switches both off and reproduces the
-plain pipeline bit for bit.
+framing, text, markers or exposure instead of by the lungs. The default config switches all off and
+reproduces the plain pipeline bit for bit. The lung fields come from a trained segmenter that the caller
+passes in as a :data:`LungFinder` (:mod:`lxn_ray.model.lungs`); this module never loads a model.
 
 Augmentation (:func:`build_augmenter`) is separate on purpose: it is random, applies to training batches
 only, and must never run at evaluation or serving time.
@@ -19,7 +21,7 @@ only, and must never run at evaluation or serving time.
 from __future__ import annotations
 
 import math
-from collections.abc import Iterable, Mapping
+from collections.abc import Callable, Iterable, Mapping
 from dataclasses import asdict, dataclass, fields
 from typing import TYPE_CHECKING, Any
 
@@ -85,6 +87,9 @@ LIGHT_AUGMENT = AugmentConfig(
 
 
 EQUALIZATION_METHODS = ("none", "histogram", "clahe")
+LUNG_MODES = ("none", "crop", "mask")
+# A film's lung fields: 2-D uint8 grayscale (h, w) -> bool (h, w), True inside either lung field.
+LungFinder = Callable[[np.ndarray], np.ndarray]
 
 
 @dataclass(frozen=True)
@@ -102,6 +107,18 @@ class PreprocessConfig:
     clahe_clip_limit: float = setting(
         0.01, help="CLAHE's clip limit (skimage.exposure.equalize_adapthist clip_limit)", flag=False
     )
+    lungs: str = setting(
+        "none",
+        help="crop each film to its lung fields' box (crop), and also blank outside them (mask), found by "
+        "the lung segmenter (jobs/lungs.py); none: the whole film",
+        choices=LUNG_MODES,
+    )
+    segmenter: str = setting(
+        "", help="the lung segmenter version --lungs uses (default: the store's newest; the card records it)"
+    )
+    lung_margin: float = setting(
+        0.05, help="margin added on each side of the lung fields' box, a fraction of its side", flag=False
+    )
 
     def __post_init__(self) -> None:
         if not isinstance(self.trim_borders, bool):
@@ -113,6 +130,13 @@ class PreprocessConfig:
         limit = self.clahe_clip_limit
         if isinstance(limit, bool) or not isinstance(limit, (int, float)) or not 0.0 < limit <= 1.0:
             raise ValueError(f"clahe_clip_limit must be a number in (0, 1], got {limit!r}")
+        if self.lungs not in LUNG_MODES:
+            raise ValueError(f"lungs must be one of {', '.join(LUNG_MODES)}; got {self.lungs!r}")
+        margin = self.lung_margin
+        if isinstance(margin, bool) or not isinstance(margin, (int, float)) or not 0.0 <= margin <= 0.5:
+            raise ValueError(f"lung_margin must be a number in [0, 0.5], got {margin!r}")
+        if not isinstance(self.segmenter, str):
+            raise ValueError(f"segmenter must be a version id (text), got {self.segmenter!r}")
 
     @classmethod
     def from_mapping(cls, settings: Mapping[str, Any] | None) -> PreprocessConfig:
@@ -309,6 +333,41 @@ def film_region(gray: Image.Image, preprocessing: PreprocessConfig = DEFAULT_PRE
     return gray.crop((left, top, right, bottom))
 
 
+def lung_box(mask: np.ndarray, margin: float) -> tuple[int, int, int, int] | None:
+    """``(top, bottom, left, right)`` of the lung fields' bounding box in ``mask`` (2-D bool), widened by
+    ``margin`` times the box's height (rows) and width (columns) on each side and clipped to the image;
+    None when the mask holds no lung pixel."""
+    rows, cols = np.flatnonzero(mask.any(axis=1)), np.flatnonzero(mask.any(axis=0))
+    if rows.size == 0:
+        return None
+    top, bottom, left, right = int(rows[0]), int(rows[-1]) + 1, int(cols[0]), int(cols[-1]) + 1
+    dy, dx = round(margin * (bottom - top)), round(margin * (right - left))
+    height, width = mask.shape
+    return max(0, top - dy), min(height, bottom + dy), max(0, left - dx), min(width, right + dx)
+
+
+def lung_fields(
+    gray: np.ndarray, mask: np.ndarray, mode: str, margin: float
+) -> tuple[np.ndarray, np.ndarray]:
+    """A film reduced to its lung fields: ``(film, mask)`` cropped to :func:`lung_box` (``mode`` crop), and
+    with every pixel outside the mask set to 0, black as a radiograph's background (``mode`` mask).
+
+    ``gray``: 2-D uint8 ``(h, w)``; ``mask``: 2-D bool of the same shape (a :data:`LungFinder`'s answer).
+    Returns 2-D uint8 and bool arrays of the crop's shape. A mask without any lung pixel (the segmenter
+    found none: not a chest film, or a failure) leaves the film whole, so no image is lost; ``mode`` none
+    returns both unchanged. Raises ValueError for a mask of another shape."""
+    if mask.shape != gray.shape:
+        raise ValueError(f"the lung mask is {mask.shape}, the film {gray.shape}")
+    box = lung_box(mask, margin) if mode != "none" else None
+    if box is None:
+        return gray, mask
+    top, bottom, left, right = box
+    film, mask = gray[top:bottom, left:right], mask[top:bottom, left:right]
+    if mode == "mask":
+        film = np.where(mask, film, np.uint8(0))
+    return film, mask
+
+
 def _check_arguments(image_size: int, preprocessing: PreprocessConfig) -> None:
     if not isinstance(image_size, int) or isinstance(image_size, bool) or image_size < 1:
         raise ValueError(f"image_size must be a positive int, got {image_size!r}")
@@ -321,33 +380,49 @@ def preprocess_pixels(
     image_size: int,
     limits: ImageLimits = DEFAULT_LIMITS,
     preprocessing: PreprocessConfig = DEFAULT_PREPROCESSING,
+    lungs: LungFinder | None = None,
 ) -> np.ndarray:
     """File bytes -> ``(image_size, image_size)`` uint8 grayscale: what :func:`preprocess_bytes` is made of.
 
     Steps: decode (guards in :mod:`lxn_ray.images.decode`) -> grayscale -> :func:`trim_borders` at full
-    resolution (if ``preprocessing.trim_borders``) -> resize -> :func:`equalize` (after the resize, where
-    it is cheap). ``preprocess_bytes(...) == np.repeat((pixels.astype(np.float32) / np.float32(255))[...,
-    None], 3, axis=2)`` exactly, so training can store this compact array and expand it on the device.
+    resolution (if ``preprocessing.trim_borders``) -> :func:`lung_fields` with the mask ``lungs`` finds
+    (if ``preprocessing.lungs`` is crop or mask; ``lungs`` is then required) -> resize -> :func:`equalize`
+    (after the resize, where it is cheap). ``preprocess_bytes(...) == np.repeat((pixels.astype(np.float32)
+    / np.float32(255))[..., None], 3, axis=2)`` exactly, so training can store this compact array and
+    expand it on the device.
 
     Raises :class:`ImageRejected` for any bad input bytes, never anything else (a bad ``image_size`` is a
-    programming error and raises ``ValueError``, a bad ``preprocessing`` ``TypeError``).
+    programming error and raises ``ValueError``, as does lung preprocessing without ``lungs``; a bad
+    ``preprocessing`` ``TypeError``).
 
     Plain resize to a square, not an aspect-preserving letterbox: it is what the paper's Keras pipeline
     did (``target_size=(200, 200)``), it spends every input pixel on the radiograph, and it adds no black
     bars whose width would encode each source's typical aspect ratio - a shortcut to telling hospitals
     apart on this multi-source dataset. Most chest films are near-square, so the distortion is small.
     """
-    return _pixels_and_region(data, image_size, limits, preprocessing)[0]
+    return _pixels_and_region(data, image_size, limits, preprocessing, lungs)[0]
 
 
 def _pixels_and_region(
-    data: bytes, image_size: int, limits: ImageLimits, preprocessing: PreprocessConfig
-) -> tuple[np.ndarray, Image.Image]:
-    """:func:`preprocess_pixels` and the :func:`film_region` it was resized from, from one decode."""
+    data: bytes,
+    image_size: int,
+    limits: ImageLimits,
+    preprocessing: PreprocessConfig,
+    lungs: LungFinder | None,
+) -> tuple[np.ndarray, Image.Image, np.ndarray | None]:
+    """:func:`preprocess_pixels`, the film region it was resized from (after trimming and the lung crop)
+    and that region's lung mask (bool, None without ``lungs``), from one decode."""
     _check_arguments(image_size, preprocessing)
+    if preprocessing.lungs != "none" and lungs is None:
+        raise ValueError(f"lungs={preprocessing.lungs} preprocessing needs a lung segmenter (lungs=...)")
     decoded = decode_image(data, limits)
     try:
         region = film_region(to_grayscale(decoded.image), preprocessing)
+        mask = None
+        if lungs is not None:
+            gray = np.asarray(region, dtype=np.uint8)
+            film, mask = lung_fields(gray, lungs(gray), preprocessing.lungs, preprocessing.lung_margin)
+            region = region if film is gray else Image.fromarray(film, mode="L")
         # Bilinear with PIL's support scaling is area-aware when shrinking (no aliasing from 20 MP films);
         # reducing_gap first box-reduces very large images, which is much faster and visually identical.
         resized = region.resize((image_size, image_size), Image.Resampling.BILINEAR, reducing_gap=3.0)
@@ -355,7 +430,7 @@ def _pixels_and_region(
         pixels = equalize(pixels, preprocessing.equalization, preprocessing.clahe_clip_limit)
     except (OSError, ValueError, MemoryError) as error:
         raise ImageRejected(f"could not preprocess image: {error}") from None
-    return pixels, region
+    return pixels, region, mask
 
 
 def as_model_input(pixels: np.ndarray) -> np.ndarray:
@@ -369,11 +444,14 @@ def preprocess_for_explanation(
     image_size: int,
     limits: ImageLimits = DEFAULT_LIMITS,
     preprocessing: PreprocessConfig = DEFAULT_PREPROCESSING,
-) -> tuple[np.ndarray, Image.Image]:
-    """(:func:`preprocess_bytes`'s model input, the grayscale :func:`film_region` it shows) from one
-    decode: Grad-CAM's heat map, in model-input coordinates, is drawn over that region."""
-    pixels, region = _pixels_and_region(data, image_size, limits, preprocessing)
-    return as_model_input(pixels), region
+    lungs: LungFinder | None = None,
+) -> tuple[np.ndarray, Image.Image, np.ndarray | None]:
+    """(:func:`preprocess_bytes`'s model input, the grayscale film region it shows, that region's lung
+    mask) from one decode: Grad-CAM's heat map, in model-input coordinates, is drawn over that region, and
+    the share of its mass inside the lung fields measured on the mask (bool, the region's shape; None
+    without ``lungs`` - given one, the mask is found even when ``preprocessing.lungs`` is none)."""
+    pixels, region, mask = _pixels_and_region(data, image_size, limits, preprocessing, lungs)
+    return as_model_input(pixels), region, mask
 
 
 def preprocess_bytes(
@@ -381,6 +459,7 @@ def preprocess_bytes(
     image_size: int,
     limits: ImageLimits = DEFAULT_LIMITS,
     preprocessing: PreprocessConfig = DEFAULT_PREPROCESSING,
+    lungs: LungFinder | None = None,
 ) -> np.ndarray:
     """File bytes -> ``(image_size, image_size, 3)`` float32 in [0, 1], channels equal: the model input.
 
@@ -388,7 +467,7 @@ def preprocess_bytes(
     errors (only :class:`ImageRejected` for bad bytes) and why the resize is a plain square one. With the
     default ``preprocessing`` the output is exactly the plain decode -> grayscale -> resize -> /255.
     """
-    return as_model_input(preprocess_pixels(data, image_size, limits, preprocessing))
+    return as_model_input(preprocess_pixels(data, image_size, limits, preprocessing, lungs))
 
 
 def preprocess_batch(
@@ -396,9 +475,10 @@ def preprocess_batch(
     image_size: int,
     limits: ImageLimits = DEFAULT_LIMITS,
     preprocessing: PreprocessConfig = DEFAULT_PREPROCESSING,
+    lungs: LungFinder | None = None,
 ) -> np.ndarray:
     """Several files -> ``(n, image_size, image_size, 3)`` float32; one bad file raises ImageRejected."""
-    arrays = [preprocess_bytes(data, image_size, limits, preprocessing) for data in images]
+    arrays = [preprocess_bytes(data, image_size, limits, preprocessing, lungs) for data in images]
     if not arrays:
         _check_arguments(image_size, preprocessing)
         return np.zeros((0, image_size, image_size, MODEL_CHANNELS), dtype=np.float32)

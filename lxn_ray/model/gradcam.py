@@ -27,8 +27,16 @@ MAX_SIDE = 1024  # overlays of 20-megapixel films are scaled down to this longes
 class Explanation:
     """A Grad-CAM map in model-input coordinates and the probability the same pass computed."""
 
-    heatmap: np.ndarray  # (h, w) float32 in [0, 1], the last conv layer's resolution
+    heatmap: np.ndarray  # (h, w) float32 in [0, 1], the last conv layer's resolution: the positive class
     probability: float
+    negative_heatmap: np.ndarray | None = None  # the same for the negative class (the negated logit)
+
+    def of_predicted_class(self) -> np.ndarray:
+        """The map of the class the output favours (positive when ``probability >= 0.5``): Grad-CAM of the
+        predicted class (Selvaraju et al., 2017), which is not empty for a film scored negative."""
+        if self.probability >= 0.5 or self.negative_heatmap is None:
+            return self.heatmap
+        return self.negative_heatmap
 
 
 class GradCam:
@@ -57,10 +65,19 @@ class GradCam:
                 logit = tf.matmul(hidden, tf.cast(kernel, hidden.dtype)) + tf.cast(bias, hidden.dtype)
             gradients = tape.gradient(logit, activations)  # (n, h, w, c)
             weights = tf.reduce_mean(gradients, axis=(1, 2), keepdims=True)  # channel importance
-            cam = tf.nn.relu(tf.reduce_sum(weights * activations, axis=-1))  # (n, h, w)
+            evidence = tf.reduce_sum(weights * activations, axis=-1)  # (n, h, w)
+            # The negated logit's gradient is the negated gradient: the negative class's map for free.
+            positive, negative = tf.nn.relu(evidence), tf.nn.relu(-evidence)
+            probability = tf.reshape(tf.sigmoid(tf.cast(logit, tf.float32)), [-1])
+            return (
+                tf.cast(_normalised(positive), tf.float32),
+                probability,
+                tf.cast(_normalised(negative), tf.float32),
+            )
+
+        def _normalised(cam):
             peak = tf.reduce_max(cam, axis=(1, 2), keepdims=True)
-            cam = tf.math.divide_no_nan(cam, peak)  # an all-zero map stays zero, never NaN
-            return tf.cast(cam, tf.float32), tf.reshape(tf.sigmoid(tf.cast(logit, tf.float32)), [-1])
+            return tf.math.divide_no_nan(cam, peak)  # an all-zero map stays zero, never NaN
 
         self._compute = compute
 
@@ -68,8 +85,12 @@ class GradCam:
         """``image``: one preprocessed ``(s, s, 3)`` float32 array (from ``preprocess_bytes``)."""
         if image.shape != (self.image_size, self.image_size, 3):
             raise ValueError(f"expected a ({self.image_size}, {self.image_size}, 3) image, got {image.shape}")
-        cam, probability = self._compute(np.asarray(image, dtype=np.float32)[np.newaxis])
-        return Explanation(heatmap=np.asarray(cam)[0], probability=float(np.asarray(probability)[0]))
+        cam, probability, negative = self._compute(np.asarray(image, dtype=np.float32)[np.newaxis])
+        return Explanation(
+            heatmap=np.asarray(cam)[0],
+            probability=float(np.asarray(probability)[0]),
+            negative_heatmap=np.asarray(negative)[0],
+        )
 
 
 def jet(values: np.ndarray) -> np.ndarray:
@@ -115,6 +136,7 @@ def render_overlay(
     alpha: float = DEFAULT_ALPHA,
     max_side: int = MAX_SIDE,
     layout: OverlayLayout | None = None,
+    lungs: np.ndarray | None = None,
 ) -> bytes:
     """PNG: the radiograph in grayscale under a semi-transparent jet heat map; the caption in a band above
     the film (never over it) and a colour bar to its right (Grad-CAM, normalised to the image's peak:
@@ -122,7 +144,9 @@ def render_overlay(
 
     ``heatmap`` is in model-input coordinates. Preprocessing is a plain resize (no letterbox) of the film
     or, for a model that trims borders, of :func:`lxn_ray.images.preprocess.film_region` - pass that region as
-    ``radiograph`` - so stretching the map back to its aspect puts every cell where it belongs.
+    ``radiograph`` - so stretching the map back to its aspect puts every cell where it belongs. ``lungs``,
+    a bool mask of the radiograph's shape ``(height, width)``, is outlined in white over the map: the
+    lung fields the segmenter found, where a model should look.
     """
     if not 0.0 <= alpha <= 1.0:
         raise ValueError(f"alpha must be in [0, 1], got {alpha}")
@@ -132,7 +156,10 @@ def render_overlay(
     base = np.repeat(np.asarray(gray, dtype=np.float32)[..., np.newaxis], 3, axis=2)
     cam = Image.fromarray(np.asarray(heatmap, dtype=np.float32), mode="F").resize(size, Image.BILINEAR)
     colours = jet(np.asarray(cam)).astype(np.float32)
-    blended = Image.fromarray(((1.0 - alpha) * base + alpha * colours).round().astype(np.uint8), "RGB")
+    blended = ((1.0 - alpha) * base + alpha * colours).round().astype(np.uint8)
+    if lungs is not None:
+        blended[lung_outline(lungs, size)] = 255
+    blended = Image.fromarray(blended, "RGB")
     canvas = Image.new("RGB", layout.size, (255, 255, 255))
     canvas.paste(blended, (0, layout.caption_height))
     _draw_caption(canvas, caption, layout)
@@ -140,6 +167,15 @@ def render_overlay(
     buffer = io.BytesIO()
     canvas.save(buffer, format="PNG")
     return buffer.getvalue()
+
+
+def lung_outline(mask: np.ndarray, size: tuple[int, int]) -> np.ndarray:
+    """The outline of a bool lung mask drawn at ``size`` = (width, height): bool ``(height, width)``, True
+    on the fields' boundary, about 2 px wide (``skimage.segmentation.find_boundaries``, thick mode)."""
+    from skimage.segmentation import find_boundaries
+
+    resized = Image.fromarray(np.asarray(mask, dtype=np.uint8) * 255).resize(size, Image.Resampling.NEAREST)
+    return find_boundaries(np.asarray(resized) > 127, mode="thick")
 
 
 def _caption_font_size(width: int, caption: str) -> int:

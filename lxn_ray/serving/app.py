@@ -64,7 +64,8 @@ def create_api():
     from lxn_ray import __version__
 
     class Prediction(BaseModel):
-        probability: float
+        probability: float  # calibrated on the model's validation split (Platt scaling)
+        calibrated: bool  # false only for a model whose card predates calibration
         label: str
         threshold: float
         model_version: str | None
@@ -84,9 +85,9 @@ def create_api():
         static_url=DOCS_ASSETS,
         description=(
             f"**{RESEARCH_NOTE}.** P(COVID-19) for a frontal chest radiograph (PNG, JPEG or DICOM - told "
-            "by its bytes -, at most 20 MB and 50 megapixels) from LxN, with the decision threshold chosen "
-            "on the model's validation split. Prediction, explanation and model routes need "
-            '`Authorization: Bearer KEY`. Errors are JSON `{"error": "..."}`.'
+            "by its bytes -, at most 20 MB and 50 megapixels) from LxN, calibrated by Platt scaling, "
+            "with the decision threshold chosen on the model's validation split. Prediction, explanation and "
+            'model routes need `Authorization: Bearer KEY`. Errors are JSON `{"error": "..."}`.'
         ),
     )
     # Declares the Bearer scheme in the OpenAPI document (the Authorize button of /docs). auto_error=False:
@@ -175,6 +176,7 @@ def create_api():
             headers = {
                 "X-Model-Version": str(answer["model_version"]),
                 "X-Probability": f"{answer['probability']:.6f}",
+                "X-Calibrated": "true" if answer["calibrated"] else "false",
                 "X-Label": answer["label"],
                 "X-Threshold": f"{answer['threshold']:.6f}",
                 "X-No-Better-Than-Chance": "true" if answer["no_better_than_chance"] else "false",

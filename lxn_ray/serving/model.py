@@ -13,6 +13,7 @@ from typing import Any
 import numpy as np
 
 from lxn_ray import registry
+from lxn_ray.evaluation.calibration import Calibration
 from lxn_ray.evaluation.metrics import fmt, no_better_than_chance
 from lxn_ray.infra.storage import Storage
 
@@ -33,6 +34,9 @@ class LoadedModel:
     preprocessing: Any  # lxn_ray.images.preprocess.PreprocessConfig, the card's: as trained and validated
     forward: Callable[[np.ndarray], np.ndarray]  # (n, s, s, 3) float32 -> (n,) probabilities
     explainer: Any  # lxn_ray.model.gradcam.GradCam, built once here rather than per request
+    # The lung segmenter (a LungFinder): the card's when it crops or masks to the lungs, else the store's
+    # newest, for /explain's outline; None when the store has none.
+    segmenter: Callable[[np.ndarray], np.ndarray] | None = None
     loaded_at: str = field(default_factory=lambda: datetime.now(timezone.utc).isoformat(timespec="seconds"))
 
     @property
@@ -56,13 +60,27 @@ class LoadedModel:
         )
         return f"model {self.version} is no better than chance: {measured}; do not act on this label"
 
-    def prediction(self, probability: float) -> dict[str, Any]:
-        """The JSON answer for one image's ``probability`` (float in [0, 1]): ``probability``, ``label``
-        (``probability >= threshold`` is positive, in the card's label names), ``threshold``,
-        ``model_version``, ``task``, ``no_better_than_chance`` (bool) and ``warning`` (a sentence, or None).
+    @property
+    def lungs(self) -> Callable[[np.ndarray], np.ndarray] | None:
+        """The segmenter its preprocessing needs (None when it does not crop or mask to the lungs)."""
+        return self.segmenter if self.preprocessing.lungs != "none" else None
+
+    @property
+    def calibration(self) -> Calibration:
+        """The card's calibration (the identity for a card made before calibration existed)."""
+        return Calibration.of_card(self.card)
+
+    def prediction(self, output: float) -> dict[str, Any]:
+        """The JSON answer for one image's model ``output`` (its sigmoid, float in [0, 1]): ``probability``
+        (calibrated by the card's :class:`~lxn_ray.evaluation.calibration.Calibration`, as its
+        threshold and test metrics were), ``calibrated`` (bool), ``label`` (``probability >= threshold`` is
+        positive, in the card's label names), ``threshold``, ``model_version``, ``task``,
+        ``no_better_than_chance`` (bool) and ``warning`` (a sentence, or None).
         """
+        probability = float(self.calibration(output))
         return {
             "probability": probability,
+            "calibrated": "calibration" in self.card,
             "label": label_for(probability, self.threshold, self.card.get("label_names")),
             "threshold": self.threshold,
             "model_version": self.version,
@@ -105,6 +123,12 @@ def load_model_version(storage: Storage, reference: str, task: str | None = None
         return np.asarray(graph(tf.convert_to_tensor(images, dtype=tf.float32)))
 
     explainer = GradCam(model)
+    segmenter = loaded.lungs
+    if segmenter is None:
+        try:  # the outline of /explain: the store's newest segmenter, if it has one
+            segmenter = predict.segmenter_finder(storage.uri, "latest")
+        except FileNotFoundError:
+            segmenter = None
     warm = np.zeros((1, size, size, 3), dtype=np.float32)
     forward(warm)  # trace now, not in the first request
     explainer(warm[0])
@@ -116,4 +140,5 @@ def load_model_version(storage: Storage, reference: str, task: str | None = None
         preprocessing=loaded.preprocessing,
         forward=forward,
         explainer=explainer,
+        segmenter=segmenter,
     )

@@ -183,7 +183,7 @@ class LxnServer:
         """The model's own preprocessing (its card's input size and settings), as in its validation."""
         from lxn_ray.images.preprocess import preprocess_bytes
 
-        return preprocess_bytes(data, model.image_size, self.limits, preprocessing=model.preprocessing)
+        return preprocess_bytes(data, model.image_size, self.limits, model.preprocessing, model.lungs)
 
     async def _forward_batch(self, items: list[_Item]) -> list[tuple[float, LoadedModel]]:
         """``@serve.batch`` target: one forward pass for every waiting image, with the model it used."""
@@ -222,9 +222,10 @@ class LxnServer:
 
         model = self.current
         try:
-            # The overlay covers what the model saw: the film after its border trimming, if it trims.
-            image, radiograph = preprocess_for_explanation(
-                data, model.image_size, self.limits, model.preprocessing
+            # The overlay covers what the model saw: the film after its border trimming and lung crop, if
+            # any, with the lung fields outlined where a segmenter is at hand.
+            image, radiograph, lungs = preprocess_for_explanation(
+                data, model.image_size, self.limits, model.preprocessing, model.segmenter
             )
         except ImageRejected as error:
             raise rejected_image(error) from None
@@ -238,7 +239,8 @@ class LxnServer:
         if model.no_better_than_chance:
             caption += "\nNO BETTER THAN CHANCE on its test split: do not act on this label"
         layout = overlay_layout(radiograph.size, caption)
-        return render_overlay(radiograph, explanation.heatmap, caption, layout=layout), answer, layout
+        png = render_overlay(radiograph, explanation.heatmap, caption, layout=layout, lungs=lungs)
+        return png, answer, layout
 
     def describe(self) -> dict[str, Any]:
         """What ``GET /model`` shows: the loaded model's card and how this replica serves it."""

@@ -11,6 +11,7 @@ negative, and which are not used - as torchxrayvision's ``relabel_dataset`` does
 
 from __future__ import annotations
 
+import json
 import re
 from dataclasses import asdict, dataclass
 from pathlib import Path
@@ -157,7 +158,8 @@ DEFAULT_TASK = "covid-vs-rest"
 
 
 def resolve_task(spec: str | Task | dict | None = None) -> Task:
-    """The task named by ``--task``: a built-in name, a YAML/JSON file, or a card's recorded dict.
+    """The task named by ``--task``: a built-in name, a YAML/JSON file, a definition's JSON text
+    (:func:`portable_task`), or a card's recorded dict.
 
     A task file reads::
 
@@ -182,6 +184,11 @@ def resolve_task(spec: str | Task | dict | None = None) -> Task:
         return _task_from_mapping(spec, "recorded task")
     if spec in BUILTIN_TASKS:
         return BUILTIN_TASKS[spec]
+    if spec.lstrip().startswith("{"):
+        try:
+            return _task_from_mapping(json.loads(spec), "task definition")
+        except json.JSONDecodeError as error:
+            raise TaskError(f"not a readable task definition ({error})") from None
     path = Path(spec).expanduser()
     if not path.is_file():
         raise TaskError(f"unknown task {spec!r}: expected one of {sorted(BUILTIN_TASKS)} or a task file")
@@ -194,6 +201,22 @@ def resolve_task(spec: str | Task | dict | None = None) -> Task:
     except (yaml.YAMLError, UnicodeDecodeError) as error:
         raise TaskError(f"{path}: not a readable task file ({error})") from None
     return _task_from_mapping(definition, str(path))
+
+
+def portable_task(spec: str) -> str:
+    """``spec`` as any process can read it: a built-in name as is, a task file as its definition (JSON
+    text, which :func:`resolve_task` reads back), so that Tune trials - which run in their own directory -
+    and workers on nodes without the file read the task the driver read. The settings' ``--task`` flags
+    parse with it. Raises :class:`TaskError` (a ``ValueError``) as :func:`resolve_task` does."""
+    task = resolve_task(spec)
+    if spec in BUILTIN_TASKS:
+        return spec
+    return json.dumps(task.as_dict(), sort_keys=True)
+
+
+def task_name(spec: str) -> str:
+    """The name of the task ``spec`` names (a built-in name, task file or definition)."""
+    return resolve_task(spec).name
 
 
 def _task_from_mapping(definition: Any, where: str) -> Task:

@@ -20,7 +20,7 @@ from lxn_ray.model.network import (
     ModelConfig,
     OptimizerConfig,
 )
-from lxn_ray.sources.tasks import BUILTIN_TASKS, DEFAULT_TASK
+from lxn_ray.sources.tasks import BUILTIN_TASKS, DEFAULT_TASK, portable_task
 
 SAMPLINGS = ("weighted", "class-balanced", "source-balanced")
 
@@ -99,6 +99,9 @@ class TrainConfig:
 
     def __post_init__(self) -> None:
         # Checked at construction so a bad flag or Tune config fails before any worker starts.
+        # A task file becomes its definition (TaskError, a ValueError, when it is invalid): Tune trials run
+        # in their own directory and workers may sit on nodes without the file.
+        object.__setattr__(self, "task", portable_task(self.task))
         self.model  # noqa: B018 - validates image size, width and architecture
         self.optimizer_config(steps_per_epoch=1)
         if self.precision not in PRECISIONS:

@@ -86,6 +86,8 @@ def leave_one_source_out(
             config.task,
             (held_out,),
             loaded.preprocessing,
+            loaded.calibration,
+            loaded.lungs,
         )
         folds.append(
             {

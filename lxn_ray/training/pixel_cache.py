@@ -29,6 +29,7 @@ import numpy as np
 from lxn_ray.data import dataset
 from lxn_ray.images.preprocess import PreprocessConfig
 from lxn_ray.infra.storage import Storage
+from lxn_ray.sources.tasks import task_name
 from lxn_ray.training.config import TrainConfig
 
 if TYPE_CHECKING:
@@ -116,14 +117,19 @@ def _write_cache_chunks(
     """Ray Data task: for each chunk (``chunk`` int64, ``image_keys`` a list of str), image bytes from
     storage -> the shared :func:`lxn_ray.images.preprocess.preprocess_pixels` -> uint8 ``(rows, s, s)``
     written as one cache file. Returns the chunks' row counts; no pixel passes through the object store."""
+    from lxn_ray.evaluation.predict import lung_finder
     from lxn_ray.images.preprocess import preprocess_pixels
 
     storage = Storage.open(storage_uri)
     config = PreprocessConfig.from_mapping(preprocessing)
+    lungs = lung_finder(storage_uri, config)  # the segmenter, once per worker process, when it is needed
     rows = []
     for chunk, keys in zip(batch["chunk"], batch["image_keys"], strict=True):
         pixels = np.stack(
-            [preprocess_pixels(storage.read_bytes(str(k)), image_size, preprocessing=config) for k in keys]
+            [
+                preprocess_pixels(storage.read_bytes(str(k)), image_size, preprocessing=config, lungs=lungs)
+                for k in keys
+            ]
         ).astype(np.uint8)
         storage.write_bytes(f"{key}/chunk-{int(chunk):06d}.u8", np.ascontiguousarray(pixels).tobytes())
         rows.append(len(pixels))
@@ -157,7 +163,8 @@ def pixel_cache(storage: Storage, version: str, split: str, config: TrainConfig)
         return PixelCache.open(storage, key)
     table = dataset.read_split(storage, version, split, config.task, config.sources)
     if table.num_rows == 0:
-        raise ValueError(f"split {split!r} of dataset {version} holds no image of task {config.task}")
+        task = task_name(config.task)
+        raise ValueError(f"split {split!r} of dataset {version} holds no image of task {task}")
     table = table.select(["image_key", "label", "source"]).sort_by("image_key")
     keys = table.column("image_key").to_pylist()
     chunks = [

@@ -19,7 +19,8 @@ from typing import TYPE_CHECKING, Any
 import numpy as np
 
 from lxn_ray import registry
-from lxn_ray.evaluation import metrics, plots
+from lxn_ray.data import dataset
+from lxn_ray.evaluation import baselines, calibration, metrics, plots, saliency
 from lxn_ray.evaluation.predict import score_split
 from lxn_ray.evaluation.splits import source_evaluation, split_counts
 from lxn_ray.infra.log import get_logger
@@ -63,6 +64,10 @@ def publish_model_version(
     test_labels, test_scores, test_sources = score_split(
         model, storage, version, "test", config.image_size, config.task, config.sources, config.preprocessing
     )
+    # Calibrated on val first: the threshold, every metric and the endpoint are on the calibrated scale.
+    fitted = calibration.Calibration.fit(val_labels, val_scores)
+    raw = {"val": val_scores, "test": test_scores}
+    val_scores, test_scores = fitted(val_scores), fitted(test_scores)
     threshold = metrics.youden_threshold(val_labels, val_scores)
     val = metrics.binary_metrics(val_labels, val_scores, threshold)
     test = metrics.binary_metrics(test_labels, test_scores, threshold)
@@ -74,6 +79,15 @@ def publish_model_version(
         config.seed,
     )
     counts, warnings = split_counts(storage, version, task, config.sources)
+    rows = dataset.read_split(storage, version, None, task, config.sources)
+    shortcut = baselines.shortcut_baselines(rows, seed=config.seed)
+    shortcut["model"] = baselines.verdict(test.auc, shortcut)
+    looked = saliency.test_split_saliency(
+        model, storage, version, task, config.sources, config.image_size, config.preprocessing
+    )
+    warnings += [
+        text for text in (shortcut["warning"], shortcut["model"]["label"], looked["warning"]) if text
+    ]
 
     model_version = f"lxn-{datetime.now(timezone.utc):%Y%m%d-%H%M%S}-{config.digest()[:6]}"
     prefix = registry.model_key(model_version, "").rstrip("/")
@@ -97,6 +111,15 @@ def publish_model_version(
             about,
         ),
     )
+    calibrated = {
+        "method": calibration.METHOD,
+        **fitted.as_dict(),
+        "val": calibration.summary(val_labels, raw["val"], val_scores),
+        "test": calibration.summary(test_labels, raw["test"], test_scores),
+        "plot": "plots/reliability.png",
+        "note": "the threshold, metrics and the endpoint's probabilities are calibrated; AUC is unchanged",
+    }
+    storage.write_bytes(f"{prefix}/plots/reliability.png", plots.reliability(calibrated, about))
     names = (task.negative_name, task.positive_name)
     storage.write_bytes(
         f"{prefix}/plots/confusion_test.png", plots.confusion_matrix(test.confusion, "test", names, about)
@@ -127,6 +150,9 @@ def publish_model_version(
         collapsed=any(entry.get("collapsed", False) for entry in history),  # the run, not only the best epoch
         epochs_run=len(history),
         stopped=history[-1].get("stop") if history else None,
+        calibration=calibrated,
+        baselines=shortcut,
+        saliency=looked,
         task=task.as_dict(),
         label_names={"1": task.positive_name, "0": task.negative_name},
         sources=evaluation,
@@ -152,9 +178,12 @@ def publish_model_version(
         "best_epoch": state["epoch"],
         "val": val_summary,
         "test": test_summary,
+        "calibration": calibrated,
+        "baselines": shortcut,
+        "saliency": looked,
         "plots": [
             storage.uri_of(f"{prefix}/plots/{name}")
-            for name in ("training_curves.png", "roc.png", "confusion_test.png")
+            for name in ("training_curves.png", "roc.png", "confusion_test.png", "reliability.png")
         ],
         "card": storage.uri_of(f"{prefix}/card.json"),
         "task": task.name,
@@ -207,6 +236,8 @@ def recipe(config: TrainConfig) -> str:
     prep = ["trim"] if preprocessing.trim_borders else []
     if preprocessing.equalization != "none":
         prep.append(preprocessing.equalization)
+    if preprocessing.lungs != "none":
+        prep.append(f"lungs {preprocessing.lungs} ({preprocessing.segmenter or 'newest segmenter'})")
     schedule = config.schedule + (f"+{config.warmup_epochs} warm-up" if config.schedule == "cosine" else "")
     return (
         f"{config.architecture}, {config.optimizer} lr {config.learning_rate:.2g} {schedule}, "

@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import dataclasses
 import time
+from collections.abc import Iterable
 from datetime import datetime, timezone
 from typing import TYPE_CHECKING, Any
 
@@ -27,16 +28,24 @@ from lxn_ray.infra.resources import (
     run_watched,
 )
 from lxn_ray.infra.storage import Storage
+from lxn_ray.sources.tasks import task_name
 from lxn_ray.training.config import TrainConfig
 from lxn_ray.training.loop import train_loop_per_worker
 from lxn_ray.training.pixel_cache import pixel_cache
-from lxn_ray.training.publish import publish_model_version
-from lxn_ray.training.runs import OBJECTIVE, RUNS, read_checkpoint_state, registered_epoch, run_name_of
+from lxn_ray.training.publish import publish_model_version, recipe
+from lxn_ray.training.runs import (
+    OBJECTIVE,
+    read_checkpoint_state,
+    registered_epoch,
+    run_config,
+    run_name_of,
+)
 
 if TYPE_CHECKING:
     import ray.train
 
 log = get_logger("train").info  # progress for the person watching; stdout keeps the summary
+warn = get_logger("train").warning
 
 
 def run_trainer(
@@ -56,10 +65,8 @@ def run_trainer(
     to (:func:`lxn_ray.infra.resources.point_ray_train_at_this_cluster`).
     """
     import ray
-    from ray.train import CheckpointConfig, FailureConfig, LoggingConfig, RunConfig
     from ray.train.v2.api.data_parallel_trainer import DataParallelTrainer
 
-    from lxn_ray.infra import quiet
     from lxn_ray.training.backend import TensorflowBackendConfig
 
     point_ray_train_at_this_cluster()
@@ -87,17 +94,7 @@ def run_trainer(
             "crash_once": crash_once and {**crash_once, "storage_uri": storage.uri, "run_name": run_name},
         },
         scaling_config=scaling,
-        run_config=RunConfig(
-            name=run_name,
-            storage_path=storage.path(RUNS),
-            storage_filesystem=storage.filesystem,
-            checkpoint_config=CheckpointConfig(
-                num_to_keep=2, checkpoint_score_attribute=OBJECTIVE, checkpoint_score_order="max"
-            ),
-            failure_config=FailureConfig(max_failures=max_failures),
-            callbacks=callbacks or None,
-            logging_config=LoggingConfig(log_level=quiet.train_log_level()),
-        ),
+        run_config=run_config(storage, run_name, max_failures, callbacks),
     )
     log(
         f"training {config.workers} worker(s){' on GPU' if use_gpu else ''}: {len(train)} train / "
@@ -127,6 +124,47 @@ def scaling_config(
     return ScalingConfig(num_workers=workers, use_gpu=False, resources_per_worker={"CPU": cpus})
 
 
+def segmenter_version(storage: Storage, lungs: Iterable[str], segmenter: str) -> str:
+    """The segmenter version a run with these ``lungs`` modes uses: ``segmenter`` checked, or the store's
+    newest when it names none; "" when no mode crops or masks to the lungs. Recorded by version, so the
+    run name, the pixel cache and the card say which segmenter made the pixels. Raises FileNotFoundError
+    when the store has no such segmenter (train one with ``jobs/lungs.py``)."""
+    from lxn_ray import registry
+
+    if all(mode == "none" for mode in lungs):
+        return ""
+    return registry.resolve_segmenter(storage, segmenter or "latest").version
+
+
+def with_segmenter(storage: Storage, config: TrainConfig) -> TrainConfig:
+    """``config`` with its lung preprocessing's segmenter named by version (:func:`segmenter_version`)."""
+    preprocessing = config.preprocessing
+    version = segmenter_version(storage, [preprocessing.lungs], preprocessing.segmenter)
+    return dataclasses.replace(config, preprocessing=dataclasses.replace(preprocessing, segmenter=version))
+
+
+def announce_plan(
+    storage: Storage, version: str, task: str, sources: tuple[str, ...] = (), seed: int = 0, what: str = ""
+) -> dict[str, Any]:
+    """Log the plan of a run or search (``what``) before any training: the task's images per split and its
+    shortcut baselines (:func:`lxn_ray.evaluation.baselines.shortcut_baselines`), with a warning when the
+    source alone separates the classes. Returns the baselines."""
+    from lxn_ray.evaluation import baselines
+
+    rows = dataset.read_split(storage, version, None, task, sources)
+    pairs = list(zip(rows.column("split").to_pylist(), rows.column("label").to_pylist(), strict=True))
+    counts = ", ".join(
+        f"{split} {sum(s == split for s, _ in pairs)} ({sum(s == split and y for s, y in pairs)} positive)"
+        for split in dataset.SPLITS
+    )
+    shortcut = baselines.shortcut_baselines(rows, seed=seed)
+    log(f"plan: {task_name(task)} on dataset {version}: {counts} images" + (f"; {what}" if what else ""))
+    log(f"plan: shortcut baselines, test AUC of a classifier given only: {baselines.describe(shortcut)}")
+    if shortcut["warning"]:
+        warn(f"warning: {shortcut['warning']}")
+    return shortcut
+
+
 def fit_run(
     storage_uri: str, version: str, config: TrainConfig, run_name: str, **trainer_options: Any
 ) -> ray.train.Result:
@@ -153,6 +191,8 @@ def train(
     cluster.connect()
     started = time.monotonic()
     version = dataset.resolve_version(storage, dataset_version)
+    config = with_segmenter(storage, config)
+    announce_plan(storage, version, config.task, config.sources, config.seed, recipe(config))
     run_name = run_name_of(version, config)
     if fresh:
         run_name += f"-{datetime.now(timezone.utc):%Y%m%d-%H%M%S}"

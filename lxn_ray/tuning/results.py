@@ -268,6 +268,7 @@ def publish_best(
             "threshold": card["threshold"],
             "train_run": run_name,
             "dataset_version": version,
+            **{key: card.get(key) for key in ("baselines", "saliency", "calibration")},
         }
     config = trial_train_config(best_row["config"], settings)
     published = publish_model_version(storage, version, config, checkpoint, latest, seconds, run_name)

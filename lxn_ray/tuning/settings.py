@@ -8,10 +8,11 @@ import hashlib
 import json
 from dataclasses import dataclass
 
+from lxn_ray.images.preprocess import PreprocessConfig
 from lxn_ray.infra.resources import DEFAULT_STALL_TIMEOUT_S
 from lxn_ray.infra.settings import help_of, setting
 from lxn_ray.model.network import PRECISIONS
-from lxn_ray.sources.tasks import DEFAULT_TASK
+from lxn_ray.sources.tasks import DEFAULT_TASK, portable_task
 from lxn_ray.training.config import PRECISION_HELP, STALL_TIMEOUT_HELP, TASK_HELP, TrainConfig
 
 SPACES = ("full", "paper")
@@ -50,12 +51,23 @@ class TuneSettings:
         choices=SPACES,
     )
     repeats: int = setting(0, help="retrain the best config with N more seeds; report the spread")
+    lungs: tuple[str, ...] = setting(
+        (),
+        help="search the lung preprocessing among these, e.g. none,crop,mask (crop and mask need a lung "
+        "segmenter in the store: jobs/lungs.py); default: none",
+    )
+    segmenter: str = setting("", help=help_of(PreprocessConfig, "segmenter"))
 
     def __post_init__(self) -> None:
+        # A task file becomes its definition (TaskError, a ValueError, when it is invalid): Tune trials run
+        # in their own directory and workers may sit on nodes without the file.
+        object.__setattr__(self, "task", portable_task(self.task))
         if self.space not in SPACES:
             raise ValueError(f"space must be one of {', '.join(SPACES)}, got {self.space!r}")
         if self.repeats < 0 or self.num_samples < 1 or self.epochs < 1:
             raise ValueError(f"num_samples and epochs must be >= 1 and repeats >= 0: {self}")
+        for mode in self.lungs:
+            PreprocessConfig(lungs=mode)  # raises ValueError naming the modes
 
     def digest(self) -> str:
         """Digest of what decides the trials; concurrency, time budget, watchdog and repeats do not, so

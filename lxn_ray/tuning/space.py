@@ -39,7 +39,7 @@ WARMUP_EPOCHS = 1  # of a cosine schedule in a trial
 
 def search_space(settings: TuneSettings) -> dict[str, Any]:
     """Learning rate (log-uniform), augmentation strengths and, in the ``full`` space, the recipe
-    (:data:`RECIPE_CHOICES`); batch and image size when choices are given."""
+    (:data:`RECIPE_CHOICES`); batch and image size and the lung preprocessing when choices are given."""
     from ray import tune
 
     space: dict[str, Any] = {
@@ -53,6 +53,8 @@ def search_space(settings: TuneSettings) -> dict[str, Any]:
         space["batch_size"] = tune.choice(list(settings.batch_sizes))
     if settings.image_sizes:
         space["image_size"] = tune.choice(list(settings.image_sizes))
+    if len(settings.lungs) > 1:
+        space["lungs"] = tune.choice(list(settings.lungs))
     return space
 
 
@@ -81,7 +83,10 @@ def trial_train_config(trial: dict[str, Any], settings: TuneSettings) -> TrainCo
         sampling=recipe["sampling"],
         architecture=recipe["architecture"],
         preprocessing=PreprocessConfig(
-            trim_borders=bool(recipe["trim_borders"]), equalization=recipe["equalization"]
+            trim_borders=bool(recipe["trim_borders"]),
+            equalization=recipe["equalization"],
+            lungs=trial.get("lungs", settings.lungs[0] if settings.lungs else "none"),
+            segmenter=settings.segmenter,
         ),
     )
 

@@ -35,6 +35,8 @@ from lxn_ray.data import dataset
 from lxn_ray.evaluation.promotion import decide, evaluate_pair
 from lxn_ray.infra.log import get_logger
 from lxn_ray.infra.storage import Storage
+from lxn_ray.sources.tasks import task_name
+from lxn_ray.training.train import announce_plan, segmenter_version
 from lxn_ray.tuning.results import (
     publish_best,
     repeat_best,
@@ -84,6 +86,9 @@ def search(
     cluster.connect()
     started = time.monotonic()
     version = dataset.resolve_version(storage, dataset_version)
+    segmenter = segmenter_version(storage, settings.lungs, settings.segmenter)
+    settings = dataclasses.replace(settings, segmenter=segmenter)
+    announce_plan(storage, version, settings.task, seed=settings.seed, what=f"{settings.num_samples} trials")
     name = choose_experiment(storage, experiment_name(version, settings), resume)
     keeper = ResourceKeeper(settings.stall_timeout_s, what=f"search {name}")
     tuner, searcher_name, max_concurrent = build_tuner(
@@ -151,8 +156,9 @@ def search(
         "promoted": promoted,
         "promotion_reason": reason,
         "promotion": promotion,
-        "task": settings.task,
+        "task": task_name(settings.task),
         "sources": published.get("sources"),
+        **{key: published.get(key) for key in ("baselines", "saliency", "calibration")},
         "warnings": published.get("warnings", []),
         "seconds": round(time.monotonic() - started, 1),
     }

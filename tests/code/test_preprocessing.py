@@ -223,6 +223,9 @@ def test_config_defaults_and_mapping_round_trip() -> None:
         "trim_borders": False,
         "equalization": "none",
         "clahe_clip_limit": 0.01,
+        "lungs": "none",
+        "segmenter": "",
+        "lung_margin": 0.05,
     }
     assert PreprocessConfig.from_mapping(None) == PreprocessConfig()
     assert PreprocessConfig.from_mapping({}) == PreprocessConfig()
@@ -412,8 +415,62 @@ def test_film_region_is_what_the_model_sees_before_resizing():
     # From one decode: the model input exactly as preprocess_bytes gives it, and the region it shows.
     buffer = io.BytesIO()
     image.save(buffer, format="PNG")
-    model_input, shown = preprocess_for_explanation(buffer.getvalue(), 32, preprocessing=trimming)
+    model_input, shown, lungs = preprocess_for_explanation(buffer.getvalue(), 32, preprocessing=trimming)
+    assert lungs is None  # no segmenter given
     np.testing.assert_array_equal(
         model_input, preprocess_bytes(buffer.getvalue(), 32, preprocessing=trimming)
     )
     assert shown.size == region.size
+
+
+# -- lung fields ----------------------------------------------------------------------------------------
+def box_finder(top: int, bottom: int, left: int, right: int):
+    """A stand-in lung segmenter (a LungFinder) that finds one rectangle, at the film's own size."""
+
+    def find(gray: np.ndarray) -> np.ndarray:
+        mask = np.zeros(gray.shape, dtype=bool)
+        mask[top:bottom, left:right] = True
+        return mask
+
+    return find
+
+
+def test_lung_preprocessing_crops_to_the_fields_box_and_masks_outside_them():
+    from lxn_ray.images.preprocess import PreprocessConfig, lung_box, lung_fields, preprocess_for_explanation
+
+    film = np.random.default_rng(1).integers(40, 220, (200, 160), dtype=np.uint8)
+    mask = box_finder(50, 150, 40, 120)(film)
+    mask[50:60, 40:50] = False  # a notch: mask mode blanks it, crop mode keeps it
+    assert lung_box(mask, 0.0) == (50, 150, 40, 120)
+    assert lung_box(mask, 0.1) == (40, 160, 32, 128)  # 10% of the box's height and width on each side
+    assert lung_box(mask, 0.5) == (0, 200, 0, 160)  # clipped to the film
+    assert lung_box(np.zeros_like(mask), 0.1) is None
+    cropped, cropped_mask = lung_fields(film, mask, "crop", 0.0)
+    np.testing.assert_array_equal(cropped, film[50:150, 40:120])
+    assert cropped_mask.shape == cropped.shape
+    masked, _ = lung_fields(film, mask, "mask", 0.0)
+    assert (masked[:10, :10] == 0).all() and (masked[10:, 10:] == film[60:150, 50:120]).all()
+    whole, _ = lung_fields(film, np.zeros_like(mask), "mask", 0.1)  # no lungs found: the film stays whole
+    assert whole is film
+    with pytest.raises(ValueError, match="the lung mask is"):
+        lung_fields(film, mask[:10], "crop", 0.0)
+
+    data = encode(Image.fromarray(film, mode="L"), "PNG")
+    crop = PreprocessConfig(lungs="crop", lung_margin=0.0)
+    with pytest.raises(ValueError, match="needs a lung segmenter"):
+        preprocess_bytes(data, 32, preprocessing=crop)
+    finder = box_finder(50, 150, 40, 120)
+    expected = np.asarray(Image.fromarray(film[50:150, 40:120]).resize((32, 32), Image.Resampling.BILINEAR))
+    np.testing.assert_array_equal(
+        preprocess_bytes(data, 32, preprocessing=crop, lungs=finder)[..., 0], expected / np.float32(255)
+    )
+    # the explanation's region is the crop, its mask the crop's; a finder without lung preprocessing only
+    # reports the mask (the saliency share) and leaves the model input as it was
+    _, region, region_mask = preprocess_for_explanation(data, 32, preprocessing=crop, lungs=finder)
+    assert region.size == (80, 100) and region_mask.all()
+    plain, whole_region, whole_mask = preprocess_for_explanation(data, 32, lungs=finder)
+    np.testing.assert_array_equal(plain, preprocess_bytes(data, 32))
+    assert whole_region.size == (160, 200) and whole_mask.sum() == 100 * 80
+    with pytest.raises(ValueError, match="lungs must be one of none, crop, mask"):
+        PreprocessConfig(lungs="blank")
+    assert PreprocessConfig.from_mapping({"trim_borders": True}).lungs == "none"  # cards before lungs

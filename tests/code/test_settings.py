@@ -135,8 +135,9 @@ def test_every_command_s_help_lists_its_documented_flags(capsys):
 
     documented = {
         "ingest": ["--source", "--sources", "--ref", "--source-name", "--frontal-views"],
-        "train": ["--dataset-version", "--workers", "--gpu", "--lr", "--no-augment", "--fresh"],
-        "tune": ["--num-samples", "--image-sizes", "--paper", "--no-asha", "--resume", "--space"],
+        "train": ["--dataset-version", "--workers", "--gpu", "--lr", "--no-augment", "--fresh", "--lungs"],
+        "tune": ["--num-samples", "--image-sizes", "--paper", "--no-asha", "--resume", "--space", "--lungs"],
+        "lungs": ["--masks", "--films", "--epochs", "--image-size"],
         "evaluate": ["--model", "--source", "--sources", "--task"],
         "loso": ["--dataset-version", "--task", "--trim-borders", "--stall-timeout-s"],
         "retrain": ["--once", "--every", "--min-new-images", "--min-changed-rows", "--lock-ttl", "--no-wait"],

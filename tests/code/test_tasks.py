@@ -17,6 +17,7 @@ from lxn_ray.sources.tasks import (
     TaskError,
     category,
     normalise_finding,
+    portable_task,
     resolve_task,
 )
 
@@ -160,6 +161,23 @@ def test_custom_task_file(tmp_path):
         "todo": None,
     }
     assert {finding: task.label_of(finding) for finding in table} == table
+
+
+def test_a_task_file_in_the_settings_reads_the_same_from_any_directory(tmp_path, monkeypatch):
+    """Tune trials run in their own directory (and workers on nodes without the file): the settings carry
+    the file's definition, not its relative path."""
+    from lxn_ray.training.config import TrainConfig
+    from lxn_ray.tuning.settings import TuneSettings
+
+    write(tmp_path / "task.yaml", CUSTOM)
+    monkeypatch.chdir(tmp_path)
+    tune, train = TuneSettings(task="task.yaml"), TrainConfig(task="task.yaml")
+    monkeypatch.chdir(tmp_path.parent)  # the file is not here any more
+    assert resolve_task(tune.task) == resolve_task(train.task) == resolve_task(str(tmp_path / "task.yaml"))
+    assert portable_task(tune.task) == tune.task  # already portable: unchanged
+    assert TrainConfig(task="covid-vs-normal").task == "covid-vs-normal"  # built-in names stay names
+    with pytest.raises(TaskError, match="unknown task"):
+        TuneSettings(task="task.yaml")
 
 
 def test_task_file_terms_are_matched_in_any_source_spelling(tmp_path):

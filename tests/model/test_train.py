@@ -4,6 +4,7 @@ data-parallel workers, a worker killed mid-run, an interrupted job rerun, and th
 from __future__ import annotations
 
 import csv
+import dataclasses
 import json
 import re
 from pathlib import Path
@@ -48,11 +49,18 @@ def test_bfloat16_trains_and_publishes_a_model_that_computes_as_validated(traine
 
 
 @pytest.mark.slow
-def test_a_searched_recipe_trains_is_recorded_and_scores_with_its_own_preprocessing(store):
-    from lxn_ray.evaluation.predict import score_registered
+def test_a_searched_recipe_trains_is_recorded_and_scores_with_its_own_preprocessing(store, tiny_segmenter):
+    from lxn_ray.evaluation.predict import score_registered, segmenter_finder
+    from lxn_ray.images.decode import decode_image, to_grayscale
     from lxn_ray.images.preprocess import PreprocessConfig
 
-    preprocessing = PreprocessConfig(trim_borders=True, equalization="clahe")
+    # Lung fields found by a segmenter of the store, blanked outside: in the pixel cache the workers train
+    # on, in publishing's scoring, and in promotion's rescoring below - the same pixels everywhere.
+    segmenter = tiny_segmenter.copy_into(Path(store.root))
+    first = store.read_bytes(dataset.read_split(store, None, "test").column("image_key")[0].as_py())
+    gray = np.asarray(to_grayscale(decode_image(first).image))
+    assert 0.05 < segmenter_finder(store.uri, segmenter)(gray).mean() < 0.95  # it blanks part of each film
+    preprocessing = PreprocessConfig(trim_borders=True, equalization="clahe", lungs="mask")
     config = TrainConfig(
         **TINY,
         epochs=3,
@@ -68,14 +76,24 @@ def test_a_searched_recipe_trains_is_recorded_and_scores_with_its_own_preprocess
     )
     published = train(store, None, config)
     card = registry.read_card(store, published["model_version"])
+    # the card names the segmenter the run resolved (the store's newest), and everything else it measured
+    config = dataclasses.replace(
+        config, preprocessing=dataclasses.replace(preprocessing, segmenter=segmenter)
+    )
     assert TrainConfig.from_dict(card["config"]) == config
+    assert f"lungs mask ({segmenter})" in published["recipe"]
+    assert card["saliency"]["measured"] and card["saliency"]["segmenter"] == segmenter
+    assert 0 <= card["saliency"]["mean"] <= 1 and card["saliency"]["n"] == card["test"]["n"]
+    assert card["calibration"]["slope"] > 0 and card["calibration"]["test"]["n"] == card["test"]["n"]
+    assert set(card["baselines"]["baselines"]) == {"source", "view", "format and size", "bits per pixel"}
+    assert store.exists(f"models/{published['model_version']}/plots/reliability.png")
     assert "lxn-bn, adamw" in published["recipe"] and "trim+clahe" in published["recipe"]
     assert card["precision"]["training"] in ("bfloat16", "float32") and not card["collapsed"]
     assert 1 <= card["epochs_run"] <= 3 and card["history"][-1]["stop"] in (None, "early stopping")
     rates = [entry["learning_rate"] for entry in card["history"]]
     assert rates == sorted(rates, reverse=True)  # cosine decay after the warm-up epoch
     reference = registry.resolve(store, published["model_version"])
-    assert reference.preprocessing == preprocessing
+    assert reference.preprocessing == config.preprocessing
     # Promotion rescoring sees the test split through the model's own preprocessing: the published
     # test AUC is reproduced exactly.
     labels, scores, _, _ = score_registered(

@@ -22,6 +22,7 @@ from collections.abc import Callable, Iterator
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import pytest
@@ -47,6 +48,7 @@ from tests.helpers import (
     own_stderr_lines,
     printed_lines,
     radiograph,
+    synthetic_film,
 )
 
 pytestmark = [pytest.mark.usefixtures("ray_local"), pytest.mark.slow]  # whole jobs: `-m "not slow"` skips
@@ -54,19 +56,43 @@ pytestmark = [pytest.mark.usefixtures("ray_local"), pytest.mark.slow]  # whole j
 REPO_ROOT = Path(__file__).resolve().parents[2]
 TIMEOUT = 120  # seconds for any single HTTP request (a 2-core CI machine under load)
 SWITCH_DEADLINE = 60  # seconds for a replica to move to a new champion (polls every 0.5 s)
-# (version, image size, threshold, test AUC interval): b has another input size, so a swap also changes
-# preprocessing; a and b are no better than chance (their intervals include 0.5), c is better.
+# (version, image size, threshold, test AUC interval, calibration (slope, intercept)): b has another input
+# size, so a swap also changes preprocessing; a and b are no better than chance (their intervals include
+# 0.5), c is better; b's card predates calibration (None), a's map softens and shifts its outputs, c's
+# sharpens them.
 MODELS = (
-    ("lxn-a", 32, 0.5, [0.4, 0.6]),
-    ("lxn-b", 36, 0.45, [0.45, 0.65]),
-    ("lxn-c", 32, 0.55, [0.7, 0.9]),
+    ("lxn-a", 32, 0.5, [0.4, 0.6], (0.5, 0.3)),
+    ("lxn-b", 36, 0.45, [0.45, 0.65], None),
+    ("lxn-c", 32, 0.55, [0.7, 0.9], (2.0, 0.0)),
 )
+# What a card of a task confounded with its source says (lxn_ray.evaluation.baselines.shortcut_baselines).
+SHORTCUT_BASELINES = {
+    "baselines": {
+        "source": {"auc": 0.97, "auc_ci": [0.94, 0.99]},
+        "view": {"auc": 0.61, "auc_ci": [0.52, 0.7]},
+        "format and size": {"auc": 0.95, "auc_ci": [0.9, 0.98]},
+    },
+    "confounded": True,
+    "warning": "the source alone reaches test AUC 0.970: this task is confounded with source on these data; "
+    "pooled metrics cannot show learning",
+    "model": {
+        "beats_baselines": False,
+        "label": "the model's test AUC 0.500 does not beat the source-only baseline",
+    },
+}
 # Every request of this module goes through this session; the endpoint fixture gives it a minted key.
 API = requests.Session()
 
 
 def publish_tiny_model(
-    storage: Storage, version: str, image_size: int, threshold: float, seed: int, auc_ci: list[float]
+    storage: Storage,
+    version: str,
+    image_size: int,
+    threshold: float,
+    seed: int,
+    auc_ci: list[float],
+    calibration: tuple[float, float] | None = None,
+    preprocessing: dict[str, Any] | None = None,
 ) -> None:
     """A model version as jobs/train.py's publish_model_version writes it: model.keras, then card.json."""
     import keras
@@ -86,7 +112,12 @@ def publish_tiny_model(
             "model": "LxN (Umer et al., 2020)",
             "intended_use": "Research only. Not a diagnostic device; not validated for clinical use.",
             "dataset_version": "ds-test",
-            "config": {"image_size": image_size, "width": 0.125, "task": "covid-vs-normal"},
+            "config": {
+                "image_size": image_size,
+                "width": 0.125,
+                "task": "covid-vs-normal",
+                **({"preprocessing": preprocessing} if preprocessing else {}),
+            },
             "task": {"name": "covid-vs-normal"},
             "label_names": {"1": "COVID-19", "0": "no finding"},
             "conv_padding": config.conv_padding,
@@ -95,6 +126,17 @@ def publish_tiny_model(
             "threshold_rule": "Youden's J (max sensitivity + specificity - 1) on the validation split",
             "val": {"auc": 0.5},
             "test": {**test, "n": 10, "positives": 5, "confusion": [[2, 3], [2, 3]]},
+            **(
+                {
+                    "calibration": dict(
+                        zip(("slope", "intercept"), calibration, strict=True),
+                        test={"ece": 0.04, "brier": 0.2},
+                    )
+                }
+                if calibration
+                else {}
+            ),
+            "baselines": SHORTCUT_BASELINES,
         },
     )
 
@@ -108,12 +150,16 @@ class Endpoint:
 
 
 @pytest.fixture(scope="module")
-def endpoint(tmp_path_factory) -> Iterator[Endpoint]:
+def endpoint(tmp_path_factory, tiny_segmenter) -> Iterator[Endpoint]:
     from ray import serve
 
-    storage = Storage.open(str(tmp_path_factory.mktemp("serve") / "store"))
-    for seed, (version, size, threshold, auc_ci) in enumerate(MODELS):
-        publish_tiny_model(storage, version, size, threshold, seed, auc_ci)
+    folder = tmp_path_factory.mktemp("serve") / "store"
+    storage = Storage.open(str(folder))
+    for seed, (version, size, threshold, auc_ci, calibration) in enumerate(MODELS):
+        publish_tiny_model(storage, version, size, threshold, seed, auc_ci, calibration)
+    # lxn-d crops every film to the lung fields its store's segmenter finds
+    lungs = {"lungs": "crop", "segmenter": tiny_segmenter.copy_into(folder)}
+    publish_tiny_model(storage, "lxn-d", 32, 0.5, 7, [0.6, 0.8], (1.5, -0.2), lungs)
     registry.promote(storage, "lxn-a")
     API.headers["Authorization"] = f"Bearer {auth.mint(storage, 'tests')}"
     port = free_port()
@@ -129,12 +175,13 @@ def endpoint(tmp_path_factory) -> Iterator[Endpoint]:
 
 @pytest.fixture(scope="module")
 def local_model() -> Callable[[Storage, str], object]:
-    """The same model version loaded in this process, to check the endpoint's numbers against."""
+    """The same model version loaded in this process (a ScoringModel), to check the endpoint's numbers
+    against."""
     cache: dict[str, object] = {}
 
     def load(storage: Storage, version: str):
         if version not in cache:
-            cache[version] = predict.load(storage, version).model
+            cache[version] = predict.load(storage, version)
         return cache[version]
 
     return load
@@ -153,11 +200,13 @@ def assert_answers(url: str, session: requests.Session = API) -> dict:
     return response.json()
 
 
-def local_probability(model, data: bytes) -> float:
+def local_probability(loaded, data: bytes) -> float:
+    """What evaluation gives for ``data``: the model's output, calibrated by its card's map."""
     from lxn_ray.images.preprocess import preprocess_bytes
 
-    size = int(model.input_shape[1])
-    return float(np.asarray(model(preprocess_bytes(data, size)[np.newaxis], training=False))[0, 0])
+    image = preprocess_bytes(data, loaded.image_size, preprocessing=loaded.preprocessing, lungs=loaded.lungs)
+    image = image[np.newaxis]
+    return float(loaded.calibration(np.asarray(loaded.model(image, training=False))[0, 0]))
 
 
 # -- predictions --------------------------------------------------------------------------------------
@@ -174,6 +223,7 @@ def test_predict_matches_the_model_run_locally(endpoint, local_model, how):
     answer = response.json()
     assert set(answer) == {
         "probability",
+        "calibrated",
         "label",
         "threshold",
         "model_version",
@@ -188,7 +238,9 @@ def test_predict_matches_the_model_run_locally(endpoint, local_model, how):
     assert (answer["warning"] is not None) is answer["no_better_than_chance"]
     assert response.headers["X-Model-Version"] == version
     assert answer["threshold"] == registry.read_card(endpoint.storage, version)["threshold"]
-    # Same bytes, same preprocessing function, same weights: the same number (no train/serve skew).
+    # Same bytes, same preprocessing function, same weights, same calibration: the same number (no
+    # train/serve skew), calibrated as the card's threshold and test metrics were.
+    assert answer["calibrated"] is ("calibration" in registry.read_card(endpoint.storage, version))
     expected = local_probability(local_model(endpoint.storage, version), data)
     assert answer["probability"] == pytest.approx(expected, abs=1e-5)
     # the label names are the model's task's (its card's label_names)
@@ -426,6 +478,12 @@ def test_the_page_scores_an_uploaded_film_in_a_real_browser(endpoint, browser, t
     wait.until(lambda d: d.find_elements(By.ID, "card-version"))
     assert browser.find_element(By.ID, "card-version").text == expected["model_version"]
     assert "no better than chance" in browser.find_element(By.ID, "chance").text
+    # beside its AUCs: what knowing the archive alone scores, and how its probabilities were calibrated
+    assert browser.find_element(By.ID, "baselines").text.startswith("source 0.970 (0.94-0.99); view 0.610")
+    assert "confounded with source" in browser.find_element(By.ID, "confounded").text
+    assert "does not beat the source-only baseline" in browser.find_element(By.ID, "not-beaten").text
+    assert "Platt scaling, slope 0.50, intercept 0.30" in browser.find_element(By.ID, "calibration").text
+    assert browser.find_element(By.ID, "p-calibrated").text == "calibrated on validation"
     # The champion (lxn-a) is no better than chance: said at the top of the page and above the answer,
     # and its label is in no reassuring colour.
     for warning in ("chance-banner", "answer-warning"):
@@ -464,9 +522,12 @@ def test_explain_draws_the_heat_map_over_the_radiograph(endpoint, local_model):
     assert top_r > top_b + 40 and bottom_b > bottom_r + 40  # high (red) at the top, low (blue) below
     picture = picture.crop((x, y, x + width, y + height))  # the film under its heat map
 
-    model = local_model(endpoint.storage, "lxn-a")
-    explanation = GradCam(model)(preprocess_bytes(data, 32))
-    assert float(response.headers["X-Probability"]) == pytest.approx(explanation.probability, abs=1e-5)
+    loaded = local_model(endpoint.storage, "lxn-a")
+    explanation = GradCam(loaded.model)(preprocess_bytes(data, 32))
+    # the answer is calibrated (lxn-a's map: slope 0.5, intercept 0.3), the heat map is the model's own
+    expected = float(loaded.calibration(explanation.probability))
+    assert loaded.calibration.slope == 0.5 and response.headers["X-Calibrated"] == "true"
+    assert float(response.headers["X-Probability"]) == pytest.approx(expected, abs=1e-5)
     pixels = np.asarray(picture, dtype=np.float32)
     cam = Image.fromarray(explanation.heatmap, mode="F").resize(picture.size, Image.BILINEAR)
     plain_heat_map = jet(np.asarray(cam)).astype(np.float32)
@@ -630,6 +691,26 @@ def test_pinned_version_does_not_follow_promotions(endpoint):
     assert assert_answers(endpoint.pinned_url)["model_version"] == "lxn-a"
     card = API.get(endpoint.pinned_url + "/model", timeout=TIMEOUT).json()
     assert card["model_version"] == "lxn-a" and card["serving"] == "pinned"
+
+
+def test_a_model_that_crops_to_the_lungs_answers_as_evaluation_scores_it(endpoint, local_model):
+    registry.promote(endpoint.storage, "lxn-d", reason="test lungs")
+    wait_for(
+        lambda: assert_answers(endpoint.url)["model_version"] == "lxn-d", SWITCH_DEADLINE, "lxn-d serving"
+    )
+    film, _ = synthetic_film(7)  # a film whose lung fields the store's tiny segmenter finds
+    data = encode(Image.fromarray(film), "PNG")
+    loaded = local_model(endpoint.storage, "lxn-d")
+    assert loaded.preprocessing.lungs == "crop" and loaded.lungs is not None
+    answer = post_image(endpoint.url, data).json()
+    assert answer["probability"] == pytest.approx(local_probability(loaded, data), abs=1e-5)
+    # /explain shows the crop the model saw (smaller than the film), its lung fields outlined
+    response = post_image(endpoint.url, data, path="/explain")
+    assert response.status_code == 200 and float(response.headers["X-Probability"]) == pytest.approx(
+        answer["probability"], abs=1e-5
+    )
+    _, _, width, height = map(int, response.headers["X-Film-Box"].split(","))
+    assert width * height < film.size and width < film.shape[1] + 1
 
 
 def test_a_champion_that_fails_to_load_leaves_the_old_model_serving(tmp_path):
