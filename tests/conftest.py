@@ -104,6 +104,20 @@ def http_server() -> Iterator[Callable[[Path], str]]:
         server.wait()
 
 
+@pytest.fixture(scope="session", autouse=True)
+def no_mlflow_unless_asked() -> Iterator[None]:
+    """MLflow tracking off for the session's jobs (``LXN_MLFLOW_URI=off``): creating an MLflow store costs
+    a few seconds per store, and most tests are about something else. The tracking tests ask for it - a
+    job's ``--mlflow-uri``, or the default store with the variable removed (``monkeypatch.delenv``)."""
+    previous = os.environ.get("LXN_MLFLOW_URI")
+    os.environ["LXN_MLFLOW_URI"] = "off"
+    yield
+    if previous is None:
+        os.environ.pop("LXN_MLFLOW_URI", None)
+    else:
+        os.environ["LXN_MLFLOW_URI"] = previous
+
+
 @pytest.fixture(scope="session")
 def ray_local(s3_server: str) -> Iterator[None]:
     """One real local Ray instance for the whole test session (2 CPUs, like CI). It starts after the S3

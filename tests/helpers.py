@@ -2,15 +2,17 @@
 
 from __future__ import annotations
 
+import contextlib
 import csv
 import io
 import re
 import shutil
 import socket
 import struct
+import subprocess
 import time
 import zlib
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from pathlib import Path
 
 import numpy as np
@@ -127,6 +129,12 @@ def wait_for(condition: Callable[[], object], timeout_s: float, what: str, poll_
         time.sleep(poll_s)
 
 
+# Everything an endpoint's summary row may hold (lxn_ray.serving.summaries): statistics and the answer, no
+# patient information.
+SUMMARY_FIELDS = {"format", "width", "height", "mean_intensity", "film_fraction"}
+SUMMARY_FIELDS |= {"probability", "label", "model_version"}
+
+
 def job_env() -> dict[str, str]:
     """A child job's environment: it joins the test session's Ray cluster, as ``ray job submit`` jobs
     join theirs."""
@@ -135,6 +143,60 @@ def job_env() -> dict[str, str]:
     import ray
 
     return {**os.environ, "RAY_ADDRESS": ray.get_runtime_context().gcs_address}
+
+
+@contextlib.contextmanager
+def mlflow_server(root: Path) -> Iterator[tuple[str, subprocess.Popen]]:
+    """A real ``mlflow server`` on 127.0.0.1 (its SQLite store and artifacts under ``root``): (its URI, its
+    process). Stopped - the process group this started, nothing else - when the block ends."""
+    import sys
+
+    from tests.conftest import wait_for_http
+
+    root.mkdir(parents=True, exist_ok=True)
+    port = free_port()
+    server = subprocess.Popen(
+        [
+            sys.executable,
+            "-m",
+            "mlflow",
+            "server",
+            "--host",
+            "127.0.0.1",
+            "--port",
+            str(port),
+            "--workers",
+            "1",
+            "--backend-store-uri",
+            f"sqlite:///{root / 'mlflow.db'}",
+            "--default-artifact-root",
+            str(root / "artifacts"),
+        ],
+        stdout=subprocess.DEVNULL,
+        stderr=(root / "server.log").open("wb"),
+        start_new_session=True,
+    )
+    try:
+        uri = f"http://127.0.0.1:{port}"
+        wait_for_http(f"{uri}/health", server, timeout_s=120)
+        yield uri, server
+    finally:
+        stop_group(server)
+
+
+def stop_group(process: subprocess.Popen) -> None:
+    """Stop ``process`` and its children (its own session's process group, started by a test) and wait."""
+    import os
+    import signal
+
+    if process.poll() is None:
+        with contextlib.suppress(ProcessLookupError):
+            os.killpg(process.pid, signal.SIGTERM)
+        try:
+            process.wait(timeout=30)
+        except subprocess.TimeoutExpired:
+            os.killpg(process.pid, signal.SIGKILL)
+            process.wait()
 
 
 def free_port() -> int:

@@ -20,6 +20,7 @@ from pathlib import Path
 from typing import Any
 
 from lxn_ray.evaluation.metrics import fmt
+from lxn_ray.infra.settings import add_flags
 from lxn_ray.infra.storage import Storage, default_storage_uri
 
 # The one error line's length cap: room for a stall diagnosis (who holds what, what waits, the trials).
@@ -66,10 +67,24 @@ def run_job(
     to ``--report`` and, when ``record``, under ``reports/<name>/`` in storage (False for read-only
     commands, which must leave storage as they found it); then ``summary(report)`` is printed: 0. Any
     exception becomes one ``error: <name> failed: <Type>: <message>`` line on stderr: 1 (a store
-    folder the job created and left empty is removed). Ctrl-C: ``error: <name> interrupted``, 130."""
+    folder the job created and left empty is removed). Ctrl-C: ``error: <name> interrupted``, 130.
+    ``--mlflow-uri``, where the job has it, holds while it runs."""
     from lxn_ray.infra import quiet
+    from lxn_ray.infra.tracking import TrackingSettings
 
     quiet.configure(getattr(args, "verbose", False))
+    with TrackingSettings(getattr(args, "mlflow_uri", None) or "").applied():
+        return _run_job(name, args, work, summary, record, on_ray)
+
+
+def _run_job(
+    name: str,
+    args: argparse.Namespace,
+    work: Callable[[Storage], dict[str, Any]],
+    summary: Callable[[dict[str, Any]], str],
+    record: bool,
+    on_ray: bool,
+) -> int:
     new_folder = _new_local_folder(args.storage)
     try:
         if on_ray:
@@ -184,6 +199,14 @@ def sources_from_args(args: argparse.Namespace) -> list | None:
         name = args.source_name or (DEFAULT_SOURCE_NAME if layout == "upstream" else layout)
         return [SourceSpec(name=name, uri=uri, ref=args.ref, layout=layout)]
     return None
+
+
+def add_tracking_flag(parser: argparse.ArgumentParser) -> None:
+    """``--mlflow-uri``: where a job that trains, publishes or promotes logs to MLflow
+    (:class:`lxn_ray.infra.tracking.TrackingSettings`; :func:`run_job` applies it)."""
+    from lxn_ray.infra.tracking import TrackingSettings
+
+    add_flags(parser, TrackingSettings)
 
 
 def add_stall_flag(parser: argparse.ArgumentParser) -> None:

@@ -20,6 +20,7 @@ COMMANDS: dict[str, str] = {
     "lungs": "train a lung-field segmenter (U-Net) on a masks folder and register it",
     "registry": "model versions and the champion: list, show, promote, rollback",
     "serve": "serve the champion over HTTP with Ray Serve (page, API keys, DICOM)",
+    "monitor": "input drift: recent summaries of the endpoint vs the champion's test split",
 }
 
 

@@ -10,7 +10,7 @@ from collections.abc import Sequence
 from typing import Any
 
 from lxn_ray import registry
-from lxn_ray.cli.common import interval, job_parser, run_job
+from lxn_ray.cli.common import add_tracking_flag, interval, job_parser, run_job
 from lxn_ray.evaluation.metrics import fmt, no_better_than_chance
 from lxn_ray.infra.storage import Storage
 
@@ -25,6 +25,7 @@ def make_parser() -> argparse.ArgumentParser:
     commands.add_parser("show", help="a version's model card").add_argument("version")
     commands.add_parser("promote", help="make a version the champion").add_argument("version")
     commands.add_parser("rollback", help="return to the previous champion")
+    add_tracking_flag(parser)
     return parser
 
 
@@ -35,10 +36,18 @@ def main(argv: Sequence[str] | None = None) -> int:
 
     def work(storage: Storage) -> dict[str, Any]:
         if args.command == "list":
+            from lxn_ray.infra.tracking import Tracker
+            from lxn_ray.training.tracking import mirrored_versions
+
+            with Tracker.for_storage(storage, announce=False) as tracker:
+                mirrored = mirrored_versions(tracker, storage)
             return {
                 "command": "list",
                 "champion": registry.champion(storage),
-                "models": registry.describe(storage),
+                "models": [
+                    {**row, "mlflow": mirrored.get(row["model_version"])}
+                    for row in registry.describe(storage)
+                ],
                 "segmenters": [
                     {
                         "version": v,
@@ -49,12 +58,17 @@ def main(argv: Sequence[str] | None = None) -> int:
             }
         if args.command == "show":
             return {"command": "show", "card": registry.read_card(storage, args.version)}
+        from lxn_ray.training.tracking import mirror_now
+
         if args.command == "promote":
             entry = registry.promote(storage, args.version)
+            mirror_now(storage)  # MLflow's champion alias follows, after lxn_ray's pointer
             test = registry.read_card(storage, args.version).get("test", {})
             chance = no_better_than_chance(test.get("auc_ci"))
             return {"command": "promote", **entry, "no_better_than_chance": chance, "test": test}
-        return {"command": "rollback", **registry.rollback(storage)}
+        entry = registry.rollback(storage)
+        mirror_now(storage)
+        return {"command": "rollback", **entry}
 
     read_only = args.command in ("list", "show")
     return run_job("registry", args, work, summary, record=not read_only, on_ray=False)
@@ -70,6 +84,7 @@ def summary(report: dict[str, Any]) -> str:
             lines.append(
                 f" {mark} {row['model_version']}  {row.get('task') or 'covid-vs-rest'}  "
                 f"test AUC {fmt(row['test_auc'])}{chance}  dataset {row['dataset_version']}"
+                + (f"  MLflow {row['mlflow']}" if row.get("mlflow") else "")
             )
         if report.get("segmenters"):
             lines.append(f"{len(report['segmenters'])} lung segmenters (latest last)")

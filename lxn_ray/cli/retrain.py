@@ -12,6 +12,7 @@ from typing import Any
 
 from lxn_ray.cli.common import (
     add_source_flags,
+    add_tracking_flag,
     job_parser,
     run_job,
     save_report,
@@ -44,6 +45,7 @@ def make_parser() -> argparse.ArgumentParser:
         "promote it when it is not worse than the champion on the same test images (non-inferiority)."
     )
     add_source_flags(parser)
+    add_tracking_flag(parser)
     schedule = parser.add_mutually_exclusive_group(required=True)
     schedule.add_argument(
         "--once", action="store_true", help="run one tick and exit (cron, Kubernetes CronJob)"

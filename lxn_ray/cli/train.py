@@ -11,6 +11,7 @@ from typing import Any
 from lxn_ray import registry
 from lxn_ray.cli.common import (
     add_stall_flag,
+    add_tracking_flag,
     baseline_lines,
     calibration_lines,
     interval,
@@ -24,6 +25,7 @@ from lxn_ray.evaluation.promotion import guard
 from lxn_ray.infra.settings import add_flags, from_args
 from lxn_ray.infra.storage import Storage
 from lxn_ray.training.config import TrainConfig
+from lxn_ray.training.tracking import mirror_now
 
 # TrainConfig's fields that both jobs training one recipe take as flags (train, loso; tune and retrain
 # have settings of their own), and the recipe itself, shown in its own group.
@@ -61,6 +63,7 @@ def make_parser() -> argparse.ArgumentParser:
         "Train LxN data-parallel with Ray Train on a dataset version; publish a model version."
     )
     add_train_flags(parser, (*MODEL_FIELDS, "workers", "use_gpu", "seed"))
+    add_tracking_flag(parser)
     parser.add_argument(
         "--fresh",
         action="store_true",
@@ -87,6 +90,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         report["promoted"] = registry.champion(storage) is None and refused is None
         if report["promoted"]:
             registry.promote(storage, version, reason="the store's first model")
+            mirror_now(storage)  # MLflow's champion alias follows
         elif refused:
             report["not_promoted_because"] = refused
         return report

@@ -11,6 +11,7 @@ from typing import Any
 
 from lxn_ray.cli.common import (
     add_source_flags,
+    add_tracking_flag,
     baseline_lines,
     calibration_lines,
     interval,
@@ -45,6 +46,7 @@ def make_parser() -> argparse.ArgumentParser:
         defaults=dict.fromkeys(TUNE_DEFAULTS),
         help={"patience": "early stopping in each trial (default 5; 0: off)"},
     )
+    add_tracking_flag(parser)
     parser.add_argument(
         "--paper",
         action="store_true",

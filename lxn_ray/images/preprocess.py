@@ -227,8 +227,9 @@ def _share_cap(first: int, second: int, budget: int) -> tuple[int, int]:
     return first_capped, budget - first_capped
 
 
-def _trim_box(gray: np.ndarray) -> tuple[int, int, int, int]:
-    """``(top, bottom, left, right)`` of the part of ``gray`` that :func:`trim_borders` keeps."""
+def trim_box(gray: np.ndarray) -> tuple[int, int, int, int]:
+    """``(top, bottom, left, right)`` of the part of ``gray`` ((H, W) uint8) that :func:`trim_borders`
+    keeps: row and column indices, ends exclusive (``gray[top:bottom, left:right]``)."""
     _check_gray(gray)
     height, width = gray.shape
     top, bottom, left, right = 0, height, 0, width
@@ -289,7 +290,7 @@ def trim_borders(gray: np.ndarray) -> np.ndarray:
     (black air beside the body, a flat collimator band) looks the same and is trimmed too; it carries no
     anatomy. Fully vectorised: about two uint8 passes over the image per pass, ~20 ms for 4000x4000.
     """
-    top, bottom, left, right = _trim_box(gray)
+    top, bottom, left, right = trim_box(gray)
     if (top, bottom, left, right) == (0, gray.shape[0], 0, gray.shape[1]):
         return gray
     return gray[top:bottom, left:right]
@@ -327,7 +328,7 @@ def film_region(gray: Image.Image, preprocessing: PreprocessConfig = DEFAULT_PRE
     drawn on this region, so its heat map sits where the model looked."""
     if not preprocessing.trim_borders:
         return gray
-    top, bottom, left, right = _trim_box(np.asarray(gray, dtype=np.uint8))
+    top, bottom, left, right = trim_box(np.asarray(gray, dtype=np.uint8))
     if (top, bottom, left, right) == (0, gray.height, 0, gray.width):
         return gray
     return gray.crop((left, top, right, bottom))

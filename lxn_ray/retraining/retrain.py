@@ -48,6 +48,7 @@ from lxn_ray.infra.lease import LeaseLock
 from lxn_ray.infra.log import get_logger
 from lxn_ray.infra.storage import Storage
 from lxn_ray.retraining.settings import RetrainSettings, TrainOverrides
+from lxn_ray.training.tracking import mirror_now
 
 if TYPE_CHECKING:
     from lxn_ray.training.config import TrainConfig
@@ -308,6 +309,7 @@ def tick(
         lock.ensure_held()
         if promote:  # the last step: one atomic pointer write (Serve polls it)
             registry.promote(storage, challenger, reason=f"retrain on {version}: {reason}")
+            mirror_now(storage)  # MLflow's champion alias follows, after lxn_ray's pointer
             report["champion"] = challenger
         log(f"{decision}: {reason}")
     report["seconds"] = round(time.monotonic() - started, 1)

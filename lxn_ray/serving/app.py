@@ -39,6 +39,33 @@ def _image_body(many: bool) -> dict[str, Any]:
     return {"requestBody": {"required": True, "content": content}}
 
 
+class CountRequests:
+    """ASGI middleware: after each HTTP request, ``count(route, status)`` with the path of the route that
+    answered it (None when no route matched) and the response's status code (500 when none was sent).
+    Plain ASGI rather than Starlette's BaseHTTPMiddleware, so request bodies still stream to the routes."""
+
+    def __init__(self, app, count) -> None:
+        self.app, self.count = app, count
+
+    async def __call__(self, scope, receive, send) -> None:
+        if scope["type"] != "http":
+            await self.app(scope, receive, send)
+            return
+        status = 500
+
+        async def sending(message) -> None:
+            nonlocal status
+            if message["type"] == "http.response.start":
+                status = int(message["status"])
+            await send(message)
+
+        try:
+            await self.app(scope, receive, sending)
+        finally:
+            # FastAPI puts the matched route in the request's scope (the same dict passed down the stack)
+            self.count(getattr(scope.get("route"), "path", None), status)
+
+
 @functools.cache
 def page_html() -> str:
     """The page at ``/`` (``lxn_ray/serving/static/index.html``): plain HTML and a little JavaScript."""
@@ -105,6 +132,7 @@ def create_api():
         server().authorise(request)
 
     protected = [Depends(authorised)]
+    app.add_middleware(CountRequests, count=lambda route, status: server().count_request(route, status))
 
     async def images(request: Request, many: bool) -> list[tuple[str, bytes]]:
         settings = server().settings

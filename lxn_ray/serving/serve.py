@@ -1,6 +1,6 @@
 """The LxN endpoint on Ray Serve: the replica (:class:`LxnServer`: batched inference, hot model and key
-reload, metrics) and its deployment (:func:`application`, :func:`build_app` for ``serve deploy``,
-:func:`deploy` for ``jobs/serve.py``). Research use only - not a diagnostic device.
+reload, metrics and summaries) and its deployment (:func:`application`, :func:`build_app` for
+``serve deploy``, :func:`deploy` for ``jobs/serve.py``). Research use only - not a diagnostic device.
 
 The endpoint's parts, bottom to top: :mod:`~lxn_ray.serving.settings` (what a deployment is given),
 :mod:`~lxn_ray.serving.model` (a model version ready to answer), :mod:`~lxn_ray.serving.uploads` (what a
@@ -34,6 +34,12 @@ Why it is built this way:
   Decoding uses :mod:`lxn_ray.images.decode`'s guards (50-megapixel cap checked from the header: 413; empty,
   truncated or corrupt bytes: 400; a DICOM object that is not a chest film: 422). Every error body is
   ``{"error": "..."}`` and counted by reason.
+- **Monitored, without keeping patients' data.** Each replica exports Prometheus metrics through
+  ``ray.serve.metrics`` (requests by route and status, predictions by label, a histogram of the calibrated
+  probability, the input statistics) and summarises every film it scores - format, size, mean intensity,
+  film fraction, the answer; no image, name or header field - in batch files under storage for the drift
+  job (:mod:`lxn_ray.serving.summaries`, :mod:`lxn_ray.serving.drift`). Measuring a film decodes it a
+  second time, beside its preprocessing.
 - **Safe loading.** Models load with Keras safe mode through :meth:`lxn_ray.registry.ModelRef.load`;
   nothing from a request or the store is ever unpickled or evaluated.
 
@@ -60,9 +66,20 @@ from lxn_ray.serving import auth
 from lxn_ray.serving.app import create_api
 from lxn_ray.serving.model import POSITIVE_LABEL, RESEARCH_NOTE, LoadedModel, load_model_version
 from lxn_ray.serving.settings import ServeSettings
+from lxn_ray.serving.summaries import FilmStatistics, SummaryWriter, film_statistics, summary_row
 from lxn_ray.serving.uploads import InputError, rejected_image
 
 logger = logging.getLogger("ray.serve")
+
+
+# Histogram buckets (upper bounds) of the metrics: the calibrated probability, and the input statistics of
+# lxn_ray.serving.summaries.film_statistics (megapixels: width x height / 1e6).
+PROBABILITY_BUCKETS = [0.05, 0.1, 0.2, 0.3, 0.4, 0.5, 0.6, 0.7, 0.8, 0.9, 0.95]
+INTENSITY_BUCKETS = [32.0, 64.0, 96.0, 112.0, 128.0, 144.0, 160.0, 192.0, 224.0]
+FILM_FRACTION_BUCKETS = [0.5, 0.6, 0.7, 0.8, 0.9, 0.95, 0.99]
+MEGAPIXEL_BUCKETS = [0.01, 0.05, 0.25, 0.5, 1.0, 2.0, 4.0, 8.0, 16.0, 32.0]
+# Request routes counted by name; anything else (unknown paths, static files) is counted as "other".
+COUNTED_ROUTES = frozenset({"/predict", "/predict/batch", "/explain", "/model", "/healthz", "/"})
 
 
 @dataclass(frozen=True)
@@ -85,7 +102,7 @@ class LxnServer:
 
     def __init__(self, settings: ServeSettings) -> None:
         from ray import serve
-        from ray.serve.metrics import Counter
+        from ray.serve.metrics import Counter, Histogram
 
         self.settings = settings
         self.storage = Storage.open(settings.storage)
@@ -110,6 +127,43 @@ class LxnServer:
             description="Champion changes this replica moved to, by new model version.",
             tag_keys=("model_version",),
         )
+        self._requests = Counter(
+            "lxn_requests",
+            description="HTTP requests answered, by route and status code.",
+            tag_keys=("route", "status"),
+        )
+        self._probability = Histogram(
+            "lxn_probability",
+            description="The calibrated probability answered for each film scored, by model version.",
+            boundaries=PROBABILITY_BUCKETS,
+            tag_keys=("model_version",),
+        )
+        self._formats = Counter(
+            "lxn_input_format", description="Films scored, by file format.", tag_keys=("format",)
+        )
+        self._megapixels = Histogram(
+            "lxn_input_megapixels",
+            description="Films scored, by decoded size in megapixels.",
+            boundaries=MEGAPIXEL_BUCKETS,
+        )
+        self._intensity = Histogram(
+            "lxn_input_mean_intensity",
+            description="Films scored, by mean grey level (0-255) of the decoded grayscale film.",
+            boundaries=INTENSITY_BUCKETS,
+        )
+        self._film_fraction = Histogram(
+            "lxn_input_film_fraction",
+            description="Films scored, by the share of the image left after border trimming.",
+            boundaries=FILM_FRACTION_BUCKETS,
+        )
+        self.summaries = (
+            SummaryWriter(
+                self.storage, settings.summary_rows, settings.summary_seconds, settings.summary_files
+            )
+            if settings.summaries
+            else None
+        )
+        self._writes: set[asyncio.Task] = set()  # summary batches being written (kept until done)
         self._batched = serve.batch(
             max_batch_size=settings.max_batch_size, batch_wait_timeout_s=settings.batch_wait_timeout_s
         )(self._forward_batch)
@@ -135,6 +189,13 @@ class LxnServer:
         poller = getattr(self, "_poller", None)
         if poller is not None:
             poller.cancel()
+        writer = getattr(self, "summaries", None)
+        rows = writer.drain() if writer is not None else None
+        if rows:  # Serve calls this at a graceful shutdown: keep what is buffered
+            try:
+                writer.write(rows)
+            except Exception:
+                logger.exception("lxn: could not write %d buffered summaries", len(rows))
 
     def check_health(self) -> None:
         """Serve's health check: a replica without a model is unhealthy (and replaced)."""
@@ -153,6 +214,8 @@ class LxnServer:
             try:
                 if self.settings.auth:
                     self.keys = await asyncio.to_thread(self._load_keys)
+                if self.summaries is not None and (rows := self.summaries.due()) is not None:
+                    self._write_summaries(rows)
                 if self.following:
                     await self.reload_if_changed()
             except asyncio.CancelledError:
@@ -202,17 +265,63 @@ class LxnServer:
         probabilities = await asyncio.to_thread(run)
         return [(float(p), model) for p in probabilities]
 
+    def _prepare(self, data: bytes, model: LoadedModel) -> tuple[np.ndarray, FilmStatistics | None]:
+        """The model input and the film's statistics (None if they could not be measured). Blocking."""
+        image = self._preprocess(data, model)
+        try:
+            statistics = film_statistics(data, self.limits)
+        except Exception:  # the film decoded for the model: a failure here must not refuse it
+            logger.exception("lxn: could not measure a film's statistics")
+            statistics = None
+        return image, statistics
+
     async def predict_bytes(self, data: bytes, where: str = "") -> dict[str, Any]:
-        """Decode and preprocess in a thread, then join a batch; raises InputError for bad bytes."""
+        """Decode and preprocess in a thread, then join a batch; raises InputError for bad bytes. Each
+        film scored is counted in the metrics and summarised (:meth:`observe`)."""
         try:
             model = self.current
-            image = await asyncio.to_thread(self._preprocess, data, model)
+            image, statistics = await asyncio.to_thread(self._prepare, data, model)
         except ImageRejected as error:
             raise rejected_image(error, where) from None
         probability, model = await self._batched(_Item(data, image, model))
         answer = model.prediction(probability)
         self._predictions.inc(tags={"label": answer["label"], "model_version": str(model.version)})
+        self.observe(statistics, answer)
         return answer
+
+    # -- monitoring ---------------------------------------------------------------------------------
+    def observe(self, statistics: FilmStatistics | None, answer: dict[str, Any]) -> None:
+        """Record one scored film: the probability and input histograms, and its summary row (written in
+        a batch once the buffer is full: :class:`~lxn_ray.serving.summaries.SummaryWriter`)."""
+        self._probability.observe(answer["probability"], tags={"model_version": str(answer["model_version"])})
+        if statistics is None:
+            return
+        self._formats.inc(tags={"format": statistics.format})
+        self._megapixels.observe(statistics.width * statistics.height / 1e6)
+        self._intensity.observe(statistics.mean_intensity)
+        self._film_fraction.observe(statistics.film_fraction)
+        if self.summaries is not None and (rows := self.summaries.add(summary_row(statistics, answer))):
+            self._write_summaries(rows)
+
+    def _write_summaries(self, rows: list[dict[str, Any]]) -> None:
+        """Write a batch of summary rows in a thread, off the event loop; a failure is logged, not raised
+        (the rows are lost: monitoring must never refuse a request)."""
+
+        async def write() -> None:
+            try:
+                await asyncio.to_thread(self.summaries.write, rows)
+            except Exception:
+                logger.exception("lxn: could not write %d summaries", len(rows))
+
+        task = asyncio.get_running_loop().create_task(write())
+        self._writes.add(task)
+        task.add_done_callback(self._writes.discard)
+
+    def count_request(self, path: str | None, status: int) -> None:
+        """Count one answered HTTP request in ``lxn_requests`` by route (``other`` for a path that is
+        not one of the routes) and status code."""
+        route = path if path in COUNTED_ROUTES else "other"
+        self._requests.inc(tags={"route": route, "status": str(status)})
 
     def explain_bytes(self, data: bytes) -> tuple[bytes, dict[str, Any], Any]:
         """Grad-CAM overlay PNG, the prediction it shows and the overlay's

@@ -62,6 +62,17 @@ class ServeSettings:
         True,
         help="serve without API keys: anyone who can reach the port can call every route (local use only)",
     )  # --no-auth
+    # What the endpoint saw, for the drift job (lxn_ray.serving.summaries: no image, name or header kept)
+    summaries: bool = setting(
+        True, help="keep no per-request summaries in storage (the drift job then has nothing to read)"
+    )  # --no-summaries
+    summary_rows: int = setting(50, help="summaries per batch file a replica writes")
+    summary_seconds: float = setting(
+        60.0, help="a replica writes its buffered summaries at the latest this many seconds after the first"
+    )
+    summary_files: int = setting(
+        2000, help="most summary batch files kept in storage; the oldest past it are deleted"
+    )
     # SHA-256 digests of the LXN_API_KEYS that jobs/serve.py saw (the keys themselves never leave it)
     api_key_digests: tuple[str, ...] = setting((), help="SHA-256 digests of the accepted keys", flag=False)
 
@@ -90,6 +101,8 @@ class ServeSettings:
             raise ValueError(f"need 1 <= max_batch_size <= max_ongoing_requests, got {self.max_batch_size}")
         if self.batch_wait_timeout_s < 0 or self.poll_seconds <= 0:
             raise ValueError("batch_wait_timeout_s must be >= 0 and poll_seconds > 0")
+        if self.summary_rows < 1 or self.summary_seconds <= 0 or self.summary_files < 1:
+            raise ValueError("summary_rows and summary_files must be >= 1 and summary_seconds > 0")
         if min(self.max_body_bytes, self.max_pixels, self.max_batch_images) < 1:
             raise ValueError("max_body_bytes, max_pixels and max_batch_images must be positive")
         if not isinstance(self.api_key_digests, tuple) or not all(

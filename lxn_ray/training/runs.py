@@ -80,6 +80,18 @@ def read_checkpoint_state(checkpoint) -> dict[str, Any]:
         return json.loads((Path(folder) / CHECKPOINT_STATE).read_text())
 
 
+def latest_history(storage: Storage, run_name: str) -> list[dict[str, Any]]:
+    """The history (one dict of metrics per epoch, ``epoch`` from 1) in the latest checkpoint Ray Train
+    registered for ``run_name``; empty when the run has none yet. Raises what reading storage raises."""
+    import ray.train
+
+    folder = storage.path(f"{RUNS}/{run_name}")
+    if not storage.exists(f"{RUNS}/{run_name}/{CHECKPOINT_SNAPSHOT}"):
+        return []
+    result = ray.train.Result.from_path(folder, storage_filesystem=storage.filesystem)
+    return read_checkpoint_state(result.checkpoint)["history"] if result.checkpoint is not None else []
+
+
 def published_versions(storage: Storage, run_name: str, **card_fields: Any) -> list[str]:
     """The model versions training run ``run_name`` published (their card's ``train_run``), oldest first;
     ``card_fields`` keeps only those whose card holds these values too (``best_epoch=3``,

@@ -28,6 +28,7 @@ from lxn_ray.infra.resources import (
     run_watched,
 )
 from lxn_ray.infra.storage import Storage
+from lxn_ray.infra.tracking import Tracker
 from lxn_ray.sources.tasks import task_name
 from lxn_ray.training.config import TrainConfig
 from lxn_ray.training.loop import train_loop_per_worker
@@ -40,6 +41,7 @@ from lxn_ray.training.runs import (
     run_config,
     run_name_of,
 )
+from lxn_ray.training.tracking import mirror_registry, track_training_run
 
 if TYPE_CHECKING:
     import ray.train
@@ -178,9 +180,12 @@ def train(
     config: TrainConfig,
     fresh: bool = False,
     stall_timeout_s: float = DEFAULT_STALL_TIMEOUT_S,
+    track: bool = True,
     **trainer_options,
 ) -> dict[str, Any]:
-    """The training job: fit, pick the best epoch, choose the threshold on val, score test, publish.
+    """The training job: fit, pick the best epoch, choose the threshold on val, score test, publish; with
+    ``track``, log the run to MLflow and mirror the registry there (:mod:`lxn_ray.training.tracking`; a
+    search's repeats are logged by the search instead, nested under it).
 
     The run is named after the dataset version and config, so rerunning an interrupted job resumes it
     (and rerunning a finished one re-publishes its result); ``fresh`` starts a new run instead.
@@ -212,4 +217,9 @@ def train(
         raise RuntimeError(f"training run {run_name} produced no checkpoint")
     latest = read_checkpoint_state(result.checkpoint)  # holds every epoch's metrics and the resume count
     seconds = time.monotonic() - started
-    return publish_model_version(storage, version, config, best, latest, seconds, run_name)
+    published = publish_model_version(storage, version, config, best, latest, seconds, run_name)
+    if track:
+        with Tracker.for_storage(storage) as tracker:  # in MLflow too: the run, then the registry's mirror
+            track_training_run(tracker, storage, published["model_version"])
+            mirror_registry(tracker, storage)
+    return published

@@ -307,7 +307,8 @@ def repeat_best(
             versions.append((done[-1], repeat.seed))
             continue
         log(f"repeat {offset}/{settings.repeats}: the best config with seed {repeat.seed}")
-        versions.append((train(storage, version, repeat)["model_version"], repeat.seed))
+        # logged to MLflow by the search, nested under it (lxn_ray.tuning.tracking)
+        versions.append((train(storage, version, repeat, track=False)["model_version"], repeat.seed))
     runs = []
     for model_version, seed in versions:
         card = registry.read_card(storage, model_version)

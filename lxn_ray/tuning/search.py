@@ -50,6 +50,7 @@ from lxn_ray.tuning.space import (
     train_run_name,
     trial_train_config,
 )
+from lxn_ray.tuning.tracking import TrialRuns
 
 log = get_logger("tune").info  # progress for the person watching; stdout keeps the summary
 
@@ -389,11 +390,13 @@ def build_tuner(
     points: list[dict[str, Any]] | None = None,
     crash_once: dict[str, Any] | None = None,
     keeper: ResourceKeeper | None = None,
+    trial_runs: TrialRuns | None = None,
 ) -> tuple[Any, str, int]:
     """A new (or with ``resume`` a restored) Tuner for ``name``: (tuner, searcher name, max concurrent).
 
     ``points``: fixed trial configs evaluated in order instead of sampled ones (the benchmark's same trials).
-    ``keeper``: the search's :class:`ResourceKeeper` (a restored search gets this one, not its old copy).
+    ``keeper``: the search's :class:`ResourceKeeper`, ``trial_runs`` its MLflow callback
+    (:class:`~lxn_ray.tuning.tracking.TrialRuns`); a restored search gets these, not its old copies.
     """
     from ray import tune
 
@@ -422,8 +425,9 @@ def build_tuner(
         )
         # Tune restores the callbacks it pickled; this run's keeper and retry policy instead
         run_config = tuner._local_tuner.get_run_config()
-        kept = [c for c in run_config.callbacks or [] if not isinstance(c, (ResourceKeeper, TrialRetries))]
-        run_config.callbacks = [*kept, retries, *([keeper] if keeper is not None else [])]
+        replaced = (ResourceKeeper, TrialRetries, TrialRuns)
+        kept = [c for c in run_config.callbacks or [] if not isinstance(c, replaced)]
+        run_config.callbacks = [*kept, retries, *(c for c in (keeper, trial_runs) if c is not None)]
         return tuner, _searcher_used(storage, name) or settings.searcher, max_concurrent
     if exists:
         raise FileExistsError(f"search {name} already exists in {storage.uri_of(TUNE)}")
@@ -460,7 +464,7 @@ def build_tuner(
             verbose=1 if quiet.verbose() else 0,
             callbacks=[
                 retries,
-                *([keeper] if keeper is not None else []),
+                *(c for c in (keeper, trial_runs) if c is not None),
                 Progress(settings.num_samples, settings.epochs, max_concurrent, bound_s),
             ],
         ),

@@ -35,6 +35,7 @@ from lxn_ray.data import dataset
 from lxn_ray.evaluation.promotion import decide, evaluate_pair
 from lxn_ray.infra.log import get_logger
 from lxn_ray.infra.storage import Storage
+from lxn_ray.infra.tracking import Tracker
 from lxn_ray.sources.tasks import task_name
 from lxn_ray.training.train import announce_plan, segmenter_version
 from lxn_ray.tuning.results import (
@@ -58,6 +59,7 @@ from lxn_ray.tuning.space import (
     choose_experiment,
     experiment_name,
 )
+from lxn_ray.tuning.tracking import TrialRuns, finish_search_run, start_search_run
 
 log = get_logger("tune").info  # progress for the person watching; stdout keeps the summary
 
@@ -74,7 +76,8 @@ def search(
     """Run (or ``resume``) the search on ``dataset_version`` ("latest" by default), write its
     ``trials.csv`` and ``search.png``, publish its best trial and decide promotion. The job's report (a
     JSON-ready dict: ``experiment``, ``trials``, ``best`` with its ``model_version``, ``test``,
-    ``promoted``, ``repeats``, ``seconds``, ...).
+    ``promoted``, ``repeats``, ``seconds``, ...). The search, its trials and its best model are logged to
+    MLflow and the registry mirrored there (:mod:`lxn_ray.tuning.tracking`).
 
     ``promote=False`` leaves the champion alone (``promoted`` is then False): for callers with their own
     promotion rule, such as scheduled retraining. Raises :class:`lxn_ray.infra.resources.StalledError`
@@ -91,8 +94,43 @@ def search(
     announce_plan(storage, version, settings.task, seed=settings.seed, what=f"{settings.num_samples} trials")
     name = choose_experiment(storage, experiment_name(version, settings), resume)
     keeper = ResourceKeeper(settings.stall_timeout_s, what=f"search {name}")
+    with Tracker.for_storage(storage) as tracker:
+        parent = start_search_run(tracker, name, version, settings)
+        trial_runs = TrialRuns(tracker, storage, parent, name, version, settings)
+        try:
+            report = _search(
+                storage, settings, version, name, keeper, trial_runs, resume, crash_once, promote
+            )
+        except BaseException:
+            tracker.end_run(parent, "FAILED")
+            raise
+        finish_search_run(tracker, storage, trial_runs, report)
+    report["seconds"] = round(time.monotonic() - started, 1)
+    return report
+
+
+def _search(
+    storage: Storage,
+    settings: TuneSettings,
+    version: str,
+    name: str,
+    keeper: ResourceKeeper,
+    trial_runs: TrialRuns,
+    resume: bool,
+    crash_once: dict[str, Any] | None,
+    promote: bool,
+) -> dict[str, Any]:
+    """:func:`search` once its experiment is named and tracked: fit, record, publish, promote."""
+    started = time.monotonic()
     tuner, searcher_name, max_concurrent = build_tuner(
-        storage, version, settings, name, resume=resume, crash_once=crash_once, keeper=keeper
+        storage,
+        version,
+        settings,
+        name,
+        resume=resume,
+        crash_once=crash_once,
+        keeper=keeper,
+        trial_runs=trial_runs,
     )
     results, held = fit_and_give_back(tuner, keeper)
     rows = trial_rows(results, settings)
@@ -160,7 +198,6 @@ def search(
         "sources": published.get("sources"),
         **{key: published.get(key) for key in ("baselines", "saliency", "calibration")},
         "warnings": published.get("warnings", []),
-        "seconds": round(time.monotonic() - started, 1),
     }
 
 

@@ -103,6 +103,8 @@ class LocalCluster:
             RAY_AUTH_MODE="token",
             RAY_AUTH_TOKEN=secrets.token_hex(16),
             PYTHONUNBUFFERED="1",
+            # A lost node is declared dead after 5 missed health checks: 5 s instead of the default 15 s.
+            RAY_health_check_period_ms="1000",
         )
         root.mkdir(parents=True, exist_ok=True)
         cluster = cls(root=root, env=env, worker_cpus=worker_cpus)
@@ -238,7 +240,7 @@ class LocalCluster:
                     )
             if time.monotonic() > deadline:
                 raise TimeoutError(f"timed out after {timeout_s:.0f} s waiting for {what}")
-            time.sleep(0.5)
+            time.sleep(0.25)
 
     # -- jobs -----------------------------------------------------------------------------------------
     def submit(self, entrypoint: list[str], working_dir: Path, env: dict[str, str] | None = None) -> str:
@@ -270,7 +272,7 @@ class LocalCluster:
                     f"job {submission_id} still {status} after {timeout_s:.0f} s:\n"
                     f"{self.job_logs(submission_id)[-4000:]}"
                 )
-            time.sleep(1.0)
+            time.sleep(0.5)
         return JobResult(submission_id, status, self.job_logs(submission_id))
 
     def run(self, entrypoint: list[str], working_dir: Path, **options: Any) -> JobResult:

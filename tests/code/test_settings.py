@@ -143,6 +143,7 @@ def test_every_command_s_help_lists_its_documented_flags(capsys):
         "retrain": ["--once", "--every", "--min-new-images", "--min-changed-rows", "--lock-ttl", "--no-wait"],
         "registry": ["list", "show", "promote", "rollback"],
         "serve": ["--model", "--port", "--no-auth", "--mint-key", "--detach", "--max-batch-size"],
+        "monitor": ["--model", "--window", "--hours", "--min-rows", "--psi", "--refresh-reference"],
     }
     assert set(documented) == set(COMMANDS)
     for command, flags in documented.items():

@@ -156,7 +156,7 @@ def test_watchdog_names_what_holds_the_cluster_and_leaves_it_alone(small_store, 
     storage = small_store
     hog = Background(CPU_HOG, env=job_env())
     try:
-        stall_s = 10
+        stall_s = 5
         for job, extra in (("train", ["--epochs", "1"]), ("tune", ["--num-samples", "2", "--epochs", "1"])):
             argv = ["--storage", storage.uri, *TINY, *extra, "--stall-timeout-s", str(stall_s)]
             started = time.monotonic()

@@ -25,11 +25,12 @@ from lxn_ray.retraining.retrain import (
     HISTORY,
     HISTORY_PLOT,
     LOCK,
+    gate,
     next_tick_delay,
     read_history,
     train_config_from_card,
 )
-from lxn_ray.retraining.settings import TrainOverrides, parse_duration
+from lxn_ray.retraining.settings import RetrainSettings, TrainOverrides, parse_duration
 from lxn_ray.training.runs import registered_epoch
 from tests.helpers import SourceBuilder, copy_store, job_env, wait_for
 from tests.shared_stores import labelled_source
@@ -422,34 +423,46 @@ def _rewrite_metadata(root: Path, change) -> None:
 @pytest.mark.slow
 def test_relabelled_and_removed_rows_make_a_tick_train_a_challenger(trained_store, tmp_path):
     """Metadata corrections to the source of a store whose champion was trained on it (the session's
-    shared tiny model, tests/shared_stores.py): three COVID-19 films relabelled, then two PA films found to
-    be lateral. Neither adds an image, and each must still train a challenger."""
+    shared tiny model, tests/shared_stores.py): three COVID-19 films relabelled and two PA films found to be
+    lateral. No image is added, and the tick must still train a challenger (each kind of correction alone
+    retrains too: ``test_any_correction_retrains_however_few_and_additions_wait_for_the_threshold``)."""
     import shutil
 
     source = shutil.copytree(trained_store.source, tmp_path / "source")
     storage = Storage.open(str(copy_store(trained_store.store, tmp_path / "store")))
     champion = registry.champion(storage)
-    argv = ["--source", str(source), "--storage", storage.uri, *TINY, "--once"]
-
-    def tick(name: str) -> dict:
-        path = tmp_path / f"{name}.json"
-        assert retrain_main([*argv, "--report", str(path)]) == 0
-        return json.loads(path.read_text())
-
     covid = dataset.read_table(storage, dataset.latest_version(storage), "images").to_pylist()
-    relabel = {row["filename"] for row in covid if row["finding"] == "COVID-19"}
-    relabel = set(sorted(relabel)[:3])
-    _rewrite_metadata(source, lambda row: {**row, "finding": "SARS"} if row["filename"] in relabel else row)
-    relabelled = tick("relabelled")
-    assert relabelled["champion_before"] == champion == trained_store.report["model_version"]
-    assert relabelled["changes"]["relabelled"] == 3 and relabelled["changes"]["added"] == 0
-    assert relabelled["decision"] in ("promoted", "rejected") and relabelled["challenger"]
-    assert "3 relabelled" in relabelled["trigger"] and "corrections always retrain" in relabelled["trigger"]
+    relabel = set(sorted(row["filename"] for row in covid if row["finding"] == "COVID-19")[:3])
+    lateral = set(sorted({row["filename"] for row in covid if row["view"] == "PA"} - relabel)[:2])
 
-    lateral = {row["filename"] for row in covid if row["view"] == "PA"} - relabel
-    lateral = set(sorted(lateral)[:2])
-    _rewrite_metadata(source, lambda row: {**row, "view": "L"} if row["filename"] in lateral else row)
-    removed = tick("removed")
-    assert removed["changes"]["removed"] == 2 and removed["changes"]["added"] == 0
-    assert removed["decision"] in ("promoted", "rejected") and removed["challenger"]
-    assert removed["challenger"] not in (relabelled["challenger"], relabelled["champion_before"])
+    def correct(row: dict) -> dict:
+        if row["filename"] in relabel:
+            return {**row, "finding": "SARS"}
+        return {**row, "view": "L"} if row["filename"] in lateral else row
+
+    _rewrite_metadata(source, correct)
+    path = tmp_path / "corrected.json"
+    assert (
+        retrain_main(
+            ["--source", str(source), "--storage", storage.uri, *TINY, "--once", "--report", str(path)]
+        )
+        == 0
+    )
+    report = json.loads(path.read_text())
+    assert report["champion_before"] == champion == trained_store.report["model_version"]
+    changes = report["changes"]
+    assert (changes["relabelled"], changes["removed"], changes["added"]) == (3, 2, 0)
+    assert report["decision"] in ("promoted", "rejected") and report["challenger"] not in (None, champion)
+    assert "3 relabelled" in report["trigger"] and "corrections always retrain" in report["trigger"]
+
+
+def test_any_correction_retrains_however_few_and_additions_wait_for_the_threshold():
+    settings = RetrainSettings(min_new_images=10)
+    none = dict.fromkeys(("added", "removed", "relabelled", "view_changed", "patient_changed"), 0)
+    for kind in ("removed", "relabelled", "view_changed", "patient_changed"):
+        changes = {**none, kind: 1, "total": 1}
+        decision, why = gate("champion", "v1", changes, 100, settings)
+        assert decision is None and "corrections always retrain" in why, kind
+    assert gate("champion", "v1", {**none, "added": 1, "total": 1}, 100, settings)[0] == "below-threshold"
+    assert gate("champion", "v1", {**none, "total": 0}, 100, settings)[0] == "no-change"
+    assert gate(None, None, {**none, "total": 0}, 0, settings)[0] is None  # the first tick trains

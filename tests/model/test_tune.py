@@ -10,11 +10,14 @@ from __future__ import annotations
 
 import csv
 import json
+import subprocess
+from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
 
 from lxn_ray import registry
+from lxn_ray.cli.registry import main as registry_main
 from lxn_ray.cli.tune import main as tune_main
 from lxn_ray.cli.tune import make_parser as tune_parser
 from lxn_ray.cli.tune import settings as tune_settings
@@ -26,7 +29,7 @@ from lxn_ray.sources.transports import FolderSource
 from lxn_ray.training.runs import registered_epoch
 from lxn_ray.tuning.space import TUNE, experiment_name, train_run_name
 from lxn_ray.tuning.tune import search
-from tests.helpers import SourceBuilder, job_env, wait_for
+from tests.helpers import SourceBuilder, job_env, mlflow_server, stop_group, wait_for
 from tests.shared_stores import labelled_source
 
 TINY = ["--image-size", "32", "--width", "0.125", "--batch-size", "8"]
@@ -35,17 +38,32 @@ SEARCH = ["--num-samples", "2", "--epochs", "3", "--no-asha", *TINY]
 
 
 @pytest.fixture(scope="module")
-def searched(tmp_path_factory, ray_local) -> tuple[Storage, dict, Path]:
-    """An empty store and one ``tune`` job that ingests a synthetic source first, then searches."""
+def mlflow(tmp_path_factory) -> Iterator[tuple[str, subprocess.Popen]]:
+    """A real ``mlflow server`` on 127.0.0.1 for the module's first search: (its URI, its process). The
+    stop test stops it; the module's later jobs log to the store's own (default) MLflow store."""
+    with mlflow_server(tmp_path_factory.mktemp("mlflow")) as server:
+        yield server
+
+
+@pytest.fixture(scope="module")
+def mlflow_uri(mlflow) -> str:
+    return mlflow[0]
+
+
+@pytest.fixture(scope="module")
+def searched(tmp_path_factory, ray_local, mlflow_uri) -> tuple[Storage, dict, Path]:
+    """An empty store and one ``tune`` job that ingests a synthetic source first, then searches, logging to
+    the MLflow server; the module's later jobs log to the store's own (default) MLflow store."""
     root = tmp_path_factory.mktemp("tune")
     source = labelled_source(SourceBuilder(root / "source"))
     storage = Storage.open(str(root / "store"))
     report_path = root / "report.json"
-    argv = ["--storage", storage.uri, "--source", str(source), *SEARCH]
+    argv = ["--storage", storage.uri, "--mlflow-uri", mlflow_uri, "--source", str(source), *SEARCH]
     assert tune_main([*argv, "--repeats", "1", "--report", str(report_path)]) == 0
     report = json.loads(report_path.read_text())
     if registry.champion(storage) is None:  # a model no better than chance: promoted by hand, as a user can
-        registry.promote(storage, report["best"]["model_version"], reason="the tests: by hand")
+        by_hand = ["--storage", storage.uri, "--mlflow-uri", mlflow_uri, "promote"]
+        assert registry_main([*by_hand, report["best"]["model_version"]]) == 0
     return storage, report, root
 
 
@@ -117,6 +135,105 @@ def test_search_ingests_registers_and_promotes_only_past_the_guard(searched):
 
 
 @pytest.mark.slow
+def test_the_search_is_in_mlflow_with_its_trials_and_the_champion_alias(searched, mlflow_uri, capsys):
+    """One parent run, its two trial runs with their recipes and per-epoch metrics, the best trial's model
+    version (metrics, card, plots), the repeat nested beside them, and the registered versions with
+    ``champion`` on the version lxn_ray made champion; ``registry list`` names each one's MLflow version."""
+    from mlflow import MlflowClient
+
+    storage, report, _ = searched
+    client = MlflowClient(mlflow_uri, mlflow_uri)
+    experiment = client.get_experiment_by_name("lxn-covid-vs-rest")
+    name = report["experiment"].rsplit("/", 1)[-1]
+    runs = client.search_runs([experiment.experiment_id], f"tags.`lxn.search` = '{name}'")
+    (parent,) = [run for run in runs if run.data.tags["lxn.kind"] == "search"]
+    assert parent.info.status == "FINISHED"
+    assert parent.data.params["dataset_version"] == report["dataset_version"]
+    assert parent.data.tags["lxn.best_model_version"] == report["best"]["model_version"]
+    assert {a.path for a in client.list_artifacts(parent.info.run_id)} == {"trials.csv", "search.png"}
+    children = client.search_runs(
+        [experiment.experiment_id], f"tags.`mlflow.parentRunId` = '{parent.info.run_id}'"
+    )
+    trials = {run.data.tags["lxn.trial_id"]: run for run in children if run.data.tags["lxn.kind"] == "trial"}
+    assert len(trials) == 2 and {run.info.status for run in trials.values()} == {"FINISHED"}
+    for trial in trials.values():
+        assert {"learning_rate", "optimizer", "task", "dataset_version"} <= set(trial.data.params)
+        steps = [m.step for m in client.get_metric_history(trial.info.run_id, "val_auc")]
+        assert sorted(steps) == [1, 2, 3]  # every epoch, the epoch as step
+        assert "history.json" in {a.path for a in client.list_artifacts(trial.info.run_id)}
+    best = trials[report["best"]["trial_id"]]
+    assert best.data.params["learning_rate"] == str(report["best"]["config"]["learning_rate"])
+    assert best.data.tags["lxn.model_version"] == report["best"]["model_version"]
+    assert best.data.metrics["test.auc"] == pytest.approx(report["test"]["auc"])
+    assert "baseline.source.auc" in best.data.metrics
+    artifacts = {a.path for a in client.list_artifacts(best.info.run_id)}
+    assert {"card.json", "plots", "model"} <= artifacts
+    assert "plots/roc.png" in {a.path for a in client.list_artifacts(best.info.run_id, "plots")}
+    (repeat,) = [run for run in children if run.data.tags["lxn.kind"] == "repeat"]
+    assert repeat.data.tags["lxn.model_version"] == report["repeats"]["runs"][1]["model_version"]
+
+    versions = {
+        mv.tags["lxn.model_version"]: mv for mv in client.search_model_versions("name = 'lxn-covid-vs-rest'")
+    }
+    assert set(versions) == set(registry.list_versions(storage))
+    champion = client.get_model_version_by_alias("lxn-covid-vs-rest", "champion")
+    assert champion.tags["lxn.model_version"] == registry.champion(storage)
+    assert champion.run_id == best.info.run_id and champion.source == f"runs:/{best.info.run_id}/model"
+    challenger = client.get_model_version_by_alias("lxn-covid-vs-rest", "challenger")
+    assert challenger.tags["lxn.model_version"] == report["repeats"]["runs"][1]["model_version"]
+
+    assert registry_main(["--storage", storage.uri, "--mlflow-uri", mlflow_uri, "list"]) == 0
+    listed = capsys.readouterr().out
+    for version, registered in versions.items():
+        assert f"{version}  " in listed and f"MLflow lxn-covid-vs-rest/{registered.version}" in listed
+
+
+@pytest.mark.slow
+def test_a_search_finishes_with_one_warning_when_its_mlflow_server_stops(searched, mlflow, tmp_path):
+    """The module's server is stopped once this search's parent run is in it - before any trial has
+    trained; the search goes on, publishes its model, exits 0, and says so in one warning line."""
+    import sys
+
+    from mlflow import MlflowClient
+
+    storage, _, _ = searched
+    uri, server = mlflow
+    versions = registry.list_versions(storage)
+    client = MlflowClient(uri, uri)
+    experiment_id = client.get_experiment_by_name("lxn-covid-vs-rest").experiment_id
+
+    def searches() -> int:
+        return len(client.search_runs([experiment_id], "tags.`lxn.kind` = 'search'"))
+
+    before = searches()
+    argv = ["--storage", storage.uri, "--num-samples", "1", "--epochs", "1", *TINY]
+    driver = subprocess.Popen(
+        [sys.executable, "jobs/tune.py", *argv, "--mlflow-uri", uri],
+        cwd=Path(__file__).parents[2],
+        env=job_env(),
+        start_new_session=True,
+        stdout=subprocess.DEVNULL,
+        stderr=(tmp_path / "stderr.txt").open("w"),
+    )
+
+    def parent_logged() -> bool:
+        assert driver.poll() is None, "the search ended before its server could be stopped"
+        return searches() > before
+
+    try:
+        wait_for(parent_logged, 120, "the search's parent run in MLflow")
+        stop_group(server)
+        driver.wait(timeout=600)
+    finally:
+        stop_group(driver)
+    err = (tmp_path / "stderr.txt").read_text()
+    assert driver.returncode == 0, err[-2000:]
+    warnings = [line for line in err.splitlines() if "MLflow tracking at" in line]
+    assert len(warnings) == 1 and "the job goes on without it" in warnings[0], warnings
+    assert len(registry.list_versions(storage)) == len(versions) + 1  # published all the same
+
+
+@pytest.mark.slow
 def test_resume_of_a_finished_search_reports_it_again(searched):
     storage, report, _ = searched
     argv = ["--storage", storage.uri, *SEARCH]
@@ -133,7 +250,7 @@ def test_resume_of_a_finished_search_reports_it_again(searched):
 
 @pytest.mark.slow
 def test_a_rerun_is_a_new_search_that_resume_finishes_after_a_killed_driver_and_a_crashed_trial(
-    searched, tmp_path
+    searched, tmp_path, monkeypatch
 ):
     """The fixture's command again (``python jobs/tune.py`` as its own driver process, one trial at a
     time) is a new search of the same series. Its driver is killed (SIGKILL) once Ray Train has
@@ -150,6 +267,7 @@ def test_a_rerun_is_a_new_search_that_resume_finishes_after_a_killed_driver_and_
     from lxn_ray.training.runs import read_checkpoint_state
 
     storage, report, _ = searched
+    monkeypatch.delenv("LXN_MLFLOW_URI")  # tracked in the store's own MLflow store, as by default
     argv = ["--storage", storage.uri, *SEARCH, "--max-concurrent", "1"]
     settings = tune_settings(tune_parser().parse_args(argv))
     first = report["experiment"].rsplit("/", 1)[-1]
@@ -205,6 +323,20 @@ def test_a_rerun_is_a_new_search_that_resume_finishes_after_a_killed_driver_and_
     assert resumed["best"]["model_version"] in registry.list_versions(storage)
     assert resumed["resources"]["placement_groups_held_after"] == []
     assert isinstance(resumed["promoted"], bool) and resumed["promotion_reason"]
+    # Tracked in the store's own MLflow store (no --mlflow-uri): one parent run for the search and one run per
+    # trial, each taken up again by the resumes, with every epoch logged.
+    from mlflow import MlflowClient
+
+    database = f"sqlite:///{storage.path('mlflow/mlflow.db')}"
+    client = MlflowClient(database, database)
+    ids = [client.get_experiment_by_name("lxn-covid-vs-rest").experiment_id]
+    (parent,) = client.search_runs(ids, f"tags.`lxn.search` = '{experiment}' and tags.`lxn.kind` = 'search'")
+    assert parent.info.status == "FINISHED"
+    trials = client.search_runs(ids, f"tags.`mlflow.parentRunId` = '{parent.info.run_id}'")
+    assert len(trials) == 2 and {run.info.status for run in trials} == {"FINISHED"}
+    for trial in trials:
+        assert {m.step for m in client.get_metric_history(trial.info.run_id, "val_auc")} == {1, 2, 3}
+
     # The trial cut off by the kill and the crashed one (the same trial, or not) each continued their own
     # Ray Train run from a checkpoint; a trial that started after the restarts never resumed.
     continued = {cut, train_run_name(experiment, crashed["trials"]["errored"][0])}
