@@ -29,6 +29,7 @@ import numpy as np
 from PIL import Image
 
 from lxn_ray.images.decode import ImageLimits, ImageRejected, decode_image, to_grayscale
+from lxn_ray.images.types import DecodedImage
 from lxn_ray.infra.settings import setting
 
 if TYPE_CHECKING:
@@ -413,10 +414,31 @@ def _pixels_and_region(
 ) -> tuple[np.ndarray, Image.Image, np.ndarray | None]:
     """:func:`preprocess_pixels`, the film region it was resized from (after trimming and the lung crop)
     and that region's lung mask (bool, None without ``lungs``), from one decode."""
+    return _region_pixels(decode_image(data, limits), image_size, preprocessing, lungs)
+
+
+def preprocess_decoded(
+    decoded: DecodedImage,
+    image_size: int,
+    preprocessing: PreprocessConfig = DEFAULT_PREPROCESSING,
+    lungs: LungFinder | None = None,
+) -> np.ndarray:
+    """:func:`preprocess_pixels` of a film already decoded by :func:`lxn_ray.images.decode.decode_image`
+    (the endpoint measures the same decoded film for monitoring): ``(image_size, image_size)`` uint8.
+    Raises as :func:`preprocess_pixels` does."""
+    return _region_pixels(decoded, image_size, preprocessing, lungs)[0]
+
+
+def _region_pixels(
+    decoded: DecodedImage,
+    image_size: int,
+    preprocessing: PreprocessConfig,
+    lungs: LungFinder | None,
+) -> tuple[np.ndarray, Image.Image, np.ndarray | None]:
+    """:func:`_pixels_and_region` after the decode."""
     _check_arguments(image_size, preprocessing)
     if preprocessing.lungs != "none" and lungs is None:
         raise ValueError(f"lungs={preprocessing.lungs} preprocessing needs a lung segmenter (lungs=...)")
-    decoded = decode_image(data, limits)
     try:
         region = film_region(to_grayscale(decoded.image), preprocessing)
         mask = None

@@ -38,8 +38,8 @@ Why it is built this way:
   ``ray.serve.metrics`` (requests by route and status, predictions by label, a histogram of the calibrated
   probability, the input statistics) and summarises every film it scores - format, size, mean intensity,
   film fraction, the answer; no image, name or header field - in batch files under storage for the drift
-  job (:mod:`lxn_ray.serving.summaries`, :mod:`lxn_ray.serving.drift`). Measuring a film decodes it a
-  second time, beside its preprocessing.
+  job (:mod:`lxn_ray.serving.summaries`, :mod:`lxn_ray.serving.drift`), measured on the film decoded once
+  for the model.
 - **Safe loading.** Models load with Keras safe mode through :meth:`lxn_ray.registry.ModelRef.load`;
   nothing from a request or the store is ever unpickled or evaluated.
 
@@ -66,7 +66,7 @@ from lxn_ray.serving import auth
 from lxn_ray.serving.app import create_api
 from lxn_ray.serving.model import POSITIVE_LABEL, RESEARCH_NOTE, LoadedModel, load_model_version
 from lxn_ray.serving.settings import ServeSettings
-from lxn_ray.serving.summaries import FilmStatistics, SummaryWriter, film_statistics, summary_row
+from lxn_ray.serving.summaries import FilmStatistics, SummaryWriter, statistics_of, summary_row
 from lxn_ray.serving.uploads import InputError, rejected_image
 
 logger = logging.getLogger("ray.serve")
@@ -266,10 +266,17 @@ class LxnServer:
         return [(float(p), model) for p in probabilities]
 
     def _prepare(self, data: bytes, model: LoadedModel) -> tuple[np.ndarray, FilmStatistics | None]:
-        """The model input and the film's statistics (None if they could not be measured). Blocking."""
-        image = self._preprocess(data, model)
+        """The model input and the film's statistics (None if they could not be measured), from one
+        decode. Blocking; raises ImageRejected for bad bytes."""
+        from lxn_ray.images.decode import decode_image
+        from lxn_ray.images.preprocess import as_model_input, preprocess_decoded
+
+        decoded = decode_image(data, self.limits)
+        image = as_model_input(
+            preprocess_decoded(decoded, model.image_size, model.preprocessing, model.lungs)
+        )
         try:
-            statistics = film_statistics(data, self.limits)
+            statistics = statistics_of(decoded)
         except Exception:  # the film decoded for the model: a failure here must not refuse it
             logger.exception("lxn: could not measure a film's statistics")
             statistics = None

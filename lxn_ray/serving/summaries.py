@@ -34,6 +34,7 @@ from typing import Any
 import numpy as np
 
 from lxn_ray.images.decode import DEFAULT_LIMITS, ImageLimits, decode_image, to_grayscale
+from lxn_ray.images.types import DecodedImage
 from lxn_ray.infra.storage import Storage
 
 logger = logging.getLogger("ray.serve")
@@ -81,9 +82,14 @@ def film_statistics(data: bytes, limits: ImageLimits = DEFAULT_LIMITS) -> FilmSt
     Raises :class:`lxn_ray.images.types.ImageRejected` for bytes that do not decode, nothing else for bad
     input.
     """
+    return statistics_of(decode_image(data, limits))
+
+
+def statistics_of(decoded: DecodedImage) -> FilmStatistics:
+    """:func:`film_statistics` of a film already decoded (the endpoint decodes each film once, for the
+    model and for this). Raises nothing for a decoded film."""
     from lxn_ray.images.preprocess import trim_box
 
-    decoded = decode_image(data, limits)
     gray = np.asarray(to_grayscale(decoded.image), dtype=np.uint8)
     top, bottom, left, right = trim_box(gray)
     area = gray.shape[0] * gray.shape[1]
