@@ -207,24 +207,28 @@ def _decode(
     training: TrainingImages | None,
     lungs: LungFinder | None = None,
 ) -> tuple[list[SourceFile], list[np.ndarray], dict[str, dict[str, Any]], list[Exclusion]]:
-    """Each file's model input, and the fingerprints the overlap check needs, decoding each file once:
-    (scored files, model inputs, sha256 -> fingerprint, exclusions of undecodable files).
+    """Each file's model input, and the fingerprints the overlap check needs, decoding each file once (a
+    large JPEG that needs a fingerprint twice: whole, and reduced): (scored files, model inputs, sha256 ->
+    fingerprint, exclusions of undecodable files).
 
     No fingerprint is needed for a file whose bytes are an image of the model's dataset version (a
     training image, or one ingest judged distinct from them: see :class:`TrainingImages`) nor when there
-    is no training set to compare with; any other is computed from the same decode as the model input
-    (the untrimmed grayscale film is what :func:`~lxn_ray.images.preprocess.preprocess_for_explanation`
-    returns when the model neither trims borders nor crops to the lungs; one that does needs a second
-    decode for those files). ``lungs`` finds the lung fields of a model that crops or masks to them.
+    is no training set to compare with. Any other is fingerprinted from the whole film at full
+    resolution, as ingest fingerprints it, and its model input is made from that same decode - unless
+    the endpoint would decode it at a reduced scale (a large JPEG:
+    :func:`lxn_ray.images.decode.reduces`), whose input is then decoded again, reduced, so evaluation
+    scores exactly the pixels the endpoint would. ``lungs`` finds the lung fields of a model that crops
+    or masks to them.
     """
-    from lxn_ray.images.preprocess import preprocess_bytes, preprocess_for_explanation
+    from lxn_ray.images.decode import reduces
+    from lxn_ray.images.preprocess import as_model_input, decode_side, preprocess_bytes, preprocess_decoded
 
     preprocessing = model_ref.preprocessing
-    whole = not preprocessing.trim_borders and preprocessing.lungs == "none"  # the model sees the whole film
+    side = decode_side(image_size, preprocessing)
     published = training.published if training is not None else frozenset()
+    fingerprints: dict[str, dict[str, Any]] = {}
     scored: list[SourceFile] = []
     inputs: list[np.ndarray] = []
-    fingerprints: dict[str, dict[str, Any]] = {}
     exclusions: list[Exclusion] = []
     fingerprinted = {item.sha256 for item in files if item.sha256 not in published}
     log(
@@ -240,15 +244,17 @@ def _decode(
         sha = item.sha256
         needs_fingerprint = training is not None and sha not in published and sha not in fingerprints
         try:
-            if needs_fingerprint and whole:
-                model_input, film, _ = preprocess_for_explanation(
-                    item.data, image_size, limits, preprocessing
-                )
-                fingerprints[sha] = fingerprint(to_grayscale(film))  # untrimmed: the whole film, one decode
+            if needs_fingerprint:
+                decoded = decode_image(item.data, limits)  # the whole film, at full resolution
+                fingerprints[sha] = fingerprint(to_grayscale(decoded.image))
+                if reduces(decoded.source_format, decoded.width, decoded.height, side):
+                    model_input = preprocess_bytes(item.data, image_size, limits, preprocessing, lungs)
+                else:
+                    model_input = as_model_input(
+                        preprocess_decoded(decoded, image_size, preprocessing, lungs)
+                    )
             else:
                 model_input = preprocess_bytes(item.data, image_size, limits, preprocessing, lungs)
-                if needs_fingerprint:  # the model saw part of the film; a fingerprint is of the whole one
-                    fingerprints[sha] = fingerprint(to_grayscale(decode_image(item.data, limits).image))
         except ImageRejected as error:
             exclusions.append(Exclusion(item.row, UNREADABLE, str(error)))
             continue

@@ -38,10 +38,18 @@ def image_format(data: bytes) -> str | None:
 DEFAULT_LIMITS = ImageLimits()
 
 
-def decode_image(data: bytes, limits: ImageLimits = DEFAULT_LIMITS) -> DecodedImage:
+def decode_image(
+    data: bytes, limits: ImageLimits = DEFAULT_LIMITS, min_side: int | None = None
+) -> DecodedImage:
     """Decode ``data`` (PNG, JPEG or DICOM, told by its magic number) or raise :class:`ImageRejected` -
     never anything else for bad input. DICOM objects that are not chest films raise its subclass
-    :class:`lxn_ray.images.dicom.UnsupportedDicom`."""
+    :class:`lxn_ray.images.dicom.UnsupportedDicom`.
+
+    ``min_side`` (pixels): the caller needs no more than this on the shorter side. A JPEG is then decoded
+    at the smallest of libjpeg's DCT scales 1/1, 1/2, 1/4 and 1/8 that keeps both sides at least
+    ``min_side`` (Pillow's ``Image.draft``: the inverse DCT computes the reduced image directly, an area
+    average, at a fraction of a full decode's cost); ``width`` and ``height`` stay the file's. PNG and
+    DICOM are decoded whole (neither format has a reduced decode)."""
     if not data:
         raise ImageRejected("empty file")
     if len(data) > limits.max_file_bytes:
@@ -63,8 +71,13 @@ def decode_image(data: bytes, limits: ImageLimits = DEFAULT_LIMITS) -> DecodedIm
                     f"image is {width}x{height} pixels, over the {limits.max_pixels}-pixel cap"
                 )
             source_format, source_mode = image.format or "?", image.mode
+            if reduces(kind, width, height, min_side):
+                image.draft(image.mode, (min_side, min_side))
             image.load()  # truncated files fail here, not later in a training job
+            stored = image.size
             image = ImageOps.exif_transpose(image)
+            if image.size != stored:  # EXIF turned it a quarter: the file's sides swap too
+                width, height = height, width
     except ImageRejected:
         raise
     except Image.UnidentifiedImageError:
@@ -77,9 +90,15 @@ def decode_image(data: bytes, limits: ImageLimits = DEFAULT_LIMITS) -> DecodedIm
         image=_to_8bit(image),
         source_format=source_format,
         source_mode=source_mode,
-        width=image.size[0],
-        height=image.size[1],
+        width=width,
+        height=height,
     )
+
+
+def reduces(source_format: str, width: int, height: int, min_side: int | None) -> bool:
+    """Whether :func:`decode_image` decodes a ``source_format`` film of ``width`` x ``height`` pixels at a
+    reduced scale for ``min_side``: a JPEG at least twice ``min_side`` on its shorter side."""
+    return bool(min_side) and source_format == "JPEG" and min(width, height) >= 2 * min_side
 
 
 def _to_8bit(image: Image.Image) -> Image.Image:

@@ -3,7 +3,9 @@
 Training, evaluation and serving all call :func:`preprocess_bytes` (or :func:`preprocess_pixels`, the
 uint8 array it is built on), so the model sees the same pixels in production that it was validated on (no
 train/serve skew). Decoding and its guards against hostile files live in :mod:`lxn_ray.images.decode`; this
-module only turns a decoded radiograph into model input.
+module only turns a decoded radiograph into model input. A JPEG much larger than the model input is
+decoded at a reduced DCT scale (:func:`decode_side`): the same pixels within a grey level or two, at a
+fraction of a full decode's cost.
 
 Optional source harmonisation (:class:`PreprocessConfig`) runs inside that one path: :func:`trim_borders`
 crops the uniform frames and burnt-in label margins whose size, colour and position differ per hospital,
@@ -11,8 +13,9 @@ crops the uniform frames and burnt-in label margins whose size, colour and posit
 :func:`equalize` normalises contrast (global histogram equalisation or CLAHE). All attack shortcuts a
 classifier trained on this multi-source dataset could otherwise learn - telling sources apart by their
 framing, text, markers or exposure instead of by the lungs. The default config switches all off and
-reproduces the plain pipeline bit for bit. The lung fields come from a trained segmenter that the caller
-passes in as a :data:`LungFinder` (:mod:`lxn_ray.model.lungs`); this module never loads a model.
+reproduces the plain pipeline (decode, grayscale, resize). The lung fields come from a trained segmenter
+that the caller passes in as a :data:`LungFinder` (:mod:`lxn_ray.model.lungs`); this module never loads a
+model.
 
 Augmentation (:func:`build_augmenter`) is separate on purpose: it is random, applies to training batches
 only, and must never run at evaluation or serving time.
@@ -98,7 +101,7 @@ class PreprocessConfig:
     """Deterministic source harmonisation, applied identically in training, evaluation and serving.
 
     A model must be served with the config it was trained with: store :meth:`as_dict` with the model and
-    rebuild it with :meth:`from_mapping`. The default (everything off) is the plain pipeline, bit for bit.
+    rebuild it with :meth:`from_mapping`. The default (everything off) is the plain pipeline.
     """
 
     trim_borders: bool = setting(False, help="crop uniform borders and burnt-in margins first")
@@ -386,8 +389,9 @@ def preprocess_pixels(
 ) -> np.ndarray:
     """File bytes -> ``(image_size, image_size)`` uint8 grayscale: what :func:`preprocess_bytes` is made of.
 
-    Steps: decode (guards in :mod:`lxn_ray.images.decode`) -> grayscale -> :func:`trim_borders` at full
-    resolution (if ``preprocessing.trim_borders``) -> :func:`lung_fields` with the mask ``lungs`` finds
+    Steps: decode (guards in :mod:`lxn_ray.images.decode`; a JPEG at the reduced scale of
+    :func:`decode_side`) -> grayscale -> :func:`trim_borders` at the decoded resolution (if
+    ``preprocessing.trim_borders``) -> :func:`lung_fields` with the mask ``lungs`` finds
     (if ``preprocessing.lungs`` is crop or mask; ``lungs`` is then required) -> resize -> :func:`equalize`
     (after the resize, where it is cheap). ``preprocess_bytes(...) == np.repeat((pixels.astype(np.float32)
     / np.float32(255))[..., None], 3, axis=2)`` exactly, so training can store this compact array and
@@ -414,7 +418,20 @@ def _pixels_and_region(
 ) -> tuple[np.ndarray, Image.Image, np.ndarray | None]:
     """:func:`preprocess_pixels`, the film region it was resized from (after trimming and the lung crop)
     and that region's lung mask (bool, None without ``lungs``), from one decode."""
-    return _region_pixels(decode_image(data, limits), image_size, preprocessing, lungs)
+    _check_arguments(image_size, preprocessing)  # before decoding: a programming error is not bad bytes
+    decoded = decode_image(data, limits, decode_side(image_size, preprocessing))
+    return _region_pixels(decoded, image_size, preprocessing, lungs)
+
+
+def decode_side(image_size: int, preprocessing: PreprocessConfig = DEFAULT_PREPROCESSING) -> int | None:
+    """The shorter side (pixels) a film needs when decoded for an ``image_size`` model input
+    (:func:`lxn_ray.images.decode.decode_image`'s ``min_side``): ``image_size`` divided by the least share
+    of a side border trimming keeps (1/2), so the region the model sees still has at least ``image_size``
+    pixels a side and the final resize only shrinks. None - the whole film - with lung preprocessing,
+    whose crop can keep less."""
+    if preprocessing.lungs != "none":
+        return None
+    return math.ceil(image_size / _MIN_KEEP_FRACTION)
 
 
 def preprocess_decoded(
@@ -488,7 +505,7 @@ def preprocess_bytes(
 
     :func:`preprocess_pixels` divided by 255 and replicated to 3 channels; see it for the steps, the
     errors (only :class:`ImageRejected` for bad bytes) and why the resize is a plain square one. With the
-    default ``preprocessing`` the output is exactly the plain decode -> grayscale -> resize -> /255.
+    default ``preprocessing`` the output is the plain decode -> grayscale -> resize -> /255.
     """
     return as_model_input(preprocess_pixels(data, image_size, limits, preprocessing, lungs))
 

@@ -28,8 +28,9 @@ class ImageRejected(ValueError):
 class DecodedImage:
     """A decoded radiograph and what it was before decoding."""
 
-    image: Image.Image  # mode "L" or "RGB", 8 bits per channel, orientation applied
+    image: Image.Image  # mode "L" or "RGB", 8 bits per channel, orientation applied; a JPEG decoded with
+    # decode_image's min_side may be reduced (1/2, 1/4 or 1/8 of the file's size)
     source_format: str  # "PNG", "JPEG" or "DICOM"
     source_mode: str  # PIL mode of the file, e.g. "I;16", "CMYK", "RGBA"
-    width: int
+    width: int  # the file's size in pixels, orientation applied (whatever size ``image`` was decoded at)
     height: int

@@ -269,9 +269,9 @@ class LxnServer:
         """The model input and the film's statistics (None if they could not be measured), from one
         decode. Blocking; raises ImageRejected for bad bytes."""
         from lxn_ray.images.decode import decode_image
-        from lxn_ray.images.preprocess import as_model_input, preprocess_decoded
+        from lxn_ray.images.preprocess import as_model_input, decode_side, preprocess_decoded
 
-        decoded = decode_image(data, self.limits)
+        decoded = decode_image(data, self.limits, decode_side(model.image_size, model.preprocessing))
         image = as_model_input(
             preprocess_decoded(decoded, model.image_size, model.preprocessing, model.lungs)
         )

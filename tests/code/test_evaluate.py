@@ -112,10 +112,14 @@ def test_decode_decodes_each_file_once_and_fingerprints_only_contents_new_to_the
     decodes, fingerprinted = [], []
     real_decode, real_fingerprint = preprocess.decode_image, evaluate.fingerprint
     monkeypatch.setattr(
-        preprocess, "decode_image", lambda data, limits: decodes.append(data) or real_decode(data, limits)
+        preprocess,
+        "decode_image",
+        lambda data, limits, *side: decodes.append(data) or real_decode(data, limits, *side),
     )
     monkeypatch.setattr(
-        evaluate, "decode_image", lambda data, limits: decodes.append(data) or real_decode(data, limits)
+        evaluate,
+        "decode_image",
+        lambda data, limits, *side: decodes.append(data) or real_decode(data, limits, *side),
     )
     monkeypatch.setattr(
         evaluate, "fingerprint", lambda image: fingerprinted.append(image) or real_fingerprint(image)

@@ -276,8 +276,13 @@ def test_config_is_frozen() -> None:
 
 
 def _plain(data: bytes, size: int) -> np.ndarray:
-    """The pipeline as it was before preprocessing options: grayscale, bilinear resize, /255, 3 channels."""
-    gray = Image.open(io.BytesIO(data)).convert("L")
+    """The pipeline as it was before preprocessing options: decode (a JPEG of at least 4 x ``size`` a side
+    at the smallest DCT scale that keeps 2 x ``size``: tests/code/test_scaled_decode.py holds it to the
+    full decode), grayscale, bilinear resize, /255, 3 channels."""
+    image = Image.open(io.BytesIO(data))
+    if image.format == "JPEG" and min(image.size) >= 4 * size:
+        image.draft(image.mode, (2 * size, 2 * size))
+    gray = image.convert("L")
     resized = gray.resize((size, size), Image.Resampling.BILINEAR, reducing_gap=3.0)
     pixels = np.asarray(resized, dtype=np.float32) / np.float32(255.0)
     return np.repeat(pixels[:, :, np.newaxis], 3, axis=2)

@@ -1,0 +1,95 @@
+"""Decoding only what is needed (lxn_ray.images.decode ``min_side``): a JPEG decoded at a reduced DCT
+scale for a model input gives the pixels of a full decode within a stated tolerance, whatever its colour
+model, coding or orientation; PNG and DICOM films are decoded whole and give exactly today's pixels; the
+file's own size is reported either way."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+from PIL import Image
+
+from lxn_ray.images.decode import decode_image
+from lxn_ray.images.preprocess import (
+    DEFAULT_PREPROCESSING,
+    PreprocessConfig,
+    decode_side,
+    preprocess_decoded,
+    preprocess_pixels,
+)
+from tests.helpers import dicom_film, encode, radiograph
+
+SIZE = 128  # the model input: films wider than 4 x 256 px decode at 1/4 of their size
+FILM = (1200, 1100)  # width, height of the test films
+# The tolerance: grey levels (0-255) between the pixels of the reduced and the full decode, after the
+# whole preprocessing (trimming, resize to SIZE). Measured on these films (2026-12-06): mean <= 0.23,
+# 99th percentile <= 1, largest 2; the bundle's films and a model's predictions: benchmarks/serve.py.
+MEAN_LEVELS, P99_LEVELS = 0.5, 2.0
+
+
+def full_decode_pixels(data: bytes, preprocessing: PreprocessConfig = DEFAULT_PREPROCESSING) -> np.ndarray:
+    """Today's path: the whole film decoded, then the same preprocessing."""
+    return preprocess_decoded(decode_image(data), SIZE, preprocessing)
+
+
+def film(seed: int) -> Image.Image:
+    return radiograph(seed, size=FILM)
+
+
+def jpeg(kind: str, seed: int) -> bytes:
+    grey = film(seed)
+    if kind == "grey":
+        return encode(grey, "JPEG", quality=90)
+    if kind == "rgb":
+        return encode(grey.convert("RGB"), "JPEG", quality=90)
+    if kind == "cmyk":
+        return encode(grey.convert("RGB").convert("CMYK"), "JPEG", quality=90)
+    if kind == "progressive":
+        return encode(grey, "JPEG", quality=90, progressive=True)
+    exif = Image.Exif()
+    exif[0x0112] = 6  # stored turned a quarter: a viewer rotates it 90 degrees clockwise
+    return encode(grey.transpose(Image.Transpose.ROTATE_90), "JPEG", quality=90, exif=exif)
+
+
+@pytest.mark.parametrize("kind", ["grey", "rgb", "cmyk", "progressive", "exif-rotated"])
+@pytest.mark.parametrize("trim", [True, False])
+def test_a_jpeg_decoded_at_a_reduced_scale_gives_the_full_decode_pixels_within_tolerance(kind, trim):
+    preprocessing = PreprocessConfig(trim_borders=trim)
+    for seed in range(3):
+        data = jpeg(kind, seed)
+        whole = decode_image(data)
+        reduced = decode_image(data, min_side=decode_side(SIZE, preprocessing))
+        assert max(reduced.image.size) * 4 <= max(whole.image.size) + 4  # decoded at 1/4 of the file
+        assert (reduced.width, reduced.height) == (whole.width, whole.height) == FILM  # the file's size
+        assert reduced.image.size[0] > reduced.image.size[1]  # oriented as a viewer shows it
+        difference = np.abs(
+            preprocess_pixels(data, SIZE, preprocessing=preprocessing).astype(int)
+            - full_decode_pixels(data, preprocessing).astype(int)
+        )
+        assert difference.mean() <= MEAN_LEVELS and np.percentile(difference, 99) <= P99_LEVELS, (
+            kind,
+            seed,
+            difference.mean(),
+            np.percentile(difference, 99),
+        )
+
+
+@pytest.mark.parametrize("kind", ["png", "png16", "dicom"])
+def test_png_and_dicom_films_are_decoded_whole_with_today_s_pixels(kind):
+    grey = film(7)
+    if kind == "png":
+        data = encode(grey, "PNG")
+    elif kind == "png16":
+        data = encode(Image.fromarray(np.asarray(grey, dtype=np.uint16) * 16), "PNG")
+    else:
+        data = dicom_film(grey)
+    decoded = decode_image(data, min_side=decode_side(SIZE))
+    assert decoded.image.size == FILM and (decoded.width, decoded.height) == FILM
+    assert np.array_equal(preprocess_pixels(data, SIZE), full_decode_pixels(data))
+
+
+def test_a_small_jpeg_and_lung_preprocessing_decode_the_whole_film():
+    small = encode(radiograph(3, size=(300, 280)), "JPEG", quality=90)  # under 2 x decode_side
+    assert decode_image(small, min_side=decode_side(SIZE)).image.size == (300, 280)
+    assert np.array_equal(preprocess_pixels(small, SIZE), full_decode_pixels(small))
+    assert decode_side(SIZE, PreprocessConfig(lungs="crop")) is None
