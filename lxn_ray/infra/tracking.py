@@ -48,7 +48,7 @@ URI_VARIABLE = "LXN_MLFLOW_URI"  # set by --mlflow-uri; wins over MLFLOW_TRACKIN
 OFF = "off"
 FOLDER = "mlflow"  # under storage: mlflow.db (local stores) and artifacts/
 MAX_PARAM_CHARS = 500  # a parameter's value is cut to this (MLflow allows 6000; a table cell needs less)
-BATCH = 100  # parameters per log_batch call (MLflow's limit is 100)
+BATCH = 100  # records per log_batch call (MLflow's limits: 100 parameters, 1000 metrics)
 
 
 @dataclass(frozen=True)
