@@ -220,7 +220,7 @@ def _decode(
     scores exactly the pixels the endpoint would. ``lungs`` finds the lung fields of a model that crops
     or masks to them.
     """
-    from lxn_ray.images.decode import reduces
+    from lxn_ray.images.decode import image_format, reduces
     from lxn_ray.images.preprocess import as_model_input, decode_side, preprocess_bytes, preprocess_decoded
 
     preprocessing = model_ref.preprocessing
@@ -247,7 +247,7 @@ def _decode(
             if needs_fingerprint:
                 decoded = decode_image(item.data, limits)  # the whole film, at full resolution
                 fingerprints[sha] = fingerprint(to_grayscale(decoded.image))
-                if reduces(decoded.source_format, decoded.width, decoded.height, side):
+                if reduces(image_format(item.data) or "", decoded.width, decoded.height, side):
                     model_input = preprocess_bytes(item.data, image_size, limits, preprocessing, lungs)
                 else:
                     model_input = as_model_input(

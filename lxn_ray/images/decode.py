@@ -22,6 +22,8 @@ from lxn_ray.images.types import NOT_AN_IMAGE, DecodedImage, ImageLimits, ImageR
 # (ITU T.81 B.1.1.2), DICOM's "DICM" after a 128-byte preamble (PS3.10 7.1).
 PNG_SIGNATURE = b"\x89PNG\r\n\x1a\n"
 JPEG_SIGNATURE = b"\xff\xd8\xff"
+# EXIF's orientation tag (0x0112; EXIF 2.32, 4.6.4 A): values 5-8 turn the image a quarter (sides swap).
+EXIF_ORIENTATION, QUARTER_TURNS = 0x0112, frozenset({5, 6, 7, 8})
 
 
 def image_format(data: bytes) -> str | None:
@@ -74,10 +76,9 @@ def decode_image(
             if reduces(kind, width, height, min_side):
                 image.draft(image.mode, (min_side, min_side))
             image.load()  # truncated files fail here, not later in a training job
-            stored = image.size
-            image = ImageOps.exif_transpose(image)
-            if image.size != stored:  # EXIF turned it a quarter: the file's sides swap too
+            if image.getexif().get(EXIF_ORIENTATION) in QUARTER_TURNS:  # the file's sides swap too
                 width, height = height, width
+            image = ImageOps.exif_transpose(image)
     except ImageRejected:
         raise
     except Image.UnidentifiedImageError:
@@ -96,8 +97,9 @@ def decode_image(
 
 
 def reduces(source_format: str, width: int, height: int, min_side: int | None) -> bool:
-    """Whether :func:`decode_image` decodes a ``source_format`` film of ``width`` x ``height`` pixels at a
-    reduced scale for ``min_side``: a JPEG at least twice ``min_side`` on its shorter side."""
+    """Whether :func:`decode_image` decodes a film of ``width`` x ``height`` pixels at a reduced scale for
+    ``min_side``: a JPEG (``source_format`` as :func:`image_format` tells it - Pillow calls a multi-picture
+    JPEG "MPO") at least twice ``min_side`` on its shorter side."""
     return bool(min_side) and source_format == "JPEG" and min(width, height) >= 2 * min_side
 
 

@@ -260,6 +260,15 @@ class Tracker:
         """End ``run`` as FINISHED, FAILED or KILLED."""
         self.submit("end run", lambda c: run.id and c.set_terminated(run.id, status))
 
+    @contextmanager
+    def guard(self, what: str) -> Iterator[None]:
+        """Work on the caller's thread that only feeds tracking (reading a card to log it, a Tune
+        callback): an exception in it becomes the tracker's one warning, never the job's failure."""
+        try:
+            yield
+        except Exception as error:
+            self._fail(what, error)
+
     def query(self, what: str, call: Callable[[MlflowClient], Any], default: Any = None) -> Any:
         """``call(client)`` now, in the caller's thread (a read, such as ``registry list``'s): its result,
         or ``default`` with one warning when tracking is off or the call fails."""

@@ -214,6 +214,7 @@ def reference_statistics(
     version.
     """
     from lxn_ray.data import dataset
+    from lxn_ray.images.preprocess import decode_side
 
     version = registry.champion(storage) if reference == "champion" else reference
     if version is None:
@@ -233,11 +234,15 @@ def reference_statistics(
     held = table.column("source_format").to_pylist() if "source_format" in table.column_names else []
     held += [None] * (len(keys) - len(held))
 
+    # Measured on the decode the model's replicas make (a large JPEG at a reduced scale), as served films are.
+    model = registry.ModelRef(version, card, b"")  # the card's settings; the weights are not needed
+    side = decode_side(model.image_size, model.preprocessing) if model.image_size else None
+
     def measure(image_key: str, source_format: str | None) -> FilmStatistics | None:
         from lxn_ray.images.types import ImageRejected
 
         try:
-            found = film_statistics(storage.read_bytes(image_key))
+            found = film_statistics(storage.read_bytes(image_key), min_side=side)
         except (ImageRejected, FileNotFoundError):
             return None
         return dataclasses.replace(found, format=source_format) if source_format in FORMATS else found

@@ -8,7 +8,8 @@ the file format told by its magic number, the decoded width and height, the mean
 the image the film covers, the calibrated probability, the label and the model version - never the image,
 a file or part name, a DICOM header field, a request's address or key, or the time of one request: rows
 carry no timestamp of their own, and a batch file is named by the time it was written, which covers every
-request of the batch.
+request of the batch; its rows are shuffled, so their order does not tell which came last. (A batch of
+one row - a quiet endpoint - still dates its request to within ``max_age_s``.)
 
 **Where and how much.** Rows live under ``monitoring/summaries/`` in storage, as JSON files of at most
 ``rows_per_file`` rows (default 50), each written whole by one replica when its buffer fills or its
@@ -23,6 +24,7 @@ from __future__ import annotations
 
 import json
 import logging
+import random
 import threading
 import time
 import uuid
@@ -72,17 +74,21 @@ class FilmStatistics:
         return values
 
 
-def film_statistics(data: bytes, limits: ImageLimits = DEFAULT_LIMITS) -> FilmStatistics:
+def film_statistics(
+    data: bytes, limits: ImageLimits = DEFAULT_LIMITS, min_side: int | None = None
+) -> FilmStatistics:
     """The statistics of one film file (PNG, JPEG or DICOM bytes): the one function the replicas apply to
     every film they score and the drift job to the champion's test split, so both sides are measured
     alike.
 
-    Decodes with :func:`lxn_ray.images.decode.decode_image` (its guards and caps), converts to 8-bit
-    grayscale and measures at full resolution (the border trim is vectorised: ~20 ms at 16 megapixels).
+    Decodes with :func:`lxn_ray.images.decode.decode_image` (its guards and caps; ``min_side``: a JPEG at
+    the reduced scale a model decodes it at, :func:`lxn_ray.images.preprocess.decode_side`, which is how a
+    replica measures it), converts to 8-bit grayscale and measures (the border trim is vectorised: ~20 ms
+    at 16 megapixels).
     Raises :class:`lxn_ray.images.types.ImageRejected` for bytes that do not decode, nothing else for bad
     input.
     """
-    return statistics_of(decode_image(data, limits))
+    return statistics_of(decode_image(data, limits, min_side))
 
 
 def statistics_of(decoded: DecodedImage) -> FilmStatistics:
@@ -189,8 +195,10 @@ class SummaryWriter:
         with self._lock:
             self._sequence += 1
             sequence = self._sequence
+        # Shuffled: a batch written when its last row arrived would otherwise date that row exactly.
         moment = now or datetime.now(timezone.utc)
         key = f"{SUMMARIES}/{_stamp(moment)}-{self.writer_id}-{sequence:06d}.json"
+        rows = random.sample(rows, len(rows))
         self.storage.write_bytes(key, json.dumps({"rows": rows}, separators=(",", ":")).encode())
         prune(self.storage, self.max_files)
         return key

@@ -17,6 +17,7 @@ publishes or promotes, so a promotion made while MLflow was down is mirrored by 
 
 from __future__ import annotations
 
+import threading
 from collections.abc import Mapping
 from typing import TYPE_CHECKING, Any
 
@@ -96,8 +97,14 @@ def log_model_version(
     """Log ``model_version``'s final metrics (:func:`model_version_metrics`), card and plots to ``run``
     and tag it with the version; ``history`` also logs the run's parameters and per-epoch metrics from the
     card (a run whose epochs were not logged as they happened: ``jobs/train.py``)."""
-    if not tracker.enabled:
-        return
+    if tracker.enabled:
+        with tracker.guard(f"log model version {model_version}"):
+            _log_model_version(tracker, run, storage, model_version, history)
+
+
+def _log_model_version(
+    tracker: Tracker, run: Run, storage: Storage, model_version: str, history: bool
+) -> None:
     card = registry.read_card(storage, model_version)
     if history:
         tracker.log_params(run, run_params(card.get("config") or {}, card.get("dataset_version", "")))
@@ -122,15 +129,19 @@ def track_training_run(
     included, then the registry mirror."""
     if not tracker.enabled:
         return
-    card = registry.read_card(storage, model_version)
-    run = tracker.start_run(
-        experiment_of(registry.card_task(card)),
-        card.get("train_run") or model_version,
-        {KIND_TAG: kind, "lxn.train_run": card.get("train_run", "")},
-        parent=parent,
-    )
-    log_model_version(tracker, run, storage, model_version, history=True)
-    tracker.end_run(run)
+    with tracker.guard(f"log the training run of {model_version}"):
+        card = registry.read_card(storage, model_version)
+        tags = {KIND_TAG: kind, "lxn.train_run": card.get("train_run", ""), VERSION_TAG: model_version}
+        # taken up again, not repeated, when the same run is logged twice (a finished search re-reported)
+        run = tracker.start_run(
+            experiment_of(registry.card_task(card)),
+            card.get("train_run") or model_version,
+            tags,
+            parent=parent,
+            reuse={KIND_TAG: kind, VERSION_TAG: model_version},
+        )
+        log_model_version(tracker, run, storage, model_version, history=True)
+        tracker.end_run(run)
 
 
 def mirror_now(storage: Storage) -> None:
@@ -170,7 +181,15 @@ def _exists(sqlite_uri: str) -> bool:
     return Path(sqlite_uri.removeprefix("sqlite:///")).is_file()
 
 
+_MIRRORING = threading.Lock()  # one mirror at a time in a process: a second would register a version twice
+
+
 def _mirror(client: MlflowClient, tracker: Tracker, storage: Storage) -> None:
+    with _MIRRORING:
+        _mirror_locked(client, tracker, storage)
+
+
+def _mirror_locked(client: MlflowClient, tracker: Tracker, storage: Storage) -> None:
     champion = registry.champion(storage)
     by_task: dict[str, list[tuple[str, dict[str, Any]]]] = {}
     for version in registry.list_versions(storage):  # oldest first: MLflow numbers them in that order

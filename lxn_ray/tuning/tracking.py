@@ -67,12 +67,13 @@ class TrialRuns(Callback):
         self.tracker, self.storage, self.parent, self.name = tracker, storage, parent, name
         self.version, self.settings = version, settings
         self.runs: dict[str, Run] = {}
+        self.ended: set[str] = set()  # trial ids whose runs this search ended
 
     def __getstate__(self) -> dict[str, Any]:
         return {"name": self.name}
 
     def __setstate__(self, state: dict[str, Any]) -> None:
-        self.__dict__.update(state, tracker=Tracker(None), runs={})
+        self.__dict__.update(state, tracker=Tracker(None), runs={}, ended=set())
 
     def run_of(self, trial: Any) -> Run:
         """The MLflow run of ``trial`` (a Tune trial): opened, with the trial's recipe as parameters, when
@@ -96,20 +97,35 @@ class TrialRuns(Callback):
             )
         return self.runs[trial_id]
 
+    # Tune's hooks: nothing when tracking is off, and never an exception into Tune's loop.
     def on_trial_start(self, iteration: int, trials: list, trial: Any, **_info: Any) -> None:
-        self.run_of(trial)
+        if self.tracker.enabled:
+            with self.tracker.guard("open a trial's run"):
+                self.run_of(trial)
 
     def on_trial_result(self, iteration: int, trials: list, trial: Any, result: dict, **_info: Any) -> None:
-        step = int(result.get("epoch") or result.get("training_iteration") or 0)
-        self.tracker.log_metrics(
-            self.run_of(trial), {**epoch_metrics(result), METRIC: result.get(METRIC)}, step
-        )
+        if self.tracker.enabled:
+            with self.tracker.guard("log a trial's epoch"):
+                step = int(result.get("epoch") or result.get("training_iteration") or 0)
+                metrics = {**epoch_metrics(result), METRIC: result.get(METRIC)}
+                self.tracker.log_metrics(self.run_of(trial), metrics, step)
 
     def on_trial_complete(self, iteration: int, trials: list, trial: Any, **_info: Any) -> None:
-        self._end(trial, "FINISHED")
+        if self.tracker.enabled:
+            with self.tracker.guard("end a trial's run"):
+                self._end(trial, "FINISHED")
 
     def on_trial_error(self, iteration: int, trials: list, trial: Any, **_info: Any) -> None:
-        self._end(trial, "FAILED")
+        if self.tracker.enabled:
+            with self.tracker.guard("end a trial's run"):
+                self._end(trial, "FAILED")
+
+    def end_open(self, status: str) -> None:
+        """End every trial run still open (a search that failed or was interrupted), as ``status``; a
+        ``--resume`` takes them up again."""
+        for trial_id, run in self.runs.items():
+            if trial_id not in self.ended:
+                self.tracker.end_run(run, status)
 
     def _end(self, trial: Any, status: str) -> None:
         """End ``trial``'s run. Before, from its Ray Train run's latest checkpoint (read on the tracker's
@@ -133,6 +149,7 @@ class TrialRuns(Callback):
             run, lambda: {"history.json": json.dumps(history(), indent=1).encode()} if history() else {}
         )
         self.tracker.end_run(run, status)
+        self.ended.add(trial.trial_id)
 
 
 def finish_search_run(
@@ -145,8 +162,12 @@ def finish_search_run(
     version (:func:`~lxn_ray.training.tracking.log_model_version`), the parent the best's metrics, the
     ``trials.csv`` and ``search.png`` and the repeats as nested runs; then the parent ends and the registry
     is mirrored."""
-    if not tracker.enabled:
-        return
+    if tracker.enabled:
+        with tracker.guard("log the search's result"):
+            _finish(tracker, storage, trials, report)
+
+
+def _finish(tracker: Tracker, storage: Storage, trials: TrialRuns, report: dict[str, Any]) -> None:
     best = report["best"]
     model_version = best["model_version"]
     best_run = trials.run_by_id(best["trial_id"])  # taken up again (so running) if it ended before a resume

@@ -102,6 +102,7 @@ def search(
                 storage, settings, version, name, keeper, trial_runs, resume, crash_once, promote
             )
         except BaseException:
+            trial_runs.end_open("KILLED")
             tracker.end_run(parent, "FAILED")
             raise
         finish_search_run(tracker, storage, trial_runs, report)

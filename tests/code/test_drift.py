@@ -125,11 +125,12 @@ def test_the_window_is_the_last_rows_and_may_be_limited_by_hours(tmp_path):
     now = datetime.now(timezone.utc)
     for hour, numbers in ((5, [1, 2, 3]), (3, [4, 5]), (1, [6, 7, 8])):
         writer.write([{"n": n} for n in numbers], now=now - timedelta(hours=hour))
-    assert [row["n"] for row in read_window(storage, 4).rows] == [5, 6, 7, 8]
+    last = [row["n"] for row in read_window(storage, 4).rows]  # a file's rows are shuffled when written
+    assert sorted(last[1:]) == [6, 7, 8] and last[0] in (4, 5)
     window = read_window(storage, 100, hours=4, now=now)
-    assert [row["n"] for row in window.rows] == [4, 5, 6, 7, 8] and window.files == 2
+    assert sorted(row["n"] for row in window.rows) == [4, 5, 6, 7, 8] and window.files == 2
     assert window.first < window.last
-    assert read_window(storage).rows[0] == {"n": 1}
+    assert read_window(storage).rows[0]["n"] in (1, 2, 3)  # every row, oldest file first
     assert read_window(Storage.open(str(tmp_path / "empty")), 10).rows == []
     with pytest.raises(ValueError):
         read_window(storage, 0)

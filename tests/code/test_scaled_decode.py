@@ -93,3 +93,14 @@ def test_a_small_jpeg_and_lung_preprocessing_decode_the_whole_film():
     assert decode_image(small, min_side=decode_side(SIZE)).image.size == (300, 280)
     assert np.array_equal(preprocess_pixels(small, SIZE), full_decode_pixels(small))
     assert decode_side(SIZE, PreprocessConfig(lungs="crop")) is None
+
+
+def test_a_near_square_film_turned_by_exif_reports_the_file_s_sides():
+    exif = Image.Exif()
+    exif[0x0112] = 6  # stored turned a quarter
+    turned = radiograph(5, size=(1200, 1197)).transpose(Image.Transpose.ROTATE_90)  # stored 1197 x 1200
+    data = encode(turned, "JPEG", quality=90, exif=exif)
+    reduced = decode_image(data, min_side=decode_side(SIZE))
+    assert reduced.image.size == (300, 300)  # 1/4 scale rounds both sides to 300: sizes cannot tell
+    whole = decode_image(data)
+    assert (reduced.width, reduced.height) == (whole.width, whole.height) == (1200, 1197)
