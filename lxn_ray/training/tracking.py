@@ -126,7 +126,7 @@ def track_training_run(
 ) -> None:
     """One finished training run that published ``model_version`` (``jobs/train.py``, a search's repeat,
     nested under ``parent``): an MLflow run with everything :func:`log_model_version` logs, history
-    included, then the registry mirror."""
+    included. The caller mirrors the registry (:func:`mirror_registry`) once it is done publishing."""
     if not tracker.enabled:
         return
     with tracker.guard(f"log the training run of {model_version}"):
