@@ -3,6 +3,7 @@
 Usage::
 
     python benchmarks/dedupe_quality.py [--source DIR] [--seed 0] [--n 300] [--kinds 100] [--dump /tmp/dd-fp]
+                                        [--baseline-commit SHA | --baseline-commit none]
 
 ``DIR`` is a checkout of the ieee8023 covid-chestxray-dataset (``metadata.csv`` + ``images/``; by default
 the 2020-06-22 snapshot of the shared data's bundle, cloned into a temp dir), or any folder of images (then
@@ -17,6 +18,10 @@ border, brightness/contrast/gamma, drawn arrows/text), and measures on pairs:
   new=copies)`` (incremental mode): recall, precision, same-patient false positives, per-transformation
   recall;
 * the plain whole-image phash threshold baseline at 6/8/10/12;
+* verification time per candidate pair (:func:`verifier_run`): the batch pool's ``find_duplicates`` run by
+  this tree and by the verifier of ``--baseline-commit`` (a git worktree of this repository; by default
+  the verifier issue 28 started from), each in a fresh process on the same fingerprints, with the ratio and
+  whether any decision differs;
 * per-kind recall of single republication errors (:data:`KINDS`: mirror, crops, figure panel) and of
   copies in another orientation (:data:`ORIENTED_KINDS`: quarter turns, half turn, negative print), with the
   precision of their pool;
@@ -34,7 +39,9 @@ from __future__ import annotations
 import argparse
 import io
 import itertools
+import json
 import random
+import subprocess
 import sys
 import tempfile
 import time
@@ -95,6 +102,10 @@ ORIENTED_KINDS = ("turn-90", "turn-270", "turn-180", "inverted")
 #: The shared data's darkcovidnet folder: its NIH films (``No_findings/``, ``Pneumonia/``, named
 #: ``PPPPPPPP_NNN.png``: patient id, follow-up number) give serial films of one patient to the serial pool.
 DARKCOVIDNET = Path(__file__).resolve().parents[2] / "shared" / "data" / "darkcovidnet"
+
+#: The verifier as issue 28 found it (stage 1 aligned one pair at a time): the default baseline of
+#: :func:`verifier_run`.
+BASELINE_COMMIT = "9400ddc"
 
 
 # ----------------------------------------------------------------------------------------------------------
@@ -469,6 +480,78 @@ def serial_run(args: argparse.Namespace, config: DedupeConfig) -> int:
     return len(merges)
 
 
+# The same batch search, run by a given tree in a fresh process: its candidate count, wall time and scores.
+_VERIFIER_RUNNER = """
+import json, sys, time
+from dataclasses import replace
+import pyarrow.parquet as pq
+sys.path.insert(0, sys.argv[1])
+from lxn_ray.dedupe.config import DedupeConfig
+from lxn_ray.dedupe.search import candidate_pairs, find_duplicates
+fps = {row.pop("key"): row for row in pq.read_table(sys.argv[2]).to_pylist()}
+config = replace(DedupeConfig(), max_residual=1.0)
+candidates = len(candidate_pairs({}, fps, config))
+t0 = time.perf_counter()
+pairs = find_duplicates({}, fps, config)
+seconds = time.perf_counter() - t0
+scores = {p.a + "|" + p.b: p.score for p in pairs}
+print(json.dumps({"seconds": seconds, "candidates": candidates, "scores": scores}))
+"""
+
+
+def verifier_run(fps: dict[str, dict[str, object]], commit: str, config: DedupeConfig) -> float | None:
+    """Time the batch pool's ``find_duplicates`` (candidate search + verification; the search is the same
+    code in both) with this tree and with ``commit``'s, each in a fresh process on the same fingerprints,
+    one after the other; print the time per candidate pair of each, the ratio, and the pairs whose decision
+    (score <= ``config.max_residual``) differs. Returns the ratio (baseline / this tree), or None when the
+    baseline cannot be checked out (the reason is printed)."""
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    repo = Path(__file__).resolve().parents[1]
+    with tempfile.TemporaryDirectory(prefix="lxn-verifier-") as tmp:
+        table = Path(tmp) / "fingerprints.parquet"
+        pq.write_table(pa.Table.from_pylist([{"key": k, **fp} for k, fp in fps.items()]), table)
+        tree = Path(tmp) / "baseline"
+        made = subprocess.run(
+            ["git", "-C", str(repo), "worktree", "add", "--detach", "-q", str(tree), commit],
+            capture_output=True,
+            text=True,
+        )
+        if made.returncode != 0:
+            print(f"verifier baseline skipped: git worktree of {commit} failed: {made.stderr.strip()}")
+            return None
+        try:
+            runs = {}
+            for name, root in (("this tree", repo), (f"baseline {commit}", tree)):
+                out = subprocess.run(
+                    [sys.executable, "-c", _VERIFIER_RUNNER, str(root), str(table)],
+                    capture_output=True,
+                    text=True,
+                    check=True,
+                )
+                runs[name] = json.loads(out.stdout.strip().splitlines()[-1])
+        finally:
+            subprocess.run(["git", "-C", str(repo), "worktree", "remove", "--force", str(tree)], check=False)
+    (mine, new), (theirs, old) = runs.items()
+    per_pair = {name: 1000 * r["seconds"] / max(1, r["candidates"]) for name, r in runs.items()}
+    keys = set(new["scores"]) | set(old["scores"])
+    flips = sorted(
+        k
+        for k in keys
+        if (new["scores"].get(k, 9.0) <= config.max_residual)
+        != (old["scores"].get(k, 9.0) <= config.max_residual)
+    )
+    largest = max((abs(new["scores"].get(k, 9.0) - old["scores"].get(k, 9.0)) for k in keys), default=0.0)
+    ratio = per_pair[theirs] / per_pair[mine]
+    print(
+        f"verification per candidate pair ({new['candidates']} candidates, batch pool, one core): "
+        f"{theirs} {per_pair[theirs]:.2f} ms, {mine} {per_pair[mine]:.2f} ms, {ratio:.2f}x; "
+        f"decisions that differ: {len(flips)} {flips[:5]}; largest score difference {largest:.2g}"
+    )
+    return ratio
+
+
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument(
@@ -490,6 +573,11 @@ def main(argv: list[str] | None = None) -> int:
         type=Path,
         default=DARKCOVIDNET,
         help="darkcovidnet folder whose NIH serial films join the serial pool (absent: source films only)",
+    )
+    ap.add_argument(
+        "--baseline-commit",
+        default=BASELINE_COMMIT,
+        help="commit whose verifier is timed beside this tree's on the batch pool ('none': skip)",
     )
     ap.add_argument("--no-serial", action="store_true", help="skip the serial-film pool")
     ap.add_argument("--serial-only", action="store_true", help="run the serial-film pool alone")
@@ -553,6 +641,8 @@ def run(args: argparse.Namespace) -> int:
     print(f"find_duplicates batch: {t_batch:.1f}s for {len(fps)} images, {len(scored)} pairs scored")
     print("results:")
     precision = report("batch (known={}, new=pool)", found, truth, patient)
+    if args.baseline_commit != "none":
+        verifier_run(fps, args.baseline_commit, config)
 
     orig_fps = {k: v for k, v in fps.items() if k in group and not k.startswith("copy")}
     copy_fps = {k: v for k, v in fps.items() if k.startswith("copy")}

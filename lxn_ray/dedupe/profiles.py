@@ -36,7 +36,7 @@ def axis_positions(
     return pos, (pos >= -0.5) & (pos <= n_src - 0.5)
 
 
-def _interpolation(pos: np.ndarray, n_src: int) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+def interpolation(pos: np.ndarray, n_src: int) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
     """Linear interpolation at source positions ``pos`` (clipped to the source): the two neighbouring
     indices (intp) and the weight of the second (float32), each shaped like ``pos``."""
     pos = np.clip(pos, 0.0, n_src - 1.0)
@@ -51,7 +51,7 @@ def _profile_grid(n_src: int, n_dst: int, scales: np.ndarray, offsets: np.ndarra
     sample positions, the inside mask as weights, the per-hypothesis sample count and the overlap test.
     """
     pos, inside = axis_positions(n_src, n_dst, scales, offsets)
-    i0, i1, frac = _interpolation(pos, n_src)
+    i0, i1, frac = interpolation(pos, n_src)
     w = inside.astype(np.float32)
     cnt = w.sum(axis=-1)
     # overlap as a fraction of B (samples inside A) and of A (covered length = scale * fraction of B)
@@ -68,8 +68,8 @@ def profile_corr(
     float32; hypotheses whose overlap covers less than ``min_overlap`` of either profile get -2.
     """
     i0, i1, frac, w, cnt_safe, ok = _profile_grid(pa.shape[1], pb.shape[1], scales, offsets, min_overlap)
-    rows = pa[:, None, :]
-    lo, hi = np.take_along_axis(rows, i0, axis=-1), np.take_along_axis(rows, i1, axis=-1)
+    flat, base = pa.ravel(), (np.arange(len(pa)) * pa.shape[1])[:, None, None]  # a flat gather: faster
+    lo, hi = flat[i0 + base], flat[i1 + base]  # than take_along_axis, the same values
     sampled = lo + (hi - lo) * frac  # (J, H, m)
     ma = (sampled * w).sum(axis=-1) / cnt_safe
     mb = np.einsum("jhm,jm->jh", w, pb) / cnt_safe
@@ -143,7 +143,7 @@ def warp_axis(a: np.ndarray, axis: int, n_dst: int, hyp: np.ndarray) -> tuple[np
     hypothesis ``hyp`` (J, 2) (scale, offset); returns the values and the inside mask (J, n_dst)."""
     n_src = a.shape[axis]
     pos, inside = axis_positions(n_src, n_dst, hyp[:, 0], hyp[:, 1])
-    i0, i1, frac = _interpolation(pos, n_src)
+    i0, i1, frac = interpolation(pos, n_src)
     at = (slice(None), slice(None), None) if axis == 1 else (slice(None), None, slice(None))
     lo, hi = np.take_along_axis(a, i0[at], axis=axis), np.take_along_axis(a, i1[at], axis=axis)
     return lo + (hi - lo) * frac[at], inside

@@ -30,6 +30,7 @@ positioning to the pixel) is indistinguishable from an annotated copy.
 
 from __future__ import annotations
 
+import functools
 import math
 from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass
@@ -47,6 +48,7 @@ from lxn_ray.dedupe.profiles import (
     coarse_corr,
     coarse_hypotheses,
     distinct_hypotheses,
+    interpolation,
     masked_mean,
     refine_axis,
     warp_axis,
@@ -69,16 +71,24 @@ def _equalize(img: np.ndarray) -> np.ndarray:
     return mid[levels].astype(np.float32)
 
 
+def _band_corr(pairs: Sequence[tuple[_Thumb, _Thumb]], axis: str, config: DedupeConfig) -> np.ndarray:
+    """The coarse correlations (:func:`coarse_corr`) of every pair's :func:`band_pairs` along ``axis``
+    ("bands_x" or "bands_y"): (len(pairs) * n_band_pairs, H) float32, a pair's band pairs in adjacent rows."""
+    stacked = [band_pairs(getattr(ta, axis), getattr(tb, axis)) for ta, tb in pairs]
+    return coarse_corr(
+        np.concatenate([a for a, _ in stacked]), np.concatenate([b for _, b in stacked]), config
+    )
+
+
 def _x_starts(
-    pairs: Sequence[tuple[_Thumb, _Thumb]], config: DedupeConfig
+    corr: np.ndarray, n_pairs: int, m: int, config: DedupeConfig
 ) -> list[list[tuple[float, float]]]:
     """Per pair, the ``top_k`` best mutually distinct coarse x hypotheses (scale, offset) over its
-    :func:`band_pairs`: each band pair's own ``top_k`` distinct best, merged by correlation."""
-    bands = [band_pairs(ta.bands_x, tb.bands_x) for ta, tb in pairs]
-    n_bands = len(bands[0][0])
-    corr = coarse_corr(np.concatenate([a for a, _ in bands]), np.concatenate([b for _, b in bands]), config)
+    :func:`band_pairs`, from their correlations ``corr`` (:func:`_band_corr` of profiles of length ``m``):
+    each band pair's own ``top_k`` distinct best, merged by correlation."""
+    n_bands = len(corr) // n_pairs
     order = np.argsort(-corr, axis=1, kind="stable")
-    scales, offsets = coarse_hypotheses(bands[0][0].shape[1], config)
+    scales, offsets = coarse_hypotheses(m, config)
 
     def ranked(row: int) -> Iterable[tuple[float, float, float]]:
         for h in order[row]:
@@ -87,7 +97,7 @@ def _x_starts(
             yield float(scales[h]), float(offsets[h]), float(corr[row, h])
 
     starts = []
-    for p in range(len(pairs)):
+    for p in range(n_pairs):
         per_band = [
             c
             for row in range(p * n_bands, (p + 1) * n_bands)
@@ -126,54 +136,67 @@ def _align(a: np.ndarray, b: np.ndarray, x_start: np.ndarray, config: DedupeConf
     return found, y_hyp, x_hyp
 
 
-def _overlap_mask(y_hyp, x_hyp, n: int) -> np.ndarray:
-    _, iny = axis_positions(n, n, np.float32(y_hyp[0]), np.float32(y_hyp[1]))
-    _, inx = axis_positions(n, n, np.float32(x_hyp[0]), np.float32(x_hyp[1]))
-    return iny[:, None] & inx[None, :]
+Overlap = tuple[
+    tuple[slice, np.ndarray, np.ndarray, np.ndarray], tuple[slice, np.ndarray, np.ndarray, np.ndarray]
+]
 
 
-def _overlap_ok(mask: np.ndarray, y_hyp, x_hyp, config: DedupeConfig) -> bool:
-    """Enough of B lies inside A, and enough of A is covered by B."""
-    frac_b = float(mask.mean())
-    return frac_b >= config.min_overlap and frac_b * y_hyp[0] * x_hyp[0] >= config.min_overlap
+@functools.lru_cache(maxsize=64)
+def _axis_overlap(n: int, scale: float, offset: float) -> tuple[slice, np.ndarray, np.ndarray, np.ndarray]:
+    """B's pixels along one axis that fall inside A under the hypothesis (``scale``, ``offset``): a slice
+    (positions are monotonic in the pixel index, so the pixels inside are one run), and A's
+    linear-interpolation indices and weights at them (:func:`~lxn_ray.dedupe.profiles.axis_positions`).
+    Cached: a coordinate descent moves one axis at a time, so the other axis's overlap recurs. Read only."""
+    pos, inside = axis_positions(n, n, np.float32(scale), np.float32(offset))
+    idx = np.flatnonzero(inside)
+    span = slice(int(idx[0]), int(idx[-1]) + 1) if len(idx) else slice(0, 0)
+    return (span, *interpolation(pos[span], n))
+
+
+def _overlap(y_hyp, x_hyp, n: int, config: DedupeConfig) -> Overlap | None:
+    """The overlap of A warped onto B's (n, n) grid as B's rows and columns (:func:`_axis_overlap`), or None
+    unless enough of B lies inside A and enough of A is covered by B (``config.min_overlap``)."""
+    ys, xs = (
+        _axis_overlap(n, float(y_hyp[0]), float(y_hyp[1])),
+        _axis_overlap(n, float(x_hyp[0]), float(x_hyp[1])),
+    )
+    rows, cols = ys[0].stop - ys[0].start, xs[0].stop - xs[0].start
+    frac_b = rows * cols / (n * n)
+    if frac_b < config.min_overlap or frac_b * y_hyp[0] * x_hyp[0] < config.min_overlap:
+        return None
+    return ys, xs
+
+
+def _warp_overlap(a: np.ndarray, b: np.ndarray, overlap: Overlap) -> tuple[np.ndarray, np.ndarray]:
+    """A (n, n) resampled (bilinear) onto B's grid over their ``overlap``, and B there: two (rows, cols)
+    arrays. Separable gathers: O(n^2) where the two interpolation matrix products were O(n^3)."""
+    (ys, y0, y1, fy), (xs, x0, x1, fx) = overlap
+    lo, hi = a[y0], a[y1]
+    rows = lo + (hi - lo) * fy[:, None]
+    lo, hi = rows[:, x0], rows[:, x1]
+    return lo + (hi - lo) * fx, b[ys, xs]
 
 
 def _rank_residual(a: np.ndarray, b: np.ndarray, y_hyp, x_hyp, config: DedupeConfig) -> float:
     """Coarse score: trimmed mean |rank(A) - rank(B)| over the overlap, ranks taken within the overlap."""
-    ay, _ = warp_axis(a[None], 1, b.shape[0], np.asarray([y_hyp], dtype=np.float32))
-    axy = warp_axis(ay, 2, b.shape[1], np.asarray([x_hyp], dtype=np.float32))[0][0]
-    mask = _overlap_mask(y_hyp, x_hyp, b.shape[0])
-    if not _overlap_ok(mask, y_hyp, x_hyp, config):
+    overlap = _overlap(y_hyp, x_hyp, b.shape[0], config)
+    if overlap is None:
         return math.inf
-    diff = np.sort(np.abs(_equalize(axy[mask] * 255.0) - _equalize(b[mask] * 255.0)))
+    wa, wb = _warp_overlap(a, b, overlap)
+    diff = np.sort(np.abs(_equalize(wa.ravel() * 255.0) - _equalize(wb.ravel() * 255.0)))
     keep = max(1, int(round(len(diff) * (1.0 - config.prefilter_ignore))))
     return float(diff[:keep].mean())
 
 
+@functools.lru_cache(maxsize=32)
 def _blur_matrix(n: int, sigma: float) -> np.ndarray:
-    """Row-normalized Gaussian blur as an (n, n) matrix: ``M @ img @ M.T`` blurs both axes."""
+    """Row-normalized Gaussian blur as an (n, n) matrix: ``M @ img @ M.T`` blurs both axes. Cached (the same
+    few sigmas recur); read only."""
     idx = np.arange(n, dtype=np.float32)
     m = np.exp(-0.5 * ((idx[:, None] - idx[None, :]) / sigma) ** 2)
-    return (m / m.sum(axis=1, keepdims=True)).astype(np.float32)
-
-
-def _interp_matrix(n: int, hyp) -> np.ndarray:
-    """(n, n) linear-interpolation matrix W with ``W @ a`` = A resampled onto B's grid along one axis."""
-    pos, _ = axis_positions(n, n, np.float32(hyp[0]), np.float32(hyp[1]))
-    pos = np.clip(pos, 0.0, n - 1.0)
-    i0 = np.floor(pos).astype(np.intp)
-    i1 = np.minimum(i0 + 1, n - 1)
-    frac = (pos - i0).astype(np.float32)
-    w = np.zeros((n, n), dtype=np.float32)
-    rows = np.arange(n)
-    np.add.at(w, (rows, i0), 1.0 - frac)
-    np.add.at(w, (rows, i1), frac)
-    return w
-
-
-def _warp2(a: np.ndarray, y_hyp, x_hyp) -> np.ndarray:
-    n = a.shape[0]
-    return _interp_matrix(n, y_hyp) @ a @ _interp_matrix(n, x_hyp).T
+    m = (m / m.sum(axis=1, keepdims=True)).astype(np.float32)
+    m.flags.writeable = False
+    return m
 
 
 def _refine_2d(
@@ -192,12 +215,19 @@ def _refine_2d(
     params = [y_hyp[0], y_hyp[1], x_hyp[0], x_hyp[1]]
     steps, rounds = ((4.0, 2.0, 1.0, 0.5, 0.25), 4) if criterion == "corr" else ((1.0, 0.5, 0.25), 3)
 
+    seen: dict[tuple[float, ...], float] = {}  # the descent comes back to points it has scored
+
     def cost(p: list[float]) -> float:
-        yh, xh = (p[0], p[1]), (p[2], p[3])
-        mask = _overlap_mask(yh, xh, n)
-        if not _overlap_ok(mask, yh, xh, config):
+        key = tuple(p)
+        if key not in seen:
+            seen[key] = _cost(p)
+        return seen[key]
+
+    def _cost(p: list[float]) -> float:
+        overlap = _overlap((p[0], p[1]), (p[2], p[3]), n, config)
+        if overlap is None:
             return math.inf
-        wa, wb = _warp2(a, yh, xh)[mask], b[mask]
+        wa, wb = _warp_overlap(a, b, overlap)
         if criterion == "abs":
             return float(np.abs(wa - wb).mean())
         wa, wb = wa - wa.mean(), wb - wb.mean()
@@ -234,12 +264,13 @@ def _gap_residual(a_raw: np.ndarray, b_raw: np.ndarray, y_hyp, x_hyp, config: De
     everywhere (breathing, a slight turn of the patient, moved leads), so the two can have the same trimmed
     mean while their medians differ several-fold (see ``DedupeConfig.median_weight``).
     """
-    n = b_raw.shape[0]
-    mask = _overlap_mask(y_hyp, x_hyp, n)
-    if not _overlap_ok(mask, y_hyp, x_hyp, config):
+    overlap = _overlap(y_hyp, x_hyp, b_raw.shape[0], config)
+    if overlap is None:
         return math.inf
-    a_in, b_in = _warp2(a_raw, y_hyp, x_hyp)[mask], b_raw[mask]
-    return _trimmed_gap(a_in, b_in, config.ignore_fraction, config.flat_mass, config.median_weight)
+    a_in, b_in = _warp_overlap(a_raw, b_raw, overlap)
+    return _trimmed_gap(
+        a_in.ravel(), b_in.ravel(), config.ignore_fraction, config.flat_mass, config.median_weight
+    )
 
 
 def _rank_interval(v: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
@@ -302,48 +333,54 @@ class _Thumb:
         return cls(raw, half, bands_x, bands_y)
 
 
-def _screen(pairs: Sequence[tuple[_Thumb, _Thumb]], config: DedupeConfig) -> list[float | None]:
+def _screen(
+    pairs: Sequence[tuple[_Thumb, _Thumb]], config: DedupeConfig
+) -> tuple[list[float | None], np.ndarray]:
     """Stage 0 for many pairs at once: the score of each pair rejected by its best 1-D profile correlation
     (``2 - corr`` of the failing axis, x first; ``inf`` with no overlapping hypothesis), or None for a pair
     that goes on to stages 1 and 2. An axis's correlation is the best over :func:`band_pairs`, so a copy
-    cropped along the other axis is not rejected. Cheap (no alignment), and it rejects most candidates."""
+    cropped along the other axis is not rejected. Cheap (no alignment), and it rejects most candidates.
+    Also returns the x correlations of every pair (:func:`_band_corr`), where stage 1 starts."""
     if not pairs:
-        return []
+        return [], np.empty((0, 0), dtype=np.float32)
 
-    def best_corr(axis: str, rows: list[int]) -> np.ndarray:
-        stacked = [band_pairs(getattr(pairs[i][0], axis), getattr(pairs[i][1], axis)) for i in rows]
-        corr = coarse_corr(
-            np.concatenate([a for a, _ in stacked]), np.concatenate([b for _, b in stacked]), config
-        )
-        return corr.max(axis=1).reshape(len(rows), -1).max(axis=1)
+    def best_corr(corr: np.ndarray, n_pairs: int) -> np.ndarray:
+        return corr.max(axis=1).reshape(n_pairs, -1).max(axis=1)
 
-    corr_x = best_corr("bands_x", list(range(len(pairs))))
+    band_corr_x = _band_corr(pairs, "bands_x", config)
+    corr_x = best_corr(band_corr_x, len(pairs))
     scores: list[float | None] = [
         math.inf if cx < -1.5 else 2.0 - cx if cx < config.min_profile_corr else None
         for cx in corr_x.tolist()
     ]
     passed_x = [i for i, score in enumerate(scores) if score is None]  # y is computed for these only
     if passed_x:
-        corr_y = best_corr("bands_y", passed_x)
+        corr_y = best_corr(_band_corr([pairs[i] for i in passed_x], "bands_y", config), len(passed_x))
         for i, cx, cy in zip(passed_x, corr_x[passed_x].tolist(), corr_y.tolist(), strict=True):
             # the grid is the same on both axes, so y has an overlapping hypothesis where x has one
             if cy < config.min_profile_corr:
                 scores[i] = 2.0 - min(cx, cy)  # clearly not a duplicate; > any stage-1/2 score
-    return scores
+    return scores, band_corr_x
 
 
 Alignment = tuple[tuple[float, float], tuple[float, float]]  # ((scale_y, offset_y), (scale_x, offset_x))
 
 
 def _stage1(
-    pairs: Sequence[tuple[_Thumb, _Thumb]], config: DedupeConfig
+    pairs: Sequence[tuple[_Thumb, _Thumb]], config: DedupeConfig, corr_x: np.ndarray | None = None
 ) -> list[tuple[float, Alignment | None]]:
     """Stage 1 of pairs that passed :func:`_screen`, all aligned at once (:func:`_align`) from each pair's
-    x starts (:func:`_x_starts`): per pair, its lowest rank residual and that alignment, or (inf, None)
-    where no alignment overlaps enough."""
+    x starts (:func:`_x_starts`; from ``corr_x``, their :func:`_band_corr` along x, where the screen computed
+    it): per pair, its lowest rank residual and that alignment, or (inf, None) where no alignment overlaps
+    enough."""
     results: list[tuple[float, Alignment | None]] = [(math.inf, None)] * len(pairs)
+    if not pairs:
+        return results
+    if corr_x is None:
+        corr_x = _band_corr(pairs, "bands_x", config)
+    m = pairs[0][0].half.shape[0]
     jobs = [
-        (p, start) for p, starts in enumerate(_x_starts(pairs, config) if pairs else []) for start in starts
+        (p, start) for p, starts in enumerate(_x_starts(corr_x, len(pairs), m, config)) for start in starts
     ]
     if not jobs:
         return results
@@ -385,9 +422,11 @@ def _verify(pairs: Sequence[tuple[_Thumb, _Thumb]], config: DedupeConfig) -> lis
     the roles swapped, and the lower score counts: a copy shrunk and re-encoded, whose one-way alignment
     settles a pixel off, then scores like its other-way one. Clear pairs and clear rejections pay nothing.
     """
-    scores = _screen(pairs, config)
+    scores, corr_x = _screen(pairs, config)
     todo = [i for i, score in enumerate(scores) if score is None]
-    for i, stage1 in zip(todo, _stage1([pairs[i] for i in todo], config), strict=True):
+    n_bands = len(corr_x) // max(1, len(pairs))
+    rows = [i * n_bands + band for i in todo for band in range(n_bands)]  # the x correlations of todo
+    for i, stage1 in zip(todo, _stage1([pairs[i] for i in todo], config, corr_x[rows]), strict=True):
         scores[i] = _stage2(*pairs[i], *stage1, config)
     unsure = [i for i in todo if config.max_residual < scores[i] <= config.reverse_below]
     swapped = [(pairs[i][1], pairs[i][0]) for i in unsure]
