@@ -29,6 +29,25 @@ def checkout(bundle: Path, tag: str, into: Path) -> Path:
     return into
 
 
+def own_store(work: Path, train: list[str] | None = None) -> str:
+    """A store of the benchmark's own under ``work`` (its file:// URI), made with the jobs a user runs: the
+    bundle's 2020-06-22 snapshot ingested by ``jobs/ingest.py`` and, with ``train`` (its flags), a model
+    trained by ``jobs/train.py`` (MLflow off). Their output goes to this terminal. Raises SystemExit
+    naming the bundle when it is missing, CalledProcessError when a job fails."""
+    import sys
+
+    if not BUNDLE.exists():
+        raise SystemExit(f"{BUNDLE}: no such bundle; pass --storage with a store of your own instead")
+    uri = (work / "store").as_uri()
+    jobs = [["ingest.py", "--source", str(BUNDLE), "--ref", "snapshot-2020-06-22"]]
+    if train is not None:
+        jobs.append(["train.py", *train, "--mlflow-uri", "off"])
+    for job, *flags in jobs:
+        print(f"# jobs/{job} {' '.join(flags)} --storage {uri}", flush=True)
+        subprocess.run([sys.executable, str(REPO / "jobs" / job), *flags, "--storage", uri], check=True)
+    return uri
+
+
 def start_ray(
     temp_dir: Path, niceness: int, num_cpus: int | None = None, object_store_mb: int | None = None
 ) -> None:

@@ -21,7 +21,10 @@ PNG stays PNG, RGB stays RGB) - with a metadata.csv of their rows, under ``--wor
 dir). For each size it times, on the same files:
 
 * the plain loop: ``decode_image`` + ``to_grayscale`` + ``fingerprint`` one file after another in this
-  process, files read from disk inside the timing (split into read / decode / grayscale / fingerprint);
+  process, files read from disk inside the timing (split into read / decode / grayscale / fingerprint),
+  each film decoded whole - the path before issue 28, the baseline of the ratios;
+* the same loop decoding as ingest now does (``fingerprint_film``: a large JPEG at the smallest DCT scale
+  that keeps the fingerprint's 1024 px);
 * the lxn_ray decode stage: the ``fingerprint`` entry of ``stage_seconds`` of a whole ingest of the
   folder into an empty store (Ray Data tasks, the driver's reading and hashing of the bytes and their trip
   through the object store included; Ray started once, outside the timings), once per
@@ -52,6 +55,7 @@ from PIL import Image, ImageOps
 
 from lxn_ray.data.ingest import ingest
 from lxn_ray.data.settings import IngestConfig
+from lxn_ray.dedupe.config import DedupeConfig
 from lxn_ray.dedupe.fingerprint import fingerprint
 from lxn_ray.images.decode import ImageRejected, decode_image, to_grayscale
 from lxn_ray.infra import cluster
@@ -147,9 +151,11 @@ def upscale_films(snapshot: Path, out: Path, side: int, count: int) -> Path:
     return out
 
 
-def plain_loop_split(root: Path) -> dict[str, float]:
+def plain_loop_split(root: Path, scaled: bool = False, fingerprints: dict | None = None) -> dict[str, float]:
     """The plain loop over ``root``'s films, with its time split into read / decode / grayscale /
-    fingerprint."""
+    fingerprint: each film decoded whole, or (``scaled``) as ``fingerprint_film`` decodes it. Each film's
+    fingerprint is kept in ``fingerprints`` (by image path) when given."""
+    long_side = DedupeConfig().max_side if scaled else None
     rows = [row for row in parse_metadata((root / "metadata.csv").read_bytes()) if not row.exclusion]
     split = {"read": 0.0, "decode": 0.0, "grayscale": 0.0, "fingerprint": 0.0}
     done, pixels = 0, 0
@@ -158,12 +164,14 @@ def plain_loop_split(root: Path) -> dict[str, float]:
         t0 = time.perf_counter()
         data = (root / row.image_path).read_bytes()
         t1 = time.perf_counter()
-        decoded = decode_image(data)
+        decoded = decode_image(data, min_long_side=long_side)
         t2 = time.perf_counter()
         gray = to_grayscale(decoded.image)
         t3 = time.perf_counter()
-        fingerprint(gray)
+        kept = fingerprint(gray, size=(decoded.width, decoded.height))
         t4 = time.perf_counter()
+        if fingerprints is not None:
+            fingerprints[row.image_path] = kept
         for key, seconds in zip(split, (t1 - t0, t2 - t1, t3 - t2, t4 - t3), strict=True):
             split[key] += seconds
         done += 1
@@ -171,11 +179,23 @@ def plain_loop_split(root: Path) -> dict[str, float]:
     return {**split, "seconds": time.perf_counter() - started, "images": done, "pixels": pixels}
 
 
+def fingerprint_agreement(whole: dict, scaled: dict) -> tuple[int, float, bool, int]:
+    """Whether the scaled decode's fingerprints decide as the whole decode's: (films, the largest
+    verification score between a film's two fingerprints, whether ``find_duplicates`` over each set finds
+    the same pairs, how many pairs the whole decode's finds)."""
+    from lxn_ray.dedupe.search import find_duplicates
+    from lxn_ray.dedupe.verify import verify_pair
+
+    worst = max(verify_pair(scaled[key], whole[key]) for key in whole)
+    found = [{(p.a, p.b) for p in find_duplicates({}, prints)} for prints in (whole, scaled)]
+    return len(whole), worst, found[0] == found[1], len(found[0])
+
+
 def full_size(args: argparse.Namespace) -> None:
     sizes = [int(s) for s in args.film_size.split(",")]
     batch_sizes = [int(b) for b in args.batch_sizes.split(",")]
     cpus = [None if c == "all" else int(c) for c in args.ray_cpus.split(",")]
-    rows = []
+    rows, agreements = [], []
     with contextlib.ExitStack() as stack:
         work = args.workdir or Path(stack.enter_context(tempfile.TemporaryDirectory(prefix="lxn-films-")))
         snapshot = work / f"snapshot-{args.snapshot}"
@@ -193,9 +213,15 @@ def full_size(args: argparse.Namespace) -> None:
                 f"ready in {time.perf_counter() - started:.0f}s",
                 flush=True,
             )
-            plain = plain_loop_split(films)
-            print(f"# plain loop: {plain['images']} films in {plain['seconds']:.2f}s", flush=True)
-            rows.append((side, "plain loop (1 process)", plain["images"], plain["seconds"], None, plain))
+            prints: dict[bool, dict] = {False: {}, True: {}}
+            for scaled, name in (
+                (False, "plain loop, whole decode (before)"),
+                (True, "plain loop, scaled decode"),
+            ):
+                plain = plain_loop_split(films, scaled, prints[scaled])
+                print(f"# {name}: {plain['images']} films in {plain['seconds']:.2f}s", flush=True)
+                rows.append((side, f"{name} (1 process)", plain["images"], plain["seconds"], None, plain))
+            agreements.append((side, *fingerprint_agreement(prints[False], prints[True])))
             for n_cpus in cpus:
                 start_ray(ray_tmp, args.ray_niceness, num_cpus=n_cpus)
                 import ray
@@ -236,6 +262,13 @@ def full_size(args: argparse.Namespace) -> None:
         if "pixels" in detail:
             parts += f" (mean {detail['pixels'] / max(detail['images'], 1) / 1e6:.1f} MP per film)"
         print(f"- {side} px, {name}: {parts}")
+    for side, films, worst, same, pairs in agreements:
+        print(
+            f"- {side} px, scaled against whole decode: largest verification score between a film's two "
+            f"fingerprints {worst:.4f} over {films} films (a duplicate scores <= "
+            f"{DedupeConfig().max_residual}); duplicate pairs among the films: "
+            f"{'the same' if same else 'DIFFERENT'} ({pairs})"
+        )
 
 
 def main() -> None:

@@ -1,32 +1,41 @@
 """Search benchmark: ASHA early stopping against letting every trial run to the end, on the same trials.
 
-    python benchmarks/tune.py --storage /tmp/store [--trials 4] [--epochs 3] [--image-size 64]
+    python benchmarks/tune.py [--storage /tmp/store] [--trials 4] [--epochs 3] [--image-size 64]
                               [--width 0.25] [--batch-size 16] [--seed 0]
 
-Needs a dataset version in ``--storage`` (run jobs/ingest.py first). Both searches evaluate the same
+Searches the newest dataset version of ``--storage``; without it, the bundle's 2020-06-22 snapshot is
+ingested into a temp store first (``jobs/ingest.py``, about a minute). Both searches evaluate the same
 fixed trial configs (learning rates spread log-uniformly over the searched range, augmentation drawn
 from a seeded generator), in the same order, with the same epochs budget per trial and the same
 concurrency; only the scheduler differs. For each it prints the wall time until the best val AUC of the
 search was first reported, that best val AUC, the total search time and the epochs trained, then the
-ratios ASHA/FIFO. Nothing is published or promoted; the experiments are written under
-``<storage>/tune/bench-*``. Append the printed table to benchmarks/RESULTS.md with the machine it came from.
+ratios ASHA/FIFO; and where each trial's seconds went before its first training step (the
+``startup_*_s`` phases every Ray Train run reports: :func:`lxn_ray.training.loop.startup_seconds`), with the
+first epoch's extra seconds over the later ones (its steps' tracing). Nothing is published or promoted;
+the experiments are written under ``<storage>/tune/bench-*``. Append the printed tables to
+benchmarks/RESULTS.md with the machine it came from.
 """
 
 from __future__ import annotations
 
 import argparse
+import contextlib
 import dataclasses
 import platform
+import tempfile
 import time
 import uuid
+from pathlib import Path
 from typing import Any
 
 import numpy as np
+from common import own_store  # benchmarks/common.py: this folder is on sys.path
 
 from lxn_ray.data import dataset
 from lxn_ray.infra import cluster
 from lxn_ray.infra.settings import add_flags, from_args
 from lxn_ray.infra.storage import Storage
+from lxn_ray.training.loop import STARTUP_PHASES
 from lxn_ray.tuning.search import ResourceKeeper, build_tuner, fit_and_give_back
 from lxn_ray.tuning.settings import TuneSettings
 from lxn_ray.tuning.space import AUGMENT_RANGES, LR_RANGE, METRIC
@@ -58,11 +67,17 @@ def run(
     results, _ = fit_and_give_back(tuner, keeper)
     total = time.time() - started
     best_auc, best_at, epochs = float("-inf"), total, 0
+    startups: list[dict[str, float]] = []  # per trial: its start-up phases and first epoch's extra seconds
     for result in results:
         frame = result.metrics_dataframe
         if frame is None or METRIC not in frame:
             continue
         epochs += len(frame)
+        first = frame.iloc[0]
+        phases = {name: float(first.get(f"startup_{name}_s", np.nan)) for name in STARTUP_PHASES}
+        later = frame["epoch_seconds"].iloc[1:]
+        phases["first epoch extra"] = float(first["epoch_seconds"] - later.median()) if len(later) else np.nan
+        startups.append(phases)
         for auc, stamp in zip(frame[METRIC], frame["timestamp"], strict=True):
             # earliest report of the best value (timestamps are whole seconds)
             if auc > best_auc or (auc == best_auc and stamp - started < best_at):
@@ -73,17 +88,26 @@ def run(
         "total_s": total,
         "epochs": epochs,
         "concurrent": concurrent,
+        "startup": startups,
     }
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--storage", required=True)
+    parser.add_argument("--storage", default=None, help="a store with a dataset version (default: make one)")
     parser.add_argument("--trials", type=int, default=4, help="fixed trial configs (num_samples)")
     small = {"epochs": 3, "image_size": 64, "width": 0.25, "batch_size": 16}  # TuneSettings' own, smaller
     add_flags(parser, TuneSettings, only=(*small, "seed"), defaults=small)
     args = parser.parse_args()
+    with contextlib.ExitStack() as stack:
+        if args.storage is None:
+            args.storage = own_store(
+                Path(stack.enter_context(tempfile.TemporaryDirectory(prefix="lxn-tune-")))
+            )
+        benchmark(args)
 
+
+def benchmark(args: argparse.Namespace) -> None:
     storage = Storage.open(args.storage)
     cluster.connect()
     version = dataset.resolve_version(storage, "latest")
@@ -112,6 +136,20 @@ def main() -> None:
         f"best val AUC {asha['best_val_auc']:.4f} vs {fifo['best_val_auc']:.4f} "
         f"(difference {asha['best_val_auc'] - fifo['best_val_auc']:+.4f})"
     )
+    trials = [phases for o in outcomes.values() for phases in o["startup"]]
+    columns = [*STARTUP_PHASES, "first epoch extra"]
+    print(f"\nPer-trial start-up seconds, {len(trials)} trials of both searches (mean, min-max):\n")
+    print("| " + " | ".join(columns) + " | total before the first step |")
+    print("|" + "---|" * (len(columns) + 1))
+    cells = []
+    for column in [*columns, "total"]:
+        values = np.array(
+            [sum(t[c] for c in STARTUP_PHASES) if column == "total" else t[column] for t in trials],
+            dtype=float,
+        )
+        values = values[np.isfinite(values)]
+        cells.append(f"{values.mean():.1f} ({values.min():.1f}-{values.max():.1f})" if len(values) else "-")
+    print("| " + " | ".join(cells) + " |")
 
 
 if __name__ == "__main__":

@@ -23,9 +23,9 @@ from tqdm.auto import tqdm
 
 from lxn_ray.data import dataset
 from lxn_ray.data.settings import IngestConfig
-from lxn_ray.dedupe.fingerprint import FINGERPRINT_COLUMNS, FINGERPRINT_VERSION, fingerprint
+from lxn_ray.dedupe.fingerprint import FINGERPRINT_COLUMNS, FINGERPRINT_VERSION, fingerprint_film
 from lxn_ray.dedupe.thumbs import THUMB_ROWS_PER_GROUP, ThumbRef, compression_for, refs_of_shard
-from lxn_ray.images.decode import ImageLimits, ImageRejected, decode_image, to_grayscale
+from lxn_ray.images.decode import ImageLimits, ImageRejected
 from lxn_ray.images.dicom import REFUSALS, UnsupportedDicom
 from lxn_ray.infra import cluster
 from lxn_ray.infra.log import get_logger
@@ -212,14 +212,14 @@ def fingerprint_batch(batch: dict[str, np.ndarray], limits: ImageLimits) -> dict
 def _fingerprint_one(sha256: str, data: bytes, limits: ImageLimits) -> dict[str, Any]:
     """Decode one content and fingerprint it, or record why it cannot be decoded."""
     try:
-        decoded = decode_image(data, limits)
+        decoded, film_fingerprint = fingerprint_film(data, limits)
         record: dict[str, Any] = {
             "error": None,
             "width": decoded.width,
             "height": decoded.height,
             "source_format": decoded.source_format,
             "source_mode": decoded.source_mode,
-            **fingerprint(to_grayscale(decoded.image)),
+            **film_fingerprint,
         }
     except UnsupportedDicom as error:  # its reason leads, so ingest excludes the file with it
         record = {"error": f"{error.reason}: {error}"}

@@ -19,13 +19,24 @@ from PIL import Image
 
 from lxn_ray.dedupe.config import DedupeConfig
 from lxn_ray.dedupe.index import vectors_of
+from lxn_ray.images.decode import DEFAULT_LIMITS, decode_image, to_grayscale
+from lxn_ray.images.types import DecodedImage, ImageLimits
 
-__all__ = ["FINGERPRINT_COLUMNS", "FINGERPRINT_VERSION", "THUMB_SIZE", "fingerprint", "hamming"]
+__all__ = [
+    "FINGERPRINT_COLUMNS",
+    "FINGERPRINT_VERSION",
+    "THUMB_SIZE",
+    "fingerprint",
+    "fingerprint_film",
+    "hamming",
+]
 
 
 #: Bump when the meaning of any fingerprint field changes, so cached fingerprints can be invalidated.
 #: 3: figure panels cut out when they keep <= figure_max_area; films over max_side reduced first.
-FINGERPRINT_VERSION = 3
+#: 4: a large JPEG is decoded at a reduced DCT scale (:func:`fingerprint_film`), its work image resized
+#: from that (values within a grey level or so of 3's; films under 2 x max_side are unchanged).
+FINGERPRINT_VERSION = 4
 
 
 #: Side of the square thumbnail stored in the fingerprint (THUMB_SIZE**2 bytes).
@@ -138,9 +149,22 @@ def _trim_box(arr: np.ndarray, config: DedupeConfig) -> tuple[int, int, int, int
     return figure if cut > config.trim_max_fraction or area <= config.figure_max_area else box
 
 
+def fingerprint_film(
+    data: bytes, limits: ImageLimits = DEFAULT_LIMITS, config: DedupeConfig = DedupeConfig()
+) -> tuple[DecodedImage, dict[str, object]]:
+    """Decode a film's bytes as ingest does and :func:`fingerprint` it: (the decoded film, its
+    fingerprint). A JPEG is decoded at the smallest DCT scale that keeps ``config.max_side`` on its longer
+    side (:func:`lxn_ray.images.decode.decode_image`'s ``min_long_side``: a 4500 px film at 1/4), all the
+    fingerprint reads; so the decoded image may be smaller than ``width`` x ``height``. Raises
+    :class:`~lxn_ray.images.types.ImageRejected` as :func:`~lxn_ray.images.decode.decode_image` does."""
+    decoded = decode_image(data, limits, min_long_side=config.max_side)
+    return decoded, fingerprint(to_grayscale(decoded.image), config, size=(decoded.width, decoded.height))
+
+
 def fingerprint(
     image: Image.Image,
     config: DedupeConfig = DedupeConfig(),
+    size: tuple[int, int] | None = None,
 ) -> dict[str, object]:
     """Fingerprint one decoded image (mode "L"; other modes are converted) for
     :func:`~lxn_ray.dedupe.search.find_duplicates`.
@@ -148,32 +172,34 @@ def fingerprint(
     An image larger than ``config.max_side`` is first reduced by the smallest integer factor that brings it
     within (box averaging, :meth:`PIL.Image.Image.reduce`): every field is computed at most at that size
     (the 32 px hashes and the 128 px thumbnail lose nothing), which makes a 20 MP film cost about what a
-    1 MP one does. ``width``, ``height`` and ``trim_box`` stay in input pixels.
+    1 MP one does. ``size``: the film's (width, height) in pixels where ``image`` was decoded smaller (a
+    reduced JPEG decode, at least that work size); it is then resized to the work size (box averaging).
+    ``width``, ``height`` and ``trim_box`` stay in the film's pixels.
 
     Returns only str/int/bytes values keyed by :data:`FINGERPRINT_COLUMNS`.  Deterministic.
     """
     if image.mode != "L":
         image = image.convert("L")
-    factor = max(1, math.ceil(max(image.size) / config.max_side))
-    work = image.reduce(factor) if factor > 1 else image
+    width, height = size or image.size
+    factor = max(1, math.ceil(max(width, height) / config.max_side))
+    work_size = (math.ceil(width / factor), math.ceil(height / factor))  # as Image.reduce(factor) gives
+    if image.size == (width, height):
+        work = image.reduce(factor) if factor > 1 else image
+    else:
+        work = image if image.size == work_size else image.resize(work_size, Image.Resampling.BOX)
     box = _trim_box(np.asarray(work), config)
     content = work.crop(box) if box != (0, 0, work.width, work.height) else work
     # BOX = area averaging: antialiased, so a 4x larger copy gives (almost) the same thumbnail.
     thumb = content.resize((THUMB_SIZE, THUMB_SIZE), Image.Resampling.BOX)
     lowres, windows = vectors_of(np.asarray(thumb))
-    input_box = (
-        box[0] * factor,
-        box[1] * factor,
-        min(box[2] * factor, image.width),
-        min(box[3] * factor, image.height),
-    )
+    input_box = (box[0] * factor, box[1] * factor, min(box[2] * factor, width), min(box[3] * factor, height))
     return {
         "dedupe_version": FINGERPRINT_VERSION,
         "phash": str(imagehash.phash(work)),
         "phash_trim": str(imagehash.phash(content)),
         "dhash_trim": str(imagehash.dhash(content)),
-        "width": int(image.width),
-        "height": int(image.height),
+        "width": int(width),
+        "height": int(height),
         "trim_box": ",".join(str(v) for v in input_box),
         "thumb_size": THUMB_SIZE,
         "thumb": thumb.tobytes(),

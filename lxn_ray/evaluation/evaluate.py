@@ -25,11 +25,11 @@ import numpy as np
 
 from lxn_ray.data import dataset
 from lxn_ray.data.fetch import Exclusion, SourceFile, read_files
-from lxn_ray.dedupe.fingerprint import FINGERPRINT_VERSION, fingerprint
+from lxn_ray.dedupe.fingerprint import FINGERPRINT_VERSION, fingerprint_film
 from lxn_ray.dedupe.search import ChunkMapper, find_duplicates
 from lxn_ray.dedupe.verify import VerifyChunk
 from lxn_ray.evaluation import metrics, plots, predict
-from lxn_ray.images.decode import ImageLimits, ImageRejected, decode_image, to_grayscale
+from lxn_ray.images.decode import ImageLimits, ImageRejected
 from lxn_ray.images.preprocess import LungFinder
 from lxn_ray.infra import cluster
 from lxn_ray.infra.log import get_logger
@@ -208,17 +208,17 @@ def _decode(
     lungs: LungFinder | None = None,
 ) -> tuple[list[SourceFile], list[np.ndarray], dict[str, dict[str, Any]], list[Exclusion]]:
     """Each file's model input, and the fingerprints the overlap check needs, decoding each file once (a
-    large JPEG that needs a fingerprint twice: whole, and reduced): (scored files, model inputs, sha256 ->
-    fingerprint, exclusions of undecodable files).
+    large JPEG that needs a fingerprint twice, at the fingerprint's scale and at the model's): (scored
+    files, model inputs, sha256 -> fingerprint, exclusions of undecodable files).
 
     No fingerprint is needed for a file whose bytes are an image of the model's dataset version (a
     training image, or one ingest judged distinct from them: see :class:`TrainingImages`) nor when there
-    is no training set to compare with. Any other is fingerprinted from the whole film at full
-    resolution, as ingest fingerprints it, and its model input is made from that same decode - unless
-    the endpoint would decode it at a reduced scale (a large JPEG:
-    :func:`lxn_ray.images.decode.reduces`), whose input is then decoded again, reduced, so evaluation
-    scores exactly the pixels the endpoint would. ``lungs`` finds the lung fields of a model that crops
-    or masks to them.
+    is no training set to compare with. Any other is fingerprinted as ingest fingerprints it
+    (:func:`~lxn_ray.dedupe.fingerprint.fingerprint_film`), and its model input is made from that same
+    decode where it is the whole film and the endpoint would decode the whole film too; else (a large
+    JPEG: :func:`lxn_ray.images.decode.reduces`) the input is decoded again at the endpoint's scale, so
+    evaluation scores exactly the pixels the endpoint would. ``lungs`` finds the lung fields of a model
+    that crops or masks to them.
     """
     from lxn_ray.images.decode import image_format, reduces
     from lxn_ray.images.preprocess import as_model_input, decode_side, preprocess_bytes, preprocess_decoded
@@ -245,9 +245,9 @@ def _decode(
         needs_fingerprint = training is not None and sha not in published and sha not in fingerprints
         try:
             if needs_fingerprint:
-                decoded = decode_image(item.data, limits)  # the whole film, at full resolution
-                fingerprints[sha] = fingerprint(to_grayscale(decoded.image))
-                if reduces(image_format(item.data) or "", decoded.width, decoded.height, side):
+                decoded, fingerprints[sha] = fingerprint_film(item.data, limits)
+                whole = decoded.image.size == (decoded.width, decoded.height)  # not decoded reduced
+                if not whole or reduces(image_format(item.data) or "", decoded.width, decoded.height, side):
                     model_input = preprocess_bytes(item.data, image_size, limits, preprocessing, lungs)
                 else:
                     model_input = as_model_input(
@@ -319,7 +319,7 @@ def _overlap_with_training(
     if missing:  # made by an older dedupe: fingerprint the stored bytes again
         log(f"fingerprinting {len(missing)} training images whose stored fingerprints are outdated")
     for sha in missing:
-        known[sha] = fingerprint(to_grayscale(decode_image(storage.read_bytes(dataset.blob_key(sha))).image))
+        known[sha] = fingerprint_film(storage.read_bytes(dataset.blob_key(sha)))[1]
     new = {f"folder:{sha}": fingerprints[sha] for sha in others}
     duplicates: dict[str, str] = {}
     pairs = find_duplicates(known, new, map_chunks=map_chunks, within_new=False)

@@ -11,6 +11,7 @@ orientation, and DICOM films rendered as a viewer shows them (:mod:`lxn_ray.imag
 from __future__ import annotations
 
 import io
+import math
 import warnings
 
 import numpy as np
@@ -41,17 +42,21 @@ DEFAULT_LIMITS = ImageLimits()
 
 
 def decode_image(
-    data: bytes, limits: ImageLimits = DEFAULT_LIMITS, min_side: int | None = None
+    data: bytes,
+    limits: ImageLimits = DEFAULT_LIMITS,
+    min_side: int | None = None,
+    min_long_side: int | None = None,
 ) -> DecodedImage:
     """Decode ``data`` (PNG, JPEG or DICOM, told by its magic number) or raise :class:`ImageRejected` -
     never anything else for bad input. DICOM objects that are not chest films raise its subclass
     :class:`lxn_ray.images.dicom.UnsupportedDicom`.
 
-    ``min_side`` (pixels): the caller needs no more than this on the shorter side. A JPEG is then decoded
-    at the smallest of libjpeg's DCT scales 1/1, 1/2, 1/4 and 1/8 that keeps both sides at least
-    ``min_side`` (Pillow's ``Image.draft``: the inverse DCT computes the reduced image directly, an area
-    average, at a fraction of a full decode's cost); ``width`` and ``height`` stay the file's. PNG and
-    DICOM are decoded whole (neither format has a reduced decode)."""
+    ``min_side`` (pixels): the caller needs no more than this on the shorter side; ``min_long_side``: no
+    more than this on the longer side (and the shorter in proportion). A JPEG is then decoded at the
+    smallest of libjpeg's DCT scales 1/1, 1/2, 1/4 and 1/8 that keeps that much (:func:`draft_size`;
+    Pillow's ``Image.draft``: the inverse DCT computes the reduced image directly, an area average, at a
+    fraction of a full decode's cost); ``width`` and ``height`` stay the file's. PNG and DICOM are decoded
+    whole (neither format has a reduced decode)."""
     if not data:
         raise ImageRejected("empty file")
     if len(data) > limits.max_file_bytes:
@@ -73,8 +78,8 @@ def decode_image(
                     f"image is {width}x{height} pixels, over the {limits.max_pixels}-pixel cap"
                 )
             source_format, source_mode = image.format or "?", image.mode
-            if reduces(kind, width, height, min_side):
-                image.draft(image.mode, (min_side, min_side))
+            if reduces(kind, width, height, min_side, min_long_side):
+                image.draft(image.mode, draft_size(width, height, min_side, min_long_side))
             image.load()  # truncated files fail here, not later in a training job
             if image.getexif().get(EXIF_ORIENTATION) in QUARTER_TURNS:  # the file's sides swap too
                 width, height = height, width
@@ -96,11 +101,29 @@ def decode_image(
     )
 
 
-def reduces(source_format: str, width: int, height: int, min_side: int | None) -> bool:
+def draft_size(
+    width: int, height: int, min_side: int | None = None, min_long_side: int | None = None
+) -> tuple[int, int] | None:
+    """The least (width, height) in pixels a reduced decode of a ``width`` x ``height`` film must keep: both
+    sides at least ``min_side``, the longer at least ``min_long_side`` and the shorter in proportion to it;
+    None when neither is asked (the whole film)."""
+    need_w = need_h = min_side or 0
+    if min_long_side:
+        longer = max(width, height)
+        need_w = max(need_w, math.ceil(width * min_long_side / longer))
+        need_h = max(need_h, math.ceil(height * min_long_side / longer))
+    return (need_w, need_h) if need_w and need_h else None
+
+
+def reduces(
+    source_format: str, width: int, height: int, min_side: int | None, min_long_side: int | None = None
+) -> bool:
     """Whether :func:`decode_image` decodes a film of ``width`` x ``height`` pixels at a reduced scale for
-    ``min_side``: a JPEG (``source_format`` as :func:`image_format` tells it - Pillow calls a multi-picture
-    JPEG "MPO") at least twice ``min_side`` on its shorter side."""
-    return bool(min_side) and source_format == "JPEG" and min(width, height) >= 2 * min_side
+    ``min_side`` and ``min_long_side``: a JPEG (``source_format`` as :func:`image_format` tells it - Pillow
+    calls a multi-picture JPEG "MPO") at least twice its :func:`draft_size` on both sides (libjpeg's
+    largest scale is 1/2; Pillow's ``draft`` picks the smallest scale that keeps the size asked)."""
+    size = draft_size(width, height, min_side, min_long_side)
+    return size is not None and source_format == "JPEG" and width >= 2 * size[0] and height >= 2 * size[1]
 
 
 def _to_8bit(image: Image.Image) -> Image.Image:

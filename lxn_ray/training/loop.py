@@ -97,9 +97,12 @@ def train_loop_per_worker(loop_config: dict[str, Any]) -> None:
     exactly as the uninterrupted one (float32 on CPUs; bfloat16 to rounding; GPU kernels are not
     deterministic by default).
     """
+    entered = time.time()
     strategy, on_gpu = _start_tensorflow(int(loop_config.get("cpus_per_worker", 1)))
+    tensorflow_ready = time.time()
     worker = _build_worker(loop_config, strategy, on_gpu)
     history, start_epoch, resumes = _restore(worker)
+    startup = startup_seconds(loop_config.get("timeline", {}), entered, tensorflow_ready, time.time())
     crash = loop_config.get("crash_once")  # fault injection for tests: {"epoch", "rank", "marker"}
     for epoch in range(start_epoch, worker.config.epochs + 1):
         if crash:
@@ -107,9 +110,33 @@ def train_loop_per_worker(loop_config: dict[str, Any]) -> None:
         entry = _run_epoch(worker, epoch)
         history.append(entry)
         entry["stop"] = stop_reason(history, worker.config)
-        _report(worker, entry, history, resumes)
+        _report(worker, entry, history, resumes, startup)
         if entry["stop"]:
             break
+
+
+#: The phases of a run's start-up (:func:`startup_seconds`), reported with every epoch as
+#: ``startup_<phase>_s`` (Tune's results and ``benchmarks/tune.py`` read them).
+STARTUP_PHASES = ("data", "workers", "tensorflow", "model")
+
+
+def startup_seconds(
+    timeline: dict[str, float], entered: float, tensorflow_ready: float, model_ready: float
+) -> dict[str, float]:
+    """Where a run's seconds went before its first step (wall clock, ``time.time()`` of the driver's and
+    this worker's node): ``data`` - the split's pixel caches made or found (``run_trainer``); ``workers`` -
+    Ray Train's controller, the worker group's placement and processes, up to this loop; ``tensorflow`` -
+    TensorFlow imported and its collective ops started; ``model`` - the model, optimizer and compiled steps
+    built and a checkpoint restored. Phases the ``timeline`` (``started``, ``data``, ``fit``) lacks are
+    left out (a run started by hand)."""
+    phases = {"tensorflow": tensorflow_ready - entered, "model": model_ready - tensorflow_ready}
+    if {"started", "data", "fit"} <= timeline.keys():
+        phases = {
+            "data": timeline["data"] - timeline["started"],
+            "workers": entered - timeline["fit"],
+            **phases,
+        }
+    return {f"startup_{name}_s": round(max(0.0, seconds), 3) for name, seconds in phases.items()}
 
 
 @dataclass(frozen=True)
@@ -335,10 +362,16 @@ def _train_epoch(worker: _Worker, epoch: int) -> tuple[np.ndarray, np.ndarray, n
     return order, np.concatenate(labels), np.concatenate(scores), np.concatenate(losses)
 
 
-def _report(worker: _Worker, entry: dict[str, Any], history: list[dict[str, Any]], resumes: int) -> None:
-    """Print the epoch's line (rank 0), report its metrics to Ray Train (every rank; Tune reads rank 0's)
-    and attach rank 0's checkpoint: the weights, the optimizer's variables and ``{epoch, history,
-    resumes}``."""
+def _report(
+    worker: _Worker,
+    entry: dict[str, Any],
+    history: list[dict[str, Any]],
+    resumes: int,
+    startup: dict[str, float] | None = None,
+) -> None:
+    """Print the epoch's line (rank 0), report its metrics and this worker's ``startup`` seconds
+    (:func:`startup_seconds`) to Ray Train (every rank; Tune reads rank 0's) and attach rank 0's
+    checkpoint: the weights, the optimizer's variables and ``{epoch, history, resumes}``."""
     import ray.train
 
     epoch, stop = entry["epoch"], entry["stop"]
@@ -349,7 +382,12 @@ def _report(worker: _Worker, entry: dict[str, Any], history: list[dict[str, Any]
             f"val_acc {metrics.fmt(entry['val_accuracy'])} "
             f"({entry['epoch_seconds']:.1f} s, {worker.precision}){f'; stopping: {stop}' if stop else ''}"
         )
-    report = {**entry, "val_auc": 0.5 if entry["val_auc"] is None else entry["val_auc"], "stop": stop or ""}
+    report = {
+        **entry,
+        **(startup or {}),
+        "val_auc": 0.5 if entry["val_auc"] is None else entry["val_auc"],
+        "stop": stop or "",
+    }
     # What ranks epochs, checkpoints and trials: a collapsed epoch gets 0 so nothing prefers it over a
     # model that learned something (its val AUC reads exactly 0.5, often above weak real ones).
     objective = entry["val_objective"]

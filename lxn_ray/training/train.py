@@ -71,6 +71,7 @@ def run_trainer(
 
     from lxn_ray.training.backend import TensorflowBackendConfig
 
+    timeline = {"started": time.time()}  # the run's start-up, finished by the workers (loop.Startup)
     point_ray_train_at_this_cluster()
     images = dataset.read_split(storage, version, "train", config.task, config.sources)
     positives = int(sum(images.column("label").to_pylist()))
@@ -80,8 +81,10 @@ def run_trainer(
     w_pos, w_neg = class_weights(positives, negatives)
     train = pixel_cache(storage, version, "train", config)
     val = pixel_cache(storage, version, "val", config)
+    timeline["data"] = time.time()
     scaling = scaling_config(config, ray.cluster_resources(), cpus_per_worker, cluster.largest_node_cpus())
     use_gpu, cpus = scaling.use_gpu, int(scaling.resources_per_worker["CPU"])
+    timeline["fit"] = time.time()  # Ray Train starts its controller and worker group from here
     trainer = DataParallelTrainer(  # = ray.train.tensorflow.TensorflowTrainer (lxn_ray.training.backend)
         train_loop_per_worker,
         backend_config=TensorflowBackendConfig(),
@@ -94,6 +97,7 @@ def run_trainer(
             "train_cache": train.key,
             "val_cache": val.key,
             "crash_once": crash_once and {**crash_once, "storage_uri": storage.uri, "run_name": run_name},
+            "timeline": timeline,
         },
         scaling_config=scaling,
         run_config=run_config(storage, run_name, max_failures, callbacks),

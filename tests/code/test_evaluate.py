@@ -12,6 +12,7 @@ import pytest
 from PIL import Image
 
 from lxn_ray.data.fetch import SourceFile
+from lxn_ray.dedupe import fingerprint as fingerprint_module
 from lxn_ray.dedupe.fingerprint import fingerprint
 from lxn_ray.dedupe.search import candidate_pairs, find_duplicates
 from lxn_ray.evaluation import evaluate
@@ -110,20 +111,20 @@ def test_decode_decodes_each_file_once_and_fingerprints_only_contents_new_to_the
         _file("broken.png", b"not an image"),
     ]
     decodes, fingerprinted = [], []
-    real_decode, real_fingerprint = preprocess.decode_image, evaluate.fingerprint
-    monkeypatch.setattr(
-        preprocess,
-        "decode_image",
-        lambda data, limits, *side: decodes.append(data) or real_decode(data, limits, *side),
-    )
-    monkeypatch.setattr(
-        evaluate,
-        "decode_image",
-        lambda data, limits, *side: decodes.append(data) or real_decode(data, limits, *side),
-    )
-    monkeypatch.setattr(
-        evaluate, "fingerprint", lambda image: fingerprinted.append(image) or real_fingerprint(image)
-    )
+    real_decode, real_fingerprint_film = preprocess.decode_image, evaluate.fingerprint_film
+
+    def decode(data, limits, *args, **kwargs):
+        decodes.append(data)
+        return real_decode(data, limits, *args, **kwargs)
+
+    monkeypatch.setattr(preprocess, "decode_image", decode)
+    monkeypatch.setattr(fingerprint_module, "decode_image", decode)  # fingerprint_film's decode
+    def fingerprint_film(data, limits):
+        made = real_fingerprint_film(data, limits)  # raises for the broken file: not counted
+        fingerprinted.append(data)
+        return made
+
+    monkeypatch.setattr(evaluate, "fingerprint_film", fingerprint_film)
     model_ref = ModelRef("m", {}, b"")
     scored, inputs, fingerprints, exclusions = evaluate._decode(files, 32, ImageLimits(), model_ref, images)
     assert [item.row.filename for item in scored] == ["train.png", "val.png", "new.png"]

@@ -104,3 +104,46 @@ def test_a_near_square_film_turned_by_exif_reports_the_file_s_sides():
     assert reduced.image.size == (300, 300)  # 1/4 scale rounds both sides to 300: sizes cannot tell
     whole = decode_image(data)
     assert (reduced.width, reduced.height) == (whole.width, whole.height) == (1200, 1197)
+
+
+# -- the fingerprint's decode (lxn_ray.dedupe.fingerprint.fingerprint_film) ------------------------------
+BIG = (2600, 2200)  # over 2 x the fingerprint's 1024 px: decoded at 1/2
+
+
+@pytest.mark.parametrize("kind", ["grey", "rgb", "exif-rotated"])
+def test_a_large_jpeg_is_fingerprinted_from_a_reduced_decode_as_from_the_whole_film(kind):
+    from lxn_ray.dedupe.fingerprint import THUMB_SIZE, fingerprint, fingerprint_film, hamming
+    from lxn_ray.dedupe.verify import verify_pair
+    from lxn_ray.images.decode import to_grayscale
+
+    grey = radiograph(11, size=BIG)
+    framed = Image.new("L", (BIG[0] + 200, BIG[1]), 0)  # a black band on the left: trim_box is tested
+    framed.paste(grey, (200, 0))
+    if kind == "exif-rotated":
+        exif = Image.Exif()
+        exif[0x0112] = 6
+        data = encode(framed.transpose(Image.Transpose.ROTATE_90), "JPEG", quality=90, exif=exif)
+    else:
+        data = encode(framed.convert("RGB") if kind == "rgb" else framed, "JPEG", quality=90)
+    decoded, scaled = fingerprint_film(data)
+    whole = decode_image(data)
+    full = fingerprint(to_grayscale(whole.image))  # FINGERPRINT_VERSION 3's path: the whole film
+    assert decoded.image.size == (1400, 1100)  # 1/2 of the file: keeps the 1024 px the fingerprint reads
+    assert (scaled["width"], scaled["height"]) == (full["width"], full["height"]) == framed.size
+    left, top, right, bottom = (int(v) for v in str(scaled["trim_box"]).split(","))
+    # in the file's pixels, to the work image's 3 px
+    assert abs(left - 200) <= 4 and top == 0 and right == framed.width and bottom == framed.height
+    thumbs = [np.frombuffer(fp["thumb"], np.uint8).reshape(THUMB_SIZE, THUMB_SIZE) for fp in (scaled, full)]
+    assert np.abs(thumbs[0].astype(int) - thumbs[1].astype(int)).mean() <= 1.0
+    assert hamming(int(str(scaled["phash"]), 16), int(str(full["phash"]), 16)) <= 4
+    assert verify_pair(scaled, full) <= 0.002  # the same film (max_residual: 0.012)
+
+
+def test_the_fingerprint_of_a_png_or_a_small_jpeg_is_the_whole_film_s():
+    from lxn_ray.dedupe.fingerprint import fingerprint, fingerprint_film
+    from lxn_ray.images.decode import to_grayscale
+
+    for data in (encode(radiograph(12, size=BIG), "PNG"), encode(radiograph(13, size=(1900, 1500)), "JPEG")):
+        decoded, scaled = fingerprint_film(data)
+        assert decoded.image.size == (decoded.width, decoded.height)  # decoded whole
+        assert scaled == fingerprint(to_grayscale(decode_image(data).image))
