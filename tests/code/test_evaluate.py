@@ -119,6 +119,7 @@ def test_decode_decodes_each_file_once_and_fingerprints_only_contents_new_to_the
 
     monkeypatch.setattr(preprocess, "decode_image", decode)
     monkeypatch.setattr(fingerprint_module, "decode_image", decode)  # fingerprint_film's decode
+
     def fingerprint_film(data, limits):
         made = real_fingerprint_film(data, limits)  # raises for the broken file: not counted
         fingerprinted.append(data)
