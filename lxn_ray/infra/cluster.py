@@ -141,10 +141,29 @@ def connect() -> None:
             logging_level=logging.WARNING,
             configure_logging=True,
             log_to_driver=True,
-            runtime_env=quiet.runtime_env() or None,  # quiet workers, unless --verbose
+            runtime_env=job_runtime_env(),
         ),
         timeout_s,
     )
+
+
+#: Environment every process of a job gets (a value already set in the driver's environment wins). Ray
+#: Train's controller polls its workers every RAY_TRAIN_HEALTH_CHECK_INTERVAL_S (default 2 s) - and only
+#: then sees a report or a finished run: a run's end waited 1.4 s on average for it, and the next trial's
+#: workers with it (benchmarks/tune.py); at 0.5 s a poll costs a few actor calls.
+JOB_ENV = {"RAY_TRAIN_HEALTH_CHECK_INTERVAL_S": "0.5"}
+
+
+def job_runtime_env() -> dict:
+    """The runtime environment of a job's ``ray.init``: :data:`JOB_ENV` and the quiet mode's variables
+    and worker set-up hook (:func:`lxn_ray.infra.quiet.runtime_env`)."""
+    from lxn_ray.infra import quiet
+
+    env = quiet.runtime_env()
+    return {
+        **env,
+        "env_vars": {**{k: os.environ.get(k, v) for k, v in JOB_ENV.items()}, **env.get("env_vars", {})},
+    }
 
 
 class StorageNotShared(RuntimeError):

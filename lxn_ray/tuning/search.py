@@ -138,8 +138,14 @@ def _minutes(seconds: float) -> str:
     return f"{max(1, round(seconds / 60))} min"
 
 
-def make_searcher(settings: TuneSettings) -> tuple[Any, str]:
-    """Optuna's TPE when asked for and installed, else seeded random search; returns (searcher, name)."""
+def make_searcher(settings: TuneSettings, max_concurrent: int = 0) -> tuple[Any, str]:
+    """Optuna's TPE when asked for and installed, else seeded random search starting at most
+    ``max_concurrent`` trials at once (0: no limit); returns (searcher, name).
+
+    The random search's own limit is what holds there: Tune wraps a Searcher such as Optuna's in a
+    ConcurrencyLimiter for ``max_concurrent_trials``, but not a BasicVariantGenerator it is handed, which
+    then starts every trial at once - each loading its data and waiting for workers, on CPUs the running
+    trials need (a trial's start-up measured 22-65 s that way, benchmarks/tune.py)."""
     if settings.searcher == "optuna":
         try:
             import optuna
@@ -152,7 +158,7 @@ def make_searcher(settings: TuneSettings) -> tuple[Any, str]:
             log("optuna is not installed: falling back to random search")
     from ray.tune.search.basic_variant import BasicVariantGenerator
 
-    return BasicVariantGenerator(random_state=settings.seed), "random"
+    return BasicVariantGenerator(random_state=settings.seed, max_concurrent=max_concurrent), "random"
 
 
 def make_scheduler(settings: TuneSettings) -> Any:
@@ -436,9 +442,10 @@ def build_tuner(
     if points:
         from ray.tune.search.basic_variant import BasicVariantGenerator
 
-        searcher, searcher_name = BasicVariantGenerator(points_to_evaluate=points), "fixed points"
+        searcher = BasicVariantGenerator(points_to_evaluate=points, max_concurrent=max_concurrent)
+        searcher_name = "fixed points"  # limited as make_searcher's random search is
     else:
-        searcher, searcher_name = make_searcher(settings)
+        searcher, searcher_name = make_searcher(settings, max_concurrent)
     storage.write_json(
         f"{TUNE}/{name}/search_settings.json",
         {**dataclasses.asdict(settings), "searcher_used": searcher_name, "dataset_version": version},

@@ -269,3 +269,38 @@ def test_a_trial_worker_never_asks_for_more_cpus_than_one_node_has():
 
     # 8 CPUs on four 2-CPU nodes, one trial: 8 CPUs for its worker would fit no node
     assert plan_concurrency(TuneSettings(num_samples=1), {"CPU": 8}, largest_node=2) == (1, 2)
+
+
+def test_a_random_search_starts_no_more_trials_than_fit_at_once():
+    # Tune limits a Searcher (Optuna's) to max_concurrent_trials, but not the BasicVariantGenerator of a
+    # random search: it started every trial at once, each loading data and queueing for workers.
+    from lxn_ray.tuning.search import make_searcher
+    from lxn_ray.tuning.settings import TuneSettings
+
+    searcher, name = make_searcher(TuneSettings(num_samples=8, searcher="random"), max_concurrent=2)
+    assert name == "random" and searcher.max_concurrent == 2
+
+
+def test_a_run_reports_where_its_start_up_seconds_went():
+    from lxn_ray.training.loop import STARTUP_PHASES, startup_seconds
+
+    timeline = {"started": 100.0, "data": 103.5, "fit": 104.0}
+    phases = startup_seconds(timeline, entered=110.0, tensorflow_ready=113.0, model_ready=114.25)
+    assert phases == {
+        "startup_data_s": 3.5,
+        "startup_workers_s": 6.0,
+        "startup_tensorflow_s": 3.0,
+        "startup_model_s": 1.25,
+    }
+    assert list(phases) == [f"startup_{name}_s" for name in STARTUP_PHASES]
+    # a run whose driver recorded no timeline (started by hand) reports its workers' phases only
+    assert set(startup_seconds({}, 10.0, 12.0, 13.0)) == {"startup_tensorflow_s", "startup_model_s"}
+
+
+def test_every_job_polls_its_train_workers_often(monkeypatch):
+    from lxn_ray.infra import cluster
+
+    monkeypatch.delenv("RAY_TRAIN_HEALTH_CHECK_INTERVAL_S", raising=False)
+    assert cluster.job_runtime_env()["env_vars"]["RAY_TRAIN_HEALTH_CHECK_INTERVAL_S"] == "0.5"
+    monkeypatch.setenv("RAY_TRAIN_HEALTH_CHECK_INTERVAL_S", "3")  # the user's own setting wins
+    assert cluster.job_runtime_env()["env_vars"]["RAY_TRAIN_HEALTH_CHECK_INTERVAL_S"] == "3"
