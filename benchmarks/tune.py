@@ -9,9 +9,11 @@ fixed trial configs (learning rates spread log-uniformly over the searched range
 from a seeded generator), in the same order, with the same epochs budget per trial and the same
 concurrency; only the scheduler differs. For each it prints the wall time until the best val AUC of the
 search was first reported, that best val AUC, the total search time and the epochs trained, then the
-ratios ASHA/FIFO; and where each trial's seconds went before its first training step (the
-``startup_*_s`` phases every Ray Train run reports: :func:`lxn_ray.training.loop.startup_seconds`), with the
-first epoch's extra seconds over the later ones (its steps' tracing). Nothing is published or promoted;
+ratios ASHA/FIFO. Then where each trial's seconds went before its first training step (the ``startup_*_s``
+phases every Ray Train run reports: :func:`lxn_ray.training.loop.startup_seconds`; and the first epoch's
+extra seconds over the later ones: its steps' tracing), for both and for a third, baseline search: ASHA
+with every trial started at once, the others queueing for workers (``--max-concurrent`` = the trials: what
+every random search did before it started only the trials that fit). Nothing is published or promoted;
 the experiments are written under ``<storage>/tune/bench-*``. Append the printed tables to
 benchmarks/RESULTS.md with the machine it came from.
 """
@@ -39,6 +41,8 @@ from lxn_ray.training.loop import STARTUP_PHASES
 from lxn_ray.tuning.search import ResourceKeeper, build_tuner, fit_and_give_back
 from lxn_ray.tuning.settings import TuneSettings
 from lxn_ray.tuning.space import AUGMENT_RANGES, LR_RANGE, METRIC
+
+BEFORE = "ASHA, every trial started at once (before)"
 
 
 def fixed_points(trials: int, seed: int) -> list[dict[str, Any]]:
@@ -113,9 +117,17 @@ def benchmark(args: argparse.Namespace) -> None:
     version = dataset.resolve_version(storage, "latest")
     points = fixed_points(args.trials, args.seed)
     base = from_args(TuneSettings, args, num_samples=args.trials, searcher="random")
+    searches = (
+        ("ASHA", True, None),
+        ("FIFO (all run)", False, None),
+        # the baseline of the start-up table: every trial started at once, the rest queueing for workers -
+        # what a random search did before it was limited to the trials that fit (--max-concurrent above
+        # what fits still does it)
+        (BEFORE, True, args.trials),
+    )
     outcomes = {
-        label: run(storage, version, dataclasses.replace(base, asha=asha), points)
-        for label, asha in (("ASHA", True), ("FIFO (all run)", False))
+        label: run(storage, version, dataclasses.replace(base, asha=asha, max_concurrent=at_once), points)
+        for label, asha, at_once in searches
     }
     asha, fifo = outcomes["ASHA"], outcomes["FIFO (all run)"]
     print(
@@ -126,6 +138,8 @@ def benchmark(args: argparse.Namespace) -> None:
     print("| scheduler | time to best val AUC (s) | best val AUC | search time (s) | epochs trained |")
     print("|---|---|---|---|---|")
     for label, o in outcomes.items():
+        if label == BEFORE:
+            continue
         print(
             f"| {label} | {o['time_to_best_s']:.1f} | {o['best_val_auc']:.4f} | {o['total_s']:.1f} | "
             f"{o['epochs']} |"
@@ -136,20 +150,30 @@ def benchmark(args: argparse.Namespace) -> None:
         f"best val AUC {asha['best_val_auc']:.4f} vs {fifo['best_val_auc']:.4f} "
         f"(difference {asha['best_val_auc'] - fifo['best_val_auc']:+.4f})"
     )
-    trials = [phases for o in outcomes.values() for phases in o["startup"]]
     columns = [*STARTUP_PHASES, "first epoch extra"]
-    print(f"\nPer-trial start-up seconds, {len(trials)} trials of both searches (mean, min-max):\n")
-    print("| " + " | ".join(columns) + " | total before the first step |")
-    print("|" + "---|" * (len(columns) + 1))
-    cells = []
-    for column in [*columns, "total"]:
-        values = np.array(
-            [sum(t[c] for c in STARTUP_PHASES) if column == "total" else t[column] for t in trials],
-            dtype=float,
+    print("\nPer-trial start-up seconds (mean over the search's trials, min-max):\n")
+    print("| search | " + " | ".join(columns) + " | total before the first step |")
+    print("|---|" + "---|" * (len(columns) + 1))
+    totals = {}
+    for label, o in outcomes.items():
+        cells = []
+        for column in [*columns, "total"]:
+            values = np.array(
+                [sum(t[c] for c in STARTUP_PHASES) if column == "total" else t[column] for t in o["startup"]]
+            )
+            values = values[np.isfinite(values)]
+            cells.append(
+                f"{values.mean():.1f} ({values.min():.1f}-{values.max():.1f})" if len(values) else "-"
+            )
+            if column == "total" and len(values):
+                totals[label] = values.mean()
+        print(f"| {label} | " + " | ".join(cells) + " |")
+    if BEFORE in totals and "ASHA" in totals:
+        print(
+            f"\nStart-up before the first step, ASHA: {totals[BEFORE]:.1f} s a trial with every trial "
+            f"started at once (before), {totals['ASHA']:.1f} s with only the trials that fit: "
+            f"{totals[BEFORE] / totals['ASHA']:.2f}x less"
         )
-        values = values[np.isfinite(values)]
-        cells.append(f"{values.mean():.1f} ({values.min():.1f}-{values.max():.1f})" if len(values) else "-")
-    print("| " + " | ".join(cells) + " |")
 
 
 if __name__ == "__main__":

@@ -150,7 +150,10 @@ def _axis_overlap(n: int, scale: float, offset: float) -> tuple[slice, np.ndarra
     pos, inside = axis_positions(n, n, np.float32(scale), np.float32(offset))
     idx = np.flatnonzero(inside)
     span = slice(int(idx[0]), int(idx[-1]) + 1) if len(idx) else slice(0, 0)
-    return (span, *interpolation(pos[span], n))
+    arrays = interpolation(pos[span], n)
+    for array in arrays:
+        array.flags.writeable = False  # shared by every caller of the cache
+    return (span, *arrays)
 
 
 def _overlap(y_hyp, x_hyp, n: int, config: DedupeConfig) -> Overlap | None:
