@@ -19,9 +19,9 @@ border, brightness/contrast/gamma, drawn arrows/text), and measures on pairs:
   recall;
 * the plain whole-image phash threshold baseline at 6/8/10/12;
 * verification time per candidate pair (:func:`verifier_run`): the batch pool's ``find_duplicates`` run by
-  this tree and by the verifier of ``--baseline-commit`` (a git worktree of this repository; by default
-  the verifier issue 28 started from), each in a fresh process on the same fingerprints, with the ratio and
-  whether any decision differs;
+  this tree and by the ``lxn_ray`` of ``--baseline-commit`` (``git archive`` of this repository; by
+  default the verifier issue 28 started from), each in a fresh process on the same fingerprints, with the
+  ratio and whether any decision differs;
 * per-kind recall of single republication errors (:data:`KINDS`: mirror, crops, figure panel) and of
   copies in another orientation (:data:`ORIENTED_KINDS`: quarter turns, half turn, negative print), with the
   precision of their pool;
@@ -480,16 +480,16 @@ def serial_run(args: argparse.Namespace, config: DedupeConfig) -> int:
     return len(merges)
 
 
-# The same batch search, run by a given tree in a fresh process: its candidate count, wall time and scores.
+# The same batch search, run by a given tree in a fresh process with the configured threshold (its reverse
+# pass included): its candidate count, wall time and the pairs it accepts with their scores.
 _VERIFIER_RUNNER = """
 import json, sys, time
-from dataclasses import replace
 import pyarrow.parquet as pq
 sys.path.insert(0, sys.argv[1])
 from lxn_ray.dedupe.config import DedupeConfig
 from lxn_ray.dedupe.search import candidate_pairs, find_duplicates
 fps = {row.pop("key"): row for row in pq.read_table(sys.argv[2]).to_pylist()}
-config = replace(DedupeConfig(), max_residual=1.0)
+config = DedupeConfig()
 candidates = len(candidate_pairs({}, fps, config))
 t0 = time.perf_counter()
 pairs = find_duplicates({}, fps, config)
@@ -499,55 +499,62 @@ print(json.dumps({"seconds": seconds, "candidates": candidates, "scores": scores
 """
 
 
-def verifier_run(fps: dict[str, dict[str, object]], commit: str, config: DedupeConfig) -> float | None:
-    """Time the batch pool's ``find_duplicates`` (candidate search + verification; the search is the same
-    code in both) with this tree and with ``commit``'s, each in a fresh process on the same fingerprints,
-    one after the other; print the time per candidate pair of each, the ratio, and the pairs whose decision
-    (score <= ``config.max_residual``) differs. Returns the ratio (baseline / this tree), or None when the
-    baseline cannot be checked out (the reason is printed)."""
+def verifier_run(fps: dict[str, dict[str, object]], commit: str) -> float | None:
+    """Time the batch pool's ``find_duplicates`` (candidate search + verification, the configured
+    threshold; the search is the same code in both) with this tree and with ``commit``'s ``lxn_ray``
+    (``git archive`` into a temp dir: the repository is not touched), each in a fresh process on the same
+    fingerprints, one after the other; print the time per candidate pair of each, the ratio, the pairs
+    only one of them accepts, and the largest score difference over the pairs both accept (with that
+    pair's two scores). Returns the ratio (baseline / this tree), or None when the baseline could not be
+    run (the reason is printed)."""
+    import tarfile
+
     import pyarrow as pa
     import pyarrow.parquet as pq
 
     repo = Path(__file__).resolve().parents[1]
+    runs = {}
     with tempfile.TemporaryDirectory(prefix="lxn-verifier-") as tmp:
         table = Path(tmp) / "fingerprints.parquet"
         pq.write_table(pa.Table.from_pylist([{"key": k, **fp} for k, fp in fps.items()]), table)
         tree = Path(tmp) / "baseline"
-        made = subprocess.run(
-            ["git", "-C", str(repo), "worktree", "add", "--detach", "-q", str(tree), commit],
-            capture_output=True,
-            text=True,
+        archive = subprocess.run(
+            ["git", "-C", str(repo), "archive", "--format=tar", commit, "lxn_ray"], capture_output=True
         )
-        if made.returncode != 0:
-            print(f"verifier baseline skipped: git worktree of {commit} failed: {made.stderr.strip()}")
+        if archive.returncode != 0:
+            print(
+                f"verifier baseline skipped: git archive {commit} failed: {archive.stderr.decode().strip()}"
+            )
             return None
-        try:
-            runs = {}
-            for name, root in (("this tree", repo), (f"baseline {commit}", tree)):
-                out = subprocess.run(
-                    [sys.executable, "-c", _VERIFIER_RUNNER, str(root), str(table)],
-                    capture_output=True,
-                    text=True,
-                    check=True,
-                )
-                runs[name] = json.loads(out.stdout.strip().splitlines()[-1])
-        finally:
-            subprocess.run(["git", "-C", str(repo), "worktree", "remove", "--force", str(tree)], check=False)
+        with tarfile.open(fileobj=io.BytesIO(archive.stdout)) as files:
+            files.extractall(tree, filter="data")
+        for name, root in (("this tree", repo), (f"baseline {commit}", tree)):
+            out = subprocess.run(
+                [sys.executable, "-c", _VERIFIER_RUNNER, str(root), str(table)],
+                capture_output=True,
+                text=True,
+            )
+            if out.returncode != 0:
+                print(f"verifier baseline skipped: {name} failed: {out.stderr.strip().splitlines()[-1:]}")
+                return None
+            runs[name] = json.loads(out.stdout.strip().splitlines()[-1])
     (mine, new), (theirs, old) = runs.items()
     per_pair = {name: 1000 * r["seconds"] / max(1, r["candidates"]) for name, r in runs.items()}
-    keys = set(new["scores"]) | set(old["scores"])
-    flips = sorted(
-        k
-        for k in keys
-        if (new["scores"].get(k, 9.0) <= config.max_residual)
-        != (old["scores"].get(k, 9.0) <= config.max_residual)
+    only = sorted(set(new["scores"]) ^ set(old["scores"]))
+    both = set(new["scores"]) & set(old["scores"])
+    worst = max(both, key=lambda k: abs(new["scores"][k] - old["scores"][k]), default=None)
+    largest = (
+        f"{abs(new['scores'][worst] - old['scores'][worst]):.2g} ({theirs} {old['scores'][worst]:.4f}, "
+        f"{mine} {new['scores'][worst]:.4f}: {worst})"
+        if worst
+        else "-"
     )
-    largest = max((abs(new["scores"].get(k, 9.0) - old["scores"].get(k, 9.0)) for k in keys), default=0.0)
     ratio = per_pair[theirs] / per_pair[mine]
     print(
         f"verification per candidate pair ({new['candidates']} candidates, batch pool, one core): "
-        f"{theirs} {per_pair[theirs]:.2f} ms, {mine} {per_pair[mine]:.2f} ms, {ratio:.2f}x; "
-        f"decisions that differ: {len(flips)} {flips[:5]}; largest score difference {largest:.2g}"
+        f"{theirs} {per_pair[theirs]:.2f} ms, {mine} {per_pair[mine]:.2f} ms, {ratio:.2f}x; pairs accepted "
+        f"{len(new['scores'])} / {len(old['scores'])}, by one only: {len(only)} {only[:5]}; largest score "
+        f"difference over the {len(both)} both accept: {largest}"
     )
     return ratio
 
@@ -631,18 +638,17 @@ def run(args: argparse.Namespace) -> int:
     t_fp = time.perf_counter() - t0
     print(f"fingerprint: {1000 * t_fp / len(fps):.1f} ms/image")
 
-    # One run with a permissive threshold gives every verified score; the configured threshold is then
-    # applied here, which is exactly what find_duplicates(config) returns.
-    loose = replace(config, max_residual=1.0)
+    # The decisions: find_duplicates with the configured threshold (its reverse pass included). A second
+    # run with a permissive threshold gives every verified score (one way round) for the margins below.
     t0 = time.perf_counter()
-    scored = find_duplicates({}, fps, loose)
+    found = {pair(p.a, p.b) for p in find_duplicates({}, fps, config)}
     t_batch = time.perf_counter() - t0
-    found = {pair(p.a, p.b) for p in scored if p.score <= config.max_residual}
+    scored = find_duplicates({}, fps, replace(config, max_residual=1.0))
     print(f"find_duplicates batch: {t_batch:.1f}s for {len(fps)} images, {len(scored)} pairs scored")
     print("results:")
     precision = report("batch (known={}, new=pool)", found, truth, patient)
     if args.baseline_commit != "none":
-        verifier_run(fps, args.baseline_commit, config)
+        verifier_run(fps, args.baseline_commit)
 
     orig_fps = {k: v for k, v in fps.items() if k in group and not k.startswith("copy")}
     copy_fps = {k: v for k, v in fps.items() if k.startswith("copy")}

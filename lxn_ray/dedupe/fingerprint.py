@@ -33,10 +33,12 @@ __all__ = [
 
 
 #: Bump when the meaning of any fingerprint field changes, so cached fingerprints can be invalidated.
-#: 3: figure panels cut out when they keep <= figure_max_area; films over max_side reduced first.
-#: 4: a large JPEG is decoded at a reduced DCT scale (:func:`fingerprint_film`), its work image resized
-#: from that (values within a grey level or so of 3's; films under 2 x max_side are unchanged).
-FINGERPRINT_VERSION = 4
+#: 3: figure panels cut out when they keep <= figure_max_area; films over max_side reduced first. Since
+#: 2026-12-06 a large JPEG's work image comes from a reduced DCT decode (:func:`fingerprint_film`) rather
+#: than a whole one: the same area average within rounding, so not a new meaning - the two fingerprints of
+#: one film verify at <= 2e-05 and decide every pair alike (benchmarks/ingest.py --film-size 4500), and a
+#: store's cached fingerprints stay valid (no re-fingerprinting, no new dataset version).
+FINGERPRINT_VERSION = 3
 
 
 #: Side of the square thumbnail stored in the fingerprint (THUMB_SIZE**2 bytes).

@@ -193,8 +193,9 @@ def _rank_residual(a: np.ndarray, b: np.ndarray, y_hyp, x_hyp, config: DedupeCon
 
 @functools.lru_cache(maxsize=32)
 def _blur_matrix(n: int, sigma: float) -> np.ndarray:
-    """Row-normalized Gaussian blur as an (n, n) matrix: ``M @ img @ M.T`` blurs both axes. Cached (the same
-    few sigmas recur); read only."""
+    """Row-normalized Gaussian blur as an (n, n) matrix: ``M @ img @ M.T`` blurs both axes. Cached for the
+    configured ``blur_sigma``, used by every pair (:func:`_match_resolution`'s extra blurs vary); read
+    only."""
     idx = np.arange(n, dtype=np.float32)
     m = np.exp(-0.5 * ((idx[:, None] - idx[None, :]) / sigma) ** 2)
     m = (m / m.sum(axis=1, keepdims=True)).astype(np.float32)

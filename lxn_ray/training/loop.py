@@ -102,7 +102,9 @@ def train_loop_per_worker(loop_config: dict[str, Any]) -> None:
     tensorflow_ready = time.time()
     worker = _build_worker(loop_config, strategy, on_gpu)
     history, start_epoch, resumes = _restore(worker)
-    startup = startup_seconds(loop_config.get("timeline", {}), entered, tensorflow_ready, time.time())
+    # a worker group restarted within the run (resumes > 0) has no driver timeline of its own
+    timeline = loop_config.get("timeline", {}) if resumes == 0 else {}
+    startup = startup_seconds(timeline, entered, tensorflow_ready, time.time())
     crash = loop_config.get("crash_once")  # fault injection for tests: {"epoch", "rank", "marker"}
     for epoch in range(start_epoch, worker.config.epochs + 1):
         if crash:

@@ -71,7 +71,7 @@ def run_trainer(
 
     from lxn_ray.training.backend import TensorflowBackendConfig
 
-    timeline = {"started": time.time()}  # the run's start-up, finished by the workers (loop.Startup)
+    timeline = {"started": time.time()}  # the run's start-up: loop.startup_seconds
     point_ray_train_at_this_cluster()
     images = dataset.read_split(storage, version, "train", config.task, config.sources)
     positives = int(sum(images.column("label").to_pylist()))

@@ -439,9 +439,9 @@ def build_tuner(
         raise FileExistsError(f"search {name} already exists in {storage.uri_of(TUNE)}")
     if resume:
         log(f"nothing to resume for {name}: starting it")
-    if points:
-        from ray.tune.search.basic_variant import BasicVariantGenerator
+    from ray.tune.search.basic_variant import BasicVariantGenerator
 
+    if points:
         searcher = BasicVariantGenerator(points_to_evaluate=points, max_concurrent=max_concurrent)
         searcher_name = "fixed points"  # limited as make_searcher's random search is
     else:
@@ -460,7 +460,8 @@ def build_tuner(
             num_samples=len(points) if points else settings.num_samples,
             search_alg=searcher,
             scheduler=make_scheduler(settings),
-            max_concurrent_trials=max_concurrent,
+            # a random or fixed-points search limits itself (make_searcher); Tune would only warn
+            max_concurrent_trials=None if isinstance(searcher, BasicVariantGenerator) else max_concurrent,
             time_budget_s=settings.time_budget_s,
         ),
         run_config=tune.RunConfig(

@@ -127,7 +127,7 @@ def test_a_large_jpeg_is_fingerprinted_from_a_reduced_decode_as_from_the_whole_f
         data = encode(framed.convert("RGB") if kind == "rgb" else framed, "JPEG", quality=90)
     decoded, scaled = fingerprint_film(data)
     whole = decode_image(data)
-    full = fingerprint(to_grayscale(whole.image))  # FINGERPRINT_VERSION 3's path: the whole film
+    full = fingerprint(to_grayscale(whole.image))  # how ingest fingerprinted it before: the whole film
     assert decoded.image.size == (1400, 1100)  # 1/2 of the file: keeps the 1024 px the fingerprint reads
     assert (scaled["width"], scaled["height"]) == (full["width"], full["height"]) == framed.size
     left, top, right, bottom = (int(v) for v in str(scaled["trim_box"]).split(","))
