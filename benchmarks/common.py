@@ -9,6 +9,7 @@ from __future__ import annotations
 import logging
 import os
 import subprocess
+import sys
 from pathlib import Path
 
 REPO = Path(__file__).resolve().parent.parent
@@ -34,8 +35,6 @@ def own_store(work: Path, train: list[str] | None = None) -> str:
     bundle's 2020-06-22 snapshot ingested by ``jobs/ingest.py`` and, with ``train`` (its flags), a model
     trained by ``jobs/train.py`` (MLflow off). Their output goes to this terminal. Raises SystemExit
     naming the bundle when it is missing, CalledProcessError when a job fails."""
-    import sys
-
     if not BUNDLE.exists():
         raise SystemExit(f"{BUNDLE}: no such bundle; pass --storage with a store of your own instead")
     uri = (work / "store").as_uri()

@@ -271,14 +271,26 @@ def test_a_trial_worker_never_asks_for_more_cpus_than_one_node_has():
     assert plan_concurrency(TuneSettings(num_samples=1), {"CPU": 8}, largest_node=2) == (1, 2)
 
 
-def test_a_random_search_starts_no_more_trials_than_fit_at_once():
+def test_a_random_search_starts_no_more_trials_than_fit_at_once(tmp_path):
     # Tune limits a Searcher (Optuna's) to max_concurrent_trials, but not the BasicVariantGenerator of a
     # random search: it started every trial at once, each loading data and queueing for workers.
+    from ray import tune
+    from ray.tune.experiment import Experiment
+
     from lxn_ray.tuning.search import make_searcher
     from lxn_ray.tuning.settings import TuneSettings
 
     searcher, name = make_searcher(TuneSettings(num_samples=8, searcher="random"), max_concurrent=2)
-    assert name == "random" and searcher.max_concurrent == 2
+    experiment = Experiment(
+        "search",
+        lambda config: None,
+        config={"a": tune.uniform(0, 1)},
+        num_samples=8,
+        storage_path=str(tmp_path),
+    )
+    searcher.add_configurations([experiment])
+    started = [searcher.next_trial() for _ in range(8)]  # none of them finishes meanwhile
+    assert name == "random" and [trial is not None for trial in started] == [True, True] + [False] * 6
 
 
 def test_a_run_reports_where_its_start_up_seconds_went():
