@@ -6,10 +6,12 @@ on ``sys.path``).
 
 from __future__ import annotations
 
+import io
 import logging
 import os
 import subprocess
 import sys
+import tarfile
 from pathlib import Path
 
 REPO = Path(__file__).resolve().parent.parent
@@ -28,6 +30,20 @@ def checkout(bundle: Path, tag: str, into: Path) -> Path:
     subprocess.run(["git", "clone", "-q", str(bundle), str(into)], check=True)
     subprocess.run(["git", "-C", str(into), "checkout", "-q", f"snapshot-{tag}"], check=True)
     return into
+
+
+def archive_tree(commit: str, into: Path) -> str | None:
+    """``commit``'s ``lxn_ray`` package extracted under ``into`` (``git archive`` of this repository, which
+    is not touched): a baseline to time in a process of its own with ``into`` first on its path. Returns
+    None, or why it could not (git's message)."""
+    archive = subprocess.run(
+        ["git", "-C", str(REPO), "archive", "--format=tar", commit, "lxn_ray"], capture_output=True
+    )
+    if archive.returncode != 0:
+        return f"git archive {commit} failed: {archive.stderr.decode().strip()}"
+    with tarfile.open(fileobj=io.BytesIO(archive.stdout)) as files:
+        files.extractall(into, filter="data")
+    return None
 
 
 def own_store(work: Path, train: list[str] | None = None) -> str:

@@ -54,7 +54,7 @@ from PIL import Image, ImageDraw, ImageEnhance, ImageFont, ImageOps
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from common import BUNDLE, checkout  # noqa: E402 (benchmarks/common.py)
+from common import BUNDLE, archive_tree, checkout  # noqa: E402 (benchmarks/common.py)
 
 from lxn_ray.dedupe.config import DedupeConfig  # noqa: E402
 from lxn_ray.dedupe.fingerprint import fingerprint, hamming  # noqa: E402
@@ -507,8 +507,6 @@ def verifier_run(fps: dict[str, dict[str, object]], commit: str) -> float | None
     only one of them accepts, and the largest score difference over the pairs both accept (with that
     pair's two scores). Returns the ratio (baseline / this tree), or None when the baseline could not be
     run (the reason is printed)."""
-    import tarfile
-
     import pyarrow as pa
     import pyarrow.parquet as pq
 
@@ -518,16 +516,9 @@ def verifier_run(fps: dict[str, dict[str, object]], commit: str) -> float | None
         table = Path(tmp) / "fingerprints.parquet"
         pq.write_table(pa.Table.from_pylist([{"key": k, **fp} for k, fp in fps.items()]), table)
         tree = Path(tmp) / "baseline"
-        archive = subprocess.run(
-            ["git", "-C", str(repo), "archive", "--format=tar", commit, "lxn_ray"], capture_output=True
-        )
-        if archive.returncode != 0:
-            print(
-                f"verifier baseline skipped: git archive {commit} failed: {archive.stderr.decode().strip()}"
-            )
+        if failed := archive_tree(commit, tree):
+            print(f"verifier baseline skipped: {failed}")
             return None
-        with tarfile.open(fileobj=io.BytesIO(archive.stdout)) as files:
-            files.extractall(tree, filter="data")
         for name, root in (("this tree", repo), (f"baseline {commit}", tree)):
             out = subprocess.run(
                 [sys.executable, "-c", _VERIFIER_RUNNER, str(root), str(table)],

@@ -3,7 +3,7 @@
     python benchmarks/ingest.py [--bundle ../shared/data/ieee8023.bundle] [--snapshot 2020-06-22]
                                 [--earlier 2020-04-10]
     python benchmarks/ingest.py --film-size 1024,4500 [--film-count 200] [--batch-sizes 16,4]
-                                [--ray-cpus 1,2] [--workdir DIR]
+                                [--ray-cpus 1,2] [--workdir DIR] [--baseline-commit SHA | none]
 
 Prints, in one run:
 1. decode + fingerprint throughput of every image of ``--snapshot``: the plain loop (PIL + imagehash in
@@ -26,13 +26,17 @@ dir). For each size it times, on the same files:
 * the same loop decoding as ingest now does (``fingerprint_film``: a large JPEG at the smallest DCT scale
   that keeps the fingerprint's 1024 px);
 * the lxn_ray decode stage: the ``fingerprint`` entry of ``stage_seconds`` of a whole ingest of the
-  folder into an empty store (Ray Data tasks, the driver's reading and hashing of the bytes and their trip
-  through the object store included; Ray started once, outside the timings), once per
+  folder into an empty store (Ray Data tasks reading the files themselves, hashing and decoding them;
+  Ray started once, outside the timings, its workers started by the run), once per
   ``--batch-sizes`` value (``IngestConfig.decode_batch_size``: images per Ray Data batch) and per
   ``--ray-cpus`` value (Ray restarted with that many CPUs - "faster with more cores"); Ray's workers run at
   nice 0 like the plain loop (``--ray-niceness``; Ray's default of 15 hands a shared machine's CPU to
   everything else);
-* the whole ingest's seconds beside it.
+* the whole ingest's seconds beside it;
+* the same decode stage with ``--baseline-commit``'s ``lxn_ray`` (default: the code issue 28 was filed
+  against, whose driver sent every film's bytes through the object store to tasks that decoded it whole),
+  in a process and Ray instance of its own, per CPU count and batch size: the "before" of the decode
+  stage's ratio, printed below the table.
 
 Append the printed table to benchmarks/RESULTS.md with the machine it came from.
 """
@@ -43,14 +47,22 @@ import argparse
 import contextlib
 import csv
 import io
+import json
 import os
 import platform
+import subprocess
+import sys
 import tempfile
 import time
 from pathlib import Path
 
 import numpy as np
-from common import BUNDLE, checkout, start_ray  # benchmarks/common.py: this folder is on sys.path
+from common import (
+    BUNDLE,
+    archive_tree,
+    checkout,
+    start_ray,
+)  # benchmarks/common.py: this folder is on sys.path
 from PIL import Image, ImageOps
 
 from lxn_ray.data.ingest import ingest
@@ -179,6 +191,70 @@ def plain_loop_split(root: Path, scaled: bool = False, fingerprints: dict | None
     return {**split, "seconds": time.perf_counter() - started, "images": done, "pixels": pixels}
 
 
+#: The code issue 28 was filed against (the decode stage decoded every film whole, and the driver sent
+#: every file's bytes to the tasks): the default of ``--baseline-commit``.
+BASELINE_COMMIT = "9400ddc"
+
+_STAGE_RUNNER = """
+import json, sys, time
+from pathlib import Path
+from common import start_ray
+from lxn_ray.data.ingest import ingest
+from lxn_ray.data.settings import IngestConfig
+from lxn_ray.infra import cluster
+from lxn_ray.infra.storage import Storage
+from lxn_ray.sources.transports import FolderSource
+films, store, ray_tmp = (Path(arg) for arg in sys.argv[1:4])
+niceness, cpus, batch = int(sys.argv[4]), sys.argv[5], int(sys.argv[6])
+start_ray(ray_tmp, niceness, num_cpus=None if cpus == "all" else int(cpus))
+import ray
+total = int(ray.cluster_resources().get("CPU", 0))
+began = time.perf_counter()
+report = ingest(FolderSource(films), Storage.open(str(store)), IngestConfig(decode_batch_size=batch))
+whole = time.perf_counter() - began
+cluster.shutdown()
+stages = report["stage_seconds"]
+print(json.dumps({"cpus": total, "images": report["images_hashed"], "whole": whole, "stages": stages}))
+"""
+
+
+def baseline_stage(
+    args: argparse.Namespace, films: Path, work: Path, cpus: int | None, batch: int
+) -> tuple[str, int, float, float, dict] | None:
+    """The decode stage of ``args.baseline_commit``'s ``lxn_ray`` (``git archive``: the repository is not
+    touched) on ``films``, in a process of its own with its own Ray instance (``cpus`` CPUs, workers at
+    ``--ray-niceness``) and a store of its own, as this tree's stage is run: (row name, films, stage
+    seconds, whole ingest seconds, stage seconds by stage), or None when it could not run (said why)."""
+    with tempfile.TemporaryDirectory(prefix="lxn-before-", dir=work) as tmp:
+        tree = Path(tmp) / "tree"
+        if failed := archive_tree(args.baseline_commit, tree):
+            print(f"# baseline skipped: {failed}")
+            return None
+        here = Path(__file__).resolve().parent
+        env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(tree), str(here)])}  # Ray's workers too
+        out = subprocess.run(
+            [
+                sys.executable,
+                "-c",
+                _STAGE_RUNNER,
+                str(films),
+                str(Path(tmp) / "store"),
+                str(Path(tmp) / "ray"),
+            ]
+            + [str(args.ray_niceness), "all" if cpus is None else str(cpus), str(batch)],
+            capture_output=True,
+            text=True,
+            env=env,
+            cwd=tmp,  # not the checkout, whose lxn_ray would be found first
+        )
+        if out.returncode != 0:
+            print(f"# baseline skipped: {out.stderr.strip().splitlines()[-1:]}")
+            return None
+    run = json.loads(out.stdout.strip().splitlines()[-1])
+    name = f"lxn_ray decode stage at {args.baseline_commit} (before), {run['cpus']} CPU, batch {batch}"
+    return name, run["images"], run["stages"]["fingerprint"], run["whole"], run["stages"]
+
+
 def fingerprint_agreement(whole: dict, scaled: dict) -> tuple[int, float, bool, int]:
     """Whether the scaled decode's fingerprints decide as the whole decode's: (films, the largest
     verification score between a film's two fingerprints, whether ``find_duplicates`` over each set finds
@@ -223,6 +299,15 @@ def full_size(args: argparse.Namespace) -> None:
                 rows.append((side, f"{name} (1 process)", plain["images"], plain["seconds"], None, plain))
             agreements.append((side, *fingerprint_agreement(prints[False], prints[True])))
             for n_cpus in cpus:
+                if args.baseline_commit != "none":
+                    cluster.shutdown()  # the baseline's process starts a Ray instance of its own
+                    for batch in batch_sizes:
+                        before = baseline_stage(args, films, work, n_cpus, batch)
+                        if before is not None:
+                            rows.append((side, *before))
+                            print(
+                                f"# {before[0]}: {before[2]:.2f}s (whole ingest {before[3]:.1f}s)", flush=True
+                            )
                 start_ray(ray_tmp, args.ray_niceness, num_cpus=n_cpus)
                 import ray
 
@@ -262,6 +347,18 @@ def full_size(args: argparse.Namespace) -> None:
         if "pixels" in detail:
             parts += f" (mean {detail['pixels'] / max(detail['images'], 1) / 1e6:.1f} MP per film)"
         print(f"- {side} px, {name}: {parts}")
+    stages: dict[tuple[int, str], dict[str, float]] = {}
+    for side, name, images, seconds, *_ in rows:
+        if name.startswith("lxn_ray decode stage"):
+            setting = ", ".join(name.split(", ")[-2:])  # "2 CPU, batch 16"
+            when = "before" if "(before)" in name else "now"
+            stages.setdefault((side, setting), {})[when] = images / seconds
+    for (side, setting), rate in stages.items():
+        if len(rate) == 2:
+            print(
+                f"- {side} px, the decode stage ({setting}): {rate['before']:.2f} films/s before, "
+                f"{rate['now']:.2f} now: **{rate['now'] / rate['before']:.2f}x**"
+            )
     for side, films, worst, same, pairs in agreements:
         print(
             f"- {side} px, scaled against whole decode: largest verification score between a film's two "
@@ -283,6 +380,11 @@ def main() -> None:
     parser.add_argument("--batch-sizes", default="16", help="IngestConfig.decode_batch_size values")
     parser.add_argument("--ray-cpus", default="all", help="comma-separated Ray CPU counts, e.g. 1,2")
     parser.add_argument("--workdir", type=Path, default=None, help="keep upscaled films here for reruns")
+    parser.add_argument(
+        "--baseline-commit",
+        default=BASELINE_COMMIT,
+        help="--film-size: also time this commit's decode stage on the same films (none: do not)",
+    )
     parser.add_argument(
         "--ray-niceness",
         type=int,

@@ -29,7 +29,7 @@ class IngestConfig:
     splits: dataset.SplitConfig = field(default_factory=dataset.SplitConfig)
     dedupe: DedupeConfig = field(default_factory=DedupeConfig)
     decode_batch_size: int = 16  # images per Ray Data task batch
-    decode_chunk_bytes: int = 256 * 1024 * 1024  # image bytes held in the object store at once
+    decode_chunk_bytes: int = 256 * 1024 * 1024  # bytes the driver sends at once of files workers cannot read
 
     def digest(self) -> str:
         """A short hash of the settings that change the result (not the batching knobs)."""

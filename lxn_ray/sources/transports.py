@@ -8,8 +8,9 @@ for folders, plain relative keys for S3, and for HTTP also no redirect out of th
 (class-folder layouts) follows one rule on every transport, :func:`visible_files`: hidden and system files
 (dot-files and dot-folders at any depth, ``__MACOSX``, ``Thumbs.db``, ``desktop.ini``, ...) are not data.
 
-Local snapshots are read by the driver. Remote ones (``remote = True``) are small, picklable values that
-Ray Data tasks use to fetch images on the workers themselves, with timeouts, retries and size caps.
+Local snapshots are read by the driver, and by the decoding tasks on nodes that see the same folder
+(:mod:`lxn_ray.data.fetch`). Remote ones (``remote = True``) are small, picklable values that Ray Data
+tasks use to fetch images on the workers themselves, with timeouts, retries and size caps.
 """
 
 from __future__ import annotations

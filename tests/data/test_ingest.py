@@ -5,10 +5,12 @@ from __future__ import annotations
 import json
 import os
 import sys
+from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
 import pytest
+import ray
 from PIL import Image, ImageOps
 
 from lxn_ray.cli.ingest import main as ingest_main
@@ -16,7 +18,7 @@ from lxn_ray.data import dataset
 from lxn_ray.data.ingest import ingest
 from lxn_ray.data.settings import IngestConfig
 from lxn_ray.infra.storage import Storage
-from lxn_ray.sources.transports import FolderSource
+from lxn_ray.sources.transports import FolderSnapshot, FolderSource
 from tests.helpers import encode, huge_png, own_stderr_lines, radiograph
 
 pytestmark = pytest.mark.usefixtures("ray_local")
@@ -160,6 +162,63 @@ def test_job_prints_one_line_error(tmp_path, capsys):
     assert ingest_main(["--source", str(tmp_path / "nowhere"), "--storage", str(tmp_path / "s")]) == 1
     err = own_stderr_lines(capsys.readouterr().err)
     assert len(err) == 1 and err[0].startswith("error: ingest failed")
+
+
+@dataclass(frozen=True)
+class _DriverOnlySnapshot(FolderSnapshot):
+    """A folder only the driver's node has (a cluster without shared storage): in any other process a
+    file is missing, or (``other_bytes``) another file of the same name."""
+
+    driver_pid: int = 0
+    other_bytes: frozenset[str] = frozenset()
+
+    def read_file(self, relative_path: str, max_bytes: int) -> bytes:
+        if os.getpid() == self.driver_pid:
+            return super().read_file(relative_path, max_bytes)
+        if relative_path in self.other_bytes:
+            return encode(radiograph(99), "PNG")
+        raise FileNotFoundError(relative_path)
+
+
+@dataclass(frozen=True)
+class _DriverOnlySource(FolderSource):
+    other_bytes: frozenset[str] = frozenset()
+
+    def open(self) -> FolderSnapshot:
+        opened = super().open()
+        return _DriverOnlySnapshot(
+            opened.root, opened.description, driver_pid=os.getpid(), other_bytes=self.other_bytes
+        )
+
+
+def test_workers_read_the_files_and_the_driver_sends_what_they_cannot(source_builder, tmp_path, monkeypatch):
+    """Decoding tasks read a local source's files themselves (no bytes through the driver); files a worker
+    cannot read as the driver hashed them - missing there, or other bytes under the name - are read and
+    sent by the driver, with the same fingerprints as a worker's read gives."""
+    from lxn_ray.data import fetch
+
+    sent: list[int] = []
+    real_sent = fetch._fingerprint_sent
+    monkeypatch.setattr(
+        fetch, "_fingerprint_sent", lambda s, chunk, c: sent.append(len(chunk)) or real_sent(s, chunk, c)
+    )
+    root = grow(source_builder(), range(8))
+    shared = Storage.open(str(tmp_path / "shared"))
+    read_by_workers = ingest(FolderSource(root), shared)
+    assert read_by_workers["images_hashed"] == 8 and sent == []
+
+    other = frozenset({"images/img1.png", "images/img2.png"})
+    alone = Storage.open(str(tmp_path / "alone"))
+    read_by_driver = ingest(
+        _DriverOnlySource(root, other_bytes=other), alone, IngestConfig(decode_batch_size=2)
+    )
+    assert read_by_driver["images_hashed"] == 8 and sum(sent) == 8
+    tables = [
+        dataset.read_table(s, r["dataset_version"], "fingerprints")
+        for s, r in ((shared, read_by_workers), (alone, read_by_driver))
+    ]
+    assert tables[0].sort_by("sha256").equals(tables[1].sort_by("sha256"))
+    assert ray.data.DataContext.get_current().op_resource_reservation_enabled  # set for ingest's dataset only
 
 
 def test_a_few_large_films_spread_over_every_cpu():
