@@ -3,6 +3,7 @@
     python benchmarks/serve.py [--storage /tmp/store [--model champion|VERSION]] [--requests 200]
                                [--image PATH] [--replicas 1] [--cpus-per-replica 1]
                                [--max-batch-size 16] [--batch-wait-timeout-s 0.02] [--port 8000]
+                               [--ingress proxy,haproxy]
 
 Serves the model ``--model`` of ``--storage`` (the champion by default). Without ``--storage`` it makes a
 store of its own in a temp dir with the jobs a user runs (``common.own_store``, a few minutes): the shared
@@ -19,7 +20,8 @@ In one run it measures:
   measured side by side,
 - the largest probability difference between the scaled and the full decode over the first 200 films of
   the model's test split (real films: the tolerance the scaled decode is held to),
-- requests/s and p50/p99 latency of ``POST /predict`` (raw image body) through Serve's HTTP proxy at
+- requests/s and p50/p99 latency of ``POST /predict`` (raw image body) through each ``--ingress`` - Serve's
+  Python proxy, then HAProxy (Ray Serve's HAProxy ingress, each on a Ray instance of its own) - at
   concurrency 1, 8 and 32 (threads, one HTTP session each, ``--requests`` requests per level after a
   warm-up), with a fixed number of replicas so autoscaling does not move the numbers,
 - the ratio of each HTTP rate to the in-process batched forward rate (the model's ceiling) and to the
@@ -50,6 +52,7 @@ from lxn_ray import registry
 from lxn_ray.evaluation import predict
 from lxn_ray.images.decode import decode_image
 from lxn_ray.images.preprocess import as_model_input, preprocess_bytes, preprocess_decoded
+from lxn_ray.infra import cluster
 from lxn_ray.infra.storage import Storage
 from lxn_ray.serving import auth
 from lxn_ray.serving.model import load_model_version
@@ -57,6 +60,7 @@ from lxn_ray.serving.serve import deploy
 from lxn_ray.serving.settings import ServeSettings
 
 CONCURRENCY = (1, 8, 32)
+INGRESSES = {"proxy": "Serve's proxy", "haproxy": "HAProxy"}
 
 
 def synthetic_radiograph(side: int = 1024, seed: int = 0) -> bytes:
@@ -207,6 +211,12 @@ def main() -> None:
         "--batch-wait-timeout-s", type=float, default=ServeSettings(storage="-").batch_wait_timeout_s
     )
     parser.add_argument("--port", type=int, default=8000)
+    parser.add_argument(
+        "--ingress",
+        default="proxy,haproxy",
+        help="comma-separated HTTP ingresses to measure, each on a Ray instance of its own: proxy (Serve's "
+        "Python proxy actor), haproxy (Serve's HAProxy ingress: ServeSettings.ingress)",
+    )
     args = parser.parse_args()
 
     with contextlib.ExitStack() as stack:
@@ -232,13 +242,6 @@ def run(args: argparse.Namespace) -> None:
     )
     compared, reduced, decode_difference = scaled_decode_difference(storage, loaded)
     precision = (loaded.card.get("precision") or {}).get("inference", "float32")
-    ray.init(
-        address="local",
-        num_cpus=os.cpu_count(),
-        include_dashboard=False,
-        logging_level="ERROR",
-        log_to_driver=False,
-    )
     key = auth.new_key()  # API keys on, as served: a key known to this run only, nothing written to storage
     settings = ServeSettings(
         storage=storage.uri,
@@ -252,13 +255,27 @@ def run(args: argparse.Namespace) -> None:
         batch_wait_timeout_s=args.batch_wait_timeout_s,
         max_ongoing_requests=max(32, args.max_batch_size),
     )
-    try:
-        deploy(settings)
-        http_level(settings.url, data, 4, 20, key)  # warm-up: connections, first batches
-        levels = {c: http_level(settings.url, data, c, args.requests, key) for c in CONCURRENCY}
-    finally:
-        serve.shutdown()
-        ray.shutdown()
+    levels = {}
+    for ingress in args.ingress.split(","):  # a Ray instance each: the ingress is read when Ray starts
+        with tempfile.TemporaryDirectory(prefix="lxn-haproxy-") as files:
+            if ingress == "haproxy":
+                cluster.use_haproxy_ingress(Path(files))
+            ray.init(
+                address="local",
+                num_cpus=os.cpu_count(),
+                include_dashboard=False,
+                logging_level="ERROR",
+                log_to_driver=False,
+            )
+            try:
+                deploy(settings)
+                http_level(settings.url, data, 4, 20, key)  # warm-up: connections, first batches
+                for c in CONCURRENCY:
+                    levels[(ingress, c)] = http_level(settings.url, data, c, args.requests, key)
+            finally:
+                serve.shutdown()
+                ray.shutdown()
+                os.environ.pop(cluster.HAPROXY_INGRESS, None)
 
     print(
         f"machine: {platform.node()} {platform.machine()}, {os.cpu_count()} cores, "
@@ -294,11 +311,11 @@ def run(args: argparse.Namespace) -> None:
         f"| in-process preprocess (scaled decode, a thread per core) + forward, batch {batch} | - | "
         f"{local_rate:.1f} | - | - | {local_rate / forward_rate:.2f}x | 1.00x |"
     )
-    for concurrency, (rate, latencies) in levels.items():
+    for (ingress, concurrency), (rate, latencies) in levels.items():
         p50, p99 = np.percentile(latencies, [50, 99])
         print(
-            f"| HTTP POST /predict | {concurrency} | {rate:.1f} | {p50:.0f} | {p99:.0f} | "
-            f"{rate / forward_rate:.2f}x | {rate / local_rate:.2f}x |"
+            f"| HTTP POST /predict through {INGRESSES[ingress]} | {concurrency} | {rate:.1f} | {p50:.0f} | "
+            f"{p99:.0f} | {rate / forward_rate:.2f}x | {rate / local_rate:.2f}x |"
         )
 
 

@@ -6,10 +6,12 @@ import logging
 import math
 import os
 import signal
+import socket
 import sys
 import threading
 import time
 from collections.abc import Callable, Mapping
+from pathlib import Path
 from typing import Any
 
 STARTUP_TIMEOUT_ENV = "LXN_RAY_STARTUP_TIMEOUT_S"
@@ -167,6 +169,45 @@ def job_runtime_env() -> dict:
     }
 
 
+#: Ray Serve's HAProxy ingress (Ray >= 2.56; the HAProxy binary comes with ``ray[serve]``): HAProxy listens
+#: on Serve's HTTP port and forwards each request straight to a replica's own HTTP server, where Serve's
+#: Python proxy hands every request to the replica as an actor call that pulls the body back from the
+#: proxy. Read by every Ray process when it starts, so it is set on a Ray instance, not on a deployment.
+HAPROXY_INGRESS = "RAY_SERVE_ENABLE_HA_PROXY"
+
+
+def use_haproxy_ingress(folder: Path) -> dict[str, str]:
+    """Make the Ray instance this process starts next (:func:`connect`) serve HTTP through HAProxy
+    (:data:`HAPROXY_INGRESS`), with its files in ``folder`` and its metrics and stats listeners on free
+    ports: Ray's defaults (``/tmp/haproxy-serve``, ports 9101 and 8404) would collide with any other Ray
+    instance on the machine. Sets them in this process's environment, which Ray's processes inherit, and
+    returns them. Has no effect on a running cluster: set :data:`HAPROXY_INGRESS` where it is started
+    (cluster.yaml does)."""
+    folder.mkdir(parents=True, exist_ok=True)
+    env = {
+        HAPROXY_INGRESS: "1",
+        "RAY_SERVE_HAPROXY_CONFIG_FILE_LOC": str(folder / "haproxy.cfg"),
+        "RAY_SERVE_HAPROXY_SOCKET_PATH": str(folder / "admin.sock"),
+        "RAY_SERVE_HAPROXY_SERVER_STATE_BASE": str(folder),
+        "RAY_SERVE_HAPROXY_SERVER_STATE_FILE": str(folder / "server-state"),
+        "RAY_SERVE_HAPROXY_METRICS_PORT": str(_free_port()),
+        "RAY_SERVE_HAPROXY_STATS_PORT": str(_free_port()),
+        # A stopping replica keeps serving this long so that load balancers stop sending it requests (Ray's
+        # default: 30 s, for a cloud balancer); HAProxy marks it down within two health checks (5 s and
+        # 0.25 s apart), so 6 s covers the HAProxy of this one-machine instance.
+        "RAY_SERVE_DIRECT_INGRESS_MIN_DRAINING_PERIOD_S": "6",
+    }
+    os.environ.update(env)
+    return env
+
+
+def _free_port() -> int:
+    """A TCP port free on this machine now (the system picks it)."""
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as probe:
+        probe.bind(("127.0.0.1", 0))
+        return int(probe.getsockname()[1])
+
+
 class StorageNotShared(RuntimeError):
     """A local storage folder given to a job on a multi-node Ray cluster, whose other nodes cannot
     reach it."""
@@ -174,11 +215,15 @@ class StorageNotShared(RuntimeError):
 
 def joins_running_cluster() -> bool:
     """Whether :func:`connect` would join a running cluster rather than start a local Ray of its own:
-    ``$RAY_ADDRESS`` is set (``ray job submit`` sets it), or ``ray start`` left a cluster on this machine."""
+    ``$RAY_ADDRESS`` is set (``ray job submit`` sets it) to anything but ``local``, or ``ray start`` left a
+    cluster on this machine."""
     import ray
     from ray._private.utils import read_ray_address
 
-    return ray.is_initialized() or bool(os.environ.get("RAY_ADDRESS")) or bool(read_ray_address())
+    address = os.environ.get("RAY_ADDRESS", "")
+    if address == "local":  # ray.init() starts a new local instance, whatever runs here
+        return ray.is_initialized()
+    return ray.is_initialized() or bool(address) or bool(read_ray_address())
 
 
 def alive_nodes() -> list[dict[str, Any]]:

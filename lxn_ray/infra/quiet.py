@@ -157,6 +157,15 @@ FORWARDED_NOISE = re.compile(
 )
 
 
+_also_dropped: list[re.Pattern] = []
+
+
+def drop_forwarded(pattern: str) -> None:
+    """Also drop forwarded lines that match ``pattern`` (a regular expression) in this process: noise
+    only where the caller knows it is (a warning about other nodes on a Ray instance of one machine)."""
+    _also_dropped.append(re.compile(pattern))
+
+
 def setup_driver() -> None:
     """Quiet the driver's library loggers and the lines Ray forwards to it (called before it connects)."""
     if not verbose():
@@ -181,7 +190,11 @@ def _filter_forwarded_lines() -> None:
         return
 
     def print_to_stdstream(data: dict, ignore_prefix: bool) -> None:
-        lines = [line for line in data.get("lines", []) if not FORWARDED_NOISE.search(line)]
+        lines = [
+            line
+            for line in data.get("lines", [])
+            if not FORWARDED_NOISE.search(line) and not any(p.search(line) for p in _also_dropped)
+        ]
         if lines:
             original({**data, "lines": lines}, ignore_prefix=ignore_prefix)
 

@@ -38,6 +38,15 @@ class ServeSettings:
         choices=("EveryNode", "HeadOnly"),
         help="where Serve runs HTTP proxies: EveryNode (behind a load balancer) or HeadOnly",
     )
+    # Serve's HAProxy ingress answered 1.8x the requests/s of its Python proxy on 2 cores (benchmarks/
+    # serve.py); it is a property of the Ray instance (lxn_ray.infra.cluster.use_haproxy_ingress).
+    ingress: str = setting(
+        "proxy",
+        choices=("haproxy", "proxy"),
+        help="HTTP ingress of a Ray instance this job starts: proxy (Serve's Python proxy actor) or haproxy "
+        "(HAProxy, forwarding each request straight to a replica: more requests/s, slower to shut down); a "
+        "running cluster keeps the one it was started with (RAY_SERVE_ENABLE_HA_PROXY=1: haproxy)",
+    )
     app_name: str = setting("lxn", help="Serve application name")
     route_prefix: str = setting("/", help="the path every route sits under")
     min_replicas: int = setting(1, help="fewest replicas autoscaling keeps (0: none while idle)")

@@ -10,6 +10,7 @@ modules see a plain Ray instance.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import io
 import json
 import os
@@ -790,13 +791,38 @@ def test_serve_job_in_the_foreground_stops_cleanly_on_sigterm(tmp_path):
         busy.stop()
 
 
-def _serve_in_the_foreground(tmp_path: Path) -> None:
+def test_serve_job_through_haproxy(tmp_path):
+    """``jobs/serve.py --ingress haproxy``: HAProxy (Ray Serve's ingress) serves the port and hands each
+    request straight to the replica - the same answers and API key check as through Serve's proxy -, its
+    files and ports this Ray instance's own; SIGTERM stops it with Serve (no HAProxy left holding the
+    port), and the job still prints only its own lines."""
+    _serve_in_the_foreground(tmp_path, ingress="haproxy")
+
+
+def haproxy_serving(port: int) -> list[int]:
+    """PIDs of the HAProxy processes whose configuration (``haproxy ... -f FILE``) binds ``port``."""
+    found = []
+    for entry in Path("/proc").iterdir():
+        try:
+            argv = (entry / "cmdline").read_bytes().split(b"\0")
+        except OSError:  # not a process, or one that just ended
+            continue
+        if not argv[0].endswith(b"haproxy") or b"-f" not in argv:
+            continue
+        config = Path(argv[argv.index(b"-f") + 1].decode())
+        with contextlib.suppress(OSError):
+            if f":{port}\n" in config.read_text():
+                found.append(int(entry.name))
+    return found
+
+
+def _serve_in_the_foreground(tmp_path: Path, ingress: str = "proxy") -> None:
     storage = Storage.open(str(tmp_path / "store"))
     publish_tiny_model(storage, "lxn-a", 32, 0.5, seed=0, auc_ci=[0.4, 0.6])
     registry.promote(storage, "lxn-a")
     port = free_port()
     command = [sys.executable, str(REPO_ROOT / "jobs" / "serve.py"), "--storage", storage.uri]
-    command += ["--port", str(port), "--cpus-per-replica", "0", "--max-replicas", "1"]
+    command += ["--port", str(port), "--cpus-per-replica", "0", "--max-replicas", "1", "--ingress", ingress]
     key = "a-key-from-the-environment-0123"
     env = {**os.environ, "RAY_ADDRESS": "local", "PYTHONPATH": str(REPO_ROOT), auth.ENV_KEYS: key}
     session = requests.Session()
@@ -813,6 +839,9 @@ def _serve_in_the_foreground(tmp_path: Path) -> None:
                 break
         out = "".join(lines)
         assert f"serving model lxn-a (follows the champion) at http://127.0.0.1:{port}" in out, out
+        assert f"HTTP ingress {ingress}" in out
+        haproxy = haproxy_serving(port)
+        assert len(haproxy) == (ingress == "haproxy")
         assert RESEARCH_NOTE in out
         assert "WARNING: model lxn-a is no better than chance" in out  # its start-up says so
         assert "auth: on" in out and "1 from LXN_API_KEYS" in out and "--mint-key NAME" in out
@@ -823,6 +852,7 @@ def _serve_in_the_foreground(tmp_path: Path) -> None:
         rest = process.stdout.read()
         assert process.wait(timeout=120) == 0
         assert "SIGTERM: Serve shut down" in rest
+        assert not any(Path(f"/proc/{pid}").exists() for pid in haproxy)  # stopped with Serve
         printed, others = printed_lines(out + rest, (tmp_path / "stderr.txt").read_text())
         assert others == [], "lines that are not the job's own:\n" + "\n".join(others)
         assert len(set(printed)) == len(printed), printed
