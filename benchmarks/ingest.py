@@ -248,7 +248,8 @@ def baseline_stage(
             cwd=tmp,  # not the checkout, whose lxn_ray would be found first
         )
         if out.returncode != 0:
-            print(f"# baseline skipped: {out.stderr.strip().splitlines()[-1:]}")
+            last = (out.stderr.strip().splitlines() or ["(no output)"])[-1]
+            print(f"# baseline skipped: {last}")
             return None
     run = json.loads(out.stdout.strip().splitlines()[-1])
     name = f"lxn_ray decode stage at {args.baseline_commit} (before), {run['cpus']} CPU, batch {batch}"

@@ -5,10 +5,9 @@ at once with ``--detach``) (:func:`lxn_ray.serving.serve.deploy`); mint and revo
 from __future__ import annotations
 
 import argparse
+import contextlib
 import dataclasses
-import shutil
 import sys
-import tempfile
 import time
 from collections.abc import Sequence
 from pathlib import Path
@@ -75,52 +74,51 @@ def main(argv: Sequence[str] | None = None) -> int:
 
     from lxn_ray.infra import cluster, quiet
 
-    own_ray = not cluster.joins_running_cluster()
-    haproxy = own_ray and settings.ingress == "haproxy"  # a running cluster keeps its own ingress
-    ingress_files = Path(tempfile.mkdtemp(prefix="lxn-haproxy-")) if haproxy else None
+    own_ray = not cluster.joins_running_cluster()  # a running cluster keeps the ingress it started with
+    if own_ray and settings.ingress == "haproxy":
+        # Serve warns that a loopback --host keeps HAProxy on *other* nodes out: this instance has none
+        quiet.drop_forwarded(r"won't accept connections from HAProxy on other nodes")
 
     def work(storage: Storage) -> dict[str, Any]:
         from lxn_ray.serving.serve import check_model, deploy
 
         check_model(storage, settings.model)  # no champion / unknown version: fail before Serve starts
-        if ingress_files is not None:
-            cluster.use_haproxy_ingress(ingress_files)
-            # Serve warns that a loopback --host keeps HAProxy on *other* nodes out: this instance has none
-            quiet.drop_forwarded(r"won't accept connections from HAProxy on other nodes")
         cluster.connect()
         stop.arm()
         report = deploy(dataclasses.replace(settings, storage=storage.uri))
         keys = auth.describe(storage, settings.api_key_digests)
         mint = f"python jobs/serve.py --storage {args.storage} --mint-key NAME"
         access = {"on": settings.auth, "keys": keys, "mint": mint}
-        return {**report, "auth": access, "detached": args.detach}
+        ingress = settings.ingress if own_ray else "the cluster's"
+        # --detach leaves the app on a running cluster; a Ray instance this job started ends with it
+        return {**report, "ingress": ingress, "auth": access, "detached": args.detach and not own_ray}
 
     shut_down = False
-    try:
-        with stop:
-            code = run_job("serve", args, work, summary)
-            if code != 0 or args.detach:
-                return code
-            from ray import serve
+    with cluster.serve_ingress(settings.ingress) if own_ray else contextlib.nullcontext():
+        try:
+            with stop:
+                code = run_job("serve", args, work, summary)
+                if code != 0 or args.detach:
+                    return code
+                from ray import serve
 
-            print("serving until SIGINT (Ctrl-C) or SIGTERM", flush=True)
-            stop.arm()
-            stop.event.wait()
-            started = time.monotonic()
-            serve.shutdown()
-            shut_down = True
-            print(f"{stop.received}: Serve shut down in {time.monotonic() - started:.1f} s", flush=True)
-        return 0
-    finally:
-        if own_ray and not shut_down:
-            _stop_own_serve()
-        if ingress_files is not None:
-            shutil.rmtree(ingress_files, ignore_errors=True)
+                print("serving until SIGINT (Ctrl-C) or SIGTERM", flush=True)
+                stop.arm()
+                stop.event.wait()
+                started = time.monotonic()
+                serve.shutdown()
+                shut_down = True
+                print(f"{stop.received}: Serve shut down in {time.monotonic() - started:.1f} s", flush=True)
+            return 0
+        finally:
+            if own_ray and not shut_down:
+                _stop_own_serve()
 
 
 def _stop_own_serve() -> None:
     """Shut Serve down on the Ray instance this job started (a failed or detached deployment): its
-    HAProxy is a process of its own, which would outlive Ray and keep the port unless Serve stops it."""
+    HAProxy is a process of its own, which would outlive Ray and keep the port unless Serve stops it
+    (a job killed with SIGKILL still leaves it behind)."""
     import ray
 
     if ray.is_initialized():
@@ -168,7 +166,7 @@ def summary(report: dict[str, Any]) -> str:
         f"serving model {report['model_version']} ({following}) at {report['url']}",
         f"  page {report['url']}/ ; POST /predict, /predict/batch, /explain (PNG, JPEG or DICOM); "
         f"GET /healthz, /model; docs {report['docs']}",
-        f"  threshold {report['threshold']:.3f}, input {report['image_size']} px; HTTP ingress "
+        f"  threshold {report['threshold']:.3f}, input {report['image_size']} px; HTTP ingress: "
         f"{report.get('ingress', 'proxy')}",
     ]
     if report.get("warning"):

@@ -282,8 +282,10 @@ def _fingerprint_on_ray(
     blocks = _block_count(len(rows), config.decode_batch_size, _cluster_cpus(), max_blocks=len(rows))
     listing = ray.data.from_items(rows, override_num_blocks=blocks)
     # Ray Data's per-operator reservation left every CPU idle 0.15-0.4 s between two decode tasks (2 CPUs:
-    # 8.6 -> 7.2 s for 200 films without it); the listing is in memory, so there is nothing to reserve for.
-    listing.context.op_resource_reservation_enabled = False
+    # 8.6 -> 7.1 s for 200 films without it); the listing is in memory, so there is nothing to reserve for.
+    # (Ray marks the switch for removal; where it is gone, Ray Data's default stays.)
+    if hasattr(listing.context, "op_resource_reservation_enabled"):
+        listing.context.op_resource_reservation_enabled = False
     results = listing.map_batches(
         fingerprint_files,
         fn_kwargs={"snapshots": dict(snapshots), "limits": config.limits},
@@ -313,7 +315,10 @@ def fingerprint_files(
     driver's file."""
     out: dict[str, list] = defaultdict(list)
     for sha256, source, path in zip(batch["sha256"], batch["source"], batch["image_path"], strict=True):
-        data, _, _ = _read_one(snapshots[str(source)], str(path), limits)
+        try:
+            data, _, _ = _read_one(snapshots[str(source)], str(path), limits)
+        except Exception:  # whatever keeps this worker from the file, the driver can send it
+            data = None
         seen = data is not None and hashlib.sha256(data).hexdigest() == sha256
         record = _fingerprint_one(str(sha256), data, limits) if seen else {"sha256": str(sha256)}
         out["unseen"].append(not seen)
@@ -326,7 +331,8 @@ def _fingerprint_sent(
     snapshots: Mapping[str, Snapshot], chunk: list[SourceFile], config: IngestConfig
 ) -> list[dict[str, Any]]:
     """Records of ``chunk``'s contents, their bytes read by the driver and sent through the object store.
-    Raises RuntimeError when a file's bytes no longer match its hash."""
+    Raises RuntimeError when a file's bytes no longer match its hash, and the read's own error
+    (FileNotFoundError, ValueError over the size cap, OSError) when it is gone or unreadable since."""
     import ray
 
     items = []
@@ -345,8 +351,9 @@ def _fingerprint_sent(
 
 def _block_count(n_items: int, batch_size: int, cpus: int, max_blocks: int = 64) -> int:
     """Ray Data blocks for ``n_items`` rows: one per ``batch_size`` rows (at most ``max_blocks``), but never
-    fewer than ``cpus`` while there are rows for them, so that a few large films (a chunk is bounded by
-    bytes, not by count) still spread over every core."""
+    fewer than ``cpus`` while there are rows for them, so that a few large films (a chunk the driver sends
+    is bounded by bytes, not by count) still spread over every core. The tasks that read their films
+    themselves pass ``max_blocks=n_items``: a task per batch however many (100,000 films: 6,250 tasks)."""
     return max(1, min(n_items, max(min(math.ceil(n_items / batch_size), max_blocks), cpus)))
 
 

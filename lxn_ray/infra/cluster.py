@@ -2,15 +2,17 @@
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import math
 import os
 import signal
 import socket
 import sys
+import tempfile
 import threading
 import time
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Iterator, Mapping
 from pathlib import Path
 from typing import Any
 
@@ -176,35 +178,54 @@ def job_runtime_env() -> dict:
 HAPROXY_INGRESS = "RAY_SERVE_ENABLE_HA_PROXY"
 
 
-def use_haproxy_ingress(folder: Path) -> dict[str, str]:
-    """Make the Ray instance this process starts next (:func:`connect`) serve HTTP through HAProxy
-    (:data:`HAPROXY_INGRESS`), with its files in ``folder`` and its metrics and stats listeners on free
-    ports: Ray's defaults (``/tmp/haproxy-serve``, ports 9101 and 8404) would collide with any other Ray
-    instance on the machine. Sets them in this process's environment, which Ray's processes inherit, and
-    returns them. Has no effect on a running cluster: set :data:`HAPROXY_INGRESS` where it is started
-    (cluster.yaml does)."""
-    folder.mkdir(parents=True, exist_ok=True)
-    env = {
-        HAPROXY_INGRESS: "1",
-        "RAY_SERVE_HAPROXY_CONFIG_FILE_LOC": str(folder / "haproxy.cfg"),
-        "RAY_SERVE_HAPROXY_SOCKET_PATH": str(folder / "admin.sock"),
-        "RAY_SERVE_HAPROXY_SERVER_STATE_BASE": str(folder),
-        "RAY_SERVE_HAPROXY_SERVER_STATE_FILE": str(folder / "server-state"),
-        "RAY_SERVE_HAPROXY_METRICS_PORT": str(_free_port()),
-        "RAY_SERVE_HAPROXY_STATS_PORT": str(_free_port()),
-        # A stopping replica keeps serving this long so that load balancers stop sending it requests (Ray's
-        # default: 30 s, for a cloud balancer); HAProxy marks it down within two health checks (5 s and
-        # 0.25 s apart), so 6 s covers the HAProxy of this one-machine instance.
-        "RAY_SERVE_DIRECT_INGRESS_MIN_DRAINING_PERIOD_S": "6",
-    }
-    os.environ.update(env)
-    return env
+@contextlib.contextmanager
+def serve_ingress(kind: str) -> Iterator[None]:
+    """While open, the Ray instance this process starts (:func:`connect`) serves HTTP through ``kind``:
+    ``"proxy"`` (Serve's Python proxy actor; :data:`HAPROXY_INGRESS` set to 0, whatever the shell exported)
+    or ``"haproxy"``, with HAProxy's files in a temporary folder of its own and its metrics and stats
+    listeners on free ports - Ray's defaults (``/tmp/haproxy-serve``, ports 9101 and 8404) would collide
+    with any other Ray instance on the machine. Ray's processes inherit this process's environment when
+    the instance starts; on exit the environment is put back and the folder removed, so shut the
+    instance's Serve down first (HAProxy is a process of its own). No effect on a running cluster: set
+    :data:`HAPROXY_INGRESS` where it is started. Raises ValueError for another ``kind``.
+
+    HAProxy binds its metrics and stats ports on every interface (Ray's configuration template has no
+    address for them), whatever Serve's HTTP host is."""
+    if kind not in ("proxy", "haproxy"):
+        raise ValueError(f"ingress must be proxy or haproxy, got {kind!r}")
+    with contextlib.ExitStack() as stack:
+        env = {HAPROXY_INGRESS: "0"}
+        if kind == "haproxy":
+            folder = Path(stack.enter_context(tempfile.TemporaryDirectory(prefix="lxn-haproxy-")))
+            env = {
+                HAPROXY_INGRESS: "1",
+                "RAY_SERVE_HAPROXY_CONFIG_FILE_LOC": str(folder / "haproxy.cfg"),
+                "RAY_SERVE_HAPROXY_SOCKET_PATH": str(folder / "admin.sock"),
+                "RAY_SERVE_HAPROXY_SERVER_STATE_BASE": str(folder),
+                "RAY_SERVE_HAPROXY_SERVER_STATE_FILE": str(folder / "server-state"),
+                "RAY_SERVE_HAPROXY_METRICS_PORT": str(_free_port()),
+                "RAY_SERVE_HAPROXY_STATS_PORT": str(_free_port()),
+                # A stopping replica keeps serving this long so that load balancers stop sending it
+                # requests (Ray's default: 30 s, for a cloud balancer); HAProxy marks it down within two
+                # health checks (5 s and 0.25 s apart), so 6 s covers the HAProxy of a one-machine instance.
+                "RAY_SERVE_DIRECT_INGRESS_MIN_DRAINING_PERIOD_S": "6",
+            }
+        saved = {name: os.environ.get(name) for name in env}
+        os.environ.update(env)
+        try:
+            yield
+        finally:
+            for name, value in saved.items():
+                if value is None:
+                    os.environ.pop(name, None)
+                else:
+                    os.environ[name] = value
 
 
 def _free_port() -> int:
-    """A TCP port free on this machine now (the system picks it)."""
+    """A TCP port free on every interface of this machine now (the system picks it)."""
     with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as probe:
-        probe.bind(("127.0.0.1", 0))
+        probe.bind(("", 0))
         return int(probe.getsockname()[1])
 
 

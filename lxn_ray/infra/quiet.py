@@ -157,13 +157,15 @@ FORWARDED_NOISE = re.compile(
 )
 
 
-_also_dropped: list[re.Pattern] = []
+_also_dropped: list[re.Pattern[str]] = []
 
 
 def drop_forwarded(pattern: str) -> None:
     """Also drop forwarded lines that match ``pattern`` (a regular expression) in this process: noise
     only where the caller knows it is (a warning about other nodes on a Ray instance of one machine)."""
-    _also_dropped.append(re.compile(pattern))
+    compiled = re.compile(pattern)
+    if compiled not in _also_dropped:
+        _also_dropped.append(compiled)
 
 
 def setup_driver() -> None:

@@ -52,7 +52,6 @@ import asyncio
 import dataclasses
 import functools
 import logging
-import os
 from collections.abc import Awaitable, Callable, Mapping
 from dataclasses import dataclass
 from pathlib import Path
@@ -471,7 +470,6 @@ def deploy(settings: ServeSettings) -> dict[str, Any]:
         "image_size": described["image_size"],
         "no_better_than_chance": described["no_better_than_chance"],
         "warning": described["warning"],
-        "ingress": "haproxy" if os.environ.get(cluster.HAPROXY_INGRESS) == "1" else "proxy",
         # the report is stored: key digests are replaced by their count
         "settings": {**dataclasses.asdict(settings), "api_key_digests": len(settings.api_key_digests)},
         "note": RESEARCH_NOTE,

@@ -38,14 +38,15 @@ class ServeSettings:
         choices=("EveryNode", "HeadOnly"),
         help="where Serve runs HTTP proxies: EveryNode (behind a load balancer) or HeadOnly",
     )
-    # Serve's HAProxy ingress answered 1.8x the requests/s of its Python proxy on 2 cores (benchmarks/
-    # serve.py); it is a property of the Ray instance (lxn_ray.infra.cluster.use_haproxy_ingress).
+    # Serve's HAProxy ingress answered 1.6x the requests/s of its Python proxy on 2 cores (benchmarks/
+    # serve.py); it is a property of the Ray instance (lxn_ray.infra.cluster.serve_ingress).
     ingress: str = setting(
         "proxy",
         choices=("haproxy", "proxy"),
         help="HTTP ingress of a Ray instance this job starts: proxy (Serve's Python proxy actor) or haproxy "
-        "(HAProxy, forwarding each request straight to a replica: more requests/s, slower to shut down); a "
-        "running cluster keeps the one it was started with (RAY_SERVE_ENABLE_HA_PROXY=1: haproxy)",
+        "(HAProxy, forwarding each request straight to a replica: more requests/s; its stats and metrics "
+        "ports listen on all interfaces); a running cluster keeps the one it was started with "
+        "(RAY_SERVE_ENABLE_HA_PROXY=1: haproxy)",
     )
     app_name: str = setting("lxn", help="Serve application name")
     route_prefix: str = setting("/", help="the path every route sits under")

@@ -15,6 +15,7 @@ import io
 import json
 import os
 import signal
+import socket
 import subprocess
 import sys
 import threading
@@ -799,9 +800,10 @@ def test_serve_job_through_haproxy(tmp_path):
     _serve_in_the_foreground(tmp_path, ingress="haproxy")
 
 
-def haproxy_serving(port: int) -> list[int]:
-    """PIDs of the HAProxy processes whose configuration (``haproxy ... -f FILE``) binds ``port``."""
-    found = []
+def haproxy_serving(port: int) -> dict[int, str]:
+    """The HAProxy processes whose configuration (``haproxy ... -f FILE``) binds ``port``: pid -> that
+    configuration's text."""
+    found = {}
     for entry in Path("/proc").iterdir():
         try:
             argv = (entry / "cmdline").read_bytes().split(b"\0")
@@ -811,8 +813,8 @@ def haproxy_serving(port: int) -> list[int]:
             continue
         config = Path(argv[argv.index(b"-f") + 1].decode())
         with contextlib.suppress(OSError):
-            if f":{port}\n" in config.read_text():
-                found.append(int(entry.name))
+            if f":{port}\n" in (text := config.read_text()):
+                found[int(entry.name)] = f"{config}\n{text}"
     return found
 
 
@@ -839,9 +841,14 @@ def _serve_in_the_foreground(tmp_path: Path, ingress: str = "proxy") -> None:
                 break
         out = "".join(lines)
         assert f"serving model lxn-a (follows the champion) at http://127.0.0.1:{port}" in out, out
-        assert f"HTTP ingress {ingress}" in out
+        assert f"HTTP ingress: {ingress}" in out
         haproxy = haproxy_serving(port)
-        assert len(haproxy) == (ingress == "haproxy")
+        if ingress == "haproxy":
+            ((pid, config),) = haproxy.items()
+            assert "/lxn-haproxy-" in config.splitlines()[0]  # its files in a folder of this job's own
+            assert ":9101\n" not in config and ":8404\n" not in config  # nor Ray's fixed ports
+        else:
+            assert haproxy == {}
         assert RESEARCH_NOTE in out
         assert "WARNING: model lxn-a is no better than chance" in out  # its start-up says so
         assert "auth: on" in out and "1 from LXN_API_KEYS" in out and "--mint-key NAME" in out
@@ -852,7 +859,11 @@ def _serve_in_the_foreground(tmp_path: Path, ingress: str = "proxy") -> None:
         rest = process.stdout.read()
         assert process.wait(timeout=120) == 0
         assert "SIGTERM: Serve shut down" in rest
-        assert not any(Path(f"/proc/{pid}").exists() for pid in haproxy)  # stopped with Serve
+        assert haproxy_serving(port) == {}  # stopped with Serve, reloaded ones too
+        with socket.create_server(("127.0.0.1", port)):  # and the port is free again
+            pass
+        if ingress == "haproxy":
+            assert not Path(config.splitlines()[0]).parent.exists()  # the folder is removed
         printed, others = printed_lines(out + rest, (tmp_path / "stderr.txt").read_text())
         assert others == [], "lines that are not the job's own:\n" + "\n".join(others)
         assert len(set(printed)) == len(printed), printed
