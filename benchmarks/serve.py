@@ -1,7 +1,7 @@
 """Serving benchmark: LxN through the Ray Serve HTTP endpoint against the same model in this process.
 
     python benchmarks/serve.py [--storage /tmp/store [--model champion|VERSION]] [--requests 200]
-                               [--image PATH] [--replicas 1] [--cpus-per-replica 1]
+                               [--image PATH] [--replicas 1] [--cpus-per-replica CORES]
                                [--max-batch-size 16] [--batch-wait-timeout-s 0.02] [--port 8000]
                                [--ingress proxy,haproxy]
 
@@ -217,7 +217,13 @@ def main() -> None:
     parser.add_argument("--requests", type=int, default=200, help="requests per concurrency level")
     parser.add_argument("--image", type=Path, help="a PNG/JPEG to send (default: synthetic 1024x1024 JPEG)")
     parser.add_argument("--replicas", type=int, default=1, help="fixed replica count (min = max)")
-    parser.add_argument("--cpus-per-replica", type=float, default=1.0, help="Ray CPUs reserved per replica")
+    parser.add_argument(
+        "--cpus-per-replica",
+        type=float,
+        default=float(os.cpu_count() or 1),
+        help="Ray CPUs reserved per replica (default: the machine's, as the in-process rates use them all; a "
+        "replica decodes on a thread per CPU it reserves)",
+    )
     parser.add_argument("--max-batch-size", type=int, default=ServeSettings(storage="-").max_batch_size)
     parser.add_argument(
         "--batch-wait-timeout-s", type=float, default=ServeSettings(storage="-").batch_wait_timeout_s

@@ -17,9 +17,12 @@ Why it is built this way:
 
 - **One preprocessing path.** Every image goes through :func:`lxn_ray.images.preprocess.preprocess_bytes` at
   the side the loaded model was built for (its input shape), so serving sees the pixels evaluation saw.
-- **Batching.** Requests are decoded concurrently in threads, then their arrays meet in ``@serve.batch``
-  so one traced forward pass serves many requests; the forward pass runs off the event loop, which keeps
-  accepting requests (and filling the next batch) meanwhile.
+- **Batching.** Requests' bytes meet in ``@serve.batch``; a batch decodes its films on a thread per CPU the
+  replica reserves (decoding releases the GIL), then one traced forward pass scores them all, off the
+  event loop, which keeps accepting requests (and filling the next batch) meanwhile. Two batches run at
+  once, so one decodes while the other's forward pass runs: 1.1x the requests/s of decoding each request
+  on its own and batching the arrays, whose batches waited on stragglers' decodes and left with fewer
+  films (benchmarks/RESULTS.md).
 - **Hot reload without dropping a request.** When serving ``champion``, each replica polls the registry's
   champion pointer every ``poll_seconds``. A new champion is loaded, traced and warmed in a thread, then
   the replica's model reference is replaced in one assignment. A batch holds the reference it started
@@ -52,7 +55,9 @@ import asyncio
 import dataclasses
 import functools
 import logging
+import math
 from collections.abc import Awaitable, Callable, Mapping
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -83,13 +88,13 @@ COUNTED_ROUTES = frozenset({"/predict", "/predict/batch", "/explain", "/model", 
 
 
 @dataclass(frozen=True)
-class _Item:
-    """One image waiting for a batch: its bytes (to redo preprocessing if the model changed meanwhile)
-    and the model version it was preprocessed for."""
+class _Scored:
+    """What a batch answers for one film: its probability, the model that computed it, and the film's
+    statistics (None if they could not be measured)."""
 
-    data: bytes
-    image: np.ndarray
-    prepared_for: LoadedModel
+    probability: float
+    model: LoadedModel
+    statistics: FilmStatistics | None
 
 
 # -- the replica --------------------------------------------------------------------------------------
@@ -164,9 +169,16 @@ class LxnServer:
             else None
         )
         self._writes: set[asyncio.Task] = set()  # summary batches being written (kept until done)
+        # A batch decodes its films on a thread per CPU the replica reserves, then runs one forward pass;
+        # two batches at once, so that one decodes while the other's forward pass runs.
+        self._decoders = ThreadPoolExecutor(
+            max_workers=max(1, math.ceil(settings.cpus_per_replica)), thread_name_prefix="decode"
+        )
         self._batched = serve.batch(
-            max_batch_size=settings.max_batch_size, batch_wait_timeout_s=settings.batch_wait_timeout_s
-        )(self._forward_batch)
+            max_batch_size=settings.max_batch_size,
+            batch_wait_timeout_s=settings.batch_wait_timeout_s,
+            max_concurrent_batches=2,
+        )(self._score_batch)
         self._poller: asyncio.Task | None = None
         try:
             loop = asyncio.get_running_loop()  # Serve runs constructors on the replica's event loop
@@ -248,22 +260,31 @@ class LxnServer:
 
         return preprocess_bytes(data, model.image_size, self.limits, model.preprocessing, model.lungs)
 
-    async def _forward_batch(self, items: list[_Item]) -> list[tuple[float, LoadedModel]]:
-        """``@serve.batch`` target: one forward pass for every waiting image, with the model it used."""
+    async def _score_batch(self, films: list[bytes]) -> list[_Scored | ImageRejected]:
+        """``@serve.batch`` target: every waiting film decoded and preprocessed in parallel
+        (:meth:`_prepare`, a thread per CPU: decoding releases the GIL), then one forward pass for those
+        that decoded, with the model current when the batch started; a film that did not decode gets its
+        ImageRejected back, to refuse its own request only."""
         model = self.current
 
-        def run() -> np.ndarray:
-            arrays = [
-                item.image
-                if item.prepared_for is model
-                # preprocessed for a model swapped out meanwhile (another input size or preprocessing)
-                else self._preprocess(item.data, model)
-                for item in items
+        def run() -> list[_Scored | ImageRejected]:
+            prepared = list(self._decoders.map(lambda data: self._try_prepare(data, model), films))
+            good = [p for p in prepared if not isinstance(p, ImageRejected)]
+            probabilities = iter(model.forward(np.stack([image for image, _ in good])) if good else [])
+            return [
+                p if isinstance(p, ImageRejected) else _Scored(float(next(probabilities)), model, p[1])
+                for p in prepared
             ]
-            return model.forward(np.stack(arrays))
 
-        probabilities = await asyncio.to_thread(run)
-        return [(float(p), model) for p in probabilities]
+        return await asyncio.to_thread(run)
+
+    def _try_prepare(
+        self, data: bytes, model: LoadedModel
+    ) -> tuple[np.ndarray, FilmStatistics | None] | ImageRejected:
+        try:
+            return self._prepare(data, model)
+        except ImageRejected as error:
+            return error
 
     def _prepare(self, data: bytes, model: LoadedModel) -> tuple[np.ndarray, FilmStatistics | None]:
         """The model input and the film's statistics (None if they could not be measured), from one
@@ -285,15 +306,12 @@ class LxnServer:
     async def predict_bytes(self, data: bytes, where: str = "") -> dict[str, Any]:
         """Decode and preprocess in a thread, then join a batch; raises InputError for bad bytes. Each
         film scored is counted in the metrics and summarised (:meth:`observe`)."""
-        try:
-            model = self.current
-            image, statistics = await asyncio.to_thread(self._prepare, data, model)
-        except ImageRejected as error:
-            raise rejected_image(error, where) from None
-        probability, model = await self._batched(_Item(data, image, model))
-        answer = model.prediction(probability)
-        self._predictions.inc(tags={"label": answer["label"], "model_version": str(model.version)})
-        self.observe(statistics, answer)
+        scored = await self._batched(data)
+        if isinstance(scored, ImageRejected):
+            raise rejected_image(scored, where)
+        answer = scored.model.prediction(scored.probability)
+        self._predictions.inc(tags={"label": answer["label"], "model_version": str(scored.model.version)})
+        self.observe(scored.statistics, answer)
         return answer
 
     # -- monitoring ---------------------------------------------------------------------------------
