@@ -201,6 +201,9 @@ class LxnServer:
         poller = getattr(self, "_poller", None)
         if poller is not None:
             poller.cancel()
+        decoders = getattr(self, "_decoders", None)
+        if decoders is not None:
+            decoders.shutdown(wait=False)
         writer = getattr(self, "summaries", None)
         rows = writer.drain() if writer is not None else None
         if rows:  # Serve calls this at a graceful shutdown: keep what is buffered
