@@ -165,7 +165,7 @@ def http_level(
     """(requests/s, latencies in ms) for ``requests_total`` POSTs of ``data`` to ``url``/predict from
     ``concurrency`` connections kept alive, on one asyncio loop (aiohttp, which Ray depends on): the
     client shares the machine's cores with the server, and a loop costs less CPU per request than a
-    thread per connection (~0.3 against ~0.85 ms with requests). Raises RuntimeError if any answer is
+    thread per connection (~0.25 against ~0.85 ms with requests). Raises RuntimeError if any answer is
     not 200."""
     import asyncio
 
@@ -220,9 +220,9 @@ def main() -> None:
     parser.add_argument(
         "--cpus-per-replica",
         type=float,
-        default=float(os.cpu_count() or 1),
-        help="Ray CPUs reserved per replica (default: the machine's, as the in-process rates use them all; a "
-        "replica decodes on a thread per CPU it reserves)",
+        default=None,
+        help="Ray CPUs reserved per replica (default: the machine's, shared by the replicas, as the "
+        "in-process rates use them all; a replica decodes on a thread per CPU it reserves)",
     )
     parser.add_argument("--max-batch-size", type=int, default=ServeSettings(storage="-").max_batch_size)
     parser.add_argument(
@@ -237,6 +237,8 @@ def main() -> None:
         "Python proxy actor), haproxy (Serve's HAProxy ingress: ServeSettings.ingress)",
     )
     args = parser.parse_args()
+    if args.cpus_per_replica is None:
+        args.cpus_per_replica = (os.cpu_count() or 1) / args.replicas
 
     with contextlib.ExitStack() as stack:
         if args.storage is None:

@@ -91,7 +91,14 @@ def main(argv: Sequence[str] | None = None) -> int:
         access = {"on": settings.auth, "keys": keys, "mint": mint}
         ingress = settings.ingress if own_ray else "the cluster's"
         # --detach leaves the app on a running cluster; a Ray instance this job started ends with it
-        return {**report, "ingress": ingress, "auth": access, "detached": args.detach and not own_ray}
+        ends = args.detach and own_ray
+        return {
+            **report,
+            "ingress": ingress,
+            "auth": access,
+            "detached": args.detach and not own_ray,
+            "ends_with_job": ends,
+        }
 
     shut_down = False
     with cluster.serve_ingress(settings.ingress) if own_ray else contextlib.nullcontext():
@@ -179,6 +186,10 @@ def summary(report: dict[str, Any]) -> str:
         lines.append(
             f"  get a key: {access.get('mint')} (or set LXN_API_KEYS before starting); "
             "/healthz and the page need none"
+        )
+    if report.get("ends_with_job"):
+        lines.append(
+            "  --detach: this job started its own Ray instance, so the app ends with it (`ray start` one)"
         )
     if report.get("detached"):
         lines.append(f"  detached: stop it with `serve delete {report['app_name']}` or `serve shutdown`")

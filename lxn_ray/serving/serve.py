@@ -20,9 +20,9 @@ Why it is built this way:
 - **Batching.** Requests' bytes meet in ``@serve.batch``; a batch decodes its films on a thread per CPU the
   replica reserves (decoding releases the GIL), then one traced forward pass scores them all, off the
   event loop, which keeps accepting requests (and filling the next batch) meanwhile. Two batches run at
-  once, so one decodes while the other's forward pass runs: 1.1x the requests/s of decoding each request
-  on its own and batching the arrays, whose batches waited on stragglers' decodes and left with fewer
-  films (benchmarks/RESULTS.md).
+  once, so one decodes while the other's forward pass runs. Decoding each request on its own and
+  batching the arrays made a batch's 20 ms wait run out on the stragglers' decodes, so batches left with
+  fewer films: ~8% fewer requests/s at concurrency 32 on 2 cores (benchmarks/RESULTS.md).
 - **Hot reload without dropping a request.** When serving ``champion``, each replica polls the registry's
   champion pointer every ``poll_seconds``. A new champion is loaded, traced and warmed in a thread, then
   the replica's model reference is replaced in one assignment. A batch holds the reference it started
@@ -169,15 +169,17 @@ class LxnServer:
             else None
         )
         self._writes: set[asyncio.Task] = set()  # summary batches being written (kept until done)
-        # A batch decodes its films on a thread per CPU the replica reserves, then runs one forward pass;
-        # two batches at once, so that one decodes while the other's forward pass runs.
+        # A batch decodes its films on a thread per CPU the replica reserves (one for 0 or a fraction),
+        # then runs one forward pass; two batches at once, so that one decodes while the other's forward
+        # pass runs.
         self._decoders = ThreadPoolExecutor(
             max_workers=max(1, math.ceil(settings.cpus_per_replica)), thread_name_prefix="decode"
         )
         self._batched = serve.batch(
             max_batch_size=settings.max_batch_size,
             batch_wait_timeout_s=settings.batch_wait_timeout_s,
-            max_concurrent_batches=2,
+            # two where the replica takes two batches' requests at once (Serve warns otherwise)
+            max_concurrent_batches=max(1, min(2, settings.max_ongoing_requests // settings.max_batch_size)),
         )(self._score_batch)
         self._poller: asyncio.Task | None = None
         try:
@@ -257,36 +259,37 @@ class LxnServer:
         return True
 
     # -- inference ----------------------------------------------------------------------------------
-    def _preprocess(self, data: bytes, model: LoadedModel) -> np.ndarray:
-        """The model's own preprocessing (its card's input size and settings), as in its validation."""
-        from lxn_ray.images.preprocess import preprocess_bytes
-
-        return preprocess_bytes(data, model.image_size, self.limits, model.preprocessing, model.lungs)
-
-    async def _score_batch(self, films: list[bytes]) -> list[_Scored | ImageRejected]:
+    async def _score_batch(self, films: list[bytes]) -> list[_Scored | Exception]:
         """``@serve.batch`` target: every waiting film decoded and preprocessed in parallel
-        (:meth:`_prepare`, a thread per CPU: decoding releases the GIL), then one forward pass for those
-        that decoded, with the model current when the batch started; a film that did not decode gets its
-        ImageRejected back, to refuse its own request only."""
+        (:meth:`_prepare`, a thread per CPU the replica reserves: decoding releases the GIL), then one
+        forward pass for those that decoded, all with the model current when the batch started. A film
+        that did not decode gets its exception back (ImageRejected, or anything unexpected, logged), to
+        fail its own request only - after the batch's forward pass."""
         model = self.current
 
-        def run() -> list[_Scored | ImageRejected]:
+        def run() -> list[_Scored | Exception]:
             prepared = list(self._decoders.map(lambda data: self._try_prepare(data, model), films))
-            good = [p for p in prepared if not isinstance(p, ImageRejected)]
-            probabilities = iter(model.forward(np.stack([image for image, _ in good])) if good else [])
-            return [
-                p if isinstance(p, ImageRejected) else _Scored(float(next(probabilities)), model, p[1])
-                for p in prepared
-            ]
+            good = [p for p in prepared if not isinstance(p, Exception)]
+            probabilities = model.forward(np.stack([image for image, _ in good])) if good else []
+            scored = iter(
+                _Scored(float(p), model, statistics)
+                for p, (_, statistics) in zip(probabilities, good, strict=True)
+            )
+            return [p if isinstance(p, Exception) else next(scored) for p in prepared]
 
         return await asyncio.to_thread(run)
 
     def _try_prepare(
         self, data: bytes, model: LoadedModel
-    ) -> tuple[np.ndarray, FilmStatistics | None] | ImageRejected:
+    ) -> tuple[np.ndarray, FilmStatistics | None] | Exception:
+        """:meth:`_prepare`, or the exception it raised (unexpected ones logged): one film's failure is
+        its own request's, not its batch's."""
         try:
             return self._prepare(data, model)
         except ImageRejected as error:
+            return error
+        except Exception as error:
+            logger.exception("lxn: could not prepare a film")
             return error
 
     def _prepare(self, data: bytes, model: LoadedModel) -> tuple[np.ndarray, FilmStatistics | None]:
@@ -307,11 +310,14 @@ class LxnServer:
         return image, statistics
 
     async def predict_bytes(self, data: bytes, where: str = "") -> dict[str, Any]:
-        """Decode and preprocess in a thread, then join a batch; raises InputError for bad bytes. Each
-        film scored is counted in the metrics and summarised (:meth:`observe`)."""
+        """Join a batch, which decodes the film and scores it (:meth:`_score_batch`); raises InputError for
+        bad bytes and the film's own unexpected error otherwise. Each film scored is counted in the metrics
+        and summarised (:meth:`observe`)."""
         scored = await self._batched(data)
         if isinstance(scored, ImageRejected):
             raise rejected_image(scored, where)
+        if isinstance(scored, Exception):
+            raise scored
         answer = scored.model.prediction(scored.probability)
         self._predictions.inc(tags={"label": answer["label"], "model_version": str(scored.model.version)})
         self.observe(scored.statistics, answer)

@@ -750,6 +750,48 @@ def test_a_champion_that_fails_to_load_leaves_the_old_model_serving(tmp_path):
     asyncio.run(scenario())
 
 
+def test_a_film_that_fails_in_a_batch_fails_only_its_own_request(tmp_path):
+    """The replica's batch target in-process (``serve.batch`` itself needs a replica): of four films, one
+    is not an image and one makes preprocessing raise something unexpected; the other two are scored in
+    the batch's one forward pass, and each failure is its own request's - 415, and the error itself
+    (which the route answers as a 500)."""
+    from lxn_ray.serving.serve import LxnServer
+    from lxn_ray.serving.uploads import InputError
+
+    storage = Storage.open(str(tmp_path / "store"))
+    publish_tiny_model(storage, "lxn-a", 32, 0.5, seed=0, auc_ci=[0.4, 0.6])
+    server = LxnServer(ServeSettings(storage=storage.uri, model="lxn-a"))  # outside Serve: no poller
+    prepare, forward, batches = server._prepare, server.current.forward, []
+
+    def unexpected(data: bytes, model):
+        if data == b"boom":
+            raise KeyError("a bug in preprocessing")
+        return prepare(data, model)
+
+    def counted(images: np.ndarray) -> np.ndarray:
+        batches.append(len(images))
+        return forward(images)
+
+    server._prepare = unexpected
+    object.__setattr__(server.current, "forward", counted)
+    film = _png()
+    scored, rejected, failed, again = asyncio.run(server._score_batch([film, b"not an image", b"boom", film]))
+    assert batches == [2]  # one forward pass, for the two films that decoded
+    assert scored.model.version == again.model.version == "lxn-a" and scored.probability == again.probability
+    assert isinstance(failed, KeyError)
+
+    async def alone(data: bytes):  # predict_bytes with a batch of one, as serve.batch would hand it back
+        return (await server._score_batch([data]))[0]
+
+    server._batched = alone
+    with pytest.raises(InputError) as refused:
+        asyncio.run(server.predict_bytes(b"not an image"))
+    assert refused.value.status == 415
+    with pytest.raises(KeyError):
+        asyncio.run(server.predict_bytes(b"boom"))
+    assert asyncio.run(server.predict_bytes(film))["probability"] == pytest.approx(scored.probability)
+
+
 # -- the job ------------------------------------------------------------------------------------------
 def test_serve_job_detach_deploys_and_reports(endpoint, tmp_path, capsys):
     from ray import serve
