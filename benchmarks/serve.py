@@ -23,7 +23,8 @@ In one run it measures:
 - requests/s and p50/p99 latency of ``POST /predict`` (raw image body) through each ``--ingress`` - Serve's
   Python proxy, then HAProxy (Ray Serve's HAProxy ingress, each on a Ray instance of its own) - at
   concurrency 1, 8 and 32 (that many keep-alive connections on one asyncio loop, ``--requests`` requests
-  per level after a warm-up), with a fixed number of replicas so autoscaling does not move the numbers,
+  per level after a warm-up of twice the concurrency at that level), with a fixed number of replicas so
+  autoscaling does not move the numbers,
 - the ratio of each HTTP rate to the in-process batched forward rate (the model's ceiling) and to the
   in-process preprocessing + forward rate (the same per-image work a replica does, run sequentially).
 The image defaults to a synthetic 1024x1024 JPEG radiograph. The client runs on the same machine as the
@@ -288,8 +289,8 @@ def run(args: argparse.Namespace) -> None:
             )
             try:
                 deploy(settings)
-                http_level(settings.url, data, 4, 20, key)  # warm-up: connections, first batches
                 for c in CONCURRENCY:
+                    http_level(settings.url, data, c, 2 * c, key)  # warm-up at the level: its first batches
                     levels[(ingress, c)] = http_level(settings.url, data, c, args.requests, key)
             finally:
                 serve.shutdown()
