@@ -157,6 +157,13 @@ FORWARDED_NOISE = re.compile(
 )
 
 
+# A block Python prints when the SIGTERM that ends a trial's worker lands in Ray Data's iterator finaliser:
+# "Exception ignored in: <function _ClosingIterator.__del__ ...>", the traceback into Ray's SIGTERM
+# handler, then "SystemExit: N" - dropped whole, its indented frames and "Traceback" line included.
+SIGTERM_IN_FINALISER = re.compile(r"^Exception ignored in: <function _ClosingIterator\.__del__")
+_BLOCK_LINE = re.compile(r"^(\s|Traceback \(most recent call last\):)")
+_BLOCK_END = re.compile(r"^SystemExit: ")
+
 _also_dropped: list[re.Pattern[str]] = []
 
 
@@ -192,16 +199,32 @@ def _filter_forwarded_lines() -> None:
         return
 
     def print_to_stdstream(data: dict, ignore_prefix: bool) -> None:
-        lines = [
-            line
-            for line in data.get("lines", [])
-            if not FORWARDED_NOISE.search(line) and not any(p.search(line) for p in _also_dropped)
-        ]
+        lines = kept_forwarded(data.get("lines", []))
         if lines:
             original({**data, "lines": lines}, ignore_prefix=ignore_prefix)
 
     print_to_stdstream._lxn_filtered = True  # type: ignore[attr-defined]
     ray_worker.print_to_stdstream = print_to_stdstream
+
+
+def kept_forwarded(lines: list[str]) -> list[str]:
+    """The forwarded ``lines`` (one process's, in order) worth printing: without :data:`FORWARDED_NOISE`,
+    the patterns of :func:`drop_forwarded`, and whole :data:`SIGTERM_IN_FINALISER` blocks (a block ends at
+    its ``SystemExit`` line, or before the first line that is not part of a traceback, which is kept)."""
+    kept, in_block = [], False
+    for line in lines:
+        if in_block:
+            if _BLOCK_END.search(line):
+                in_block = False
+                continue
+            if _BLOCK_LINE.search(line):
+                continue
+            in_block = False
+        if SIGTERM_IN_FINALISER.search(line):
+            in_block = True
+        elif not FORWARDED_NOISE.search(line) and not any(p.search(line) for p in _also_dropped):
+            kept.append(line)
+    return kept
 
 
 def runtime_env() -> dict:
